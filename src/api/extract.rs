@@ -1,0 +1,164 @@
+//! Request extractors that answer bad input with problem documents: `ApiJson` (content type, size,
+//! syntax and shape checked, the offending field named) and `AuthUser` / `AdminUser`.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::header;
+use axum::http::request::Parts;
+use serde::de::DeserializeOwned;
+
+use crate::api::AppState;
+use crate::auth::{Claims, Role};
+use crate::error::ApiError;
+
+/// Largest request body the API reads.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// A JSON body: 415 without a JSON content type, 413 over 64 KiB, 400 when it is not JSON, 422
+/// naming the field when it is JSON of the wrong shape (unknown fields included).
+pub struct ApiJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let is_json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .map(|m| {
+                let m = m.trim().to_ascii_lowercase();
+                m == "application/json" || (m.starts_with("application/") && m.ends_with("+json"))
+            })
+            .unwrap_or(false);
+        if !is_json {
+            return Err(ApiError::new(
+                axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported-media-type",
+                "Unsupported media type",
+                "send the body as application/json",
+            ));
+        }
+        let bytes = Bytes::from_request(req, state).await.map_err(|rej| {
+            if rej.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(
+                    axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload-too-large",
+                    "Payload too large",
+                    "the request body is larger than 64 KiB",
+                )
+            } else {
+                ApiError::bad_request("the request body could not be read")
+            }
+        })?;
+        parse_json(&bytes).map(ApiJson)
+    }
+}
+
+/// Parses a JSON document into `T`, naming the field at fault.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    match serde_path_to_error::deserialize::<_, T>(de) {
+        Ok(v) => Ok(v),
+        Err(e) => {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            use serde_json::error::Category;
+            match inner.classify() {
+                Category::Syntax | Category::Eof | Category::Io => Err(ApiError::bad_request(format!(
+                    "the body is not valid JSON: {inner}"
+                ))),
+                Category::Data => {
+                    let msg = strip_position(&inner.to_string());
+                    let at_root = path.is_empty() || path == ".";
+                    let field = match (unknown_field_name(&msg), missing_field_name(&msg)) {
+                        // serde_path_to_error's path already ends with the unknown key.
+                        (Some(name), _) if at_root => name.to_string(),
+                        (Some(_), _) => path,
+                        (None, Some(name)) if at_root => name.to_string(),
+                        (None, Some(name)) => format!("{path}.{name}"),
+                        (None, None) if at_root => "body".to_string(),
+                        (None, None) => path,
+                    };
+                    Err(ApiError::invalid_field(&field, format!("{field}: {msg}")))
+                }
+            }
+        }
+    }
+}
+
+fn strip_position(msg: &str) -> String {
+    match msg.rfind(" at line ") {
+        Some(i) => msg[..i].to_string(),
+        None => msg.to_string(),
+    }
+}
+
+fn unknown_field_name(msg: &str) -> Option<&str> {
+    msg.strip_prefix("unknown field `")?.split('`').next()
+}
+
+fn missing_field_name(msg: &str) -> Option<&str> {
+    msg.strip_prefix("missing field `")?.split('`').next()
+}
+
+/// The authenticated caller, from a valid, unrevoked Bearer access token.
+#[derive(Debug, Clone)]
+pub struct AuthUser(pub Claims);
+
+impl AuthUser {
+    /// The caller's user id.
+    pub fn user_id(&self) -> i32 {
+        self.0.user_id()
+    }
+}
+
+impl FromRequestParts<AppState> for AuthUser {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let header = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .ok_or_else(|| ApiError::unauthorized("a Bearer access token is required"))?;
+        let value = header
+            .to_str()
+            .map_err(|_| ApiError::unauthorized("the Authorization header is malformed"))?;
+        let token = value
+            .strip_prefix("Bearer ")
+            .or_else(|| value.strip_prefix("bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| ApiError::unauthorized("the Authorization header must be `Bearer <token>`"))?;
+        let claims = state
+            .auth
+            .verify_access_token(token)
+            .map_err(|_| ApiError::unauthorized("the access token is invalid or expired"))?;
+        if state.auth.is_revoked(&state.db, &claims).await? {
+            return Err(ApiError::unauthorized("the access token has been revoked"));
+        }
+        tracing::Span::current().record("user_id", claims.user_id());
+        Ok(AuthUser(claims))
+    }
+}
+
+/// An authenticated caller with the `admin` role (403 for other roles).
+#[derive(Debug, Clone)]
+pub struct AdminUser(pub Claims);
+
+impl FromRequestParts<AppState> for AdminUser {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let AuthUser(claims) = AuthUser::from_request_parts(parts, state).await?;
+        if !claims.has_role(Role::Admin) {
+            return Err(ApiError::forbidden("this endpoint requires the admin role"));
+        }
+        Ok(AdminUser(claims))
+    }
+}

@@ -1,0 +1,162 @@
+//! The HTTP API: routes, shared state, and the middleware every request passes through (request id,
+//! one span per request continuing the caller's W3C trace, 64 KiB body limit, problem+json errors).
+
+pub mod auth;
+pub mod extract;
+pub mod health;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderName, Request, Response};
+use sqlx::PgPool;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+use tracing::Span;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::auth::AuthService;
+use crate::config::ServiceConfig;
+use crate::error::{ApiError, problem_for_framework_errors};
+
+/// A named readiness check beyond the database (for example the Kafka producer).
+#[derive(Clone)]
+pub struct ReadinessProbe {
+    /// Name shown in `/readyz`.
+    pub name: &'static str,
+    /// `Err(reason)` while not ready.
+    pub check: Arc<dyn Fn() -> Result<(), String> + Send + Sync>,
+}
+
+/// State shared by all handlers.
+#[derive(Clone)]
+pub struct AppState {
+    /// The database pool.
+    pub db: PgPool,
+    /// Tokens, passwords, login limits.
+    pub auth: AuthService,
+    /// Effective configuration.
+    pub config: Arc<ServiceConfig>,
+    /// Extra readiness checks.
+    pub readiness: Arc<Vec<ReadinessProbe>>,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "OStore Order Management Service", description = "Orders placed through a persisted saga; see docs/ for the contracts."),
+    modifiers(&SecurityAddon)
+)]
+struct ApiDoc;
+
+struct SecurityAddon;
+
+impl utoipa::Modify for SecurityAddon {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// Routes and their OpenAPI description.
+fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(health::livez))
+        .routes(routes!(health::readyz))
+        .routes(routes!(auth::login))
+        .routes(routes!(auth::refresh))
+        .routes(routes!(auth::logout))
+        .routes(routes!(auth::me))
+}
+
+/// The OpenAPI document of the API.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    routes().split_for_parts().1
+}
+
+static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Builds the application router.
+pub fn router(state: AppState) -> Router {
+    let (router, spec) = routes().split_for_parts();
+    let spec = Arc::new(spec);
+    let router = router
+        .route(
+            "/openapi.json",
+            axum::routing::get(move || {
+                let spec = spec.clone();
+                async move { axum::Json(spec.as_ref().clone()) }
+            }),
+        )
+        .fallback(|| async { ApiError::not_found("no such resource") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                axum::http::StatusCode::METHOD_NOT_ALLOWED,
+                "method-not-allowed",
+                "Method not allowed",
+                "this method is not allowed on this resource",
+            )
+        })
+        .with_state(state);
+
+    router
+        .layer(DefaultBodyLimit::max(extract::MAX_BODY_BYTES))
+        .layer(axum::middleware::map_response(problem_for_framework_errors))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(make_request_span)
+                .on_response(|resp: &Response<_>, latency: Duration, span: &Span| {
+                    span.record("http.response.status_code", resp.status().as_u16());
+                    tracing::info!(
+                        status = resp.status().as_u16(),
+                        latency_ms = latency.as_millis() as u64,
+                        "request finished"
+                    );
+                })
+                .on_request(())
+                .on_failure(()),
+        )
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID.clone()))
+        .layer(SetRequestIdLayer::new(REQUEST_ID.clone(), MakeRequestUuid))
+}
+
+fn make_request_span<B>(req: &Request<B>) -> Span {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| req.uri().path().to_string());
+    let request_id = req
+        .headers()
+        .get(&REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let span = tracing::info_span!(
+        "http.request",
+        otel.name = format!("{} {}", req.method(), route),
+        otel.kind = "server",
+        http.request.method = %req.method(),
+        url.path = %req.uri().path(),
+        http.route = %route,
+        http.response.status_code = tracing::field::Empty,
+        request_id = %request_id,
+        trace_id = tracing::field::Empty,
+        user_id = tracing::field::Empty,
+    );
+    crate::telemetry::set_remote_parent(&span, &opentelemetry_http::HeaderExtractor(req.headers()));
+    span.record("trace_id", crate::telemetry::trace_id_of(&span));
+    span
+}

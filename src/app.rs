@@ -1,0 +1,132 @@
+//! Assembling and running the service: the shared state, the roles a process runs (`api`, `worker`,
+//! `relay`, `consumer`), and graceful shutdown through one cancellation token.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::api::{self, AppState};
+use crate::auth::AuthService;
+use crate::config::ServiceConfig;
+
+/// A role a process can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    /// The HTTP API.
+    Api,
+    /// The saga worker.
+    Worker,
+    /// The outbox relay to Kafka.
+    Relay,
+    /// The tracking-event consumer.
+    Consumer,
+}
+
+/// Every role.
+pub const ALL_ROLES: [Role; 4] = [Role::Api, Role::Worker, Role::Relay, Role::Consumer];
+
+/// Builds the handlers' shared state.
+pub fn build_state(cfg: Arc<ServiceConfig>, db: PgPool) -> AppState {
+    AppState {
+        db,
+        auth: AuthService::new(&cfg),
+        config: cfg,
+        readiness: Arc::new(Vec::new()),
+    }
+}
+
+/// Serves the API on `listener` until `shutdown` is cancelled, then drains in-flight requests.
+pub async fn serve_api(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let app = api::router(state);
+    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+        .context("serving the API")
+}
+
+/// Periodic housekeeping: expired deny-list entries and refresh tokens, idle limiter keys.
+pub async fn housekeeping(state: AppState, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        state.auth.limiter.shrink();
+        match state.db.acquire().await {
+            Ok(mut conn) => {
+                if let Err(e) = crate::auth::tokens::purge_expired(&mut conn).await {
+                    tracing::warn!(error = %e, "purging expired tokens failed");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "housekeeping: database unavailable"),
+        }
+    }
+}
+
+/// Runs the selected roles until ctrl-c / SIGTERM (or `shutdown` is cancelled).
+pub async fn run(
+    cfg: Arc<ServiceConfig>,
+    roles: &[Role],
+    db: PgPool,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let tracker = TaskTracker::new();
+    let state = build_state(cfg.clone(), db);
+    if roles.contains(&Role::Api) {
+        let listener = TcpListener::bind(cfg.listen_addr)
+            .await
+            .with_context(|| format!("binding LISTEN_ADDR {}", cfg.listen_addr))?;
+        tracing::info!(addr = %listener.local_addr()?, "API listening");
+        let (s, t) = (state.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            if let Err(e) = serve_api(listener, s, t.clone()).await {
+                tracing::error!(error = %format!("{e:#}"), "API stopped");
+                t.cancel();
+            }
+        });
+        tracker.spawn(housekeeping(state.clone(), shutdown.clone()));
+    }
+    tracker.close();
+    shutdown.cancelled().await;
+    tracing::info!("shutting down");
+    if tokio::time::timeout(Duration::from_secs(20), tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some tasks did not stop within 20 s");
+    }
+    Ok(())
+}
+
+/// Cancels `token` on ctrl-c or SIGTERM.
+pub fn cancel_on_signals(token: CancellationToken) {
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("SIGTERM handler");
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = ctrl_c.await;
+        }
+        tracing::info!("signal received; shutting down");
+        token.cancel();
+    });
+}

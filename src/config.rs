@@ -1,0 +1,287 @@
+//! Configuration: every setting is an environment variable and a flag of the same meaning
+//! (`DATABASE_URL` / `--database-url`). The effective values are printed at startup with secrets
+//! masked, and `validate_for_production` refuses settings that are only safe on a developer's machine.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+/// The JWT key `dev` uses when `JWT_SECRET` is not set. `serve` refuses it.
+pub const DEV_JWT_SECRET: &str = "ostore-dev-only-jwt-secret-never-use-in-production";
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable, coloured when the terminal allows.
+    Pretty,
+    /// One JSON object per line, with the trace id.
+    Json,
+}
+
+/// Settings shared by every role of the service.
+#[derive(Debug, Clone, Args)]
+pub struct ServiceConfig {
+    /// PostgreSQL connection string.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/ostore"
+    )]
+    pub database_url: String,
+
+    /// Largest number of pooled database connections.
+    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 16)]
+    pub database_max_connections: u32,
+
+    /// Address the API listens on.
+    #[arg(long, env = "LISTEN_ADDR", default_value = "127.0.0.1:8080")]
+    pub listen_addr: SocketAddr,
+
+    /// HS256 signing key for access tokens (raw bytes, at least 32). Required outside `dev`.
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// `iss` claim of issued access tokens (and the only one accepted).
+    #[arg(long, env = "JWT_ISSUER", default_value = "ostore-orders")]
+    pub jwt_issuer: String,
+
+    /// `aud` claim of issued access tokens (and the only one accepted).
+    #[arg(long, env = "JWT_AUDIENCE", default_value = "ostore")]
+    pub jwt_audience: String,
+
+    /// Lifetime of an access token, in seconds.
+    #[arg(long, env = "ACCESS_TOKEN_TTL_SECONDS", default_value_t = 600)]
+    pub access_token_ttl_seconds: u64,
+
+    /// Lifetime of a refresh token, in seconds.
+    #[arg(long, env = "REFRESH_TOKEN_TTL_SECONDS", default_value_t = 14 * 24 * 3600)]
+    pub refresh_token_ttl_seconds: u64,
+
+    /// Base URL of the Product Catalog service.
+    #[arg(long, env = "CATALOG_URL", default_value = "http://127.0.0.1:8081")]
+    pub catalog_url: String,
+
+    /// Base URL of the Shipment Tracking service.
+    #[arg(long, env = "SHIPMENTS_URL", default_value = "http://127.0.0.1:8082")]
+    pub shipments_url: String,
+
+    /// Kafka bootstrap servers (`host:port,...`). Under `dev`, unset means an embedded broker.
+    #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS")]
+    pub kafka_bootstrap_servers: Option<String>,
+
+    /// How long `POST /orders` waits for its saga before answering 202, in milliseconds.
+    #[arg(long, env = "ORDER_WAIT_MS", default_value_t = 3000)]
+    pub order_wait_ms: u64,
+
+    /// Multiplies every retry delay and cap of the saga definitions.
+    #[arg(long, env = "SAGA_RETRY_SCALE", default_value_t = 1.0)]
+    pub saga_retry_scale: f64,
+
+    /// Login attempts allowed per account per minute.
+    #[arg(long, env = "LOGIN_LIMIT_PER_ACCOUNT", default_value_t = 10)]
+    pub login_limit_per_account: u32,
+
+    /// Login attempts allowed per peer address per minute.
+    #[arg(long, env = "LOGIN_LIMIT_PER_ADDRESS", default_value_t = 60)]
+    pub login_limit_per_address: u32,
+
+    /// Orders one user may place per minute; 0 turns the limit off.
+    #[arg(long, env = "ORDER_LIMIT_PER_USER", default_value_t = 600)]
+    pub order_limit_per_user: u32,
+
+    /// Log format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
+    pub log_format: LogFormat,
+}
+
+/// Why a configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "JWT_SECRET is not set: set it to a random key of at least 32 bytes (for example `openssl rand -base64 48`)"
+    )]
+    MissingJwtSecret,
+    #[error("JWT_SECRET is {0} bytes long: set it to a random key of at least 32 bytes (256 bits)")]
+    ShortJwtSecret(usize),
+    #[error("JWT_SECRET is the development key: set JWT_SECRET to a key of your own outside `dev`")]
+    DevJwtSecret,
+    #[error("{name} is {value}: {why}")]
+    Invalid {
+        name: &'static str,
+        value: String,
+        why: &'static str,
+    },
+}
+
+impl ServiceConfig {
+    /// Checks the settings every role relies on; used by `serve` (strict) and `dev`.
+    pub fn validate(&self, allow_dev_secret: bool) -> Result<(), ConfigError> {
+        match self.jwt_secret.as_deref() {
+            None if allow_dev_secret => {}
+            None => return Err(ConfigError::MissingJwtSecret),
+            Some(s) if s == DEV_JWT_SECRET && !allow_dev_secret => {
+                return Err(ConfigError::DevJwtSecret);
+            }
+            Some(s) if s.len() < 32 => return Err(ConfigError::ShortJwtSecret(s.len())),
+            Some(_) => {}
+        }
+        if !(self.saga_retry_scale.is_finite() && self.saga_retry_scale > 0.0) {
+            return Err(ConfigError::Invalid {
+                name: "SAGA_RETRY_SCALE",
+                value: self.saga_retry_scale.to_string(),
+                why: "it must be a positive number",
+            });
+        }
+        if self.login_limit_per_account == 0 || self.login_limit_per_address == 0 {
+            return Err(ConfigError::Invalid {
+                name: "LOGIN_LIMIT_PER_ACCOUNT / LOGIN_LIMIT_PER_ADDRESS",
+                value: "0".into(),
+                why: "login limits must allow at least one attempt per minute",
+            });
+        }
+        if self.access_token_ttl_seconds == 0 || self.refresh_token_ttl_seconds == 0 {
+            return Err(ConfigError::Invalid {
+                name: "ACCESS_TOKEN_TTL_SECONDS / REFRESH_TOKEN_TTL_SECONDS",
+                value: "0".into(),
+                why: "token lifetimes must be positive",
+            });
+        }
+        if self.database_max_connections < 2 {
+            return Err(ConfigError::Invalid {
+                name: "DATABASE_MAX_CONNECTIONS",
+                value: self.database_max_connections.to_string(),
+                why: "the service needs at least 2 connections",
+            });
+        }
+        Ok(())
+    }
+
+    /// The signing key in effect (the dev key when none is configured).
+    pub fn jwt_key(&self) -> &[u8] {
+        self.jwt_secret.as_deref().unwrap_or(DEV_JWT_SECRET).as_bytes()
+    }
+
+    /// How long `POST /orders` waits for its saga.
+    pub fn order_wait(&self) -> Duration {
+        Duration::from_millis(self.order_wait_ms)
+    }
+
+    /// The effective settings as `(VARIABLE, value)` pairs with secrets masked.
+    pub fn describe(&self) -> Vec<(&'static str, String)> {
+        let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "(unset)".into());
+        vec![
+            ("DATABASE_URL", mask_url_password(&self.database_url)),
+            (
+                "DATABASE_MAX_CONNECTIONS",
+                self.database_max_connections.to_string(),
+            ),
+            ("LISTEN_ADDR", self.listen_addr.to_string()),
+            (
+                "JWT_SECRET",
+                match &self.jwt_secret {
+                    None => "(unset: development key)".into(),
+                    Some(s) => format!("***** ({} bytes)", s.len()),
+                },
+            ),
+            ("JWT_ISSUER", self.jwt_issuer.clone()),
+            ("JWT_AUDIENCE", self.jwt_audience.clone()),
+            (
+                "ACCESS_TOKEN_TTL_SECONDS",
+                self.access_token_ttl_seconds.to_string(),
+            ),
+            (
+                "REFRESH_TOKEN_TTL_SECONDS",
+                self.refresh_token_ttl_seconds.to_string(),
+            ),
+            ("CATALOG_URL", self.catalog_url.clone()),
+            ("SHIPMENTS_URL", self.shipments_url.clone()),
+            ("KAFKA_BOOTSTRAP_SERVERS", opt(&self.kafka_bootstrap_servers)),
+            ("ORDER_WAIT_MS", self.order_wait_ms.to_string()),
+            ("SAGA_RETRY_SCALE", self.saga_retry_scale.to_string()),
+            (
+                "LOGIN_LIMIT_PER_ACCOUNT",
+                self.login_limit_per_account.to_string(),
+            ),
+            (
+                "LOGIN_LIMIT_PER_ADDRESS",
+                self.login_limit_per_address.to_string(),
+            ),
+            ("ORDER_LIMIT_PER_USER", self.order_limit_per_user.to_string()),
+            ("LOG_FORMAT", format!("{:?}", self.log_format).to_lowercase()),
+            (
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").unwrap_or_else(|_| "(unset: no export)".into()),
+            ),
+        ]
+    }
+
+    /// Prints the effective settings, one per line, secrets masked.
+    pub fn print(&self, title: &str) {
+        println!("{title}");
+        for (k, v) in self.describe() {
+            println!("  {k:<28} {v}");
+        }
+    }
+}
+
+/// Replaces the password of a connection URL with `*****`.
+pub fn mask_url_password(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://")
+        && let Some((creds, host)) = rest.rsplit_once('@')
+        && let Some((user, _pw)) = creds.split_once(':')
+    {
+        return format!("{scheme}://{user}:*****@{host}");
+    }
+    url.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct T {
+        #[command(flatten)]
+        c: ServiceConfig,
+    }
+
+    fn cfg(args: &[&str]) -> ServiceConfig {
+        let mut v = vec!["t"];
+        v.extend_from_slice(args);
+        T::parse_from(v).c
+    }
+
+    #[test]
+    fn production_refuses_missing_short_and_dev_keys() {
+        assert!(matches!(
+            cfg(&[]).validate(false),
+            Err(ConfigError::MissingJwtSecret)
+        ));
+        assert!(matches!(
+            cfg(&["--jwt-secret", "short"]).validate(false),
+            Err(ConfigError::ShortJwtSecret(5))
+        ));
+        assert!(matches!(
+            cfg(&["--jwt-secret", DEV_JWT_SECRET]).validate(false),
+            Err(ConfigError::DevJwtSecret)
+        ));
+        assert!(cfg(&["--jwt-secret", &"k".repeat(32)]).validate(false).is_ok());
+        assert!(cfg(&[]).validate(true).is_ok());
+    }
+
+    #[test]
+    fn secrets_are_masked_when_printed() {
+        let c = cfg(&[
+            "--jwt-secret",
+            "supersecretsupersecretsupersecret!",
+            "--database-url",
+            "postgres://u:pw@h/db",
+        ]);
+        let text = format!("{:?}", c.describe());
+        assert!(!text.contains("supersecret"));
+        assert!(!text.contains(":pw@"));
+        assert!(text.contains("postgres://u:*****@h/db"));
+    }
+}

@@ -1,0 +1,21 @@
+//! OStore order management service.
+//!
+//! One crate, several roles (API, saga worker, outbox relay, tracking consumer, simulators); see the
+//! README for how they fit together and `docs/` for the contracts.
+
+pub mod api;
+pub mod app;
+pub mod auth;
+pub mod catalog;
+pub mod cli;
+pub mod config;
+pub mod contract;
+pub mod db;
+pub mod dev;
+pub mod downstream;
+pub mod error;
+pub mod orders;
+pub mod saga;
+pub mod shipments;
+pub mod sim;
+pub mod telemetry;

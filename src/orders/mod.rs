@@ -1,0 +1,7 @@
+//! Orders: statuses and their transition table, validation of new orders, and the SQL of orders
+//! and order items.
+
+pub mod status;
+pub mod validate;
+
+pub use status::OrderStatus;

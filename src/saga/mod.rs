@@ -1,0 +1,4 @@
+//! The saga engine: definitions loaded from `sagas/`, the durable state in PostgreSQL, the worker
+//! that claims and advances sagas, and one file per step.
+
+pub mod definition;

@@ -1,0 +1,162 @@
+//! Logging and OpenTelemetry: structured logs (pretty or JSON) filtered by `RUST_LOG`, W3C trace
+//! context propagation, and OTLP export of traces and metrics when `OTEL_EXPORTER_OTLP_ENDPOINT` (or
+//! a signal-specific `OTEL_*` endpoint) is set. The OpenTelemetry layer has its own filter, so
+//! `RUST_LOG=warn` quiets logs without silencing traces.
+
+use std::collections::HashMap;
+
+use opentelemetry::propagation::{Extractor, Injector};
+use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry_sdk::metrics::SdkMeterProvider;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+use crate::config::LogFormat;
+
+/// Flushes and stops exporters when dropped (at shutdown).
+pub struct TelemetryGuard {
+    tracer: Option<SdkTracerProvider>,
+    meter: Option<SdkMeterProvider>,
+}
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        if let Some(t) = self.tracer.take() {
+            let _ = t.shutdown();
+        }
+        if let Some(m) = self.meter.take() {
+            let _ = m.shutdown();
+        }
+    }
+}
+
+fn export_configured(signal: &str) -> bool {
+    let set = |k: &str| std::env::var(k).map(|v| !v.trim().is_empty()).unwrap_or(false);
+    let disabled = std::env::var(format!("OTEL_{signal}_EXPORTER"))
+        .map(|v| v.eq_ignore_ascii_case("none"))
+        .unwrap_or(false);
+    !disabled && (set("OTEL_EXPORTER_OTLP_ENDPOINT") || set(&format!("OTEL_EXPORTER_OTLP_{signal}_ENDPOINT")))
+}
+
+fn resource(default_service: &str) -> opentelemetry_sdk::Resource {
+    let b = opentelemetry_sdk::Resource::builder();
+    if std::env::var("OTEL_SERVICE_NAME").is_ok() {
+        b.build()
+    } else {
+        b.with_service_name(default_service.to_string()).build()
+    }
+}
+
+/// Installs the global subscriber. Call once per process; a second call is a no-op (tests).
+pub fn init(default_service: &str, format: LogFormat) -> TelemetryGuard {
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+
+    let mut provider_builder = SdkTracerProvider::builder().with_resource(resource(default_service));
+    let exporting = export_configured("TRACES");
+    if exporting {
+        match opentelemetry_otlp::SpanExporter::builder().with_http().build() {
+            Ok(exp) => provider_builder = provider_builder.with_batch_exporter(exp),
+            Err(e) => eprintln!("OTLP trace exporter not started: {e}"),
+        }
+    }
+    let provider = provider_builder.build();
+    opentelemetry::global::set_tracer_provider(provider.clone());
+    let tracer = provider.tracer("ostore-orders");
+
+    let meter = if export_configured("METRICS") {
+        match opentelemetry_otlp::MetricExporter::builder().with_http().build() {
+            Ok(exp) => {
+                let reader = opentelemetry_sdk::metrics::PeriodicReader::builder(exp).build();
+                let mp = SdkMeterProvider::builder()
+                    .with_reader(reader)
+                    .with_resource(resource(default_service))
+                    .build();
+                opentelemetry::global::set_meter_provider(mp.clone());
+                Some(mp)
+            }
+            Err(e) => {
+                eprintln!("OTLP metric exporter not started: {e}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+
+    let log_filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,rdkafka=warn"));
+    let otel_filter = EnvFilter::try_from_env("OTEL_TRACES_FILTER")
+        .unwrap_or_else(|_| EnvFilter::new("ostore_orders=info,tower_http=info"));
+    let otel_layer = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_filter(otel_filter);
+    let fmt_layer = match format {
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_filter(log_filter)
+            .boxed(),
+        LogFormat::Pretty => tracing_subscriber::fmt::layer()
+            .compact()
+            .with_filter(log_filter)
+            .boxed(),
+    };
+    let _ = tracing_subscriber::registry()
+        .with(otel_layer)
+        .with(fmt_layer)
+        .try_init();
+    TelemetryGuard {
+        tracer: Some(provider),
+        meter,
+    }
+}
+
+/// The trace id of a span as 32 hex digits (all zeros when tracing is off).
+pub fn trace_id_of(span: &tracing::Span) -> String {
+    span.context().span().span_context().trace_id().to_string()
+}
+
+/// The W3C context of a span, as `traceparent` (+ `tracestate`) entries.
+pub fn context_headers(span: &tracing::Span) -> HashMap<String, String> {
+    let mut map = HashMap::new();
+    let cx = span.context();
+    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut MapInjector(&mut map)));
+    map
+}
+
+/// Makes `span` a child of the remote context in `headers` (a `traceparent` from a caller, an
+/// outbox row or a Kafka message). Without a valid `traceparent` nothing changes.
+pub fn set_remote_parent(span: &tracing::Span, headers: &dyn Extractor) {
+    if headers.get("traceparent").is_none() {
+        return;
+    }
+    let cx = opentelemetry::global::get_text_map_propagator(|p| p.extract(headers));
+    if cx.span().span_context().is_valid() {
+        let _ = span.set_parent(cx);
+    }
+}
+
+struct MapInjector<'a>(&'a mut HashMap<String, String>);
+
+impl Injector for MapInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        self.0.insert(key.to_string(), value);
+    }
+}
+
+/// An extractor over a string map (for example a JSON object stored with a saga).
+pub struct MapExtractor<'a>(pub &'a HashMap<String, String>);
+
+impl Extractor for MapExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(String::as_str)
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(String::as_str).collect()
+    }
+}

@@ -1,0 +1,492 @@
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use jsonwebtoken::{EncodingKey, Header};
+use ostore_orders::auth::Role;
+use serde_json::{Value, json};
+
+use crate::helpers::{AppOptions, TEST_JWT_SECRET, TestApp, assert_problem, spawn_app, spawn_app_with};
+
+fn b64(v: &Value) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(serde_json::to_vec(v).unwrap())
+}
+
+fn now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+fn good_claims(user_id: i32) -> Value {
+    json!({
+        "iss": "ostore-orders", "aud": "ostore", "sub": user_id.to_string(),
+        "iat": now(), "exp": now() + 600, "jti": uuid::Uuid::new_v4(),
+        "roles": ["user"], "email": "a@b.c", "fam": uuid::Uuid::new_v4()
+    })
+}
+
+fn sign(claims: &Value, key: &[u8]) -> String {
+    jsonwebtoken::encode(
+        &Header::new(jsonwebtoken::Algorithm::HS256),
+        claims,
+        &EncodingKey::from_secret(key),
+    )
+    .unwrap()
+}
+
+async fn assert_unauthorized(app: &TestApp, token: &str, what: &str) {
+    let r = app.get("/me", Some(token)).await;
+    assert_eq!(r.status(), 401, "{what} was accepted");
+    let www = r
+        .headers()
+        .get("www-authenticate")
+        .map(|v| v.to_str().unwrap().to_string());
+    assert!(
+        www.unwrap_or_default().starts_with("Bearer"),
+        "{what}: no WWW-Authenticate: Bearer"
+    );
+    assert_problem(r, 401).await;
+}
+
+#[tokio::test]
+async fn login_returns_a_token_pair_that_opens_me() {
+    let app = spawn_app().await;
+    let id = app
+        .create_user("Ann@Example.com", "password-123", Role::User)
+        .await;
+    // Email is case-insensitive.
+    let r = app
+        .post_json(
+            "/auth/login",
+            &json!({"email": "ann@example.COM", "password": "password-123"}),
+            None,
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["expiresIn"], 600);
+    assert!(v["refreshToken"].as_str().unwrap().starts_with("rt_"));
+    let me: Value = app.get("/me", v["token"].as_str()).await.json().await.unwrap();
+    assert_eq!(
+        me,
+        json!({"userID": id, "email": "Ann@Example.com", "roles": ["user"]})
+    );
+    // The token carries the contract's claims.
+    let payload = v["token"].as_str().unwrap().split('.').nth(1).unwrap();
+    let claims: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap(),
+    )
+    .unwrap();
+    for k in ["iss", "aud", "sub", "exp", "iat", "jti", "roles"] {
+        assert!(claims.get(k).is_some(), "claim {k} missing");
+    }
+    assert_eq!(
+        claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(),
+        600
+    );
+}
+
+#[tokio::test]
+async fn unknown_email_and_wrong_password_get_the_same_401() {
+    let app = spawn_app().await;
+    app.create_user("bea@example.com", "password-123", Role::User)
+        .await;
+    let t0 = Instant::now();
+    let a = app
+        .post_json(
+            "/auth/login",
+            &json!({"email": "nobody@example.com", "password": "password-123"}),
+            None,
+        )
+        .await;
+    let unknown_took = t0.elapsed();
+    let t1 = Instant::now();
+    let b = app
+        .post_json(
+            "/auth/login",
+            &json!({"email": "bea@example.com", "password": "wrong-password"}),
+            None,
+        )
+        .await;
+    let wrong_took = t1.elapsed();
+    let a = assert_problem(a, 401).await;
+    let b = assert_problem(b, 401).await;
+    assert_eq!(a, b, "the two refusals must be indistinguishable");
+    // Both ran a full argon2 verification: neither is an order of magnitude faster.
+    assert!(
+        unknown_took * 10 > wrong_took && wrong_took * 10 > unknown_took,
+        "{unknown_took:?} vs {wrong_took:?}"
+    );
+}
+
+#[tokio::test]
+async fn forged_expired_and_misdirected_tokens_are_refused() {
+    let app = spawn_app().await;
+    let id = app.customer("carl@example.com").await.0;
+    let key = TEST_JWT_SECRET.as_bytes();
+    // The good one works, so the refusals below are about what was changed.
+    let good = sign(&good_claims(id), key);
+    assert_eq!(app.get("/me", Some(&good)).await.status(), 200);
+
+    let mut expired = good_claims(id);
+    expired["exp"] = json!(now() - 5);
+    expired["iat"] = json!(now() - 700);
+    assert_unauthorized(&app, &sign(&expired, key), "an expired token").await;
+
+    let mut wrong_iss = good_claims(id);
+    wrong_iss["iss"] = json!("someone-else");
+    assert_unauthorized(&app, &sign(&wrong_iss, key), "a wrong iss").await;
+
+    let mut wrong_aud = good_claims(id);
+    wrong_aud["aud"] = json!("other-api");
+    assert_unauthorized(&app, &sign(&wrong_aud, key), "a wrong aud").await;
+
+    for missing in ["exp", "sub", "jti", "iat"] {
+        let mut c = good_claims(id);
+        c.as_object_mut().unwrap().remove(missing);
+        assert_unauthorized(&app, &sign(&c, key), &format!("a token without {missing}")).await;
+    }
+
+    assert_unauthorized(
+        &app,
+        &sign(&good_claims(id), b"another-key-another-key-another-key!!"),
+        "another key",
+    )
+    .await;
+
+    // Tampered payload: the signature of the good token on an admin payload.
+    let parts: Vec<&str> = good.split('.').collect();
+    let mut admin = good_claims(id);
+    admin["roles"] = json!(["admin"]);
+    let tampered = format!("{}.{}.{}", parts[0], b64(&admin), parts[2]);
+    assert_unauthorized(&app, &tampered, "a tampered payload").await;
+
+    // alg none in any spelling, with or without a signature.
+    for alg in ["none", "None", "NONE", "nOnE"] {
+        let header = b64(&json!({"alg": alg, "typ": "JWT"}));
+        let body = b64(&good_claims(id));
+        assert_unauthorized(&app, &format!("{header}.{body}."), &format!("alg {alg}")).await;
+        assert_unauthorized(
+            &app,
+            &format!("{header}.{body}.{}", parts[2]),
+            &format!("alg {alg} signed"),
+        )
+        .await;
+    }
+    // Algorithm switching: HS512 with the same key.
+    let hs512 = jsonwebtoken::encode(
+        &Header::new(jsonwebtoken::Algorithm::HS512),
+        &good_claims(id),
+        &EncodingKey::from_secret(key),
+    )
+    .unwrap();
+    assert_unauthorized(&app, &hs512, "HS512").await;
+
+    assert_unauthorized(&app, "not-a-jwt", "garbage").await;
+    let r = app
+        .http
+        .get(app.url("/me"))
+        .header("authorization", format!("Basic {good}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_problem(app.get("/me", None).await, 401).await;
+}
+
+#[tokio::test]
+async fn refresh_and_access_tokens_are_not_interchangeable() {
+    let app = spawn_app().await;
+    app.create_user("dora@example.com", "password-123", Role::User)
+        .await;
+    let (access, refresh) = app.login("dora@example.com", "password-123").await;
+    assert_unauthorized(&app, &refresh, "a refresh token as bearer").await;
+    let r = app
+        .post_json("/auth/refresh", &json!({"token": access}), None)
+        .await;
+    assert_problem(r, 401).await;
+    for junk in ["", "rt_", "rt_doesnotexist", "' or 1=1 --"] {
+        let r = app
+            .post_json("/auth/refresh", &json!({"token": junk}), None)
+            .await;
+        assert_problem(r, 401).await;
+    }
+}
+
+#[tokio::test]
+async fn refresh_rotates_and_reuse_revokes_the_whole_family() {
+    let app = spawn_app().await;
+    app.create_user("eve@example.com", "password-123", Role::User)
+        .await;
+    let (_, r1) = app.login("eve@example.com", "password-123").await;
+    let resp = app.post_json("/auth/refresh", &json!({"token": r1}), None).await;
+    assert_eq!(resp.status(), 200);
+    let v: Value = resp.json().await.unwrap();
+    let (a2, r2) = (
+        v["token"].as_str().unwrap().to_string(),
+        v["refreshToken"].as_str().unwrap().to_string(),
+    );
+    assert_ne!(r1, r2);
+    assert_eq!(app.get("/me", Some(&a2)).await.status(), 200);
+
+    // The spent token presented again: refused, and the family is gone.
+    assert_problem(
+        app.post_json("/auth/refresh", &json!({"token": r1}), None).await,
+        401,
+    )
+    .await;
+    assert_problem(
+        app.post_json("/auth/refresh", &json!({"token": r2}), None).await,
+        401,
+    )
+    .await;
+    assert_unauthorized(&app, &a2, "an access token of a revoked family").await;
+
+    // Another login starts a new family that works.
+    let (a3, r3) = app.login("eve@example.com", "password-123").await;
+    assert_eq!(app.get("/me", Some(&a3)).await.status(), 200);
+    assert_eq!(
+        app.post_json("/auth/refresh", &json!({"token": r3}), None)
+            .await
+            .status(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn two_concurrent_refreshes_of_one_token_yield_exactly_one_pair() {
+    let app = spawn_app().await;
+    app.create_user("fay@example.com", "password-123", Role::User)
+        .await;
+    let (_, r) = app.login("fay@example.com", "password-123").await;
+    let body = json!({"token": r});
+    let (x, y) = tokio::join!(
+        app.post_json("/auth/refresh", &body, None),
+        app.post_json("/auth/refresh", &body, None)
+    );
+    let mut codes = [x.status().as_u16(), y.status().as_u16()];
+    codes.sort();
+    assert_eq!(codes, [200, 401]);
+}
+
+#[tokio::test]
+async fn logout_revokes_the_access_token_and_its_refresh_family() {
+    let app = spawn_app().await;
+    app.create_user("gus@example.com", "password-123", Role::User)
+        .await;
+    let (access, refresh) = app.login("gus@example.com", "password-123").await;
+    let (other_access, _) = app.login("gus@example.com", "password-123").await;
+    let r = app.post_json("/auth/logout", &json!({}), Some(&access)).await;
+    assert_eq!(r.status(), 200);
+    assert_unauthorized(&app, &access, "a logged-out token").await;
+    assert_problem(
+        app.post_json("/auth/refresh", &json!({"token": refresh}), None)
+            .await,
+        401,
+    )
+    .await;
+    // Another session of the same user is untouched.
+    assert_eq!(app.get("/me", Some(&other_access)).await.status(), 200);
+    // Logout without a token.
+    assert_problem(app.post_json("/auth/logout", &json!({}), None).await, 401).await;
+}
+
+#[tokio::test]
+async fn login_limit_answers_429_with_retry_after_even_for_the_right_password() {
+    let app = spawn_app_with(AppOptions {
+        flags: vec!["--login-limit-per-account", "3"],
+        ..Default::default()
+    })
+    .await;
+    app.create_user("hal@example.com", "password-123", Role::User)
+        .await;
+    for _ in 0..3 {
+        let r = app
+            .post_json(
+                "/auth/login",
+                &json!({"email": "hal@example.com", "password": "nope-nope"}),
+                None,
+            )
+            .await;
+        assert_eq!(r.status(), 401);
+    }
+    let r = app
+        .post_json(
+            "/auth/login",
+            &json!({"email": "HAL@example.com", "password": "password-123"}),
+            None,
+        )
+        .await;
+    let retry: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry));
+    assert_problem(r, 429).await;
+    // Unknown emails are counted alike.
+    for _ in 0..3 {
+        app.post_json(
+            "/auth/login",
+            &json!({"email": "ghost@example.com", "password": "x"}),
+            None,
+        )
+        .await;
+    }
+    let r = app
+        .post_json(
+            "/auth/login",
+            &json!({"email": "ghost@example.com", "password": "x"}),
+            None,
+        )
+        .await;
+    assert_problem(r, 429).await;
+    // Another account is not affected.
+    app.create_user("ida@example.com", "password-123", Role::User)
+        .await;
+    app.login("ida@example.com", "password-123").await;
+}
+
+#[tokio::test]
+async fn address_limit_holds_across_accounts() {
+    let app = spawn_app_with(AppOptions {
+        flags: vec!["--login-limit-per-address", "4"],
+        ..Default::default()
+    })
+    .await;
+    for i in 0..4 {
+        let r = app
+            .post_json(
+                "/auth/login",
+                &json!({"email": format!("u{i}@example.com"), "password": "x"}),
+                None,
+            )
+            .await;
+        assert_eq!(r.status(), 401);
+    }
+    let r = app
+        .post_json(
+            "/auth/login",
+            &json!({"email": "u9@example.com", "password": "x"}),
+            None,
+        )
+        .await;
+    assert!(r.headers().contains_key("retry-after"));
+    assert_problem(r, 429).await;
+}
+
+#[tokio::test]
+async fn huge_passwords_are_refused_quickly_without_hashing() {
+    let app = spawn_app().await;
+    app.create_user("jo@example.com", "password-123", Role::User)
+        .await;
+    let t = Instant::now();
+    let r = app
+        .post_json(
+            "/auth/login",
+            &json!({"email": "jo@example.com", "password": "x".repeat(1024 * 1024)}),
+            None,
+        )
+        .await;
+    assert_problem(r, 413).await;
+    let r = app
+        .post_json(
+            "/auth/login",
+            &json!({"email": "jo@example.com", "password": "x".repeat(4096)}),
+            None,
+        )
+        .await;
+    let body = assert_problem(r, 422).await;
+    assert_eq!(body["field"], "password");
+    assert!(t.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn sql_injection_in_the_email_is_just_a_wrong_login() {
+    let app = spawn_app().await;
+    app.create_user("kim@example.com", "password-123", Role::User)
+        .await;
+    for email in [
+        "' OR '1'='1",
+        "kim@example.com' --",
+        "'; drop table users; --",
+        "\" or \"\"=\"",
+        "kim@example.com'/*",
+        "%' or email like '%",
+    ] {
+        let r = app
+            .post_json(
+                "/auth/login",
+                &json!({"email": email, "password": "password-123"}),
+                None,
+            )
+            .await;
+        let code = r.status().as_u16();
+        assert!(code == 401 || code == 422, "{email:?} → {code}");
+    }
+    // The table is intact.
+    app.login("kim@example.com", "password-123").await;
+}
+
+#[tokio::test]
+async fn bad_requests_get_problem_documents_and_change_nothing() {
+    let app = spawn_app().await;
+    let big = json!({"email": "a@b.c", "password": "x".repeat(65 * 1024)});
+    assert_problem(app.post_json("/auth/login", &big, None).await, 413).await;
+
+    let r = app
+        .http
+        .post(app.url("/auth/login"))
+        .header("content-type", "text/plain")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_problem(r, 415).await;
+    let r = app
+        .http
+        .post(app.url("/auth/login"))
+        .body(r#"{"email":"a@b.c","password":"x"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_problem(r, 415).await;
+    let r = app
+        .http
+        .post(app.url("/auth/login"))
+        .header("content-type", "application/json")
+        .body("{\"email\":")
+        .send()
+        .await
+        .unwrap();
+    assert_problem(r, 400).await;
+    let r = app
+        .post_json(
+            "/auth/login",
+            &json!({"email": "a@b.c", "password": "x", "admin": true}),
+            None,
+        )
+        .await;
+    let body = assert_problem(r, 422).await;
+    assert_eq!(body["field"], "admin");
+    let r = app
+        .post_json("/auth/login", &json!({"email": "a@b.c"}), None)
+        .await;
+    let body = assert_problem(r, 422).await;
+    assert_eq!(body["field"], "password");
+    let r = app
+        .post_json("/auth/login", &json!({"email": 5, "password": "x"}), None)
+        .await;
+    let body = assert_problem(r, 422).await;
+    assert_eq!(body["field"], "email");
+
+    assert_problem(app.get("/no/such/path", None).await, 404).await;
+    let r = app.http.delete(app.url("/auth/login")).send().await.unwrap();
+    assert_problem(r, 405).await;
+
+    let users: i64 = sqlx::query_scalar("select count(*) from users")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    let families: i64 = sqlx::query_scalar("select count(*) from refresh_families")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!((users, families), (0, 0));
+}

@@ -1,0 +1,325 @@
+//! Test harness: a fresh database per test (copied from a migrated template), the real app on
+//! 127.0.0.1 port 0, and an HTTP client.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use ostore_orders::config::ServiceConfig;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{Connection, PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+
+/// The server tests connect to (override with TEST_DATABASE_URL; any database on it works).
+pub fn admin_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+fn url_for(db: &str) -> String {
+    let base = admin_url();
+    match base.rsplit_once('/') {
+        Some((prefix, _)) => format!("{prefix}/{db}"),
+        None => format!("{base}/{db}"),
+    }
+}
+
+fn template_name() -> String {
+    let mut h: u64 = 1469598103934665603;
+    for m in ostore_orders::db::MIGRATOR.iter() {
+        for b in m.checksum.iter() {
+            h = (h ^ u64::from(*b)).wrapping_mul(1099511628211);
+        }
+    }
+    format!("ostore_test_tmpl_{h:016x}")
+}
+
+async fn ensure_template() -> String {
+    let name = template_name();
+    let mut conn = PgConnection::connect(&admin_url())
+        .await
+        .expect("connect to the test PostgreSQL");
+    sqlx::query("select pg_advisory_lock(727274)")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let exists: bool = sqlx::query_scalar("select exists (select 1 from pg_database where datname = $1)")
+        .bind(&name)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    if !exists {
+        let building = format!("{name}_building");
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "drop database if exists {building} with (force)"
+        )))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!("create database {building}")))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        {
+            let pool = PgPoolOptions::new()
+                .max_connections(1)
+                .connect(&url_for(&building))
+                .await
+                .unwrap();
+            ostore_orders::db::migrate(&pool).await.unwrap();
+            pool.close().await;
+        }
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "alter database {building} rename to {name}"
+        )))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+    sqlx::query("select pg_advisory_unlock(727274)")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let _ = conn.close().await;
+    name
+}
+
+/// A database of its own for one test, dropped when the value is dropped.
+pub struct TestDb {
+    /// Database name.
+    pub name: String,
+    /// Connection string.
+    pub url: String,
+}
+
+impl TestDb {
+    /// Creates a migrated database.
+    pub async fn new() -> Self {
+        let template = ensure_template().await;
+        let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+        let mut conn = PgConnection::connect(&admin_url()).await.unwrap();
+        let mut tries = 0;
+        loop {
+            let r = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "create database {name} template {template}"
+            )))
+            .execute(&mut conn)
+            .await;
+            match r {
+                Ok(_) => break,
+                Err(e) if tries < 20 => {
+                    tries += 1;
+                    eprintln!("create database retry: {e}");
+                    tokio::time::sleep(Duration::from_millis(100 * tries)).await;
+                }
+                Err(e) => panic!("create test database: {e}"),
+            }
+        }
+        let _ = conn.close().await;
+        TestDb {
+            url: url_for(&name),
+            name,
+        }
+    }
+
+    /// A small pool on this database.
+    pub async fn pool(&self) -> PgPool {
+        PgPoolOptions::new()
+            .max_connections(4)
+            .connect(&self.url)
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                if let Ok(mut conn) = PgConnection::connect(&admin_url()).await {
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "drop database if exists {name} with (force)"
+                    )))
+                    .execute(&mut conn)
+                    .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+#[derive(Parser)]
+struct ConfigOnly {
+    #[command(flatten)]
+    c: ServiceConfig,
+}
+
+/// The key tests sign with.
+pub const TEST_JWT_SECRET: &str = "test-secret-test-secret-test-secret-0123456789";
+
+/// A configuration for tests: the given database, port 0, explicit values for everything else.
+pub fn test_config(db_url: &str, extra: &[&str]) -> ServiceConfig {
+    let mut args = vec![
+        "test",
+        "--database-url",
+        db_url,
+        "--listen-addr",
+        "127.0.0.1:0",
+        "--jwt-secret",
+        TEST_JWT_SECRET,
+        "--database-max-connections",
+        "8",
+        "--order-wait-ms",
+        "3000",
+    ];
+    args.extend_from_slice(extra);
+    ConfigOnly::parse_from(args).c
+}
+
+/// A running app.
+pub struct TestApp {
+    /// `http://127.0.0.1:port`.
+    pub base: String,
+    /// Pool on the app's database (for assertions).
+    pub db: PgPool,
+    /// HTTP client.
+    pub http: reqwest::Client,
+    /// Stops the app.
+    pub shutdown: CancellationToken,
+    /// Keeps the database alive for the test's duration.
+    pub _testdb: Option<TestDb>,
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Options for `spawn_app_with`.
+#[derive(Default)]
+pub struct AppOptions<'a> {
+    /// Extra config flags.
+    pub flags: Vec<&'a str>,
+    /// Use this database URL for the app instead of the test database's own.
+    pub app_db_url: Option<String>,
+}
+
+/// Starts the app with default options.
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(AppOptions::default()).await
+}
+
+/// Starts the app on a fresh database.
+pub async fn spawn_app_with(opts: AppOptions<'_>) -> TestApp {
+    let testdb = TestDb::new().await;
+    let app_url = opts.app_db_url.clone().unwrap_or_else(|| testdb.url.clone());
+    let cfg = Arc::new(test_config(&app_url, &opts.flags));
+    let pool = ostore_orders::db::connect_lazy(&app_url, cfg.database_max_connections).unwrap();
+    let state = ostore_orders::app::build_state(cfg.clone(), pool);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    tokio::spawn(ostore_orders::app::serve_api(listener, state, shutdown.clone()));
+    TestApp {
+        base: format!("http://{addr}"),
+        db: testdb.pool().await,
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap(),
+        shutdown,
+        _testdb: Some(testdb),
+    }
+}
+
+impl TestApp {
+    /// Full URL of a path.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// Creates a user directly and returns its id.
+    pub async fn create_user(&self, email: &str, password: &str, role: ostore_orders::auth::Role) -> i32 {
+        ostore_orders::cli::create_user_in(&self.db, email, password, role)
+            .await
+            .unwrap()
+    }
+
+    /// POSTs JSON.
+    pub async fn post_json(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+        token: Option<&str>,
+    ) -> reqwest::Response {
+        let mut rb = self.http.post(self.url(path)).json(body);
+        if let Some(t) = token {
+            rb = rb.bearer_auth(t);
+        }
+        rb.send().await.unwrap()
+    }
+
+    /// GETs with an optional bearer token.
+    pub async fn get(&self, path: &str, token: Option<&str>) -> reqwest::Response {
+        let mut rb = self.http.get(self.url(path));
+        if let Some(t) = token {
+            rb = rb.bearer_auth(t);
+        }
+        rb.send().await.unwrap()
+    }
+
+    /// Logs in and returns `(access, refresh)`.
+    pub async fn login(&self, email: &str, password: &str) -> (String, String) {
+        let r = self
+            .post_json(
+                "/auth/login",
+                &serde_json::json!({"email": email, "password": password}),
+                None,
+            )
+            .await;
+        assert_eq!(r.status(), 200, "login of {email} failed");
+        let v: serde_json::Value = r.json().await.unwrap();
+        (
+            v["token"].as_str().unwrap().to_string(),
+            v["refreshToken"].as_str().unwrap().to_string(),
+        )
+    }
+
+    /// Creates a customer and logs in: `(user_id, access token)`.
+    pub async fn customer(&self, email: &str) -> (i32, String) {
+        let id = self
+            .create_user(email, "password-123", ostore_orders::auth::Role::User)
+            .await;
+        let (t, _) = self.login(email, "password-123").await;
+        (id, t)
+    }
+}
+
+/// Asserts an answer is a problem document with the given status, and returns its body.
+pub async fn assert_problem(resp: reqwest::Response, status: u16) -> serde_json::Value {
+    assert_eq!(resp.status().as_u16(), status, "unexpected status");
+    let ct = resp
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    assert!(
+        ct.starts_with("application/problem+json"),
+        "content-type was {ct:?}"
+    );
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["status"], status);
+    assert!(body["type"].is_string() && body["title"].is_string() && body["detail"].is_string());
+    assert!(
+        body["error"].is_string(),
+        "the seed's `error` member is missing: {body}"
+    );
+    body
+}

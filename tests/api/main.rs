@@ -1,0 +1,5 @@
+//! Integration tests of the API: real PostgreSQL (a fresh database per test), the real app on port 0.
+
+mod auth;
+mod health;
+mod helpers;
