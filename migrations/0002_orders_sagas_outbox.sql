@@ -29,7 +29,8 @@ create table sagas (
     saga_id            uuid primary key,
     saga_type          text not null,
     definition_version int not null,
-    order_id           int not null references orders (order_id),
+    -- No foreign key: a stock refusal answered synchronously removes the placeholder order.
+    order_id           int not null,
     user_id            int not null,
     state              text not null check (state in ('running', 'compensating', 'completed', 'compensated', 'failed', 'stuck')),
     -- Index of the step whose action (running) or compensation (compensating) runs next.
@@ -52,6 +53,8 @@ create table sagas (
     cancel_requested   text,
     -- The creating request answered 202 (so a stock refusal leaves a visible `rejected` order).
     answered_pending   boolean not null default false,
+    -- The answer POST /orders gives (and replays) once the saga has finished: {status, body}.
+    answer             jsonb,
     trace_context      jsonb not null default '{}',
     deadline_at        timestamptz not null,
     created_at         timestamptz not null default now(),

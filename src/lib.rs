@@ -15,6 +15,7 @@ pub mod dev;
 pub mod downstream;
 pub mod error;
 pub mod orders;
+pub mod outbox;
 pub mod saga;
 pub mod shipments;
 pub mod sim;

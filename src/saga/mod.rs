@@ -2,3 +2,4 @@
 //! that claims and advances sagas, and one file per step.
 
 pub mod definition;
+pub mod machine;

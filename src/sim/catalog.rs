@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tracing::Instrument as _;
 
-use super::faults::{Faults, Malformed, Verdict, bad_json_answer};
+use super::faults::{FaultError, FaultSpec, Faults, Malformed, Verdict, bad_json_answer};
 use super::{
     CallLog, Rejection, fault_routes, idempotency_key, json_error, missing_idempotency_key, parse_body,
     request_span,
@@ -173,7 +173,7 @@ impl CatalogSim {
     }
 
     /// Replaces the fault set, as `PUT /sim/faults` does (for start-up flags).
-    pub fn set_faults(&self, faults: Vec<super::faults::FaultSpec>) -> Result<(), super::faults::FaultError> {
+    pub fn set_faults(&self, faults: Vec<FaultSpec>) -> Result<(), FaultError> {
         self.inner.faults.replace(faults)
     }
 

@@ -42,14 +42,14 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use rdkafka::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use time::OffsetDateTime;
 use tracing::Instrument as _;
 use uuid::Uuid;
 
-use super::faults::{Faults, Verdict, bad_json_answer};
+use super::faults::{FaultError, FaultSpec, Faults, Verdict, bad_json_answer};
 use super::{
     CallLog, current_trace_headers, fault_routes, idempotency_key, json_error, missing_idempotency_key,
     parse_body, request_span,
@@ -191,8 +191,20 @@ impl ShipmentsSim {
     }
 
     /// Replaces the fault set, as `PUT /sim/faults` does (for start-up flags).
-    pub fn set_faults(&self, faults: Vec<super::faults::FaultSpec>) -> Result<(), super::faults::FaultError> {
+    pub fn set_faults(&self, faults: Vec<FaultSpec>) -> Result<(), FaultError> {
         self.inner.faults.replace(faults)
+    }
+
+    /// Waits up to `timeout` for the TrackingEvents still queued to reach Kafka. Call it before
+    /// dropping the last handle on shutdown: dropping the producer discards what is still queued.
+    pub async fn flush(&self, timeout: Duration) -> anyhow::Result<()> {
+        let Some(producer) = self.inner.producer.clone() else {
+            return Ok(());
+        };
+        tokio::task::spawn_blocking(move || producer.flush(timeout))
+            .await
+            .context("the Kafka flush task failed")?
+            .context("tracking events still queued after the flush timeout")
     }
 
     /// The HTTP routes: business endpoints and the `/sim` control API.

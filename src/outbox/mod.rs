@@ -1,0 +1,147 @@
+//! The transactional outbox: events are written in the same transaction as the state change they
+//! describe (`enqueue`), and the relay publishes them to Kafka.
+//!
+//! Every event travels in one envelope `{eventID, eventType, eventVersion, occurredAt, orderID,
+//! sagaID?, data}`, keyed by orderID, with headers `traceparent` (+ `tracestate`), `event-type` and
+//! `event-id`. See docs/events.md.
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::PgConnection;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+/// Topic names (configurable).
+#[derive(Debug, Clone, clap::Args)]
+pub struct Topics {
+    /// Order lifecycle events.
+    #[arg(long = "topic-order-events", env = "TOPIC_ORDER_EVENTS", default_value = "orders.events")]
+    pub order_events: String,
+    /// Saga transitions, retries and compensations.
+    #[arg(long = "topic-saga-events", env = "TOPIC_SAGA_EVENTS", default_value = "orders.saga-events")]
+    pub saga_events: String,
+    /// TrackingEvents consumed from the shipper.
+    #[arg(long = "topic-tracking-events", env = "TOPIC_TRACKING_EVENTS", default_value = "shipments.tracking-events")]
+    pub tracking_events: String,
+    /// Customer notifications produced.
+    #[arg(long = "topic-notifications", env = "TOPIC_NOTIFICATIONS", default_value = "users.notifications")]
+    pub notifications: String,
+    /// Tracking events that could not be applied.
+    #[arg(long = "topic-tracking-dlq", env = "TOPIC_TRACKING_DLQ", default_value = "shipments.tracking-events.dlq")]
+    pub tracking_dlq: String,
+}
+
+impl Default for Topics {
+    fn default() -> Self {
+        Topics {
+            order_events: "orders.events".into(),
+            saga_events: "orders.saga-events".into(),
+            tracking_events: "shipments.tracking-events".into(),
+            notifications: "users.notifications".into(),
+            tracking_dlq: "shipments.tracking-events.dlq".into(),
+        }
+    }
+}
+
+/// The envelope every produced message carries.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Envelope {
+    /// Unique per event; consumers deduplicate on it.
+    #[serde(rename = "eventID")]
+    pub event_id: Uuid,
+    /// Event type name (see docs/events.md).
+    pub event_type: String,
+    /// Schema version of `data`.
+    pub event_version: u32,
+    /// When the change happened (RFC 3339).
+    #[serde(with = "time::serde::rfc3339")]
+    pub occurred_at: OffsetDateTime,
+    /// The order; also the message key.
+    #[serde(rename = "orderID")]
+    pub order_id: i32,
+    /// The saga, when a saga made the change.
+    #[serde(rename = "sagaID", skip_serializing_if = "Option::is_none")]
+    pub saga_id: Option<Uuid>,
+    /// Event-specific payload.
+    pub data: Value,
+}
+
+/// An event to write to the outbox.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    /// Destination topic.
+    pub topic: String,
+    /// The envelope.
+    pub envelope: Envelope,
+    /// W3C trace context headers of the change.
+    pub trace: HashMap<String, String>,
+}
+
+impl NewEvent {
+    /// An event of `event_type` (version 1) about an order.
+    pub fn new(topic: &str, event_type: &str, order_id: i32, saga_id: Option<Uuid>, data: Value, trace: &HashMap<String, String>) -> Self {
+        NewEvent {
+            topic: topic.to_string(),
+            envelope: Envelope {
+                event_id: Uuid::now_v7(),
+                event_type: event_type.to_string(),
+                event_version: 1,
+                occurred_at: OffsetDateTime::now_utc(),
+                order_id,
+                saga_id,
+                data,
+            },
+            trace: trace.clone(),
+        }
+    }
+
+    /// The Kafka headers of the message.
+    pub fn headers(&self) -> Value {
+        let mut h = serde_json::Map::new();
+        for (k, v) in &self.trace {
+            if k == "traceparent" || k == "tracestate" {
+                h.insert(k.clone(), Value::String(v.clone()));
+            }
+        }
+        h.insert("event-type".into(), Value::String(self.envelope.event_type.clone()));
+        h.insert("event-id".into(), Value::String(self.envelope.event_id.to_string()));
+        Value::Object(h)
+    }
+}
+
+/// Writes events in the caller's transaction (one statement for all of them).
+pub async fn enqueue(conn: &mut PgConnection, events: &[NewEvent]) -> Result<(), sqlx::Error> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let mut topics = Vec::with_capacity(events.len());
+    let mut keys = Vec::with_capacity(events.len());
+    let mut ids = Vec::with_capacity(events.len());
+    let mut types = Vec::with_capacity(events.len());
+    let mut payloads = Vec::with_capacity(events.len());
+    let mut headers = Vec::with_capacity(events.len());
+    for e in events {
+        topics.push(e.topic.clone());
+        keys.push(e.envelope.order_id.to_string());
+        ids.push(e.envelope.event_id);
+        types.push(e.envelope.event_type.clone());
+        payloads.push(serde_json::to_value(&e.envelope).unwrap_or(Value::Null));
+        headers.push(e.headers());
+    }
+    sqlx::query!(
+        r#"insert into outbox (topic, message_key, event_id, event_type, payload, headers)
+           select * from unnest($1::text[], $2::text[], $3::uuid[], $4::text[], $5::jsonb[], $6::jsonb[])"#,
+        &topics,
+        &keys,
+        &ids,
+        &types,
+        &payloads,
+        &headers
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,738 @@
+//! The saga state machine, pure: given a saga and the outcome of one attempt, it decides the next
+//! state and lists the effects to write in the same transaction (history rows, outbox events, order
+//! changes, the answer for `POST /orders`). No I/O here, so every rule is unit-tested.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::contract::{Reservation, Shipment, Unavailable};
+use crate::orders::OrderStatus;
+use crate::orders::validate::Line;
+use crate::saga::definition::SagaDef;
+
+/// A saga's lifecycle state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SagaState {
+    /// Moving forward.
+    Running,
+    /// Undoing completed steps in reverse order.
+    Compensating,
+    /// Every step succeeded.
+    Completed,
+    /// Compensated after a cancellation (customer, admin).
+    Compensated,
+    /// Compensated after a fatal error.
+    Failed,
+    /// A compensation exhausted its retries; waits for an operator.
+    Stuck,
+}
+
+impl SagaState {
+    /// Every state.
+    pub const ALL: [SagaState; 6] = [
+        SagaState::Running,
+        SagaState::Compensating,
+        SagaState::Completed,
+        SagaState::Compensated,
+        SagaState::Failed,
+        SagaState::Stuck,
+    ];
+
+    /// Stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SagaState::Running => "running",
+            SagaState::Compensating => "compensating",
+            SagaState::Completed => "completed",
+            SagaState::Compensated => "compensated",
+            SagaState::Failed => "failed",
+            SagaState::Stuck => "stuck",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(s: &str) -> Option<SagaState> {
+        SagaState::ALL.into_iter().find(|x| x.as_str() == s)
+    }
+
+    /// No further work will happen by itself (terminal, or stuck waiting for ops).
+    pub fn is_finished(self) -> bool {
+        !matches!(self, SagaState::Running | SagaState::Compensating)
+    }
+
+    /// Completed, compensated or failed: nothing can change it any more.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, SagaState::Completed | SagaState::Compensated | SagaState::Failed)
+    }
+}
+
+/// Whether an attempt ran a step's action or its compensation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// The step's action.
+    Action,
+    /// The step's compensation.
+    Compensation,
+}
+
+impl Kind {
+    /// Stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Action => "action",
+            Kind::Compensation => "compensation",
+        }
+    }
+}
+
+/// A persisted order line (with its id and catalog price).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PersistedItem {
+    /// Order item id.
+    #[serde(rename = "orderItemID")]
+    pub order_item_id: i32,
+    /// Product.
+    #[serde(rename = "productID")]
+    pub product_id: i32,
+    /// Quantity.
+    pub quantity: i32,
+    /// Unit price from the catalog.
+    pub price: Decimal,
+}
+
+/// What the steps produced so far.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SagaData {
+    /// The catalog's reservation (reserve_inventory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reservation: Option<Reservation>,
+    /// The persisted lines (persist_order).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub items: Option<Vec<PersistedItem>>,
+    /// Order total (persist_order).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total: Option<Decimal>,
+    /// Currency of the prices (persist_order).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub currency: Option<String>,
+    /// The created shipment (create_shipment).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shipment: Option<Shipment>,
+}
+
+/// Why a saga compensates.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Failure {
+    /// Error class (`insufficient_stock`, `total_overflow`, `cancelled`, `deadline_exceeded`,
+    /// `http_4xx`, a transient class when retries ran out, ...).
+    pub class: String,
+    /// Human-readable reason.
+    pub detail: String,
+    /// The step that failed (or the step at which the saga was cancelled).
+    pub step: String,
+    /// Unavailable products (stock refusals).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unavailable: Option<Vec<Unavailable>>,
+}
+
+/// Error class of a cancellation.
+pub const CLASS_CANCELLED: &str = "cancelled";
+/// Error class of a stock refusal.
+pub const CLASS_INSUFFICIENT_STOCK: &str = "insufficient_stock";
+/// Error class of a total beyond NUMERIC(10,2).
+pub const CLASS_TOTAL_OVERFLOW: &str = "total_overflow";
+/// Error class of a saga past its deadline.
+pub const CLASS_DEADLINE: &str = "deadline_exceeded";
+
+/// A saga as a worker holds it.
+#[derive(Debug, Clone)]
+pub struct Saga {
+    /// Saga id.
+    pub id: Uuid,
+    /// The order it creates.
+    pub order_id: i32,
+    /// The customer.
+    pub user_id: i32,
+    /// Lease fencing token held by this worker.
+    pub fence: i64,
+    /// State.
+    pub state: SagaState,
+    /// Step index whose action (running) or compensation (compensating) runs next.
+    pub step: usize,
+    /// Attempts already made of that action/compensation.
+    pub attempt: u32,
+    /// Requested lines.
+    pub input: Vec<Line>,
+    /// Step outputs.
+    pub data: SagaData,
+    /// Why it compensates.
+    pub failure: Option<Failure>,
+    /// A cancellation was asked for (the reason).
+    pub cancel_requested: Option<String>,
+    /// The creating request answered 202.
+    pub answered_pending: bool,
+    /// W3C trace context of the request that started it.
+    pub trace: HashMap<String, String>,
+    /// Forward progress must finish before this.
+    pub deadline_at: OffsetDateTime,
+    /// When the next attempt is due (None when finished).
+    pub next_attempt_at: Option<OffsetDateTime>,
+    /// Creation time (also the order date).
+    pub created_at: OffsetDateTime,
+    /// Last error text.
+    pub last_error: Option<String>,
+    /// Last error class.
+    pub last_error_class: Option<String>,
+}
+
+/// What a step produced.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StepOutput {
+    /// reserve_inventory.
+    Reservation(Reservation),
+    /// persist_order.
+    Persisted {
+        /// Lines with ids and prices.
+        items: Vec<PersistedItem>,
+        /// Total.
+        total: Decimal,
+        /// Currency.
+        currency: String,
+    },
+    /// create_shipment.
+    Shipment(Shipment),
+    /// A compensation (nothing to keep).
+    Done,
+}
+
+/// The outcome of one attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// It worked.
+    Succeeded(StepOutput),
+    /// A compensation had nothing to undo (for example no shipment was ever created).
+    Skipped(String),
+    /// A business refusal: not retried.
+    Refused {
+        /// Error class.
+        class: String,
+        /// Reason.
+        detail: String,
+        /// HTTP status of the downstream answer.
+        status: Option<u16>,
+        /// Unavailable products (stock refusal).
+        unavailable: Option<Vec<Unavailable>>,
+    },
+    /// A transient failure: retried with backoff.
+    Transient {
+        /// Error class.
+        class: String,
+        /// Reason.
+        detail: String,
+        /// HTTP status of the downstream answer.
+        status: Option<u16>,
+        /// The downstream's Retry-After.
+        retry_after: Option<Duration>,
+    },
+}
+
+/// One attempt of an action or compensation.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    /// Step index.
+    pub step: usize,
+    /// Action or compensation.
+    pub kind: Kind,
+    /// 1-based attempt number.
+    pub number: u32,
+    /// When it started.
+    pub started_at: OffsetDateTime,
+    /// The Idempotency-Key sent downstream.
+    pub idempotency_key: Option<String>,
+    /// What happened.
+    pub outcome: Outcome,
+}
+
+/// A step-history row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistoryRow {
+    /// Step name (action or compensation name).
+    pub step: String,
+    /// Action or compensation.
+    pub kind: Kind,
+    /// Attempt number.
+    pub attempt: u32,
+    /// Start.
+    pub started_at: OffsetDateTime,
+    /// `succeeded`, `retry_scheduled`, `failed`, `skipped`, `interrupted`.
+    pub outcome: &'static str,
+    /// Error class.
+    pub error_class: Option<String>,
+    /// Error text.
+    pub error: Option<String>,
+    /// Idempotency key used.
+    pub idempotency_key: Option<String>,
+    /// Downstream HTTP status.
+    pub downstream_status: Option<u16>,
+}
+
+/// A change to the order row that a transition makes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OrderChange {
+    /// Move to a status (only if the transition table allows it).
+    Status {
+        /// Target status.
+        to: OrderStatus,
+        /// Why.
+        reason: Option<String>,
+    },
+    /// The shipment exists: store its id and confirm the order.
+    Confirm {
+        /// Shipment id.
+        shipment_id: String,
+    },
+    /// No order was placed after all (a stock refusal answered synchronously): remove the
+    /// placeholder row.
+    Delete,
+}
+
+/// Which topic an event goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    /// `orders.saga-events`.
+    Saga,
+    /// `orders.events`.
+    Order,
+}
+
+/// An effect to write with the transition.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    /// A history row.
+    History(HistoryRow),
+    /// An outbox event.
+    Event {
+        /// Topic.
+        stream: Stream,
+        /// Event type.
+        event_type: &'static str,
+        /// Payload.
+        data: Value,
+    },
+    /// An order change.
+    Order(OrderChange),
+    /// The saga finished (terminal or stuck): store the answer (if any) and wake waiters.
+    Finished {
+        /// The answer `POST /orders` gives: `{status, body}`.
+        answer: Option<Value>,
+    },
+}
+
+/// Step names and whether each action / compensation runs locally (inside the transaction).
+#[derive(Debug, Clone, Copy)]
+pub struct StepShape {
+    /// Action name.
+    pub action: &'static str,
+    /// Compensation name.
+    pub compensation: &'static str,
+    /// The action runs in the database transaction.
+    pub local_action: bool,
+    /// The compensation runs in the database transaction.
+    pub local_compensation: bool,
+}
+
+/// What a worker should do next with a saga.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Call a downstream service.
+    Remote(usize, Kind),
+    /// Run a local step in the transaction.
+    Local(usize, Kind),
+    /// Nothing is due before this time.
+    WaitUntil(OffsetDateTime),
+    /// Finished (terminal or stuck).
+    Done,
+}
+
+/// The rules of one saga type.
+pub struct Machine<'a> {
+    /// The definition (policies, names).
+    pub def: &'a SagaDef,
+    /// The step implementations' shapes, in order.
+    pub shapes: &'a [StepShape],
+    /// SAGA_RETRY_SCALE.
+    pub retry_scale: f64,
+}
+
+impl Machine<'_> {
+    /// What is due next.
+    pub fn next(&self, s: &Saga, now: OffsetDateTime) -> Next {
+        if s.state.is_finished() {
+            return Next::Done;
+        }
+        if let Some(at) = s.next_attempt_at
+            && at > now
+        {
+            return Next::WaitUntil(at);
+        }
+        let kind = if s.state == SagaState::Running { Kind::Action } else { Kind::Compensation };
+        let shape = &self.shapes[s.step];
+        let local = match kind {
+            Kind::Action => shape.local_action,
+            Kind::Compensation => shape.local_compensation,
+        };
+        if local { Next::Local(s.step, kind) } else { Next::Remote(s.step, kind) }
+    }
+
+    /// Checks at a step boundary (before an action starts): a requested cancellation or a passed
+    /// deadline turns a running saga to compensation. Returns the effects, empty when nothing changes.
+    pub fn check_boundary(&self, s: &mut Saga, now: OffsetDateTime) -> Vec<Effect> {
+        if s.state != SagaState::Running {
+            return Vec::new();
+        }
+        let (class, detail) = if let Some(reason) = &s.cancel_requested {
+            (CLASS_CANCELLED, format!("cancelled: {reason}"))
+        } else if now > s.deadline_at {
+            (CLASS_DEADLINE, "the saga did not finish before its deadline".to_string())
+        } else {
+            return Vec::new();
+        };
+        let mut fx = Vec::new();
+        s.failure = Some(Failure {
+            class: class.into(),
+            detail: detail.clone(),
+            step: self.shapes[s.step].action.into(),
+            unavailable: None,
+        });
+        s.last_error = Some(detail);
+        s.last_error_class = Some(class.into());
+        // A remote action already attempted may have taken effect: undo it too.
+        let step_may_have_effect = s.attempt > 0 && !self.shapes[s.step].local_action;
+        let from = if step_may_have_effect { Some(s.step) } else { s.step.checked_sub(1) };
+        self.begin_compensation(s, from, now, &mut fx);
+        fx
+    }
+
+    /// Applies the outcome of one attempt to the saga and returns what to write with it.
+    pub fn record(&self, s: &mut Saga, a: &Attempt, now: OffsetDateTime, jitter_unit: f64) -> Vec<Effect> {
+        let mut fx = Vec::new();
+        let shape = self.shapes[a.step];
+        let name = match a.kind {
+            Kind::Action => shape.action,
+            Kind::Compensation => shape.compensation,
+        };
+        let policy = match a.kind {
+            Kind::Action => &self.def.steps[a.step].retry,
+            Kind::Compensation => &self.def.steps[a.step].compensation_retry,
+        };
+        let mut row = HistoryRow {
+            step: name.into(),
+            kind: a.kind,
+            attempt: a.number,
+            started_at: a.started_at,
+            outcome: "succeeded",
+            error_class: None,
+            error: None,
+            idempotency_key: a.idempotency_key.clone(),
+            downstream_status: None,
+        };
+        s.attempt = a.number;
+        match (&a.outcome, a.kind) {
+            (Outcome::Succeeded(out), Kind::Action) => {
+                fx.push(Effect::History(row));
+                self.apply_output(s, out);
+                fx.push(saga_event("StepSucceeded", json!({"step": name, "attempt": a.number})));
+                s.step += 1;
+                s.attempt = 0;
+                s.next_attempt_at = Some(now);
+                if s.step == self.shapes.len() {
+                    self.complete(s, &mut fx);
+                }
+            }
+            (Outcome::Succeeded(_) | Outcome::Skipped(_), Kind::Compensation) => {
+                if let Outcome::Skipped(why) = &a.outcome {
+                    row.outcome = "skipped";
+                    row.error = Some(why.clone());
+                }
+                fx.push(Effect::History(row));
+                fx.push(saga_event("CompensationSucceeded", json!({"step": name, "attempt": a.number})));
+                s.attempt = 0;
+                s.next_attempt_at = Some(now);
+                match s.step.checked_sub(1) {
+                    Some(prev) => s.step = prev,
+                    None => self.finish_compensation(s, &mut fx),
+                }
+            }
+            (Outcome::Skipped(why), Kind::Action) => {
+                // Actions are never skipped; treat as a refusal so nothing is silently lost.
+                row.outcome = "failed";
+                row.error = Some(why.clone());
+                fx.push(Effect::History(row));
+                self.fail_forward(s, a.step, "skipped", why, None, false, now, &mut fx);
+            }
+            (Outcome::Refused { class, detail, status, unavailable }, Kind::Action) => {
+                row.outcome = "failed";
+                row.error_class = Some(class.clone());
+                row.error = Some(detail.clone());
+                row.downstream_status = *status;
+                fx.push(Effect::History(row));
+                fx.push(saga_event("StepFailed", json!({"step": name, "attempt": a.number, "errorClass": class, "error": detail})));
+                self.fail_forward(s, a.step, class, detail, unavailable.clone(), false, now, &mut fx);
+            }
+            (Outcome::Transient { class, detail, status, retry_after }, _) => {
+                row.error_class = Some(class.clone());
+                row.error = Some(detail.clone());
+                row.downstream_status = *status;
+                s.last_error = Some(detail.clone());
+                s.last_error_class = Some(class.clone());
+                if a.number < policy.max_attempts {
+                    row.outcome = "retry_scheduled";
+                    fx.push(Effect::History(row));
+                    let computed = policy.delay_after(a.number, self.retry_scale, jitter_unit);
+                    let delay = retry_after.map_or(computed, |ra| ra.max(computed));
+                    s.next_attempt_at = Some(now + delay);
+                    fx.push(saga_event(
+                        "RetryScheduled",
+                        json!({"step": name, "kind": a.kind.as_str(), "attempt": a.number, "errorClass": class, "error": detail, "delayMs": delay.as_millis() as u64}),
+                    ));
+                } else {
+                    row.outcome = "failed";
+                    fx.push(Effect::History(row));
+                    let why = format!("{name} failed after {} attempts: {detail}", a.number);
+                    match a.kind {
+                        Kind::Action => {
+                            fx.push(saga_event("StepFailed", json!({"step": name, "attempt": a.number, "errorClass": class, "error": detail})));
+                            // The call may have taken effect before failing: undo this step too.
+                            self.fail_forward(s, a.step, class, &why, None, true, now, &mut fx);
+                        }
+                        Kind::Compensation => self.get_stuck(s, class, &why, &mut fx),
+                    }
+                }
+            }
+            (Outcome::Refused { class, detail, status, .. }, Kind::Compensation) => {
+                // Compensations must eventually succeed: a refusal is retried like a transient error.
+                row.error_class = Some(class.clone());
+                row.error = Some(detail.clone());
+                row.downstream_status = *status;
+                s.last_error = Some(detail.clone());
+                s.last_error_class = Some(class.clone());
+                if a.number < policy.max_attempts {
+                    row.outcome = "retry_scheduled";
+                    fx.push(Effect::History(row));
+                    let delay = policy.delay_after(a.number, self.retry_scale, jitter_unit);
+                    s.next_attempt_at = Some(now + delay);
+                    fx.push(saga_event(
+                        "RetryScheduled",
+                        json!({"step": name, "kind": "compensation", "attempt": a.number, "errorClass": class, "error": detail, "delayMs": delay.as_millis() as u64}),
+                    ));
+                } else {
+                    row.outcome = "failed";
+                    fx.push(Effect::History(row));
+                    let why = format!("{name} failed after {} attempts: {detail}", a.number);
+                    self.get_stuck(s, class, &why, &mut fx);
+                }
+            }
+        }
+        fx
+    }
+
+    fn apply_output(&self, s: &mut Saga, out: &StepOutput) {
+        match out {
+            StepOutput::Reservation(r) => s.data.reservation = Some(r.clone()),
+            StepOutput::Persisted { items, total, currency } => {
+                s.data.items = Some(items.clone());
+                s.data.total = Some(*total);
+                s.data.currency = Some(currency.clone());
+            }
+            StepOutput::Shipment(sh) => s.data.shipment = Some(sh.clone()),
+            StepOutput::Done => {}
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn fail_forward(
+        &self,
+        s: &mut Saga,
+        step: usize,
+        class: &str,
+        detail: &str,
+        unavailable: Option<Vec<Unavailable>>,
+        may_have_effect: bool,
+        now: OffsetDateTime,
+        fx: &mut Vec<Effect>,
+    ) {
+        s.failure = Some(Failure {
+            class: class.into(),
+            detail: detail.into(),
+            step: self.shapes[step].action.into(),
+            unavailable,
+        });
+        s.last_error = Some(detail.into());
+        s.last_error_class = Some(class.into());
+        let undo_this = may_have_effect && !self.shapes[step].local_action;
+        let from = if undo_this { Some(step) } else { step.checked_sub(1) };
+        self.begin_compensation(s, from, now, fx);
+    }
+
+    fn begin_compensation(&self, s: &mut Saga, from: Option<usize>, now: OffsetDateTime, fx: &mut Vec<Effect>) {
+        let f = s.failure.clone();
+        fx.push(saga_event(
+            "CompensationStarted",
+            json!({"fromStep": from.map(|i| self.shapes[i].compensation), "errorClass": f.as_ref().map(|f| f.class.clone()), "reason": f.as_ref().map(|f| f.detail.clone())}),
+        ));
+        s.state = SagaState::Compensating;
+        s.attempt = 0;
+        s.next_attempt_at = Some(now);
+        match from {
+            Some(i) => s.step = i,
+            None => {
+                s.step = 0;
+                self.finish_compensation(s, fx);
+            }
+        }
+    }
+
+    fn complete(&self, s: &mut Saga, fx: &mut Vec<Effect>) {
+        s.state = SagaState::Completed;
+        s.next_attempt_at = None;
+        s.step = self.shapes.len();
+        let shipment_id = s.data.shipment.as_ref().map(|x| x.shipment_id.clone()).unwrap_or_default();
+        fx.push(Effect::Order(OrderChange::Confirm {
+            shipment_id: shipment_id.clone(),
+        }));
+        fx.push(order_event("OrderConfirmed", self.order_data(s, OrderStatus::Confirmed)));
+        fx.push(saga_event("SagaCompleted", json!({})));
+        fx.push(Effect::Finished {
+            answer: Some(json!({"status": 201, "body": self.order_data(s, OrderStatus::Confirmed)})),
+        });
+    }
+
+    fn finish_compensation(&self, s: &mut Saga, fx: &mut Vec<Effect>) {
+        let failure = s.failure.clone().unwrap_or(Failure {
+            class: "unknown".into(),
+            detail: "compensated".into(),
+            step: String::new(),
+            unavailable: None,
+        });
+        let cancelled = failure.class == CLASS_CANCELLED;
+        s.state = if cancelled { SagaState::Compensated } else { SagaState::Failed };
+        s.next_attempt_at = None;
+        s.step = 0;
+        let persisted = s.data.items.is_some();
+        let no_order_placed = !persisted
+            && !s.answered_pending
+            && (failure.class == CLASS_INSUFFICIENT_STOCK || failure.class == CLASS_TOTAL_OVERFLOW);
+        let answer = if failure.class == CLASS_INSUFFICIENT_STOCK {
+            json!({"status": 409, "problem": {
+                "slug": "insufficient-stock", "title": "Conflict",
+                "detail": "some products are not available in the requested quantity; no order was placed",
+                "unavailable": failure.unavailable.clone().unwrap_or_default(),
+            }})
+        } else if failure.class == CLASS_TOTAL_OVERFLOW {
+            json!({"status": 422, "problem": {
+                "slug": "validation", "title": "Invalid request", "field": "totalAmount",
+                "detail": failure.detail.clone(),
+            }})
+        } else {
+            json!({"status": 409, "problem": {
+                "slug": "order-cancelled", "title": "Conflict",
+                "detail": failure.detail.clone(), "orderID": s.order_id, "status": "cancelled",
+            }})
+        };
+        if no_order_placed {
+            fx.push(Effect::Order(OrderChange::Delete));
+        } else {
+            let to = if !persisted && failure.class == CLASS_INSUFFICIENT_STOCK {
+                OrderStatus::Rejected
+            } else {
+                OrderStatus::Cancelled
+            };
+            fx.push(Effect::Order(OrderChange::Status {
+                to,
+                reason: Some(failure.detail.clone()),
+            }));
+            let ev = if to == OrderStatus::Rejected { "OrderRejected" } else { "OrderCancelled" };
+            let mut data = self.order_data(s, to);
+            data["reason"] = json!(failure.detail);
+            fx.push(order_event(ev, data));
+        }
+        fx.push(saga_event(
+            if cancelled { "SagaCompensated" } else { "SagaFailed" },
+            json!({"errorClass": failure.class, "reason": failure.detail}),
+        ));
+        fx.push(Effect::Finished { answer: Some(answer) });
+    }
+
+    fn get_stuck(&self, s: &mut Saga, class: &str, why: &str, fx: &mut Vec<Effect>) {
+        s.state = SagaState::Stuck;
+        s.next_attempt_at = None;
+        s.last_error = Some(why.into());
+        s.last_error_class = Some(class.into());
+        fx.push(saga_event(
+            "SagaStuck",
+            json!({"step": self.shapes[s.step].compensation, "errorClass": class, "reason": why}),
+        ));
+        fx.push(Effect::Finished { answer: None });
+    }
+
+    /// The order as events and the 201 answer show it.
+    pub fn order_data(&self, s: &Saga, status: OrderStatus) -> Value {
+        let items: Vec<Value> = match &s.data.items {
+            Some(items) => items
+                .iter()
+                .map(|i| json!({"orderItemID": i.order_item_id, "productID": i.product_id, "quantity": i.quantity, "price": money(i.price)}))
+                .collect(),
+            None => s
+                .input
+                .iter()
+                .map(|l| json!({"orderItemID": null, "productID": l.product_id, "quantity": l.quantity, "price": null}))
+                .collect(),
+        };
+        json!({
+            "orderID": s.order_id,
+            "userID": s.user_id,
+            "orderDate": rfc3339(s.created_at),
+            "status": status.as_str(),
+            "totalAmount": s.data.total.map(money),
+            "currency": s.data.currency,
+            "shipmentID": s.data.shipment.as_ref().map(|x| x.shipment_id.clone()),
+            "orderItems": items,
+        })
+    }
+}
+
+/// Formats money with exactly two decimal places.
+pub fn money(d: Decimal) -> String {
+    let mut d = d.round_dp(2);
+    d.rescale(2);
+    d.to_string()
+}
+
+/// Formats a timestamp as RFC 3339.
+pub fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}
+
+fn saga_event(event_type: &'static str, data: Value) -> Effect {
+    Effect::Event {
+        stream: Stream::Saga,
+        event_type,
+        data,
+    }
+}
+
+fn order_event(event_type: &'static str, data: Value) -> Effect {
+    Effect::Event {
+        stream: Stream::Order,
+        event_type,
+        data,
+    }
+}
