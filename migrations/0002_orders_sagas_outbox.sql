@@ -79,7 +79,9 @@ create table saga_steps (
     error_class       text,
     error             text,
     idempotency_key   text,
-    downstream_status int
+    downstream_status int,
+    -- The worker that ran the attempt.
+    worker            text
 );
 create index saga_steps_saga_idx on saga_steps (saga_id, id);
 

@@ -13,7 +13,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::api::{self, AppState};
 use crate::auth::AuthService;
+use crate::auth::limiter::UserLimiter;
+use crate::catalog::CatalogClient;
 use crate::config::ServiceConfig;
+use crate::saga::engine::{Engine, EngineConfig, load_create_order};
+use crate::shipments::ShipmentsClient;
 
 /// A role a process can run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -31,14 +35,42 @@ pub enum Role {
 /// Every role.
 pub const ALL_ROLES: [Role; 4] = [Role::Api, Role::Worker, Role::Relay, Role::Consumer];
 
-/// Builds the handlers' shared state.
-pub fn build_state(cfg: Arc<ServiceConfig>, db: PgPool) -> AppState {
-    AppState {
+/// Builds the saga engine from the configuration (the definition is validated here: a bad
+/// `sagas/create_order.toml` stops startup with a message naming the file and the field).
+pub fn build_engine(cfg: &ServiceConfig, db: PgPool, drive: bool) -> anyhow::Result<Engine> {
+    let def = load_create_order()?;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .connect_timeout(Duration::from_secs(2))
+        .build()
+        .context("building the HTTP client")?;
+    let mut ecfg = EngineConfig::new(cfg.saga_retry_scale);
+    ecfg.lease = Duration::from_millis(cfg.saga_lease_ms);
+    ecfg.poll_interval = Duration::from_millis(cfg.saga_poll_interval_ms);
+    ecfg.max_in_flight = cfg.saga_max_in_flight;
+    ecfg.committers = cfg.saga_committers;
+    ecfg.drive = drive;
+    Engine::new(
+        db,
+        def,
+        ecfg,
+        cfg.topics.clone(),
+        CatalogClient::new(&cfg.catalog_url, http.clone()),
+        ShipmentsClient::new(&cfg.shipments_url, http),
+    )
+}
+
+/// Builds the handlers' shared state (the engine is built, not started).
+pub fn build_state(cfg: Arc<ServiceConfig>, db: PgPool, drive: bool) -> anyhow::Result<AppState> {
+    let engine = build_engine(&cfg, db.clone(), drive)?;
+    Ok(AppState {
         db,
         auth: AuthService::new(&cfg),
+        order_limiter: UserLimiter::new(cfg.order_limit_per_user),
         config: cfg,
         readiness: Arc::new(Vec::new()),
-    }
+        engine,
+    })
 }
 
 /// Serves the API on `listener` until `shutdown` is cancelled, then drains in-flight requests.
@@ -63,6 +95,7 @@ pub async fn housekeeping(state: AppState, shutdown: CancellationToken) {
             _ = tick.tick() => {}
         }
         state.auth.limiter.shrink();
+        state.order_limiter.shrink();
         match state.db.acquire().await {
             Ok(mut conn) => {
                 if let Err(e) = crate::auth::tokens::purge_expired(&mut conn).await {
@@ -82,7 +115,10 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let tracker = TaskTracker::new();
-    let state = build_state(cfg.clone(), db);
+    let state = build_state(cfg.clone(), db, roles.contains(&Role::Worker))?;
+    if roles.contains(&Role::Api) || roles.contains(&Role::Worker) {
+        state.engine.start(&tracker, shutdown.clone());
+    }
     if roles.contains(&Role::Api) {
         let listener = TcpListener::bind(cfg.listen_addr)
             .await

@@ -34,6 +34,84 @@ pub enum Command {
     /// Manage users.
     #[command(subcommand)]
     Users(UsersCommand),
+    /// Run a downstream simulator on its own (development, tests, benchmarks, docker-compose).
+    #[command(subcommand)]
+    Sim(SimCommand),
+}
+
+/// `sim` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum SimCommand {
+    /// The Product Catalog simulator (reservations, `/sim` control API).
+    Catalog(SimCatalogArgs),
+    /// The Shipment Tracking simulator (shipments; publishes TrackingEvents to Kafka).
+    Shipments(SimShipmentsArgs),
+}
+
+/// Faults a simulator starts with (the `/sim/faults` API changes them later).
+#[derive(Debug, Clone, Args)]
+pub struct SimFaultArgs {
+    /// Added latency on every business call, in milliseconds.
+    #[arg(long, env = "SIM_LATENCY_MS", default_value_t = 0)]
+    pub latency_ms: u64,
+    /// Share of business calls (0 to 1) answered 503.
+    #[arg(long, env = "SIM_ERROR_RATE", default_value_t = 0.0)]
+    pub error_rate: f64,
+}
+
+impl SimFaultArgs {
+    fn specs(&self) -> Vec<crate::sim::faults::FaultSpec> {
+        if self.latency_ms == 0 && self.error_rate == 0.0 {
+            return Vec::new();
+        }
+        let v = serde_json::json!({"latencyMs": self.latency_ms, "errorRate": self.error_rate});
+        vec![serde_json::from_value(v).expect("valid fault")]
+    }
+}
+
+/// `sim catalog` options.
+#[derive(Debug, Args)]
+pub struct SimCatalogArgs {
+    /// Address to listen on.
+    #[arg(long, env = "LISTEN_ADDR", default_value = "127.0.0.1:8081")]
+    pub listen_addr: std::net::SocketAddr,
+    /// Start with the demo products (ids 1–5; product 5 is out of stock).
+    #[arg(long)]
+    pub demo_products: bool,
+    /// Start with every demo product out of stock.
+    #[arg(long)]
+    pub out_of_stock: bool,
+    #[command(flatten)]
+    pub faults: SimFaultArgs,
+    /// Log format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
+    pub log_format: LogFormat,
+}
+
+/// `sim shipments` options.
+#[derive(Debug, Args)]
+pub struct SimShipmentsArgs {
+    /// Address to listen on.
+    #[arg(long, env = "LISTEN_ADDR", default_value = "127.0.0.1:8082")]
+    pub listen_addr: std::net::SocketAddr,
+    /// Kafka cluster the TrackingEvents are published to (kept in memory only when unset).
+    #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS")]
+    pub kafka_bootstrap_servers: Option<String>,
+    /// Topic of the TrackingEvents.
+    #[arg(
+        long,
+        env = "TOPIC_TRACKING_EVENTS",
+        default_value = "shipments.tracking-events"
+    )]
+    pub tracking_topic: String,
+    /// Walk each new shipment picked_up → in_transit → delivered, one step every N ms.
+    #[arg(long, env = "SIM_AUTO_ADVANCE_MS")]
+    pub auto_advance_ms: Option<u64>,
+    #[command(flatten)]
+    pub faults: SimFaultArgs,
+    /// Log format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
+    pub log_format: LogFormat,
 }
 
 /// `serve` options.
@@ -116,7 +194,40 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Users(UsersCommand::Create(args)) => create_user(args).await,
+        Command::Sim(SimCommand::Catalog(args)) => {
+            let _t = crate::telemetry::init("ostore-sim-catalog", args.log_format);
+            let sim = crate::sim::catalog::CatalogSim::new();
+            if args.demo_products || args.out_of_stock {
+                crate::dev::seed_products(&sim, args.out_of_stock);
+            }
+            sim.set_faults(args.faults.specs())
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            run_sim("catalog", args.listen_addr, sim.router()).await
+        }
+        Command::Sim(SimCommand::Shipments(args)) => {
+            let _t = crate::telemetry::init("ostore-sim-shipments", args.log_format);
+            let sim = crate::sim::shipments::ShipmentsSim::new(crate::sim::shipments::ShipmentsSimConfig {
+                kafka_bootstrap_servers: args.kafka_bootstrap_servers.clone(),
+                tracking_topic: args.tracking_topic.clone(),
+                auto_advance_ms: args.auto_advance_ms,
+            })?;
+            sim.set_faults(args.faults.specs())
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let r = run_sim("shipments", args.listen_addr, sim.router()).await;
+            let _ = sim.flush(std::time::Duration::from_secs(5)).await;
+            r
+        }
     }
+}
+
+async fn run_sim(name: &str, addr: std::net::SocketAddr, router: axum::Router) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding LISTEN_ADDR {addr}"))?;
+    println!("{name} simulator listening on http://{}", listener.local_addr()?);
+    let shutdown = CancellationToken::new();
+    app::cancel_on_signals(shutdown.clone());
+    crate::sim::serve(listener, router, shutdown).await
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {

@@ -93,6 +93,26 @@ pub struct ServiceConfig {
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
     pub log_format: LogFormat,
+
+    /// How long a worker's claim on a saga lasts without a write, in milliseconds.
+    #[arg(long, env = "SAGA_LEASE_MS", default_value_t = 30_000)]
+    pub saga_lease_ms: u64,
+
+    /// Fallback interval of the saga poller, in milliseconds (it is also woken by timers and NOTIFY).
+    #[arg(long, env = "SAGA_POLL_INTERVAL_MS", default_value_t = 500)]
+    pub saga_poll_interval_ms: u64,
+
+    /// Most sagas one process drives at once.
+    #[arg(long, env = "SAGA_MAX_IN_FLIGHT", default_value_t = 2048)]
+    pub saga_max_in_flight: usize,
+
+    /// Committer tasks sharing saga commits (each uses one connection at a time).
+    #[arg(long, env = "SAGA_COMMITTERS", default_value_t = 3)]
+    pub saga_committers: usize,
+
+    /// Kafka topic names.
+    #[command(flatten)]
+    pub topics: crate::outbox::Topics,
 }
 
 /// Why a configuration cannot be used.
@@ -145,6 +165,16 @@ impl ServiceConfig {
                 name: "ACCESS_TOKEN_TTL_SECONDS / REFRESH_TOKEN_TTL_SECONDS",
                 value: "0".into(),
                 why: "token lifetimes must be positive",
+            });
+        }
+        if self.saga_lease_ms < 1000 || self.saga_max_in_flight == 0 || self.saga_committers == 0 {
+            return Err(ConfigError::Invalid {
+                name: "SAGA_LEASE_MS / SAGA_MAX_IN_FLIGHT / SAGA_COMMITTERS",
+                value: format!(
+                    "{} / {} / {}",
+                    self.saga_lease_ms, self.saga_max_in_flight, self.saga_committers
+                ),
+                why: "the lease must be at least 1000 ms, and the other two positive",
             });
         }
         if self.database_max_connections < 2 {
@@ -209,6 +239,15 @@ impl ServiceConfig {
             ),
             ("ORDER_LIMIT_PER_USER", self.order_limit_per_user.to_string()),
             ("LOG_FORMAT", format!("{:?}", self.log_format).to_lowercase()),
+            ("SAGA_LEASE_MS", self.saga_lease_ms.to_string()),
+            ("SAGA_POLL_INTERVAL_MS", self.saga_poll_interval_ms.to_string()),
+            ("SAGA_MAX_IN_FLIGHT", self.saga_max_in_flight.to_string()),
+            ("SAGA_COMMITTERS", self.saga_committers.to_string()),
+            ("TOPIC_ORDER_EVENTS", self.topics.order_events.clone()),
+            ("TOPIC_SAGA_EVENTS", self.topics.saga_events.clone()),
+            ("TOPIC_TRACKING_EVENTS", self.topics.tracking_events.clone()),
+            ("TOPIC_NOTIFICATIONS", self.topics.notifications.clone()),
+            ("TOPIC_TRACKING_DLQ", self.topics.tracking_dlq.clone()),
             (
                 "OTEL_EXPORTER_OTLP_ENDPOINT",
                 std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").unwrap_or_else(|_| "(unset: no export)".into()),

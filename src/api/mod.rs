@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod extract;
 pub mod health;
+pub mod orders;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,6 +44,10 @@ pub struct AppState {
     pub config: Arc<ServiceConfig>,
     /// Extra readiness checks.
     pub readiness: Arc<Vec<ReadinessProbe>>,
+    /// The saga engine (creates sagas; drives them in a worker).
+    pub engine: crate::saga::engine::Engine,
+    /// Orders per user per minute.
+    pub order_limiter: crate::auth::limiter::UserLimiter,
 }
 
 #[derive(OpenApi)]
@@ -79,6 +84,9 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(auth::refresh))
         .routes(routes!(auth::logout))
         .routes(routes!(auth::me))
+        .routes(routes!(orders::create_order, orders::list_orders))
+        .routes(routes!(orders::get_order))
+        .routes(routes!(orders::cancel_order))
 }
 
 /// The OpenAPI document of the API.

@@ -1,7 +1,9 @@
 //! Orders: statuses and their transition table, validation of new orders, and the SQL of orders
 //! and order items.
 
+pub mod place;
 pub mod status;
+pub mod store;
 pub mod validate;
 
 pub use status::OrderStatus;

@@ -5,6 +5,7 @@
 //! sagaID?, data}`, keyed by orderID, with headers `traceparent` (+ `tracestate`), `event-type` and
 //! `event-id`. See docs/events.md.
 
+
 use std::collections::HashMap;
 
 use serde::Serialize;
@@ -17,19 +18,39 @@ use uuid::Uuid;
 #[derive(Debug, Clone, clap::Args)]
 pub struct Topics {
     /// Order lifecycle events.
-    #[arg(long = "topic-order-events", env = "TOPIC_ORDER_EVENTS", default_value = "orders.events")]
+    #[arg(
+        long = "topic-order-events",
+        env = "TOPIC_ORDER_EVENTS",
+        default_value = "orders.events"
+    )]
     pub order_events: String,
     /// Saga transitions, retries and compensations.
-    #[arg(long = "topic-saga-events", env = "TOPIC_SAGA_EVENTS", default_value = "orders.saga-events")]
+    #[arg(
+        long = "topic-saga-events",
+        env = "TOPIC_SAGA_EVENTS",
+        default_value = "orders.saga-events"
+    )]
     pub saga_events: String,
     /// TrackingEvents consumed from the shipper.
-    #[arg(long = "topic-tracking-events", env = "TOPIC_TRACKING_EVENTS", default_value = "shipments.tracking-events")]
+    #[arg(
+        long = "topic-tracking-events",
+        env = "TOPIC_TRACKING_EVENTS",
+        default_value = "shipments.tracking-events"
+    )]
     pub tracking_events: String,
     /// Customer notifications produced.
-    #[arg(long = "topic-notifications", env = "TOPIC_NOTIFICATIONS", default_value = "users.notifications")]
+    #[arg(
+        long = "topic-notifications",
+        env = "TOPIC_NOTIFICATIONS",
+        default_value = "users.notifications"
+    )]
     pub notifications: String,
     /// Tracking events that could not be applied.
-    #[arg(long = "topic-tracking-dlq", env = "TOPIC_TRACKING_DLQ", default_value = "shipments.tracking-events.dlq")]
+    #[arg(
+        long = "topic-tracking-dlq",
+        env = "TOPIC_TRACKING_DLQ",
+        default_value = "shipments.tracking-events.dlq"
+    )]
     pub tracking_dlq: String,
 }
 
@@ -82,7 +103,14 @@ pub struct NewEvent {
 
 impl NewEvent {
     /// An event of `event_type` (version 1) about an order.
-    pub fn new(topic: &str, event_type: &str, order_id: i32, saga_id: Option<Uuid>, data: Value, trace: &HashMap<String, String>) -> Self {
+    pub fn new(
+        topic: &str,
+        event_type: &str,
+        order_id: i32,
+        saga_id: Option<Uuid>,
+        data: Value,
+        trace: &HashMap<String, String>,
+    ) -> Self {
         NewEvent {
             topic: topic.to_string(),
             envelope: Envelope {
@@ -106,8 +134,14 @@ impl NewEvent {
                 h.insert(k.clone(), Value::String(v.clone()));
             }
         }
-        h.insert("event-type".into(), Value::String(self.envelope.event_type.clone()));
-        h.insert("event-id".into(), Value::String(self.envelope.event_id.to_string()));
+        h.insert(
+            "event-type".into(),
+            Value::String(self.envelope.event_type.clone()),
+        );
+        h.insert(
+            "event-id".into(),
+            Value::String(self.envelope.event_id.to_string()),
+        );
         Value::Object(h)
     }
 }

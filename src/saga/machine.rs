@@ -69,7 +69,10 @@ impl SagaState {
 
     /// Completed, compensated or failed: nothing can change it any more.
     pub fn is_terminal(self) -> bool {
-        matches!(self, SagaState::Completed | SagaState::Compensated | SagaState::Failed)
+        matches!(
+            self,
+            SagaState::Completed | SagaState::Compensated | SagaState::Failed
+        )
     }
 }
 
@@ -209,6 +212,8 @@ pub enum StepOutput {
     },
     /// create_shipment.
     Shipment(Shipment),
+    /// cancel_order: whether the order's status changed (false when it already was cancelled).
+    OrderCancelled(bool),
     /// A compensation (nothing to keep).
     Done,
 }
@@ -383,25 +388,51 @@ impl Machine<'_> {
         {
             return Next::WaitUntil(at);
         }
-        let kind = if s.state == SagaState::Running { Kind::Action } else { Kind::Compensation };
+        let kind = if s.state == SagaState::Running {
+            Kind::Action
+        } else {
+            Kind::Compensation
+        };
         let shape = &self.shapes[s.step];
         let local = match kind {
             Kind::Action => shape.local_action,
             Kind::Compensation => shape.local_compensation,
         };
-        if local { Next::Local(s.step, kind) } else { Next::Remote(s.step, kind) }
+        if local {
+            Next::Local(s.step, kind)
+        } else {
+            Next::Remote(s.step, kind)
+        }
     }
 
     /// Checks at a step boundary (before an action starts): a requested cancellation or a passed
     /// deadline turns a running saga to compensation. Returns the effects, empty when nothing changes.
     pub fn check_boundary(&self, s: &mut Saga, now: OffsetDateTime) -> Vec<Effect> {
+        if s.state == SagaState::Completed && s.failure.is_none() {
+            // Cancelled while its last step was in flight: undo everything.
+            if let Some(reason) = s.cancel_requested.clone() {
+                let mut fx = Vec::new();
+                let last = self.shapes.len() - 1;
+                s.failure = Some(Failure {
+                    class: CLASS_CANCELLED.into(),
+                    detail: format!("cancelled: {reason}"),
+                    step: self.shapes[last].action.into(),
+                    unavailable: None,
+                });
+                self.begin_compensation(s, Some(last), now, &mut fx);
+                return fx;
+            }
+        }
         if s.state != SagaState::Running {
             return Vec::new();
         }
         let (class, detail) = if let Some(reason) = &s.cancel_requested {
             (CLASS_CANCELLED, format!("cancelled: {reason}"))
         } else if now > s.deadline_at {
-            (CLASS_DEADLINE, "the saga did not finish before its deadline".to_string())
+            (
+                CLASS_DEADLINE,
+                "the saga did not finish before its deadline".to_string(),
+            )
         } else {
             return Vec::new();
         };
@@ -416,7 +447,11 @@ impl Machine<'_> {
         s.last_error_class = Some(class.into());
         // A remote action already attempted may have taken effect: undo it too.
         let step_may_have_effect = s.attempt > 0 && !self.shapes[s.step].local_action;
-        let from = if step_may_have_effect { Some(s.step) } else { s.step.checked_sub(1) };
+        let from = if step_may_have_effect {
+            Some(s.step)
+        } else {
+            s.step.checked_sub(1)
+        };
         self.begin_compensation(s, from, now, &mut fx);
         fx
     }
@@ -449,7 +484,10 @@ impl Machine<'_> {
             (Outcome::Succeeded(out), Kind::Action) => {
                 fx.push(Effect::History(row));
                 self.apply_output(s, out);
-                fx.push(saga_event("StepSucceeded", json!({"step": name, "attempt": a.number})));
+                fx.push(saga_event(
+                    "StepSucceeded",
+                    json!({"step": name, "attempt": a.number}),
+                ));
                 s.step += 1;
                 s.attempt = 0;
                 s.next_attempt_at = Some(now);
@@ -463,7 +501,15 @@ impl Machine<'_> {
                     row.error = Some(why.clone());
                 }
                 fx.push(Effect::History(row));
-                fx.push(saga_event("CompensationSucceeded", json!({"step": name, "attempt": a.number})));
+                fx.push(saga_event(
+                    "CompensationSucceeded",
+                    json!({"step": name, "attempt": a.number}),
+                ));
+                if a.outcome == Outcome::Succeeded(StepOutput::OrderCancelled(true)) {
+                    let mut data = self.order_data(s, OrderStatus::Cancelled);
+                    data["reason"] = json!(s.failure.as_ref().map(|f| f.detail.clone()));
+                    fx.push(order_event("OrderCancelled", data));
+                }
                 s.attempt = 0;
                 s.next_attempt_at = Some(now);
                 match s.step.checked_sub(1) {
@@ -478,16 +524,35 @@ impl Machine<'_> {
                 fx.push(Effect::History(row));
                 self.fail_forward(s, a.step, "skipped", why, None, false, now, &mut fx);
             }
-            (Outcome::Refused { class, detail, status, unavailable }, Kind::Action) => {
+            (
+                Outcome::Refused {
+                    class,
+                    detail,
+                    status,
+                    unavailable,
+                },
+                Kind::Action,
+            ) => {
                 row.outcome = "failed";
                 row.error_class = Some(class.clone());
                 row.error = Some(detail.clone());
                 row.downstream_status = *status;
                 fx.push(Effect::History(row));
-                fx.push(saga_event("StepFailed", json!({"step": name, "attempt": a.number, "errorClass": class, "error": detail})));
+                fx.push(saga_event(
+                    "StepFailed",
+                    json!({"step": name, "attempt": a.number, "errorClass": class, "error": detail}),
+                ));
                 self.fail_forward(s, a.step, class, detail, unavailable.clone(), false, now, &mut fx);
             }
-            (Outcome::Transient { class, detail, status, retry_after }, _) => {
+            (
+                Outcome::Transient {
+                    class,
+                    detail,
+                    status,
+                    retry_after,
+                },
+                _,
+            ) => {
                 row.error_class = Some(class.clone());
                 row.error = Some(detail.clone());
                 row.downstream_status = *status;
@@ -517,7 +582,15 @@ impl Machine<'_> {
                     }
                 }
             }
-            (Outcome::Refused { class, detail, status, .. }, Kind::Compensation) => {
+            (
+                Outcome::Refused {
+                    class,
+                    detail,
+                    status,
+                    ..
+                },
+                Kind::Compensation,
+            ) => {
                 // Compensations must eventually succeed: a refusal is retried like a transient error.
                 row.error_class = Some(class.clone());
                 row.error = Some(detail.clone());
@@ -547,13 +620,17 @@ impl Machine<'_> {
     fn apply_output(&self, s: &mut Saga, out: &StepOutput) {
         match out {
             StepOutput::Reservation(r) => s.data.reservation = Some(r.clone()),
-            StepOutput::Persisted { items, total, currency } => {
+            StepOutput::Persisted {
+                items,
+                total,
+                currency,
+            } => {
                 s.data.items = Some(items.clone());
                 s.data.total = Some(*total);
                 s.data.currency = Some(currency.clone());
             }
             StepOutput::Shipment(sh) => s.data.shipment = Some(sh.clone()),
-            StepOutput::Done => {}
+            StepOutput::OrderCancelled(_) | StepOutput::Done => {}
         }
     }
 
@@ -578,11 +655,21 @@ impl Machine<'_> {
         s.last_error = Some(detail.into());
         s.last_error_class = Some(class.into());
         let undo_this = may_have_effect && !self.shapes[step].local_action;
-        let from = if undo_this { Some(step) } else { step.checked_sub(1) };
+        let from = if undo_this {
+            Some(step)
+        } else {
+            step.checked_sub(1)
+        };
         self.begin_compensation(s, from, now, fx);
     }
 
-    fn begin_compensation(&self, s: &mut Saga, from: Option<usize>, now: OffsetDateTime, fx: &mut Vec<Effect>) {
+    fn begin_compensation(
+        &self,
+        s: &mut Saga,
+        from: Option<usize>,
+        now: OffsetDateTime,
+        fx: &mut Vec<Effect>,
+    ) {
         let f = s.failure.clone();
         fx.push(saga_event(
             "CompensationStarted",
@@ -604,11 +691,19 @@ impl Machine<'_> {
         s.state = SagaState::Completed;
         s.next_attempt_at = None;
         s.step = self.shapes.len();
-        let shipment_id = s.data.shipment.as_ref().map(|x| x.shipment_id.clone()).unwrap_or_default();
+        let shipment_id = s
+            .data
+            .shipment
+            .as_ref()
+            .map(|x| x.shipment_id.clone())
+            .unwrap_or_default();
         fx.push(Effect::Order(OrderChange::Confirm {
             shipment_id: shipment_id.clone(),
         }));
-        fx.push(order_event("OrderConfirmed", self.order_data(s, OrderStatus::Confirmed)));
+        fx.push(order_event(
+            "OrderConfirmed",
+            self.order_data(s, OrderStatus::Confirmed),
+        ));
         fx.push(saga_event("SagaCompleted", json!({})));
         fx.push(Effect::Finished {
             answer: Some(json!({"status": 201, "body": self.order_data(s, OrderStatus::Confirmed)})),
@@ -623,7 +718,11 @@ impl Machine<'_> {
             unavailable: None,
         });
         let cancelled = failure.class == CLASS_CANCELLED;
-        s.state = if cancelled { SagaState::Compensated } else { SagaState::Failed };
+        s.state = if cancelled {
+            SagaState::Compensated
+        } else {
+            SagaState::Failed
+        };
         s.next_attempt_at = None;
         s.step = 0;
         let persisted = s.data.items.is_some();
@@ -644,13 +743,14 @@ impl Machine<'_> {
         } else {
             json!({"status": 409, "problem": {
                 "slug": "order-cancelled", "title": "Conflict",
-                "detail": failure.detail.clone(), "orderID": s.order_id, "status": "cancelled",
+                "detail": failure.detail.clone(), "orderID": s.order_id, "orderStatus": "cancelled",
             }})
         };
         if no_order_placed {
             fx.push(Effect::Order(OrderChange::Delete));
-        } else {
-            let to = if !persisted && failure.class == CLASS_INSUFFICIENT_STOCK {
+        } else if !persisted {
+            // persist_order never ran, so cancel_order did not either: settle the order here.
+            let to = if failure.class == CLASS_INSUFFICIENT_STOCK {
                 OrderStatus::Rejected
             } else {
                 OrderStatus::Cancelled
@@ -659,13 +759,21 @@ impl Machine<'_> {
                 to,
                 reason: Some(failure.detail.clone()),
             }));
-            let ev = if to == OrderStatus::Rejected { "OrderRejected" } else { "OrderCancelled" };
+            let ev = if to == OrderStatus::Rejected {
+                "OrderRejected"
+            } else {
+                "OrderCancelled"
+            };
             let mut data = self.order_data(s, to);
             data["reason"] = json!(failure.detail);
             fx.push(order_event(ev, data));
         }
         fx.push(saga_event(
-            if cancelled { "SagaCompensated" } else { "SagaFailed" },
+            if cancelled {
+                "SagaCompensated"
+            } else {
+                "SagaFailed"
+            },
             json!({"errorClass": failure.class, "reason": failure.detail}),
         ));
         fx.push(Effect::Finished { answer: Some(answer) });
@@ -718,7 +826,8 @@ pub fn money(d: Decimal) -> String {
 
 /// Formats a timestamp as RFC 3339.
 pub fn rfc3339(t: OffsetDateTime) -> String {
-    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
 }
 
 fn saga_event(event_type: &'static str, data: Value) -> Effect {

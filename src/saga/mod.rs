@@ -2,4 +2,7 @@
 //! that claims and advances sagas, and one file per step.
 
 pub mod definition;
+pub mod engine;
 pub mod machine;
+pub mod steps;
+pub mod store;

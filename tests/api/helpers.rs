@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use ostore_orders::config::ServiceConfig;
+use ostore_orders::sim::catalog::CatalogSim;
+use ostore_orders::sim::shipments::{ShipmentsSim, ShipmentsSimConfig};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
@@ -175,8 +177,6 @@ pub fn test_config(db_url: &str, extra: &[&str]) -> ServiceConfig {
         TEST_JWT_SECRET,
         "--database-max-connections",
         "8",
-        "--order-wait-ms",
-        "3000",
     ];
     args.extend_from_slice(extra);
     ConfigOnly::parse_from(args).c
@@ -184,6 +184,14 @@ pub fn test_config(db_url: &str, extra: &[&str]) -> ServiceConfig {
 
 /// A running app.
 pub struct TestApp {
+    /// The Product Catalog simulator the app calls.
+    pub catalog: CatalogSim,
+    /// Its base URL.
+    pub catalog_url: String,
+    /// Its base URL.
+    pub shipments_url: String,
+    /// The app's saga engine.
+    pub engine: ostore_orders::saga::engine::Engine,
     /// `http://127.0.0.1:port`.
     pub base: String,
     /// Pool on the app's database (for assertions).
@@ -216,18 +224,46 @@ pub async fn spawn_app() -> TestApp {
     spawn_app_with(AppOptions::default()).await
 }
 
-/// Starts the app on a fresh database.
-pub async fn spawn_app_with(opts: AppOptions<'_>) -> TestApp {
-    let testdb = TestDb::new().await;
-    let app_url = opts.app_db_url.clone().unwrap_or_else(|| testdb.url.clone());
-    let cfg = Arc::new(test_config(&app_url, &opts.flags));
-    let pool = ostore_orders::db::connect_lazy(&app_url, cfg.database_max_connections).unwrap();
-    let state = ostore_orders::app::build_state(cfg.clone(), pool);
+/// Serves a router on 127.0.0.1:0 until `shutdown`; returns its base URL.
+pub async fn serve_router(router: axum::Router, shutdown: CancellationToken) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    tokio::spawn(ostore_orders::sim::serve(listener, router, shutdown));
+    format!("http://{addr}")
+}
+
+/// Starts the app (and both simulators) on a fresh database.
+pub async fn spawn_app_with(opts: AppOptions<'_>) -> TestApp {
+    let testdb = TestDb::new().await;
     let shutdown = CancellationToken::new();
+    let catalog = CatalogSim::new();
+    let catalog_url = serve_router(catalog.router(), shutdown.clone()).await;
+    let shipments = ShipmentsSim::new(ShipmentsSimConfig::default()).unwrap();
+    let shipments_url = serve_router(shipments.router(), shutdown.clone()).await;
+    let app_url = opts.app_db_url.clone().unwrap_or_else(|| testdb.url.clone());
+    let mut flags = vec![
+        "--catalog-url",
+        &catalog_url,
+        "--shipments-url",
+        &shipments_url,
+        "--saga-retry-scale",
+        "0.01",
+    ];
+    flags.extend(opts.flags.iter().copied());
+    let cfg = Arc::new(test_config(&app_url, &flags));
+    let pool = ostore_orders::db::connect_lazy(&app_url, cfg.database_max_connections).unwrap();
+    let state = ostore_orders::app::build_state(cfg.clone(), pool, true).unwrap();
+    let engine = state.engine.clone();
+    let tracker = tokio_util::task::TaskTracker::new();
+    engine.start(&tracker, shutdown.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
     tokio::spawn(ostore_orders::app::serve_api(listener, state, shutdown.clone()));
     TestApp {
+        catalog,
+        catalog_url: catalog_url.clone(),
+        shipments_url: shipments_url.clone(),
+        engine,
         base: format!("http://{addr}"),
         db: testdb.pool().await,
         http: reqwest::Client::builder()
@@ -322,4 +358,103 @@ pub async fn assert_problem(resp: reqwest::Response, status: u16) -> serde_json:
         "the seed's `error` member is missing: {body}"
     );
     body
+}
+
+impl TestApp {
+    /// Sets a product at the catalog simulator.
+    pub fn product(&self, id: i32, stock: i64, price: &str) {
+        self.catalog.put_product(id, stock, price.parse().unwrap(), "USD");
+    }
+
+    /// `PUT /sim/faults` on the catalog simulator.
+    pub async fn catalog_faults(&self, faults: serde_json::Value) {
+        let r = self
+            .http
+            .put(format!("{}/sim/faults", self.catalog_url))
+            .json(&faults)
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            r.status().is_success(),
+            "catalog faults refused: {}",
+            r.text().await.unwrap()
+        );
+    }
+
+    /// `PUT /sim/faults` on the shipments simulator.
+    pub async fn shipment_faults(&self, faults: serde_json::Value) {
+        let r = self
+            .http
+            .put(format!("{}/sim/faults", self.shipments_url))
+            .json(&faults)
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            r.status().is_success(),
+            "shipment faults refused: {}",
+            r.text().await.unwrap()
+        );
+    }
+
+    /// GETs a simulator path as JSON.
+    pub async fn sim_get(&self, base: &str, path: &str) -> serde_json::Value {
+        self.http
+            .get(format!("{base}{path}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Every reservation the catalog simulator holds.
+    pub async fn reservations(&self) -> Vec<serde_json::Value> {
+        serde_json::from_value(self.sim_get(&self.catalog_url, "/sim/reservations").await).unwrap()
+    }
+
+    /// Every shipment the shipments simulator holds.
+    pub async fn sim_shipments(&self) -> Vec<serde_json::Value> {
+        serde_json::from_value(self.sim_get(&self.shipments_url, "/sim/shipments").await).unwrap()
+    }
+
+    /// Places an order with a key.
+    pub async fn place(&self, token: &str, key: &str, items: serde_json::Value) -> reqwest::Response {
+        self.http
+            .post(self.url("/orders"))
+            .bearer_auth(token)
+            .header("Idempotency-Key", key)
+            .json(&serde_json::json!({"orderItems": items}))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Waits until a SQL scalar query returns the expected text (or panics after `secs`).
+    pub async fn eventually_eq(&self, sql: &str, expected: &str, secs: u64) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            let got: Option<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string()))
+                .fetch_optional(&self.db)
+                .await
+                .unwrap();
+            if got.as_deref() == Some(expected) {
+                return;
+            }
+            if std::time::Instant::now() > deadline {
+                panic!("{sql} gave {got:?}, expected {expected:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A count from SQL.
+    pub async fn count(&self, sql: &str) -> i64 {
+        sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string()))
+            .fetch_one(&self.db)
+            .await
+            .unwrap()
+    }
 }

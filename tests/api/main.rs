@@ -3,3 +3,5 @@
 mod auth;
 mod health;
 mod helpers;
+mod orders;
+mod saga;

@@ -1,0 +1,293 @@
+//! `POST /orders`, `GET /orders/{orderID}`, `GET /orders`, `POST /orders/{orderID}/cancel`.
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use utoipa::{IntoParams, ToSchema};
+
+use crate::api::AppState;
+use crate::api::extract::{ApiJson, AuthUser};
+use crate::error::ApiError;
+use crate::orders::place::{Placed, place};
+use crate::orders::store::{self, CancelOutcome, OrderView};
+use crate::orders::validate::{CreateOrderBody, idempotency_key_is_valid, validate_lines};
+
+/// The header that makes `POST /orders` safe to retry.
+pub const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
+
+/// One page of orders.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderPage {
+    /// Orders, newest first.
+    pub items: Vec<OrderView>,
+    /// Pass as `cursor` for the next page; null on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// Paging parameters.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct PageParams {
+    /// 1–100 (default 20).
+    pub limit: Option<String>,
+    /// From the previous page's `nextCursor`.
+    pub cursor: Option<String>,
+}
+
+fn location(order_id: i32) -> HeaderValue {
+    HeaderValue::from_str(&format!("/orders/{order_id}")).expect("ascii")
+}
+
+fn problem_from_answer(status: u16, p: &Value) -> ApiError {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::CONFLICT);
+    let slug = match p["slug"].as_str() {
+        Some("insufficient-stock") => "insufficient-stock",
+        Some("validation") => "validation",
+        _ => "order-cancelled",
+    };
+    let title = if status == StatusCode::UNPROCESSABLE_ENTITY {
+        "Invalid request"
+    } else {
+        "Conflict"
+    };
+    let mut e = ApiError::new(
+        status,
+        slug,
+        title,
+        p["detail"].as_str().unwrap_or("the order failed"),
+    );
+    if let Some(obj) = p.as_object() {
+        for (k, v) in obj {
+            if !matches!(k.as_str(), "slug" | "title" | "detail") {
+                e = e.with(k, v.clone());
+            }
+        }
+    }
+    e
+}
+
+/// Places an order. Waits for the saga up to `ORDER_WAIT_MS`: 201 when it completed, 409 when stock
+/// was refused (each unavailable product listed) or the order was compensated, 202 while it is still
+/// running. A repeated `Idempotency-Key` replays the first answer.
+#[utoipa::path(post, path = "/orders", tag = "orders", request_body = CreateOrderBody, security(("bearer" = [])),
+    params(("Idempotency-Key" = String, Header, description = "required; 1–255 visible ASCII characters")),
+    responses((status = 201, body = OrderView, description = "completed"), (status = 202, description = "still running; poll Location"),
+              (status = 400, description = "missing Idempotency-Key"), (status = 403, description = "userID is not the caller"),
+              (status = 409, description = "stock refused (`unavailable`), order cancelled (`orderID`), or the key's first request is in flight"),
+              (status = 422, description = "invalid body or key reused with another body; `field` names it"), (status = 429)))]
+pub async fn create_order(
+    State(state): State<AppState>,
+    user: AuthUser,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<CreateOrderBody>,
+) -> Result<Response, ApiError> {
+    let key = headers
+        .get(IDEMPOTENCY_KEY)
+        .ok_or_else(|| {
+            ApiError::bad_request("the Idempotency-Key header is required").with("header", IDEMPOTENCY_KEY)
+        })?
+        .to_str()
+        .ok()
+        .filter(|k| idempotency_key_is_valid(k))
+        .ok_or_else(|| {
+            ApiError::bad_request("the Idempotency-Key header must be 1–255 visible ASCII characters")
+                .with("header", IDEMPOTENCY_KEY)
+        })?
+        .to_string();
+    let lines = validate_lines(&body).map_err(|i| ApiError::invalid_field(&i.field, i.detail))?;
+    if let Some(uid) = body.user_id
+        && uid != i64::from(user.user_id())
+    {
+        return Err(ApiError::forbidden("userID must be the caller's own id"));
+    }
+    if let Err(wait) = state.order_limiter.check(user.user_id()) {
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        return Err(ApiError::too_many_requests(
+            secs,
+            "too many orders; try again later",
+        ));
+    }
+    let trace = crate::telemetry::context_headers(&tracing::Span::current());
+    let placed = place(
+        &state.engine,
+        &state.db,
+        user.user_id(),
+        &key,
+        lines,
+        trace,
+        state.config.order_wait(),
+    )
+    .await?;
+    match placed {
+        Placed::Answer(a) => {
+            let status = a["status"].as_u64().unwrap_or(500) as u16;
+            if status == 201 {
+                let body = a["body"].clone();
+                let id = body["orderID"].as_i64().unwrap_or(0) as i32;
+                Ok((
+                    StatusCode::CREATED,
+                    [(header::LOCATION, location(id))],
+                    Json(body),
+                )
+                    .into_response())
+            } else {
+                Err(problem_from_answer(status, &a["problem"]))
+            }
+        }
+        Placed::Pending(order_id) => {
+            let mut conn = state.db.acquire().await?;
+            let view = store::get(&mut conn, order_id, user.user_id()).await?;
+            let body = match view {
+                Some(v) => {
+                    let mut b = serde_json::to_value(&v).unwrap_or(json!({}));
+                    // The first answer stays "pending" on replay, whatever happened since.
+                    b["status"] = json!("pending");
+                    b
+                }
+                None => json!({"orderID": order_id, "status": "pending"}),
+            };
+            Ok((
+                StatusCode::ACCEPTED,
+                [(header::LOCATION, location(order_id))],
+                Json(body),
+            )
+                .into_response())
+        }
+        Placed::InFlight => Err(ApiError::conflict(
+            "request-in-flight",
+            "a request with this Idempotency-Key is still being processed; retry shortly",
+        )
+        .header(header::RETRY_AFTER, HeaderValue::from_static("1"))),
+        Placed::KeyReused => Err(ApiError::invalid_field(
+            IDEMPOTENCY_KEY,
+            "this Idempotency-Key was already used with a different request body",
+        )),
+    }
+}
+
+fn parse_order_id(raw: &str) -> Option<i32> {
+    raw.parse::<i32>().ok().filter(|id| *id > 0)
+}
+
+/// One of the caller's orders (another user's order is 404, the same as a missing one).
+#[utoipa::path(get, path = "/orders/{orderID}", tag = "orders", security(("bearer" = [])),
+    params(("orderID" = i32, Path)), responses((status = 200, body = OrderView), (status = 404)))]
+pub async fn get_order(
+    State(state): State<AppState>,
+    user: AuthUser,
+    Path(raw): Path<String>,
+) -> Result<Json<OrderView>, ApiError> {
+    let not_found = || ApiError::not_found("no such order");
+    let id = parse_order_id(&raw).ok_or_else(not_found)?;
+    let mut conn = state.db.acquire().await?;
+    store::get(&mut conn, id, user.user_id())
+        .await?
+        .map(Json)
+        .ok_or_else(not_found)
+}
+
+fn decode_cursor(c: &str) -> Option<i32> {
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(c).ok()?;
+    let s = String::from_utf8(bytes).ok()?;
+    s.strip_prefix("o:")?.parse::<i32>().ok().filter(|v| *v > 0)
+}
+
+fn encode_cursor(order_id: i32) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("o:{order_id}"))
+}
+
+/// The caller's orders, newest first, by pages.
+#[utoipa::path(get, path = "/orders", tag = "orders", security(("bearer" = [])), params(PageParams),
+    responses((status = 200, body = OrderPage), (status = 422, description = "bad limit or cursor")))]
+pub async fn list_orders(
+    State(state): State<AppState>,
+    user: AuthUser,
+    query: Result<Query<PageParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<OrderPage>, ApiError> {
+    let Query(p) =
+        query.map_err(|e| ApiError::invalid_field("query", format!("invalid query: {}", e.body_text())))?;
+    let limit = match p.limit.as_deref() {
+        None => 20,
+        Some(s) => s
+            .parse::<i64>()
+            .ok()
+            .filter(|l| (1..=100).contains(l))
+            .ok_or_else(|| ApiError::invalid_field("limit", "limit must be an integer from 1 to 100"))?,
+    };
+    let before = match p.cursor.as_deref() {
+        None | Some("") => None,
+        Some(c) => Some(
+            decode_cursor(c)
+                .ok_or_else(|| ApiError::invalid_field("cursor", "cursor is not one this API issued"))?,
+        ),
+    };
+    let mut conn = state.db.acquire().await?;
+    let mut items = store::list(&mut conn, user.user_id(), before, limit + 1).await?;
+    let next_cursor = if items.len() as i64 > limit {
+        items.truncate(limit as usize);
+        items.last().map(|o| encode_cursor(o.order_id))
+    } else {
+        None
+    };
+    Ok(Json(OrderPage { items, next_cursor }))
+}
+
+/// Cancels an order before it ships: the compensations run (cancel the shipment, release the
+/// reservation) and the order is `cancelled`. Repeating it answers the same. 409 once shipped.
+#[utoipa::path(post, path = "/orders/{orderID}/cancel", tag = "orders", security(("bearer" = [])),
+    params(("orderID" = i32, Path)),
+    responses((status = 200, body = OrderView), (status = 404), (status = 409, description = "too late; `orderStatus` says why")))]
+pub async fn cancel_order(
+    State(state): State<AppState>,
+    user: AuthUser,
+    Path(raw): Path<String>,
+) -> Result<Json<OrderView>, ApiError> {
+    let not_found = || ApiError::not_found("no such order");
+    let id = parse_order_id(&raw).ok_or_else(not_found)?;
+    let last_step = state.engine.definition().steps.len() as i32 - 1;
+    let mut tx = state.db.begin().await?;
+    let outcome = store::cancel(
+        &mut tx,
+        id,
+        Some(user.user_id()),
+        "by the customer",
+        last_step,
+        &state.config.topics,
+    )
+    .await?;
+    let waiter = match &outcome {
+        CancelOutcome::Cancelled {
+            saga_id,
+            already: false,
+        } => Some((*saga_id, state.engine.waiter(*saga_id))),
+        _ => None,
+    };
+    tx.commit().await?;
+    match outcome {
+        CancelOutcome::NotFound => return Err(not_found()),
+        CancelOutcome::NotCancellable(status) => {
+            return Err(ApiError::conflict(
+                "not-cancellable",
+                format!("the order is {status} and can no longer be cancelled"),
+            )
+            .with("orderStatus", status.as_str()));
+        }
+        CancelOutcome::Cancelled { .. } => {}
+    }
+    if let Some((saga_id, rx)) = waiter {
+        state.engine.nudge();
+        // Give the compensations a chance to finish before answering; they continue regardless.
+        let _ = tokio::time::timeout(state.config.order_wait(), rx).await;
+        state.engine.forget_waiters(saga_id);
+    }
+    let mut conn = state.db.acquire().await?;
+    store::get(&mut conn, id, user.user_id())
+        .await?
+        .map(Json)
+        .ok_or_else(not_found)
+}

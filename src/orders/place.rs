@@ -1,0 +1,100 @@
+//! Placing an order: the idempotency rules of `POST /orders` and the synchronous wait for the saga.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde_json::Value;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::orders::store;
+use crate::orders::validate::{Line, request_hash};
+use crate::saga::engine::Engine;
+use crate::saga::store::{Created, NewSaga};
+
+/// What `POST /orders` answers.
+#[derive(Debug)]
+pub enum Placed {
+    /// The saga finished: the stored answer `{status, body}` or `{status, problem}`.
+    Answer(Value),
+    /// Still running (or first answered 202): 202 with the order id.
+    Pending(i32),
+    /// The key's first request is still being answered.
+    InFlight,
+    /// The key was used with another body.
+    KeyReused,
+}
+
+/// Places an order (or replays the answer for a repeated Idempotency-Key).
+pub async fn place(
+    engine: &Engine,
+    pool: &PgPool,
+    user_id: i32,
+    key: &str,
+    lines: Vec<Line>,
+    trace: HashMap<String, String>,
+    wait: Duration,
+) -> Result<Placed, sqlx::Error> {
+    let saga_id = Uuid::now_v7();
+    let hash = request_hash(&lines);
+    let def = engine.definition();
+    let waiter = engine.waiter(saga_id);
+    let created = engine
+        .create(NewSaga {
+            saga_id,
+            user_id,
+            idempotency_key: key.to_string(),
+            request_hash: hash.clone(),
+            lines,
+            trace,
+            saga_type: def.name.clone(),
+            version: def.version as i32,
+            deadline: Duration::from_secs(def.deadline_seconds),
+        })
+        .await;
+    let created = match created {
+        Ok(c) => c,
+        Err(e) => {
+            engine.forget_waiters(saga_id);
+            return Err(e);
+        }
+    };
+    match created {
+        Created::New(saga) => {
+            let finished = tokio::time::timeout(wait, waiter).await;
+            if let Ok(Ok(f)) = &finished
+                && let Some(answer) = &f.answer
+            {
+                return Ok(Placed::Answer(answer.clone()));
+            }
+            engine.forget_waiters(saga_id);
+            let mut conn = pool.acquire().await?;
+            if finished.is_err() && store::mark_answered_pending(&mut conn, saga_id).await? {
+                return Ok(Placed::Pending(saga.order_id));
+            }
+            // Finished meanwhile (or learnt from another instance, or stuck): read the row.
+            match store::replay_state(&mut conn, saga_id).await? {
+                Some(st) => match st.answer {
+                    Some(a) if !st.answered_pending => Ok(Placed::Answer(a)),
+                    _ => {
+                        store::mark_answered_pending(&mut conn, saga_id).await?;
+                        Ok(Placed::Pending(st.order_id))
+                    }
+                },
+                None => Ok(Placed::Pending(saga.order_id)),
+            }
+        }
+        Created::Existing(existing) => {
+            engine.forget_waiters(saga_id);
+            if existing.request_hash != hash {
+                return Ok(Placed::KeyReused);
+            }
+            let mut conn = pool.acquire().await?;
+            match store::replay_state(&mut conn, existing.saga_id).await? {
+                Some(st) if st.answered_pending => Ok(Placed::Pending(st.order_id)),
+                Some(store::ReplayState { answer: Some(a), .. }) => Ok(Placed::Answer(a)),
+                _ => Ok(Placed::InFlight),
+            }
+        }
+    }
+}

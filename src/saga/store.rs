@@ -1,0 +1,643 @@
+//! The saga engine's SQL: creating a saga with its order placeholder and idempotency record, claiming
+//! due sagas under a lease, locking a saga for a fenced write, the local steps, and writing a
+//! transition with its history, outbox events and order changes. Every function takes a connection
+//! (usually a transaction) so a state change and its outbox rows commit together.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use rust_decimal::Decimal;
+use serde_json::{Value, json};
+use sqlx::PgConnection;
+use sqlx::postgres::types::PgInterval;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::orders::OrderStatus;
+use crate::orders::validate::Line;
+use crate::outbox::{self, NewEvent, Topics};
+use crate::saga::machine::{Effect, Failure, OrderChange, Saga, SagaData, SagaState, Stream};
+
+/// The `pg_notify` channel for saga wake-ups across instances (`finished:<uuid>` or `due`).
+pub const CHANNEL: &str = "saga_events";
+
+fn interval(d: Duration) -> PgInterval {
+    PgInterval {
+        months: 0,
+        days: 0,
+        microseconds: d.as_micros().min(i64::MAX as u128) as i64,
+    }
+}
+
+/// A new CreateOrder saga to insert.
+#[derive(Debug, Clone)]
+pub struct NewSaga {
+    /// Saga id (also the catalog reservation id).
+    pub saga_id: Uuid,
+    /// The customer.
+    pub user_id: i32,
+    /// The Idempotency-Key of the request.
+    pub idempotency_key: String,
+    /// Fingerprint of the request body.
+    pub request_hash: Vec<u8>,
+    /// Requested lines.
+    pub lines: Vec<Line>,
+    /// W3C trace context of the request.
+    pub trace: HashMap<String, String>,
+    /// Saga type.
+    pub saga_type: String,
+    /// Definition version.
+    pub version: i32,
+    /// Deadline from now.
+    pub deadline: Duration,
+}
+
+/// The idempotency record a request key already has.
+#[derive(Debug, Clone)]
+pub struct ExistingKey {
+    /// Fingerprint of the first request.
+    pub request_hash: Vec<u8>,
+    /// Its saga.
+    pub saga_id: Uuid,
+    /// Its order.
+    pub order_id: i32,
+}
+
+/// Result of trying to create a saga.
+#[derive(Debug, Clone)]
+pub enum Created {
+    /// A new saga, leased to the creating worker.
+    New(Box<Saga>),
+    /// The key was used before.
+    Existing(ExistingKey),
+}
+
+/// Inserts the idempotency record, the order placeholder (`pending`), the saga (leased to `worker`)
+/// and the `SagaStarted` / `OrderCreated` events — or reports the key's earlier use.
+pub async fn create(
+    conn: &mut PgConnection,
+    n: &NewSaga,
+    worker: Option<&str>,
+    lease: Duration,
+    topics: &Topics,
+) -> Result<Created, sqlx::Error> {
+    let order_id = sqlx::query_scalar!(
+        r#"insert into idempotency_keys (user_id, key, request_hash, saga_id, order_id)
+           values ($1, $2, $3, $4, nextval('orders_order_id_seq')::int)
+           on conflict (user_id, key) do nothing
+           returning order_id"#,
+        n.user_id,
+        n.idempotency_key,
+        n.request_hash,
+        n.saga_id
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(order_id) = order_id else {
+        let row = sqlx::query!(
+            "select request_hash, saga_id, order_id from idempotency_keys where user_id = $1 and key = $2",
+            n.user_id,
+            n.idempotency_key
+        )
+        .fetch_one(&mut *conn)
+        .await?;
+        return Ok(Created::Existing(ExistingKey {
+            request_hash: row.request_hash,
+            saga_id: row.saga_id,
+            order_id: row.order_id,
+        }));
+    };
+    let created_at = sqlx::query_scalar!(
+        "insert into orders (order_id, user_id, status, saga_id) values ($1, $2, 'pending', $3) returning order_date",
+        order_id,
+        n.user_id,
+        n.saga_id
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    let input = json!({"items": n.lines});
+    let trace = serde_json::to_value(&n.trace).unwrap_or(json!({}));
+    let deadline_at = created_at + n.deadline;
+    sqlx::query!(
+        r#"insert into sagas (saga_id, saga_type, definition_version, order_id, user_id, state, step, attempt,
+                              next_attempt_at, lease_owner, lease_expires_at, fence, input, trace_context,
+                              deadline_at, created_at)
+           values ($1, $2, $3, $4, $5, 'running', 0, 0, $6, $7, case when $7::text is not null then now() + $8 end, 1, $9, $10, $11, $6)"#,
+        n.saga_id,
+        n.saga_type,
+        n.version,
+        order_id,
+        n.user_id,
+        created_at,
+        worker,
+        interval(lease),
+        input,
+        trace,
+        deadline_at
+    )
+    .execute(&mut *conn)
+    .await?;
+    let saga = Saga {
+        id: n.saga_id,
+        order_id,
+        user_id: n.user_id,
+        fence: 1,
+        state: SagaState::Running,
+        step: 0,
+        attempt: 0,
+        input: n.lines.clone(),
+        data: SagaData::default(),
+        failure: None,
+        cancel_requested: None,
+        answered_pending: false,
+        trace: n.trace.clone(),
+        deadline_at,
+        next_attempt_at: Some(created_at),
+        created_at,
+        last_error: None,
+        last_error_class: None,
+    };
+    let items = json!(n.lines);
+    outbox::enqueue(
+        conn,
+        &[
+            NewEvent::new(
+                &topics.saga_events,
+                "SagaStarted",
+                order_id,
+                Some(n.saga_id),
+                json!({"sagaType": n.saga_type, "version": n.version, "userID": n.user_id}),
+                &n.trace,
+            ),
+            NewEvent::new(
+                &topics.order_events,
+                "OrderCreated",
+                order_id,
+                Some(n.saga_id),
+                json!({"userID": n.user_id, "status": "pending", "orderItems": items}),
+                &n.trace,
+            ),
+        ],
+    )
+    .await?;
+    Ok(Created::New(Box::new(saga)))
+}
+
+struct SagaRow {
+    saga_id: Uuid,
+    order_id: i32,
+    user_id: i32,
+    fence: i64,
+    state: String,
+    step: i32,
+    attempt: i32,
+    input: Value,
+    data: Value,
+    failure: Option<Value>,
+    cancel_requested: Option<String>,
+    answered_pending: bool,
+    trace_context: Value,
+    deadline_at: OffsetDateTime,
+    next_attempt_at: Option<OffsetDateTime>,
+    created_at: OffsetDateTime,
+    last_error: Option<String>,
+    last_error_class: Option<String>,
+}
+
+fn to_saga(r: SagaRow) -> Result<Saga, sqlx::Error> {
+    let decode = |what: &str, e: serde_json::Error| {
+        sqlx::Error::Decode(format!("saga {}: {what}: {e}", r.saga_id).into())
+    };
+    let input: Vec<Line> =
+        serde_json::from_value(r.input["items"].clone()).map_err(|e| decode("input", e))?;
+    let data: SagaData = serde_json::from_value(r.data.clone()).map_err(|e| decode("data", e))?;
+    let failure: Option<Failure> = match r.failure.clone() {
+        Some(v) if !v.is_null() => Some(serde_json::from_value(v).map_err(|e| decode("failure", e))?),
+        _ => None,
+    };
+    let trace: HashMap<String, String> = serde_json::from_value(r.trace_context.clone()).unwrap_or_default();
+    Ok(Saga {
+        id: r.saga_id,
+        order_id: r.order_id,
+        user_id: r.user_id,
+        fence: r.fence,
+        state: SagaState::parse(&r.state)
+            .ok_or_else(|| sqlx::Error::Decode(format!("unknown saga state {}", r.state).into()))?,
+        step: r.step.max(0) as usize,
+        attempt: r.attempt.max(0) as u32,
+        input,
+        data,
+        failure,
+        cancel_requested: r.cancel_requested,
+        answered_pending: r.answered_pending,
+        trace,
+        deadline_at: r.deadline_at,
+        next_attempt_at: r.next_attempt_at,
+        created_at: r.created_at,
+        last_error: r.last_error,
+        last_error_class: r.last_error_class,
+    })
+}
+
+/// Claims up to `limit` due sagas whose lease is free or expired: each claim takes the lease and
+/// bumps the fence, so a previous holder can no longer write.
+pub async fn claim_due(
+    conn: &mut PgConnection,
+    worker: &str,
+    lease: Duration,
+    limit: i64,
+) -> Result<Vec<Saga>, sqlx::Error> {
+    let rows = sqlx::query_as!(
+        SagaRow,
+        r#"with due as (
+               select saga_id from sagas
+                where next_attempt_at <= now()
+                  and (lease_expires_at is null or lease_expires_at < now())
+                order by next_attempt_at
+                limit $3
+                for update skip locked)
+           update sagas s
+              set lease_owner = $1, lease_expires_at = now() + $2, fence = s.fence + 1
+             from due
+            where s.saga_id = due.saga_id
+        returning s.saga_id, s.order_id, s.user_id, s.fence, s.state, s.step, s.attempt, s.input, s.data,
+                  s.failure, s.cancel_requested, s.answered_pending, s.trace_context, s.deadline_at,
+                  s.next_attempt_at, s.created_at, s.last_error, s.last_error_class"#,
+        worker,
+        interval(lease),
+        limit
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.into_iter().map(to_saga).collect()
+}
+
+/// Loads a saga (no lease taken).
+pub async fn load(conn: &mut PgConnection, saga_id: Uuid) -> Result<Option<Saga>, sqlx::Error> {
+    let row = sqlx::query_as!(
+        SagaRow,
+        r#"select saga_id, order_id, user_id, fence, state, step, attempt, input, data, failure, cancel_requested,
+                  answered_pending, trace_context, deadline_at, next_attempt_at, created_at, last_error, last_error_class
+             from sagas where saga_id = $1"#,
+        saga_id
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
+    row.map(to_saga).transpose()
+}
+
+/// What a fenced lock sees of the saga row.
+#[derive(Debug, Clone)]
+pub struct Locked {
+    /// A cancellation was asked for.
+    pub cancel_requested: Option<String>,
+    /// The creating request answered 202.
+    pub answered_pending: bool,
+    /// The state in the database.
+    pub state: String,
+    /// The step in the database.
+    pub step: i32,
+    /// The attempt count in the database.
+    pub attempt: i32,
+}
+
+/// Locks the saga row for a write if `fence` still holds; `None` when another worker took it over.
+pub async fn lock_fenced(
+    conn: &mut PgConnection,
+    saga_id: Uuid,
+    fence: i64,
+) -> Result<Option<Locked>, sqlx::Error> {
+    let r = sqlx::query!(
+        "select cancel_requested, answered_pending, state, step, attempt from sagas where saga_id = $1 and fence = $2 for update",
+        saga_id,
+        fence
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(r.map(|r| Locked {
+        cancel_requested: r.cancel_requested,
+        answered_pending: r.answered_pending,
+        state: r.state,
+        step: r.step,
+        attempt: r.attempt,
+    }))
+}
+
+/// The result of persist_order.
+pub enum Persisted {
+    /// Rows written.
+    Ok {
+        /// Lines with ids and prices.
+        items: Vec<crate::saga::machine::PersistedItem>,
+        /// Total.
+        total: Decimal,
+        /// Currency.
+        currency: String,
+    },
+    /// The total does not fit NUMERIC(10,2).
+    Overflow(String),
+    /// The reservation is missing or does not cover the lines (a bug or a tampered row).
+    Inconsistent(String),
+}
+
+/// Largest total an order can hold (NUMERIC(10,2)).
+pub fn max_total() -> Decimal {
+    Decimal::new(9_999_999_999, 2)
+}
+
+/// persist_order: order items with catalog prices and the order's total, in the caller's transaction.
+pub async fn persist_order(conn: &mut PgConnection, saga: &Saga) -> Result<Persisted, sqlx::Error> {
+    let Some(res) = &saga.data.reservation else {
+        return Ok(Persisted::Inconsistent("no reservation recorded".into()));
+    };
+    let mut total = Decimal::ZERO;
+    let mut products = Vec::with_capacity(saga.input.len());
+    let mut quantities = Vec::with_capacity(saga.input.len());
+    let mut prices = Vec::with_capacity(saga.input.len());
+    let mut currency: Option<String> = None;
+    for line in &saga.input {
+        let Some(item) = res.items.iter().find(|i| i.product_id == line.product_id) else {
+            return Ok(Persisted::Inconsistent(format!(
+                "product {} missing from the reservation",
+                line.product_id
+            )));
+        };
+        match &currency {
+            None => currency = Some(item.currency.clone()),
+            Some(c) if *c != item.currency => return Ok(Persisted::Inconsistent("mixed currencies".into())),
+            Some(_) => {}
+        }
+        let line_total = item.unit_price.checked_mul(Decimal::from(line.quantity));
+        total = match line_total.and_then(|t| total.checked_add(t)) {
+            Some(t) => t,
+            None => {
+                return Ok(Persisted::Overflow(
+                    "the order total cannot be represented".into(),
+                ));
+            }
+        };
+        products.push(line.product_id);
+        quantities.push(line.quantity);
+        prices.push(item.unit_price);
+    }
+    if total > max_total() {
+        return Ok(Persisted::Overflow(format!(
+            "the order total {} exceeds the largest amount an order can hold (99999999.99)",
+            total.round_dp(2)
+        )));
+    }
+    let currency = currency.unwrap_or_default();
+    let rows = sqlx::query!(
+        r#"insert into order_items (order_id, product_id, quantity, price)
+           select $1, * from unnest($2::int[], $3::int[], $4::numeric[])
+           returning order_item_id, product_id, quantity, price"#,
+        saga.order_id,
+        &products,
+        &quantities,
+        &prices
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    sqlx::query!(
+        "update orders set total_amount = $2, currency = $3 where order_id = $1",
+        saga.order_id,
+        total,
+        currency
+    )
+    .execute(&mut *conn)
+    .await?;
+    let mut items: Vec<_> = rows
+        .into_iter()
+        .map(|r| crate::saga::machine::PersistedItem {
+            order_item_id: r.order_item_id,
+            product_id: r.product_id,
+            quantity: r.quantity,
+            price: r.price,
+        })
+        .collect();
+    items.sort_by_key(|i| i.order_item_id);
+    Ok(Persisted::Ok {
+        items,
+        total,
+        currency,
+    })
+}
+
+/// cancel_order: the order becomes `cancelled` (no-op when it already is, or cannot move); returns
+/// whether it changed.
+pub async fn cancel_order(conn: &mut PgConnection, order_id: i32, reason: &str) -> Result<bool, sqlx::Error> {
+    set_order_status(conn, order_id, OrderStatus::Cancelled, Some(reason)).await
+}
+
+/// Moves an order to `to` if the transition table allows it from its current status; returns
+/// whether it moved.
+pub async fn set_order_status(
+    conn: &mut PgConnection,
+    order_id: i32,
+    to: OrderStatus,
+    reason: Option<&str>,
+) -> Result<bool, sqlx::Error> {
+    let from: Vec<String> = OrderStatus::ALL
+        .into_iter()
+        .filter(|s| s.can_move_to(to))
+        .map(|s| s.as_str().to_string())
+        .collect();
+    let r = sqlx::query!(
+        "update orders set status = $2, status_reason = coalesce($3, status_reason) where order_id = $1 and status = any($4)",
+        order_id,
+        to.as_str(),
+        reason,
+        &from
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// Writes a transition: the saga row (fence already checked by `lock_fenced` in this transaction),
+/// history rows, order changes, outbox events and, for a finished saga, its answer and a wake-up
+/// for waiters on other instances. `keep_lease` keeps the lease when the worker continues at once.
+pub async fn write_transition(
+    conn: &mut PgConnection,
+    saga: &Saga,
+    effects: &[Effect],
+    keep_lease: bool,
+    lease: Duration,
+    topics: &Topics,
+    worker: &str,
+) -> Result<(), sqlx::Error> {
+    let mut answer: Option<Value> = None;
+    let mut finished = false;
+    let mut events = Vec::new();
+    let mut order_changed = true;
+    let mut h_step = Vec::new();
+    let mut h_kind = Vec::new();
+    let mut h_attempt = Vec::new();
+    let mut h_started = Vec::new();
+    let mut h_outcome = Vec::new();
+    let mut h_class: Vec<Option<String>> = Vec::new();
+    let mut h_error: Vec<Option<String>> = Vec::new();
+    let mut h_key: Vec<Option<String>> = Vec::new();
+    let mut h_status: Vec<Option<i32>> = Vec::new();
+    for fx in effects {
+        match fx {
+            Effect::History(h) => {
+                h_step.push(h.step.clone());
+                h_kind.push(h.kind.as_str().to_string());
+                h_attempt.push(h.attempt as i32);
+                h_started.push(h.started_at);
+                h_outcome.push(h.outcome.to_string());
+                h_class.push(h.error_class.clone());
+                h_error.push(h.error.as_ref().map(|e| truncate(e, 2000)));
+                h_key.push(h.idempotency_key.clone());
+                h_status.push(h.downstream_status.map(i32::from));
+            }
+            Effect::Order(change) => {
+                order_changed = match change {
+                    OrderChange::Status { to, reason } => {
+                        set_order_status(conn, saga.order_id, *to, reason.as_deref()).await?
+                    }
+                    OrderChange::Confirm { shipment_id } => {
+                        let r = sqlx::query!(
+                            "update orders set shipment_id = $2, status = case when status = 'pending' then 'confirmed' else status end
+                              where order_id = $1",
+                            saga.order_id,
+                            shipment_id
+                        )
+                        .execute(&mut *conn)
+                        .await?;
+                        r.rows_affected() == 1
+                    }
+                    OrderChange::Delete => {
+                        sqlx::query!(
+                            "delete from orders where order_id = $1 and status = 'pending'",
+                            saga.order_id
+                        )
+                        .execute(&mut *conn)
+                        .await?;
+                        false
+                    }
+                };
+            }
+            Effect::Event {
+                stream,
+                event_type,
+                data,
+            } => {
+                let topic = match stream {
+                    Stream::Saga => &topics.saga_events,
+                    Stream::Order => {
+                        // An order event only when the order really changed.
+                        if !order_changed {
+                            continue;
+                        }
+                        &topics.order_events
+                    }
+                };
+                let mut data = data.clone();
+                if *stream == Stream::Saga && data.is_object() {
+                    data["state"] = json!(saga.state.as_str());
+                }
+                events.push(NewEvent::new(
+                    topic,
+                    event_type,
+                    saga.order_id,
+                    Some(saga.id),
+                    data,
+                    &saga.trace,
+                ));
+            }
+            Effect::Finished { answer: a } => {
+                finished = true;
+                if a.is_some() {
+                    answer = a.clone();
+                }
+            }
+        }
+    }
+    if !h_step.is_empty() {
+        sqlx::query!(
+            r#"insert into saga_steps (saga_id, step, kind, attempt, started_at, outcome, error_class, error,
+                                       idempotency_key, downstream_status, worker)
+               select $1, *, $11 from unnest($2::text[], $3::text[], $4::int[], $5::timestamptz[], $6::text[],
+                                        $7::text[], $8::text[], $9::text[], $10::int[])"#,
+            saga.id,
+            &h_step,
+            &h_kind,
+            &h_attempt,
+            &h_started,
+            &h_outcome,
+            &h_class as &[Option<String>],
+            &h_error as &[Option<String>],
+            &h_key as &[Option<String>],
+            &h_status as &[Option<i32>],
+            worker
+        )
+        .execute(&mut *conn)
+        .await?;
+    }
+    let data = serde_json::to_value(&saga.data).unwrap_or(json!({}));
+    let failure = saga
+        .failure
+        .as_ref()
+        .map(|f| serde_json::to_value(f).unwrap_or(Value::Null));
+    let keep = keep_lease && !saga.state.is_finished();
+    sqlx::query!(
+        r#"update sagas set state = $2, step = $3, attempt = $4, next_attempt_at = $5, data = $6, failure = $7,
+                  last_error = $8, last_error_class = $9,
+                  lease_owner = case when $10 then lease_owner end,
+                  lease_expires_at = case when $10 then now() + $11 end,
+                  answer = coalesce(answer, $12), updated_at = now(),
+                  finished_at = case when $13 then now() end
+            where saga_id = $1"#,
+        saga.id,
+        saga.state.as_str(),
+        saga.step as i32,
+        saga.attempt as i32,
+        saga.next_attempt_at,
+        data,
+        failure,
+        saga.last_error.as_ref().map(|e| truncate(e, 2000)),
+        saga.last_error_class,
+        keep,
+        interval(lease),
+        answer,
+        saga.state.is_finished()
+    )
+    .execute(&mut *conn)
+    .await?;
+    outbox::enqueue(conn, &events).await?;
+    if finished {
+        sqlx::query!(
+            "select pg_notify($1, $2)",
+            CHANNEL,
+            format!("finished:{}", saga.id)
+        )
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+/// Gives a lease back (shutdown): the saga becomes claimable at once by any worker.
+pub async fn release_lease(conn: &mut PgConnection, saga_id: Uuid, fence: i64) -> Result<(), sqlx::Error> {
+    sqlx::query!(
+        "update sagas set lease_owner = null, lease_expires_at = null where saga_id = $1 and fence = $2",
+        saga_id,
+        fence
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,687 @@
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::helpers::{AppOptions, assert_problem, spawn_app, spawn_app_with};
+
+#[tokio::test]
+async fn an_order_completes_with_catalog_prices_and_a_shipment() {
+    let app = spawn_app().await;
+    app.product(1, 10, "19.99");
+    app.product(2, 10, "5.00");
+    let (uid, token) = app.customer("ann@example.com").await;
+    let r = app
+        .place(
+            &token,
+            "k-1",
+            json!([{"productID": 1, "quantity": 2}, {"productID": 2, "quantity": 3}]),
+        )
+        .await;
+    assert_eq!(r.status(), 201);
+    let loc = r.headers()["location"].to_str().unwrap().to_string();
+    let body: Value = r.json().await.unwrap();
+    let id = body["orderID"].as_i64().unwrap();
+    assert_eq!(loc, format!("/orders/{id}"));
+    assert_eq!(body["status"], "confirmed");
+    assert_eq!(body["totalAmount"], "54.98");
+    assert_eq!(body["currency"], "USD");
+    assert!(body["shipmentID"].as_str().unwrap().len() > 3);
+    assert!(body["orderDate"].as_str().unwrap().contains('T'));
+
+    let got: Value = app.get(&loc, Some(&token)).await.json().await.unwrap();
+    assert_eq!(got["userID"], uid);
+    assert_eq!(got["status"], "confirmed");
+    assert_eq!(got["shipmentID"], body["shipmentID"]);
+    let items = got["orderItems"].as_array().unwrap();
+    assert_eq!(items.len(), 2);
+    assert_eq!(items[0]["price"], "19.99");
+    assert_eq!(items[1]["price"], "5.00");
+    assert!(items[0]["orderItemID"].is_i64());
+
+    let p1 = app.sim_get(&app.catalog_url, "/sim/products/1").await;
+    assert_eq!(
+        (p1["stock"].as_i64(), p1["reserved"].as_i64()),
+        (Some(8), Some(2))
+    );
+    assert_eq!(app.reservations().await.len(), 1);
+    assert_eq!(app.sim_shipments().await.len(), 1);
+    app.eventually_eq(
+        &format!("select state from sagas where order_id = {id}"),
+        "completed",
+        5,
+    )
+    .await;
+    // Each step's outcome is in the history, in order.
+    let steps: Vec<String> = sqlx::query_scalar("select step from saga_steps order by id")
+        .fetch_all(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(steps, ["reserve_inventory", "persist_order", "create_shipment"]);
+    let events: Vec<String> = sqlx::query_scalar("select event_type from outbox order by id")
+        .fetch_all(&app.db)
+        .await
+        .unwrap();
+    for e in [
+        "SagaStarted",
+        "OrderCreated",
+        "StepSucceeded",
+        "OrderConfirmed",
+        "SagaCompleted",
+    ] {
+        assert!(
+            events.iter().any(|x| x == e),
+            "{e} missing from the outbox: {events:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_stock_out_lists_each_product_and_places_no_order() {
+    let app = spawn_app().await;
+    app.product(1, 1, "10.00");
+    app.product(2, 50, "1.00");
+    let (_, token) = app.customer("bo@example.com").await;
+    let r = app
+        .place(&token, "k-1", json!([{"productID": 1, "quantity": 5}, {"productID": 2, "quantity": 1}, {"productID": 77, "quantity": 2}]))
+        .await;
+    let body = assert_problem(r, 409).await;
+    let mut unavailable = body["unavailable"].as_array().unwrap().clone();
+    unavailable.sort_by_key(|u| u["productID"].as_i64());
+    assert_eq!(
+        unavailable,
+        vec![
+            json!({"productID": 1, "requested": 5, "available": 1}),
+            json!({"productID": 77, "requested": 2, "available": 0})
+        ]
+    );
+    assert!(body.get("orderID").is_none());
+    let list: Value = app.get("/orders", Some(&token)).await.json().await.unwrap();
+    assert_eq!(list["items"].as_array().unwrap().len(), 0);
+    assert_eq!(app.count("select count(*) from orders").await, 0);
+    assert!(app.reservations().await.iter().all(|r| r["status"] != "active"));
+    let p2 = app.sim_get(&app.catalog_url, "/sim/products/2").await;
+    assert_eq!(p2["stock"], 50);
+    app.eventually_eq("select state from sagas", "failed", 5).await;
+}
+
+#[tokio::test]
+async fn two_catalog_503s_are_retried_and_reserve_exactly_once() {
+    let app = spawn_app().await;
+    app.product(1, 10, "3.00");
+    app.catalog_faults(json!({"failNext": 2, "endpoint": "reserve"}))
+        .await;
+    let (_, token) = app.customer("cy@example.com").await;
+    let r = app
+        .place(&token, "k-1", json!([{"productID": 1, "quantity": 1}]))
+        .await;
+    assert_eq!(r.status(), 201);
+    let res = app.reservations().await;
+    assert_eq!(res.len(), 1);
+    let calls: i64 = res[0]["calls"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_i64().unwrap())
+        .sum();
+    assert_eq!(
+        calls, 3,
+        "two faulted calls and one that reserved, all with one key: {res:?}"
+    );
+    let outcomes: Vec<String> =
+        sqlx::query_scalar("select outcome from saga_steps where step = 'reserve_inventory' order by id")
+            .fetch_all(&app.db)
+            .await
+            .unwrap();
+    assert_eq!(outcomes, ["retry_scheduled", "retry_scheduled", "succeeded"]);
+    let p = app.sim_get(&app.catalog_url, "/sim/products/1").await;
+    assert_eq!(p["stock"], 9);
+}
+
+#[tokio::test]
+async fn a_fatal_shipment_refusal_releases_stock_and_cancels_the_order() {
+    let app = spawn_app().await;
+    app.product(1, 10, "3.00");
+    app.shipment_faults(json!({"failNext": 1, "failStatus": 422, "endpoint": "create"}))
+        .await;
+    let (_, token) = app.customer("di@example.com").await;
+    let r = app
+        .place(&token, "k-1", json!([{"productID": 1, "quantity": 4}]))
+        .await;
+    let body = assert_problem(r, 409).await;
+    let id = body["orderID"].as_i64().expect("the 409 names the order");
+    assert_eq!(body["orderStatus"], "cancelled");
+    let got: Value = app
+        .get(&format!("/orders/{id}"), Some(&token))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(got["status"], "cancelled");
+    let res = app.reservations().await;
+    assert_eq!(res.len(), 1);
+    assert_eq!(res[0]["status"], "released");
+    assert_eq!(
+        app.sim_get(&app.catalog_url, "/sim/products/1").await["stock"],
+        10
+    );
+    app.eventually_eq("select state from sagas", "failed", 5).await;
+    let events: Vec<String> = sqlx::query_scalar("select event_type from outbox order by id")
+        .fetch_all(&app.db)
+        .await
+        .unwrap();
+    for e in [
+        "StepFailed",
+        "CompensationStarted",
+        "CompensationSucceeded",
+        "OrderCancelled",
+        "SagaFailed",
+    ] {
+        assert!(events.iter().any(|x| x == e), "{e} missing: {events:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_compensation_that_keeps_failing_leaves_the_saga_stuck_with_its_reason() {
+    let app = spawn_app().await;
+    app.product(1, 10, "3.00");
+    app.shipment_faults(json!({"failNext": 1, "failStatus": 422, "endpoint": "create"}))
+        .await;
+    app.catalog_faults(json!({"failNext": 1000, "endpoint": "release"}))
+        .await;
+    let (_, token) = app.customer("ed@example.com").await;
+    let r = app
+        .place(&token, "k-1", json!([{"productID": 1, "quantity": 1}]))
+        .await;
+    assert!(r.status() == 202 || r.status() == 409, "{}", r.status());
+    app.eventually_eq("select state from sagas", "stuck", 30).await;
+    let (class, err): (Option<String>, Option<String>) =
+        sqlx::query_as("select last_error_class, last_error from sagas")
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    assert_eq!(class.as_deref(), Some("http_5xx"));
+    assert!(
+        err.unwrap()
+            .contains("release_reservation failed after 12 attempts")
+    );
+    assert_eq!(
+        app.count("select count(*) from outbox where event_type = 'SagaStuck'")
+            .await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_slow_catalog_gets_202_and_the_order_completes_later() {
+    let app = spawn_app_with(AppOptions {
+        flags: vec!["--order-wait-ms", "200"],
+        ..Default::default()
+    })
+    .await;
+    app.product(1, 10, "3.00");
+    app.catalog_faults(json!({"latencyMs": 800, "endpoint": "reserve"}))
+        .await;
+    let (_, token) = app.customer("fi@example.com").await;
+    let r = app
+        .place(&token, "k-1", json!([{"productID": 1, "quantity": 1}]))
+        .await;
+    assert_eq!(r.status(), 202);
+    let loc = r.headers()["location"].to_str().unwrap().to_string();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["status"], "pending");
+    let pending: Value = app.get(&loc, Some(&token)).await.json().await.unwrap();
+    assert_eq!(pending["status"], "pending");
+    // Replaying the key while it runs gives the same 202.
+    let again = app
+        .place(&token, "k-1", json!([{"productID": 1, "quantity": 1}]))
+        .await;
+    assert_eq!(again.status(), 202);
+    app.eventually_eq(
+        &format!("select status from orders where order_id = {}", body["orderID"]),
+        "confirmed",
+        10,
+    )
+    .await;
+    let done: Value = app.get(&loc, Some(&token)).await.json().await.unwrap();
+    assert_eq!(done["totalAmount"], "3.00");
+}
+
+#[tokio::test]
+async fn stock_refused_after_a_202_leaves_a_readable_rejected_order() {
+    let app = spawn_app_with(AppOptions {
+        flags: vec!["--order-wait-ms", "150"],
+        ..Default::default()
+    })
+    .await;
+    app.product(1, 0, "3.00");
+    app.catalog_faults(json!({"latencyMs": 700, "endpoint": "reserve"}))
+        .await;
+    let (_, token) = app.customer("gi@example.com").await;
+    let r = app
+        .place(&token, "k-1", json!([{"productID": 1, "quantity": 1}]))
+        .await;
+    assert_eq!(r.status(), 202);
+    let loc = r.headers()["location"].to_str().unwrap().to_string();
+    let id: i64 = loc.rsplit('/').next().unwrap().parse().unwrap();
+    app.eventually_eq(
+        &format!("select status from orders where order_id = {id}"),
+        "rejected",
+        10,
+    )
+    .await;
+    let got: Value = app.get(&loc, Some(&token)).await.json().await.unwrap();
+    assert_eq!(got["status"], "rejected");
+}
+
+#[tokio::test]
+async fn a_total_beyond_numeric_10_2_is_422_naming_total_amount_and_releases_stock() {
+    let app = spawn_app().await;
+    app.product(1, 10, "99999999.99");
+    let (_, token) = app.customer("ha@example.com").await;
+    let r = app
+        .place(&token, "k-1", json!([{"productID": 1, "quantity": 2}]))
+        .await;
+    let body = assert_problem(r, 422).await;
+    assert_eq!(body["field"], "totalAmount");
+    assert_eq!(app.count("select count(*) from orders").await, 0);
+    assert_eq!(app.count("select count(*) from order_items").await, 0);
+    let res = app.reservations().await;
+    assert_eq!(res[0]["status"], "released");
+}
+
+#[tokio::test]
+async fn a_repeated_key_replays_and_a_different_body_is_refused() {
+    let app = spawn_app().await;
+    app.product(1, 10, "2.50");
+    app.product(2, 10, "1.00");
+    let (_, ann) = app.customer("ia@example.com").await;
+    let (_, bob) = app.customer("ib@example.com").await;
+    let items = json!([{"productID": 1, "quantity": 2}]);
+    let first = app.place(&ann, "same-key", items.clone()).await;
+    assert_eq!(first.status(), 201);
+    let first: Value = first.json().await.unwrap();
+    let replay = app.place(&ann, "same-key", items.clone()).await;
+    assert_eq!(replay.status(), 201);
+    assert_eq!(replay.json::<Value>().await.unwrap(), first);
+    let other = app
+        .place(&ann, "same-key", json!([{"productID": 2, "quantity": 2}]))
+        .await;
+    let p = assert_problem(other, 422).await;
+    assert_eq!(p["field"], "Idempotency-Key");
+    // Another user's identical key is independent.
+    let bobs = app.place(&bob, "same-key", items.clone()).await;
+    assert_eq!(bobs.status(), 201);
+    let bobs: Value = bobs.json().await.unwrap();
+    assert_ne!(bobs["orderID"], first["orderID"]);
+    assert_eq!(app.count("select count(*) from orders").await, 2);
+    assert_eq!(app.reservations().await.len(), 2);
+}
+
+#[tokio::test]
+async fn twenty_concurrent_requests_with_one_key_place_one_order() {
+    let app = spawn_app().await;
+    app.product(1, 100, "1.00");
+    app.catalog_faults(json!({"latencyMs": 200, "endpoint": "reserve"}))
+        .await;
+    let (_, token) = app.customer("ja@example.com").await;
+    let items = json!([{"productID": 1, "quantity": 1}]);
+    let futs = (0..20).map(|_| app.place(&token, "one-key", items.clone()));
+    let answers = futures::future::join_all(futs).await;
+    let mut ok = 0;
+    for a in answers {
+        match a.status().as_u16() {
+            201 => ok += 1,
+            409 => {
+                let p = assert_problem(a, 409).await;
+                assert_eq!(p["type"], "/problems/request-in-flight");
+            }
+            s => panic!("unexpected {s}"),
+        }
+    }
+    assert!(ok >= 1);
+    assert_eq!(app.count("select count(*) from orders").await, 1);
+    assert_eq!(app.count("select count(*) from sagas").await, 1);
+    assert_eq!(app.reservations().await.len(), 1);
+}
+
+#[tokio::test]
+async fn another_customers_order_is_invisible_and_cannot_be_cancelled() {
+    let app = spawn_app().await;
+    app.product(1, 10, "1.00");
+    let (_, ann) = app.customer("ka@example.com").await;
+    let (_, bob) = app.customer("kb@example.com").await;
+    let r = app
+        .place(&ann, "k", json!([{"productID": 1, "quantity": 1}]))
+        .await;
+    let id = r.json::<Value>().await.unwrap()["orderID"].as_i64().unwrap();
+    let a = app.get(&format!("/orders/{id}"), Some(&bob)).await;
+    let missing = app.get("/orders/999999", Some(&bob)).await;
+    let a = assert_problem(a, 404).await;
+    let m = assert_problem(missing, 404).await;
+    assert_eq!(a, m, "another user's order must look exactly like a missing one");
+    let c = app
+        .post_json(&format!("/orders/{id}/cancel"), &json!({}), Some(&bob))
+        .await;
+    assert_problem(c, 404).await;
+    let list: Value = app.get("/orders", Some(&bob)).await.json().await.unwrap();
+    assert_eq!(list["items"].as_array().unwrap().len(), 0);
+    app.eventually_eq(
+        &format!("select status from orders where order_id = {id}"),
+        "confirmed",
+        5,
+    )
+    .await;
+    assert_problem(app.get(&format!("/orders/{id}"), None).await, 401).await;
+}
+
+#[tokio::test]
+async fn invalid_orders_name_the_field_and_write_nothing() {
+    let app = spawn_app().await;
+    app.product(1, 10, "1.00");
+    let (uid, token) = app.customer("la@example.com").await;
+    let many: Vec<Value> = (1..=101)
+        .map(|p| json!({"productID": p, "quantity": 1}))
+        .collect();
+    let cases: Vec<(Value, &str)> = vec![
+        (
+            json!({"orderItems": [{"productID": 1, "quantity": 0}]}),
+            "orderItems[0].quantity",
+        ),
+        (
+            json!({"orderItems": [{"productID": 1, "quantity": -2}]}),
+            "orderItems[0].quantity",
+        ),
+        (
+            json!({"orderItems": [{"productID": 1, "quantity": 10001}]}),
+            "orderItems[0].quantity",
+        ),
+        (
+            json!({"orderItems": [{"productID": 1, "quantity": 1.5}]}),
+            "orderItems[0].quantity",
+        ),
+        (
+            json!({"orderItems": [{"productID": 1, "quantity": "2"}]}),
+            "orderItems[0].quantity",
+        ),
+        (
+            json!({"orderItems": [{"productID": 1, "quantity": 1e30}]}),
+            "orderItems[0].quantity",
+        ),
+        (
+            json!({"orderItems": [{"productID": 0, "quantity": 1}]}),
+            "orderItems[0].productID",
+        ),
+        (
+            json!({"orderItems": [{"productID": 4294967296u64, "quantity": 1}]}),
+            "orderItems[0].productID",
+        ),
+        (json!({"orderItems": []}), "orderItems"),
+        (json!({"orderItems": many}), "orderItems"),
+        (
+            json!({"orderItems": [{"productID": 1, "quantity": 1}, {"productID": 1, "quantity": 2}]}),
+            "orderItems[1].productID",
+        ),
+        (
+            json!({"orderItems": [{"productID": 1, "quantity": 1, "price": "0.01"}]}),
+            "orderItems[0].price",
+        ),
+        (
+            json!({"orderItems": [{"productID": 1, "quantity": 1}], "status": "delivered"}),
+            "status",
+        ),
+        (json!({}), "orderItems"),
+    ];
+    for (i, (body, field)) in cases.into_iter().enumerate() {
+        let r = app
+            .http
+            .post(app.url("/orders"))
+            .bearer_auth(&token)
+            .header("Idempotency-Key", format!("v-{i}"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let p = assert_problem(r, 422).await;
+        assert_eq!(p["field"], field, "case {i}: {body}");
+    }
+    // Missing key → 400 naming it; another user's id → 403; bad JSON → 400; wrong type → 415.
+    let r = app
+        .post_json(
+            "/orders",
+            &json!({"orderItems": [{"productID": 1, "quantity": 1}]}),
+            Some(&token),
+        )
+        .await;
+    let p = assert_problem(r, 400).await;
+    assert!(p["detail"].as_str().unwrap().contains("Idempotency-Key"));
+    let r = app
+        .http
+        .post(app.url("/orders"))
+        .bearer_auth(&token)
+        .header("Idempotency-Key", "x-1")
+        .json(&json!({"userID": uid + 1, "orderItems": [{"productID": 1, "quantity": 1}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(r, 403).await;
+    let r = app
+        .http
+        .post(app.url("/orders"))
+        .bearer_auth(&token)
+        .header("Idempotency-Key", "x-2")
+        .header("content-type", "application/json")
+        .body("{\"orderItems\": [")
+        .send()
+        .await
+        .unwrap();
+    assert_problem(r, 400).await;
+    let r = app
+        .http
+        .post(app.url("/orders"))
+        .bearer_auth(&token)
+        .header("Idempotency-Key", "x-3")
+        .header("content-type", "text/plain")
+        .body("hi")
+        .send()
+        .await
+        .unwrap();
+    assert_problem(r, 415).await;
+    for table in ["orders", "sagas", "idempotency_keys", "outbox"] {
+        assert_eq!(
+            app.count(&format!("select count(*) from {table}")).await,
+            0,
+            "{table} was written"
+        );
+    }
+    // The caller's own userID is fine.
+    let r = app
+        .http
+        .post(app.url("/orders"))
+        .bearer_auth(&token)
+        .header("Idempotency-Key", "x-4")
+        .json(&json!({"userID": uid, "orderItems": [{"productID": 1, "quantity": 1}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+}
+
+#[tokio::test]
+async fn cancelling_a_confirmed_order_undoes_shipment_and_reservation_once() {
+    let app = spawn_app().await;
+    app.product(1, 10, "1.00");
+    let (_, token) = app.customer("ma@example.com").await;
+    let r = app
+        .place(&token, "k", json!([{"productID": 1, "quantity": 3}]))
+        .await;
+    let id = r.json::<Value>().await.unwrap()["orderID"].as_i64().unwrap();
+    let c = app
+        .post_json(&format!("/orders/{id}/cancel"), &json!({}), Some(&token))
+        .await;
+    assert_eq!(c.status(), 200);
+    let body: Value = c.json().await.unwrap();
+    assert_eq!(body["status"], "cancelled");
+    app.eventually_eq(
+        &format!("select state from sagas where order_id = {id}"),
+        "compensated",
+        10,
+    )
+    .await;
+    assert_eq!(app.reservations().await[0]["status"], "released");
+    assert_eq!(app.sim_shipments().await[0]["status"], "cancelled");
+    assert_eq!(
+        app.sim_get(&app.catalog_url, "/sim/products/1").await["stock"],
+        10
+    );
+    // Again: the same 200, no second effect.
+    let again = app
+        .post_json(&format!("/orders/{id}/cancel"), &json!({}), Some(&token))
+        .await;
+    assert_eq!(again.status(), 200);
+    assert_eq!(again.json::<Value>().await.unwrap()["status"], "cancelled");
+    assert_eq!(
+        app.count("select count(*) from outbox where event_type = 'OrderCancelled'")
+            .await,
+        1
+    );
+    let comp: i64 = app
+        .count("select count(*) from saga_steps where kind = 'compensation' and outcome = 'succeeded'")
+        .await;
+    assert_eq!(comp, 3);
+}
+
+#[tokio::test]
+async fn a_shipped_order_cannot_be_cancelled() {
+    let app = spawn_app().await;
+    app.product(1, 10, "1.00");
+    let (_, token) = app.customer("na@example.com").await;
+    let r = app
+        .place(&token, "k", json!([{"productID": 1, "quantity": 1}]))
+        .await;
+    let id = r.json::<Value>().await.unwrap()["orderID"].as_i64().unwrap();
+    sqlx::query("update orders set status = 'shipped' where order_id = $1")
+        .bind(id as i32)
+        .execute(&app.db)
+        .await
+        .unwrap();
+    let c = app
+        .post_json(&format!("/orders/{id}/cancel"), &json!({}), Some(&token))
+        .await;
+    let p = assert_problem(c, 409).await;
+    assert_eq!(p["orderStatus"], "shipped");
+    assert_eq!(app.reservations().await[0]["status"], "active");
+}
+
+#[tokio::test]
+async fn cancelling_a_pending_order_compensates_at_the_next_step() {
+    let app = spawn_app_with(AppOptions {
+        flags: vec!["--order-wait-ms", "100"],
+        ..Default::default()
+    })
+    .await;
+    app.product(1, 10, "1.00");
+    app.catalog_faults(json!({"latencyMs": 600, "endpoint": "reserve"}))
+        .await;
+    let (_, token) = app.customer("oa@example.com").await;
+    let r = app
+        .place(&token, "k", json!([{"productID": 1, "quantity": 2}]))
+        .await;
+    assert_eq!(r.status(), 202);
+    let id = r.json::<Value>().await.unwrap()["orderID"].as_i64().unwrap();
+    let c = app
+        .post_json(&format!("/orders/{id}/cancel"), &json!({}), Some(&token))
+        .await;
+    assert_eq!(c.status(), 200);
+    assert_eq!(c.json::<Value>().await.unwrap()["status"], "cancelled");
+    app.eventually_eq(
+        &format!("select state from sagas where order_id = {id}"),
+        "compensated",
+        10,
+    )
+    .await;
+    assert_eq!(
+        app.sim_shipments().await.len(),
+        0,
+        "no shipment after a cancellation"
+    );
+    assert_eq!(
+        app.sim_get(&app.catalog_url, "/sim/products/1").await["stock"],
+        10
+    );
+    assert_eq!(
+        app.count("select count(*) from orders where status = 'cancelled'")
+            .await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn orders_list_newest_first_by_pages() {
+    let app = spawn_app().await;
+    app.product(1, 100, "1.00");
+    let (_, token) = app.customer("pa@example.com").await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let r = app
+            .place(&token, &format!("k{i}"), json!([{"productID": 1, "quantity": 1}]))
+            .await;
+        ids.push(r.json::<Value>().await.unwrap()["orderID"].as_i64().unwrap());
+    }
+    let p1: Value = app
+        .get("/orders?limit=2", Some(&token))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let got: Vec<i64> = p1["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["orderID"].as_i64().unwrap())
+        .collect();
+    assert_eq!(got, vec![ids[2], ids[1]]);
+    let cursor = p1["nextCursor"].as_str().unwrap();
+    let p2: Value = app
+        .get(&format!("/orders?limit=2&cursor={cursor}"), Some(&token))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let got: Vec<i64> = p2["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["orderID"].as_i64().unwrap())
+        .collect();
+    assert_eq!(got, vec![ids[0]]);
+    assert!(p2["nextCursor"].is_null());
+    for bad in ["limit=0", "limit=101", "limit=x", "cursor=nonsense"] {
+        let p = assert_problem(app.get(&format!("/orders?{bad}"), Some(&token)).await, 422).await;
+        assert!(p["field"] == "limit" || p["field"] == "cursor");
+    }
+}
+
+#[tokio::test]
+async fn the_order_limit_per_user_answers_429() {
+    let app = spawn_app_with(AppOptions {
+        flags: vec!["--order-limit-per-user", "2"],
+        ..Default::default()
+    })
+    .await;
+    app.product(1, 100, "1.00");
+    let (_, token) = app.customer("qa@example.com").await;
+    for i in 0..2 {
+        assert_eq!(
+            app.place(&token, &format!("k{i}"), json!([{"productID": 1, "quantity": 1}]))
+                .await
+                .status(),
+            201
+        );
+    }
+    let r = app
+        .place(&token, "k9", json!([{"productID": 1, "quantity": 1}]))
+        .await;
+    assert!(r.headers().contains_key("retry-after"));
+    assert_problem(r, 429).await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+}

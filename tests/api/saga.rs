@@ -1,0 +1,162 @@
+//! The saga engine under concurrency: several engines on one database, and a worker whose lease
+//! was taken over.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use crate::helpers::{AppOptions, spawn_app_with, test_config};
+use ostore_orders::orders::validate::Line;
+use ostore_orders::saga::engine::{Applied, Engine};
+use ostore_orders::saga::store::NewSaga;
+
+async fn second_engine(
+    app: &crate::helpers::TestApp,
+    drive: bool,
+    extra: &[&str],
+) -> (Engine, tokio_util::sync::CancellationToken) {
+    let url = app
+        .db
+        .connect_options()
+        .get_database()
+        .map(|d| format!("postgres://postgres@127.0.0.1:5432/{d}"))
+        .unwrap();
+    let mut flags = vec![
+        "--catalog-url",
+        &app.catalog_url,
+        "--shipments-url",
+        &app.shipments_url,
+        "--saga-retry-scale",
+        "0.01",
+    ];
+    flags.extend_from_slice(extra);
+    let cfg = Arc::new(test_config(&url, &flags));
+    let pool = ostore_orders::db::connect_lazy(&url, 8).unwrap();
+    let engine = ostore_orders::app::build_engine(&cfg, pool, drive).unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    engine.start(&tokio_util::task::TaskTracker::new(), shutdown.clone());
+    (engine, shutdown)
+}
+
+fn new_saga(user_id: i32, key: &str) -> NewSaga {
+    NewSaga {
+        saga_id: Uuid::now_v7(),
+        user_id,
+        idempotency_key: key.into(),
+        request_hash: vec![1],
+        lines: vec![Line {
+            product_id: 1,
+            quantity: 1,
+        }],
+        trace: Default::default(),
+        saga_type: "create_order".into(),
+        version: 1,
+        deadline: Duration::from_secs(600),
+    }
+}
+
+#[tokio::test]
+async fn two_engines_on_one_database_run_each_step_once_per_saga() {
+    // Each worker drives at most 16 sagas at a time, so neither can take every saga at once.
+    let app = spawn_app_with(AppOptions {
+        flags: vec!["--saga-max-in-flight", "16"],
+        ..Default::default()
+    })
+    .await;
+    app.product(1, 1000, "1.00");
+    let (uid, _) = app.customer("two@example.com").await;
+    let (b, stop_b) = second_engine(&app, true, &["--saga-max-in-flight", "16"]).await;
+    // A creator that does not drive: every saga is left for the two workers' pollers.
+    let (creator, stop_c) = second_engine(&app, false, &[]).await;
+    let creates = (0..200).map(|i| creator.create(new_saga(uid, &format!("k{i}"))));
+    for r in futures::future::join_all(creates).await {
+        r.unwrap();
+    }
+    app.eventually_eq(
+        "select count(*)::text from sagas where state = 'completed'",
+        "200",
+        60,
+    )
+    .await;
+    let dup: i64 = app
+        .count("select count(*) from (select saga_id, step from saga_steps where outcome = 'succeeded' group by 1, 2 having count(*) > 1) d")
+        .await;
+    assert_eq!(dup, 0, "a step succeeded twice for some saga");
+    assert_eq!(
+        app.count("select count(*) from saga_steps where outcome = 'succeeded'")
+            .await,
+        600
+    );
+    let workers: Vec<String> = sqlx::query_scalar("select distinct worker from saga_steps")
+        .fetch_all(&app.db)
+        .await
+        .unwrap();
+    let workers: HashSet<String> = workers.into_iter().collect();
+    assert!(
+        workers.contains(b.worker_id()) && workers.contains(app.engine.worker_id()),
+        "{workers:?}"
+    );
+    let res = app.reservations().await;
+    assert_eq!(res.len(), 200);
+    assert!(
+        res.iter()
+            .all(|r| r["calls"].as_object().unwrap().values().all(|c| c == 1))
+    );
+    assert_eq!(app.sim_shipments().await.len(), 200);
+    stop_b.cancel();
+    stop_c.cancel();
+}
+
+#[tokio::test]
+async fn a_worker_whose_lease_was_taken_over_cannot_commit() {
+    // The app's own poller sleeps; this test decides who claims when.
+    let app = spawn_app_with(AppOptions {
+        flags: vec!["--saga-poll-interval-ms", "600000"],
+        ..Default::default()
+    })
+    .await;
+    app.product(1, 10, "1.00");
+    let (uid, _) = app.customer("lease@example.com").await;
+    let (creator, stop_c) = second_engine(&app, false, &[]).await;
+    let (stalled, stop_s) = second_engine(&app, false, &[]).await;
+    creator.create(new_saga(uid, "k")).await.unwrap();
+    // The stalled worker claims the saga and runs its first call, then pauses past its lease.
+    let mut claimed = stalled.claim(10).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    let saga = claimed.remove(0);
+    let attempt = stalled.attempt(&saga).await.expect("a remote step is due");
+    sqlx::query("update sagas set lease_expires_at = now() - interval '1 second'")
+        .execute(&app.db)
+        .await
+        .unwrap();
+    // Another worker takes it over and finishes it.
+    app.engine.run_due_once().await.unwrap();
+    app.eventually_eq("select state from sagas", "completed", 10)
+        .await;
+    let before: i64 = app.count("select count(*) from saga_steps").await;
+    let outbox_before: i64 = app.count("select count(*) from outbox").await;
+    // The stalled worker wakes up: its write is fenced off, nothing changes.
+    let r = stalled.apply(saga, Some(attempt)).await.unwrap();
+    assert!(matches!(r, Applied::Fenced), "{r:?}");
+    assert_eq!(app.count("select count(*) from saga_steps").await, before);
+    assert_eq!(app.count("select count(*) from outbox").await, outbox_before);
+    assert_eq!(
+        app.reservations().await.len(),
+        1,
+        "the reservation was made once, whoever called"
+    );
+    let res = &app.reservations().await[0];
+    assert_eq!(
+        res["calls"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_i64().unwrap())
+            .sum::<i64>(),
+        2
+    );
+    stop_c.cancel();
+    stop_s.cancel();
+}
