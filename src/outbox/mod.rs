@@ -5,7 +5,6 @@
 //! sagaID?, data}`, keyed by orderID, with headers `traceparent` (+ `tracestate`), `event-type` and
 //! `event-id`. See docs/events.md.
 
-
 use std::collections::HashMap;
 
 use serde::Serialize;

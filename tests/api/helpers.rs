@@ -1,3 +1,5 @@
+#![allow(dead_code)] // Shared by several test binaries; each uses a part of it.
+
 //! Test harness: a fresh database per test (copied from a migrated template), the real app on
 //! 127.0.0.1 port 0, and an HTTP client.
 

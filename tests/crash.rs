@@ -1,0 +1,318 @@
+//! Crash recovery with the real binary: the service process is SIGKILLed while a saga waits on a
+//! slow downstream call (during each step and during a compensation), restarted, and every saga
+//! must then finish with exactly one reservation and at most one shipment.
+
+#[path = "api/helpers.rs"]
+mod helpers;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use helpers::{TestDb, serve_router};
+use ostore_orders::auth::Role;
+use ostore_orders::sim::catalog::CatalogSim;
+use ostore_orders::sim::shipments::{ShipmentsSim, ShipmentsSimConfig};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+struct Service {
+    child: Option<Child>,
+    port: u16,
+    env: Vec<(String, String)>,
+}
+
+impl Service {
+    fn start(&mut self) {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ostore-orders"));
+        cmd.args(["serve", "--roles", "api,worker"])
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().expect("start the service"));
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SIGKILL: no shutdown code runs.
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn wait_ready(http: &reqwest::Client, base: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Ok(r) = http.get(format!("{base}/readyz")).send().await
+            && r.status() == 200
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the service did not become ready");
+}
+
+async fn login(http: &reqwest::Client, base: &str) -> String {
+    let r: Value = http
+        .post(format!("{base}/auth/login"))
+        .json(&json!({"email": "crash@example.com", "password": "password-123"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    r["token"].as_str().unwrap().to_string()
+}
+
+async fn place(http: &reqwest::Client, base: &str, token: &str, key: &str) -> reqwest::StatusCode {
+    http.post(format!("{base}/orders"))
+        .bearer_auth(token)
+        .header("Idempotency-Key", key)
+        .json(&json!({"orderItems": [{"productID": 1, "quantity": 1}]}))
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
+async fn faults(http: &reqwest::Client, base: &str, f: Value) {
+    let r = http
+        .put(format!("{base}/sim/faults"))
+        .json(&f)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+}
+
+async fn wait_all_finished(pool: &sqlx::PgPool, n: i64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let done: i64 = sqlx::query_scalar(
+            "select count(*) from sagas where state in ('completed', 'failed', 'compensated')",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if done == n {
+            return;
+        }
+        let states: Vec<(String, String)> =
+            sqlx::query_as("select state, coalesce(last_error, '') from sagas")
+                .fetch_all(pool)
+                .await
+                .unwrap();
+        assert!(
+            Instant::now() < deadline,
+            "sagas did not finish after the restart: {states:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_service_killed_mid_saga_resumes_every_saga_without_duplicates() {
+    let db = TestDb::new().await;
+    let pool = db.pool().await;
+    ostore_orders::cli::create_user_in(&pool, "crash@example.com", "password-123", Role::User)
+        .await
+        .unwrap();
+    let stop = CancellationToken::new();
+    let catalog = CatalogSim::new();
+    catalog.put_product(1, 1000, "2.00".parse().unwrap(), "USD");
+    let catalog_url = serve_router(catalog.router(), stop.clone()).await;
+    let shipments = ShipmentsSim::new(ShipmentsSimConfig::default()).unwrap();
+    let shipments_url = serve_router(shipments.router(), stop.clone()).await;
+    let port = free_port();
+    let mut svc = Service {
+        child: None,
+        port,
+        env: vec![
+            ("DATABASE_URL".into(), db.url.clone()),
+            ("LISTEN_ADDR".into(), format!("127.0.0.1:{port}")),
+            ("JWT_SECRET".into(), helpers::TEST_JWT_SECRET.into()),
+            ("CATALOG_URL".into(), catalog_url.clone()),
+            ("SHIPMENTS_URL".into(), shipments_url.clone()),
+            ("SAGA_LEASE_MS".into(), "6000".into()),
+            ("SAGA_RETRY_SCALE".into(), "0.01".into()),
+            ("ORDER_WAIT_MS".into(), "100".into()),
+        ],
+    };
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    svc.start();
+    wait_ready(&http, &svc.base()).await;
+    let token = login(&http, &svc.base()).await;
+
+    // 1. Killed while reserve_inventory waits on the catalog.
+    faults(
+        &http,
+        &catalog_url,
+        json!({"latencyMs": 1500, "endpoint": "reserve"}),
+    )
+    .await;
+    assert_eq!(place(&http, &svc.base(), &token, "during-reserve").await, 202);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    svc.kill();
+    faults(&http, &catalog_url, json!([])).await;
+    svc.start();
+    wait_ready(&http, &svc.base()).await;
+    wait_all_finished(&pool, 1).await;
+
+    // 2. Killed while create_shipment waits on the shipper.
+    faults(
+        &http,
+        &shipments_url,
+        json!({"latencyMs": 1500, "endpoint": "create"}),
+    )
+    .await;
+    assert_eq!(place(&http, &svc.base(), &token, "during-shipment").await, 202);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    svc.kill();
+    faults(&http, &shipments_url, json!([])).await;
+    svc.start();
+    wait_ready(&http, &svc.base()).await;
+    wait_all_finished(&pool, 2).await;
+
+    // 3. Killed during a compensation (release after a fatal shipment refusal).
+    faults(
+        &http,
+        &shipments_url,
+        json!({"failNext": 1, "failStatus": 422, "endpoint": "create"}),
+    )
+    .await;
+    faults(
+        &http,
+        &catalog_url,
+        json!({"latencyMs": 1500, "endpoint": "release"}),
+    )
+    .await;
+    let s = place(&http, &svc.base(), &token, "during-compensation").await;
+    assert_eq!(s, 202);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    svc.kill();
+    faults(&http, &catalog_url, json!([])).await;
+    svc.start();
+    wait_ready(&http, &svc.base()).await;
+    wait_all_finished(&pool, 3).await;
+
+    // 4. Killed at arbitrary instants while several orders are in flight.
+    faults(&http, &catalog_url, json!({"latencyMs": 150})).await;
+    faults(&http, &shipments_url, json!({"latencyMs": 150})).await;
+    for round in 0..3 {
+        let base = svc.base();
+        let placing = (0..5)
+            .map(|i| {
+                let (http, base, token) = (http.clone(), base.clone(), token.clone());
+                async move { place(&http, &base, &token, &format!("r{round}-{i}")).await }
+            })
+            .collect::<Vec<_>>();
+        let _ = tokio::time::timeout(
+            Duration::from_millis(250 + 90 * round),
+            futures::future::join_all(placing),
+        )
+        .await;
+        svc.kill();
+        svc.start();
+        wait_ready(&http, &svc.base()).await;
+    }
+    faults(&http, &catalog_url, json!([])).await;
+    faults(&http, &shipments_url, json!([])).await;
+    let total: i64 = sqlx::query_scalar("select count(*) from sagas")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    wait_all_finished(&pool, total).await;
+
+    // Exactly one reservation per saga, at most one shipment per order, and the catalog agrees.
+    let reservations: Vec<Value> = http
+        .get(format!("{catalog_url}/sim/reservations"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let shipments: Vec<Value> = http
+        .get(format!("{shipments_url}/sim/shipments"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let sagas: Vec<(uuid::Uuid, i32, String)> = sqlx::query_as("select saga_id, order_id, state from sagas")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    for (saga_id, order_id, state) in &sagas {
+        let mine: Vec<&Value> = reservations
+            .iter()
+            .filter(|r| r["reservationID"] == saga_id.to_string())
+            .collect();
+        assert!(mine.len() <= 1, "saga {saga_id} reserved {} times", mine.len());
+        let ships = shipments.iter().filter(|s| s["orderID"] == *order_id).count();
+        assert!(ships <= 1, "order {order_id} has {ships} shipments");
+        match state.as_str() {
+            "completed" => {
+                assert_eq!(mine.len(), 1);
+                assert_eq!(mine[0]["status"], "active");
+                assert_eq!(ships, 1);
+            }
+            _ => assert!(
+                mine.iter().all(|r| r["status"] == "released"),
+                "{saga_id}: reservation not released"
+            ),
+        }
+    }
+    let completed = sagas.iter().filter(|s| s.2 == "completed").count() as i64;
+    let product: Value = http
+        .get(format!("{catalog_url}/sim/products/1"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        product["reserved"].as_i64().unwrap(),
+        completed,
+        "reserved stock must match completed orders"
+    );
+    assert_eq!(
+        sqlx::query_scalar::<_, i64>("select count(*) from sagas where state = 'failed'")
+            .fetch_one(&pool)
+            .await
+            .unwrap(),
+        1
+    );
+    svc.kill();
+    stop.cancel();
+}
