@@ -35,6 +35,8 @@ create table sagas (
     state              text not null check (state in ('running', 'compensating', 'completed', 'compensated', 'failed', 'stuck')),
     -- Index of the step whose action (running) or compensation (compensating) runs next.
     step               int not null,
+    -- Name of that action or compensation (for a finished saga: the step that failed, or the last).
+    step_name          text not null default '',
     -- Attempts already made of that action or compensation.
     attempt            int not null default 0,
     -- When the next attempt is due; null when nothing is due (terminal, stuck).
@@ -65,6 +67,7 @@ create index sagas_due_idx on sagas (next_attempt_at) where next_attempt_at is n
 create index sagas_state_updated_idx on sagas (state, updated_at desc);
 create index sagas_created_idx on sagas (created_at desc, saga_id desc);
 create index sagas_order_idx on sagas (order_id);
+create index sagas_step_name_idx on sagas (step_name, state);
 
 -- Every attempt of every action and compensation.
 create table saga_steps (

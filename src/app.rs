@@ -132,6 +132,11 @@ pub async fn run(
             }
         });
         tracker.spawn(housekeeping(state.clone(), shutdown.clone()));
+        tracker.spawn(crate::metrics::refresh_gauges(
+            state.db.clone(),
+            Duration::from_secs(15),
+            shutdown.clone(),
+        ));
     }
     tracker.close();
     shutdown.cancelled().await;

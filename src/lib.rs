@@ -3,6 +3,7 @@
 //! One crate, several roles (API, saga worker, outbox relay, tracking consumer, simulators); see the
 //! README for how they fit together and `docs/` for the contracts.
 
+pub mod admin;
 pub mod api;
 pub mod app;
 pub mod auth;
@@ -14,6 +15,7 @@ pub mod db;
 pub mod dev;
 pub mod downstream;
 pub mod error;
+pub mod metrics;
 pub mod orders;
 pub mod outbox;
 pub mod saga;

@@ -1,6 +1,7 @@
 //! The HTTP API: routes, shared state, and the middleware every request passes through (request id,
 //! one span per request continuing the caller's W3C trace, 64 KiB body limit, problem+json errors).
 
+pub mod admin;
 pub mod auth;
 pub mod extract;
 pub mod health;
@@ -87,6 +88,12 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(orders::create_order, orders::list_orders))
         .routes(routes!(orders::get_order))
         .routes(routes!(orders::cancel_order))
+        .routes(routes!(admin::list_sagas))
+        .routes(routes!(admin::get_saga))
+        .routes(routes!(admin::retry_saga))
+        .routes(routes!(admin::cancel_saga))
+        .routes(routes!(admin::bulk_retry))
+        .routes(routes!(admin::list_audit))
 }
 
 /// The OpenAPI document of the API.
@@ -127,6 +134,13 @@ pub fn router(state: AppState) -> Router {
                 .make_span_with(make_request_span)
                 .on_response(|resp: &Response<_>, latency: Duration, span: &Span| {
                     span.record("http.response.status_code", resp.status().as_u16());
+                    crate::metrics::get().http_duration.record(
+                        latency.as_secs_f64(),
+                        &[opentelemetry::KeyValue::new(
+                            "http.response.status_code",
+                            i64::from(resp.status().as_u16()),
+                        )],
+                    );
                     tracing::info!(
                         status = resp.status().as_u16(),
                         latency_ms = latency.as_millis() as u64,

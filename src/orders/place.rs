@@ -50,6 +50,7 @@ pub async fn place(
             saga_type: def.name.clone(),
             version: def.version as i32,
             deadline: Duration::from_secs(def.deadline_seconds),
+            first_step: def.steps[0].name.clone(),
         })
         .await;
     let created = match created {

@@ -239,6 +239,9 @@ impl Engine {
             return Err(sqlx::Error::PoolClosed);
         }
         let created = rx.await.map_err(|_| sqlx::Error::PoolClosed)??;
+        if matches!(created, Created::New(_)) {
+            crate::metrics::get().sagas_started.add(1, &[]);
+        }
         match (&created, permit) {
             (Created::New(saga), Some(permit)) => self.0.clone().spawn_drive((**saga).clone(), permit),
             (Created::New(_), None) => self.nudge(),
@@ -456,8 +459,19 @@ impl Inner {
                 _ => unreachable!("step {name} is not remote"),
             }
         };
+        let started = std::time::Instant::now();
         let attempt = fut.instrument(span.clone()).await;
         let (outcome, class) = outcome_label(&attempt);
+        let m = crate::metrics::get();
+        let attrs = [
+            opentelemetry::KeyValue::new("step", name),
+            opentelemetry::KeyValue::new("kind", kind.as_str()),
+            opentelemetry::KeyValue::new("outcome", outcome),
+        ];
+        m.step_duration.record(started.elapsed().as_secs_f64(), &attrs);
+        if outcome == "transient" || (outcome == "refused" && kind == Kind::Compensation) {
+            m.retries.add(1, &attrs[..2]);
+        }
         span.record("saga.outcome", outcome);
         if let Some(c) = class {
             span.record("error.type", c);
@@ -521,6 +535,7 @@ impl Inner {
         store::write_transition(
             conn,
             &saga,
+            machine.step_name(&saga),
             &fx,
             keep,
             self.cfg.lease,
@@ -620,6 +635,7 @@ impl Inner {
             }
             (Job::Step { reply, .. }, Ok(JobResult::Step(applied, finished, answer))) => {
                 if finished && let Applied::Written(s) = &applied {
+                    crate::metrics::get().saga_finished(s.state.as_str());
                     self.notify_finished(s.id, s.state, answer);
                 }
                 let _ = reply.send(Ok(applied));

@@ -791,6 +791,22 @@ impl Machine<'_> {
         fx.push(Effect::Finished { answer: None });
     }
 
+    /// The name ops see as the saga's step: the action (running) or compensation (compensating,
+    /// stuck) that runs next; for a finished saga, the action that failed, or the last one.
+    pub fn step_name(&self, s: &Saga) -> &'static str {
+        let last = self.shapes.len() - 1;
+        match s.state {
+            SagaState::Running => self.shapes[s.step.min(last)].action,
+            SagaState::Compensating | SagaState::Stuck => self.shapes[s.step.min(last)].compensation,
+            SagaState::Completed => self.shapes[last].action,
+            SagaState::Failed | SagaState::Compensated => s
+                .failure
+                .as_ref()
+                .and_then(|f| self.shapes.iter().find(|sh| sh.action == f.step))
+                .map_or(self.shapes[0].action, |sh| sh.action),
+        }
+    }
+
     /// The order as events and the 201 answer show it.
     pub fn order_data(&self, s: &Saga, status: OrderStatus) -> Value {
         let items: Vec<Value> = match &s.data.items {
@@ -843,5 +859,316 @@ fn order_event(event_type: &'static str, data: Value) -> Effect {
         stream: Stream::Order,
         event_type,
         data,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::contract::{ReservedItem, Shipment};
+    use crate::saga::definition::SagaDef;
+    use crate::saga::steps::{CREATE_ORDER, create_order_impls};
+
+    fn def() -> SagaDef {
+        SagaDef::load(
+            crate::saga::definition::CREATE_ORDER_FILE,
+            crate::saga::definition::CREATE_ORDER_TOML,
+            "create_order",
+            &create_order_impls(),
+        )
+        .unwrap()
+    }
+
+    fn saga() -> Saga {
+        let now = OffsetDateTime::now_utc();
+        Saga {
+            id: Uuid::now_v7(),
+            order_id: 7,
+            user_id: 3,
+            fence: 1,
+            state: SagaState::Running,
+            step: 0,
+            attempt: 0,
+            input: vec![Line {
+                product_id: 1,
+                quantity: 2,
+            }],
+            data: SagaData::default(),
+            failure: None,
+            cancel_requested: None,
+            answered_pending: false,
+            trace: HashMap::new(),
+            deadline_at: now + Duration::from_secs(600),
+            next_attempt_at: Some(now),
+            created_at: now,
+            last_error: None,
+            last_error_class: None,
+        }
+    }
+
+    fn attempt(step: usize, kind: Kind, number: u32, outcome: Outcome) -> Attempt {
+        Attempt {
+            step,
+            kind,
+            number,
+            started_at: OffsetDateTime::now_utc(),
+            idempotency_key: Some("k".into()),
+            outcome,
+        }
+    }
+
+    fn transient() -> Outcome {
+        Outcome::Transient {
+            class: "http_5xx".into(),
+            detail: "503".into(),
+            status: Some(503),
+            retry_after: None,
+        }
+    }
+
+    fn reservation() -> Outcome {
+        Outcome::Succeeded(StepOutput::Reservation(Reservation {
+            reservation_id: "r".into(),
+            items: vec![ReservedItem {
+                product_id: 1,
+                quantity: 2,
+                unit_price: Decimal::new(250, 2),
+                currency: "USD".into(),
+            }],
+        }))
+    }
+
+    fn events(fx: &[Effect]) -> Vec<&'static str> {
+        fx.iter()
+            .filter_map(|e| match e {
+                Effect::Event { event_type, .. } => Some(*event_type),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_transient_failure_schedules_a_retry_until_the_policy_is_exhausted() {
+        let d = def();
+        let m = Machine {
+            def: &d,
+            shapes: &CREATE_ORDER,
+            retry_scale: 1.0,
+        };
+        let mut s = saga();
+        let now = OffsetDateTime::now_utc();
+        let fx = m.record(&mut s, &attempt(0, Kind::Action, 1, transient()), now, 0.5);
+        assert_eq!(s.state, SagaState::Running);
+        assert_eq!(s.next_attempt_at, Some(now + Duration::from_millis(200)));
+        assert_eq!(events(&fx), ["RetryScheduled"]);
+        // A longer Retry-After wins over the computed delay.
+        let mut ra = transient();
+        if let Outcome::Transient { retry_after, .. } = &mut ra {
+            *retry_after = Some(Duration::from_secs(3));
+        }
+        m.record(&mut s, &attempt(0, Kind::Action, 2, ra), now, 0.5);
+        assert_eq!(s.next_attempt_at, Some(now + Duration::from_secs(3)));
+        // The last allowed attempt fails: compensation includes the step itself.
+        m.record(&mut s, &attempt(0, Kind::Action, 8, transient()), now, 0.5);
+        assert_eq!((s.state, s.step), (SagaState::Compensating, 0));
+        assert_eq!(m.next(&s, now), Next::Remote(0, Kind::Compensation));
+    }
+
+    #[test]
+    fn a_reservation_moves_to_the_local_persist_step_and_a_stock_refusal_fails_without_compensation() {
+        let d = def();
+        let m = Machine {
+            def: &d,
+            shapes: &CREATE_ORDER,
+            retry_scale: 1.0,
+        };
+        let now = OffsetDateTime::now_utc();
+        let mut s = saga();
+        m.record(&mut s, &attempt(0, Kind::Action, 1, reservation()), now, 0.5);
+        assert_eq!(m.next(&s, now), Next::Local(1, Kind::Action));
+
+        let mut s = saga();
+        let refused = Outcome::Refused {
+            class: CLASS_INSUFFICIENT_STOCK.into(),
+            detail: "no".into(),
+            status: Some(409),
+            unavailable: Some(vec![]),
+        };
+        let fx = m.record(&mut s, &attempt(0, Kind::Action, 1, refused), now, 0.5);
+        assert_eq!(s.state, SagaState::Failed);
+        assert!(
+            fx.contains(&Effect::Order(OrderChange::Delete)),
+            "a synchronous stock-out places no order"
+        );
+        let answer = fx.iter().find_map(|e| match e {
+            Effect::Finished { answer } => answer.clone(),
+            _ => None,
+        });
+        assert_eq!(answer.unwrap()["status"], 409);
+    }
+
+    #[test]
+    fn a_stock_refusal_after_a_202_rejects_the_order_instead_of_deleting_it() {
+        let d = def();
+        let m = Machine {
+            def: &d,
+            shapes: &CREATE_ORDER,
+            retry_scale: 1.0,
+        };
+        let mut s = saga();
+        s.answered_pending = true;
+        let refused = Outcome::Refused {
+            class: CLASS_INSUFFICIENT_STOCK.into(),
+            detail: "no".into(),
+            status: Some(409),
+            unavailable: None,
+        };
+        let fx = m.record(
+            &mut s,
+            &attempt(0, Kind::Action, 1, refused),
+            OffsetDateTime::now_utc(),
+            0.5,
+        );
+        assert!(fx.contains(&Effect::Order(OrderChange::Status {
+            to: OrderStatus::Rejected,
+            reason: Some("no".into())
+        })));
+        assert!(events(&fx).contains(&"OrderRejected"));
+    }
+
+    #[test]
+    fn a_shipment_refusal_compensates_in_reverse_order_and_ends_failed() {
+        let d = def();
+        let m = Machine {
+            def: &d,
+            shapes: &CREATE_ORDER,
+            retry_scale: 1.0,
+        };
+        let now = OffsetDateTime::now_utc();
+        let mut s = saga();
+        s.step = 2;
+        s.data.items = Some(vec![]);
+        let refused = Outcome::Refused {
+            class: "http_4xx".into(),
+            detail: "422".into(),
+            status: Some(422),
+            unavailable: None,
+        };
+        m.record(&mut s, &attempt(2, Kind::Action, 1, refused), now, 0.5);
+        // The shipment was refused, so its compensation is skipped: cancel_order (local) is next.
+        assert_eq!(
+            (s.state, m.next(&s, now)),
+            (SagaState::Compensating, Next::Local(1, Kind::Compensation))
+        );
+        let fx = m.record(
+            &mut s,
+            &attempt(
+                1,
+                Kind::Compensation,
+                1,
+                Outcome::Succeeded(StepOutput::OrderCancelled(true)),
+            ),
+            now,
+            0.5,
+        );
+        assert!(events(&fx).contains(&"OrderCancelled"));
+        assert_eq!(m.next(&s, now), Next::Remote(0, Kind::Compensation));
+        let fx = m.record(
+            &mut s,
+            &attempt(0, Kind::Compensation, 1, Outcome::Succeeded(StepOutput::Done)),
+            now,
+            0.5,
+        );
+        assert_eq!(s.state, SagaState::Failed);
+        assert!(events(&fx).contains(&"SagaFailed"));
+        assert_eq!(m.step_name(&s), "create_shipment");
+    }
+
+    #[test]
+    fn an_exhausted_compensation_leaves_the_saga_stuck() {
+        let d = def();
+        let m = Machine {
+            def: &d,
+            shapes: &CREATE_ORDER,
+            retry_scale: 1.0,
+        };
+        let mut s = saga();
+        s.state = SagaState::Compensating;
+        let fx = m.record(
+            &mut s,
+            &attempt(0, Kind::Compensation, 12, transient()),
+            OffsetDateTime::now_utc(),
+            0.5,
+        );
+        assert_eq!(s.state, SagaState::Stuck);
+        assert_eq!(s.next_attempt_at, None);
+        assert!(
+            s.last_error
+                .as_deref()
+                .unwrap()
+                .contains("release_reservation failed after 12 attempts")
+        );
+        assert!(events(&fx).contains(&"SagaStuck"));
+        assert_eq!(m.step_name(&s), "release_reservation");
+    }
+
+    #[test]
+    fn cancellation_and_deadline_turn_a_running_saga_at_the_boundary() {
+        let d = def();
+        let m = Machine {
+            def: &d,
+            shapes: &CREATE_ORDER,
+            retry_scale: 1.0,
+        };
+        let now = OffsetDateTime::now_utc();
+        let mut s = saga();
+        s.step = 2;
+        s.cancel_requested = Some("customer".into());
+        m.check_boundary(&mut s, now);
+        assert_eq!((s.state, s.step), (SagaState::Compensating, 1));
+        assert_eq!(s.failure.as_ref().unwrap().class, CLASS_CANCELLED);
+
+        let mut s = saga();
+        s.deadline_at = now - Duration::from_secs(1);
+        m.check_boundary(&mut s, now);
+        assert_eq!(s.failure.as_ref().unwrap().class, CLASS_DEADLINE);
+        assert_eq!(
+            s.state,
+            SagaState::Failed,
+            "nothing to undo at step 0 without an attempt"
+        );
+
+        // Cancelled while its last step was in flight: the completed saga compensates everything.
+        let mut s = saga();
+        s.step = 2;
+        s.cancel_requested = Some("customer".into());
+        s.data.shipment = Some(Shipment {
+            shipment_id: "shp".into(),
+            status: "created".into(),
+        });
+        m.record(
+            &mut s,
+            &attempt(
+                2,
+                Kind::Action,
+                1,
+                Outcome::Succeeded(StepOutput::Shipment(Shipment {
+                    shipment_id: "shp".into(),
+                    status: "created".into(),
+                })),
+            ),
+            now,
+            0.5,
+        );
+        assert_eq!(s.state, SagaState::Completed);
+        m.check_boundary(&mut s, now);
+        assert_eq!((s.state, s.step), (SagaState::Compensating, 2));
+    }
+
+    #[test]
+    fn money_has_exactly_two_places() {
+        assert_eq!(money(Decimal::new(5, 0)), "5.00");
+        assert_eq!(money(Decimal::new(59980, 3)), "59.98");
+        assert_eq!(money(Decimal::new(1, 3)), "0.00");
     }
 }

@@ -50,6 +50,8 @@ pub struct NewSaga {
     pub version: i32,
     /// Deadline from now.
     pub deadline: Duration,
+    /// Name of the first action.
+    pub first_step: String,
 }
 
 /// The idempotency record a request key already has.
@@ -121,8 +123,8 @@ pub async fn create(
     sqlx::query!(
         r#"insert into sagas (saga_id, saga_type, definition_version, order_id, user_id, state, step, attempt,
                               next_attempt_at, lease_owner, lease_expires_at, fence, input, trace_context,
-                              deadline_at, created_at)
-           values ($1, $2, $3, $4, $5, 'running', 0, 0, $6, $7, case when $7::text is not null then now() + $8 end, 1, $9, $10, $11, $6)"#,
+                              deadline_at, created_at, step_name)
+           values ($1, $2, $3, $4, $5, 'running', 0, 0, $6, $7, case when $7::text is not null then now() + $8 end, 1, $9, $10, $11, $6, $12)"#,
         n.saga_id,
         n.saga_type,
         n.version,
@@ -133,7 +135,8 @@ pub async fn create(
         interval(lease),
         input,
         trace,
-        deadline_at
+        deadline_at,
+        n.first_step
     )
     .execute(&mut *conn)
     .await?;
@@ -457,9 +460,11 @@ pub async fn set_order_status(
 /// Writes a transition: the saga row (fence already checked by `lock_fenced` in this transaction),
 /// history rows, order changes, outbox events and, for a finished saga, its answer and a wake-up
 /// for waiters on other instances. `keep_lease` keeps the lease when the worker continues at once.
+#[allow(clippy::too_many_arguments)]
 pub async fn write_transition(
     conn: &mut PgConnection,
     saga: &Saga,
+    step_name: &str,
     effects: &[Effect],
     keep_lease: bool,
     lease: Duration,
@@ -588,7 +593,7 @@ pub async fn write_transition(
                   lease_owner = case when $10 then lease_owner end,
                   lease_expires_at = case when $10 then now() + $11 end,
                   answer = coalesce(answer, $12), updated_at = now(),
-                  finished_at = case when $13 then now() end
+                  finished_at = case when $13 then now() end, step_name = $14
             where saga_id = $1"#,
         saga.id,
         saga.state.as_str(),
@@ -602,7 +607,8 @@ pub async fn write_transition(
         keep,
         interval(lease),
         answer,
-        saga.state.is_finished()
+        saga.state.is_finished(),
+        step_name
     )
     .execute(&mut *conn)
     .await?;

@@ -1,5 +1,6 @@
 //! Integration tests of the API: real PostgreSQL (a fresh database per test), the real app on port 0.
 
+mod admin;
 mod auth;
 mod health;
 mod helpers;

@@ -54,6 +54,7 @@ fn new_saga(user_id: i32, key: &str) -> NewSaga {
         saga_type: "create_order".into(),
         version: 1,
         deadline: Duration::from_secs(600),
+        first_step: "reserve_inventory".into(),
     }
 }
 

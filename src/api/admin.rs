@@ -1,0 +1,363 @@
+//! The admin API (role `admin`): sagas, their history, re-drives and cancellations (one or in bulk,
+//! with a dry run), and the audit trail. Every action is audited in the transaction that makes it.
+
+use std::collections::HashMap;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::admin::{self, ActionOutcome, AuditItem, SagaDetail, SagaFilter, SagaSummary};
+use crate::api::AppState;
+use crate::api::extract::{AdminUser, ApiJson};
+use crate::error::ApiError;
+use crate::saga::machine::SagaState;
+
+/// A page of sagas.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SagaPage {
+    /// Newest first.
+    pub items: Vec<SagaSummary>,
+    /// Cursor of the next page; null on the last.
+    pub next_cursor: Option<String>,
+}
+
+/// A page of audit rows.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditPage {
+    /// Newest first.
+    pub items: Vec<AuditItem>,
+    /// Cursor of the next page; null on the last.
+    pub next_cursor: Option<String>,
+}
+
+type Params = Query<HashMap<String, String>>;
+
+fn only(params: &HashMap<String, String>, allowed: &[&str]) -> Result<(), ApiError> {
+    match params.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(k) => Err(ApiError::invalid_field(
+            k,
+            format!("unknown query parameter {k:?}"),
+        )),
+        None => Ok(()),
+    }
+}
+
+fn limit_param(params: &HashMap<String, String>, default: i64, max: i64) -> Result<i64, ApiError> {
+    match params.get("limit") {
+        None => Ok(default),
+        Some(s) => s
+            .parse::<i64>()
+            .ok()
+            .filter(|l| (1..=max).contains(l))
+            .ok_or_else(|| {
+                ApiError::invalid_field("limit", format!("limit must be an integer from 1 to {max}"))
+            }),
+    }
+}
+
+fn state_param(v: Option<&String>) -> Result<Option<String>, ApiError> {
+    match v {
+        None => Ok(None),
+        Some(s) if SagaState::parse(s).is_some() => Ok(Some(s.clone())),
+        Some(_) => Err(ApiError::invalid_field(
+            "state",
+            "state must be one of running, compensating, completed, compensated, failed, stuck",
+        )),
+    }
+}
+
+fn filter_from(params: &HashMap<String, String>) -> Result<SagaFilter, ApiError> {
+    Ok(SagaFilter {
+        state: state_param(params.get("state"))?,
+        step: params.get("step").cloned(),
+        order_id: match params.get("orderID") {
+            None => None,
+            Some(s) => {
+                Some(s.parse::<i32>().ok().filter(|v| *v > 0).ok_or_else(|| {
+                    ApiError::invalid_field("orderID", "orderID must be a positive integer")
+                })?)
+            }
+        },
+        older_than_seconds: match params.get("olderThanSeconds") {
+            None => None,
+            Some(s) => Some(
+                s.parse::<f64>()
+                    .ok()
+                    .filter(|v| v.is_finite() && *v >= 0.0)
+                    .ok_or_else(|| {
+                        ApiError::invalid_field("olderThanSeconds", "olderThanSeconds must be a number ≥ 0")
+                    })?,
+            ),
+        },
+        error_class: params.get("errorClass").cloned(),
+    })
+}
+
+/// Sagas matching a filter, newest first.
+#[utoipa::path(get, path = "/admin/sagas", tag = "admin", security(("bearer" = [])),
+    params(("state" = Option<String>, Query), ("step" = Option<String>, Query), ("orderID" = Option<i32>, Query),
+           ("olderThanSeconds" = Option<f64>, Query), ("errorClass" = Option<String>, Query),
+           ("limit" = Option<i64>, Query), ("cursor" = Option<String>, Query)),
+    responses((status = 200, body = SagaPage), (status = 401), (status = 403), (status = 422)))]
+pub async fn list_sagas(
+    State(state): State<AppState>,
+    _admin: AdminUser,
+    Query(params): Params,
+) -> Result<Json<SagaPage>, ApiError> {
+    only(
+        &params,
+        &[
+            "state",
+            "step",
+            "orderID",
+            "olderThanSeconds",
+            "errorClass",
+            "limit",
+            "cursor",
+        ],
+    )?;
+    let filter = filter_from(&params)?;
+    let limit = limit_param(&params, 50, 100)?;
+    let after = match params.get("cursor").map(String::as_str) {
+        None | Some("") => None,
+        Some(c) => Some(
+            admin::decode_cursor(c)
+                .ok_or_else(|| ApiError::invalid_field("cursor", "cursor is not one this API issued"))?,
+        ),
+    };
+    let mut conn = state.db.acquire().await?;
+    let mut items = admin::list_sagas(&mut conn, &filter, after, limit + 1).await?;
+    let next_cursor = if items.len() as i64 > limit {
+        items.truncate(limit as usize);
+        items.last().map(admin::encode_cursor)
+    } else {
+        None
+    };
+    Ok(Json(SagaPage { items, next_cursor }))
+}
+
+fn saga_id(raw: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw).map_err(|_| ApiError::not_found("no such saga"))
+}
+
+/// One saga with every attempt of every action and compensation.
+#[utoipa::path(get, path = "/admin/sagas/{sagaID}", tag = "admin", security(("bearer" = [])),
+    params(("sagaID" = String, Path)), responses((status = 200, body = SagaDetail), (status = 404)))]
+pub async fn get_saga(
+    State(state): State<AppState>,
+    _admin: AdminUser,
+    Path(raw): Path<String>,
+) -> Result<Json<SagaDetail>, ApiError> {
+    let id = saga_id(&raw)?;
+    let mut conn = state.db.acquire().await?;
+    admin::get_saga(&mut conn, id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found("no such saga"))
+}
+
+async fn act(
+    state: &AppState,
+    actor: i32,
+    id: Uuid,
+    action: &'static str,
+) -> Result<Json<SagaDetail>, ApiError> {
+    let mut tx = state.db.begin().await?;
+    let outcome = match action {
+        "saga.retry" => admin::retry(&mut tx, id).await?,
+        _ => admin::cancel(&mut tx, id, actor).await?,
+    };
+    match outcome {
+        ActionOutcome::NotFound => return Err(ApiError::not_found("no such saga")),
+        ActionOutcome::Terminal(s) => {
+            return Err(ApiError::conflict(
+                "saga-terminal",
+                format!("the saga is {s}; nothing can change it any more"),
+            )
+            .with("state", s));
+        }
+        ActionOutcome::Done { before, after } => {
+            admin::audit(
+                &mut tx,
+                actor,
+                action,
+                &format!("saga:{id}"),
+                Some(before),
+                Some(after),
+            )
+            .await?;
+        }
+    }
+    tx.commit().await?;
+    state.engine.nudge();
+    let mut conn = state.db.acquire().await?;
+    admin::get_saga(&mut conn, id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found("no such saga"))
+}
+
+/// Re-drives a stuck saga from where it stopped (a compensating saga continues its compensation), or
+/// runs a waiting saga's next attempt now. 409 for a terminal saga. Harmless to repeat.
+#[utoipa::path(post, path = "/admin/sagas/{sagaID}/retry", tag = "admin", security(("bearer" = [])),
+    params(("sagaID" = String, Path)), responses((status = 200, body = SagaDetail), (status = 404), (status = 409)))]
+pub async fn retry_saga(
+    State(state): State<AppState>,
+    AdminUser(claims): AdminUser,
+    Path(raw): Path<String>,
+) -> Result<Json<SagaDetail>, ApiError> {
+    act(&state, claims.user_id(), saga_id(&raw)?, "saga.retry").await
+}
+
+/// Compensates a running or stuck saga. 409 once it is terminal.
+#[utoipa::path(post, path = "/admin/sagas/{sagaID}/cancel", tag = "admin", security(("bearer" = [])),
+    params(("sagaID" = String, Path)), responses((status = 200, body = SagaDetail), (status = 404), (status = 409)))]
+pub async fn cancel_saga(
+    State(state): State<AppState>,
+    AdminUser(claims): AdminUser,
+    Path(raw): Path<String>,
+) -> Result<Json<SagaDetail>, ApiError> {
+    act(&state, claims.user_id(), saga_id(&raw)?, "saga.cancel").await
+}
+
+/// Bulk re-drive request.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct BulkRetryRequest {
+    /// State to select (usually `stuck`).
+    pub state: String,
+    /// Step name.
+    pub step: Option<String>,
+    /// Last error class.
+    pub error_class: Option<String>,
+    /// Last updated more than this many seconds ago.
+    pub older_than_seconds: Option<f64>,
+    /// Most sagas to re-drive (1–1000).
+    pub limit: i64,
+    /// Report what would be re-driven without changing anything.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// Bulk re-drive answer.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BulkRetryAnswer {
+    /// Every saga the filter selects.
+    pub matched: i64,
+    /// The ones re-driven (on a dry run: the ones that would be).
+    pub retried: Vec<Uuid>,
+    /// Whether this was a dry run.
+    pub dry_run: bool,
+}
+
+/// Re-drives every saga a filter selects, up to `limit`; a dry run changes nothing.
+#[utoipa::path(post, path = "/admin/sagas/retry", tag = "admin", security(("bearer" = [])), request_body = BulkRetryRequest,
+    responses((status = 200, body = BulkRetryAnswer), (status = 422)))]
+pub async fn bulk_retry(
+    State(state): State<AppState>,
+    AdminUser(claims): AdminUser,
+    ApiJson(req): ApiJson<BulkRetryRequest>,
+) -> Result<Json<BulkRetryAnswer>, ApiError> {
+    let filter = SagaFilter {
+        state: state_param(Some(&req.state))?,
+        step: req.step.clone(),
+        order_id: None,
+        older_than_seconds: match req.older_than_seconds {
+            Some(v) if !(v.is_finite() && v >= 0.0) => {
+                return Err(ApiError::invalid_field(
+                    "olderThanSeconds",
+                    "olderThanSeconds must be a number ≥ 0",
+                ));
+            }
+            v => v,
+        },
+        error_class: req.error_class.clone(),
+    };
+    if !(1..=1000).contains(&req.limit) {
+        return Err(ApiError::invalid_field(
+            "limit",
+            "limit must be an integer from 1 to 1000",
+        ));
+    }
+    let mut tx = state.db.begin().await?;
+    let matched = admin::count_sagas(&mut tx, &filter).await?;
+    let candidates: Vec<Uuid> = admin::list_sagas(&mut tx, &filter, None, req.limit)
+        .await?
+        .into_iter()
+        .filter(|s| matches!(s.state.as_str(), "stuck" | "running" | "compensating"))
+        .map(|s| s.saga_id)
+        .collect();
+    if req.dry_run {
+        tx.rollback().await?;
+        return Ok(Json(BulkRetryAnswer {
+            matched,
+            retried: candidates,
+            dry_run: true,
+        }));
+    }
+    let mut retried = Vec::with_capacity(candidates.len());
+    for id in candidates {
+        if let ActionOutcome::Done { .. } = admin::retry(&mut tx, id).await? {
+            retried.push(id);
+        }
+    }
+    let target = json!({"state": req.state, "step": req.step, "errorClass": req.error_class, "olderThanSeconds": req.older_than_seconds, "limit": req.limit});
+    admin::audit(
+        &mut tx,
+        claims.user_id(),
+        "sagas.bulk_retry",
+        &target.to_string(),
+        Some(json!({"matched": matched})),
+        Some(json!({"retried": retried})),
+    )
+    .await?;
+    tx.commit().await?;
+    state.engine.nudge();
+    Ok(Json(BulkRetryAnswer {
+        matched,
+        retried,
+        dry_run: false,
+    }))
+}
+
+/// The audit trail, newest first.
+#[utoipa::path(get, path = "/admin/audit", tag = "admin", security(("bearer" = [])),
+    params(("limit" = Option<i64>, Query), ("cursor" = Option<String>, Query)), responses((status = 200, body = AuditPage)))]
+pub async fn list_audit(
+    State(state): State<AppState>,
+    _admin: AdminUser,
+    Query(params): Params,
+) -> Result<Json<AuditPage>, ApiError> {
+    only(&params, &["limit", "cursor"])?;
+    let limit = limit_param(&params, 50, 100)?;
+    let before = match params.get("cursor").map(String::as_str) {
+        None | Some("") => None,
+        Some(c) => Some(
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(c)
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())
+                .and_then(|s| s.strip_prefix("a:").and_then(|n| n.parse::<i64>().ok()))
+                .ok_or_else(|| ApiError::invalid_field("cursor", "cursor is not one this API issued"))?,
+        ),
+    };
+    let mut conn = state.db.acquire().await?;
+    let mut items = admin::list_audit(&mut conn, before, limit + 1).await?;
+    let next_cursor = if items.len() as i64 > limit {
+        items.truncate(limit as usize);
+        items
+            .last()
+            .map(|a| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("a:{}", a.id)))
+    } else {
+        None
+    };
+    Ok(Json(AuditPage { items, next_cursor }))
+}
