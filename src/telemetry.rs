@@ -53,17 +53,31 @@ fn resource(default_service: &str) -> opentelemetry_sdk::Resource {
 
 /// Installs the global subscriber. Call once per process; a second call is a no-op (tests).
 pub fn init(default_service: &str, format: LogFormat) -> TelemetryGuard {
-    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-
     let mut provider_builder = SdkTracerProvider::builder().with_resource(resource(default_service));
-    let exporting = export_configured("TRACES");
-    if exporting {
+    if export_configured("TRACES") {
         match opentelemetry_otlp::SpanExporter::builder().with_http().build() {
             Ok(exp) => provider_builder = provider_builder.with_batch_exporter(exp),
             Err(e) => eprintln!("OTLP trace exporter not started: {e}"),
         }
     }
-    let provider = provider_builder.build();
+    install(provider_builder.build(), default_service, format)
+}
+
+/// Installs the global subscriber with spans going synchronously to `exporter` (tests read the
+/// spans back from it).
+pub fn init_with_span_exporter<E>(default_service: &str, exporter: E) -> TelemetryGuard
+where
+    E: opentelemetry_sdk::trace::SpanExporter + 'static,
+{
+    let provider = SdkTracerProvider::builder()
+        .with_resource(resource(default_service))
+        .with_simple_exporter(exporter)
+        .build();
+    install(provider, default_service, LogFormat::Pretty)
+}
+
+fn install(provider: SdkTracerProvider, default_service: &str, format: LogFormat) -> TelemetryGuard {
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     opentelemetry::global::set_tracer_provider(provider.clone());
     let tracer = provider.tracer("ostore-orders");
 

@@ -1,0 +1,187 @@
+//! One OpenTelemetry trace per saga: the caller's trace is continued through the request, the saga,
+//! every step attempt, the downstream calls and the simulators' handling of them; a saga resumed by
+//! another worker stays in its original trace. (Its own binary: it installs the global subscriber.)
+
+#[path = "api/helpers.rs"]
+mod helpers;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::trace::{SpanData, SpanExporter};
+use serde_json::json;
+
+use helpers::{AppOptions, spawn_app_with};
+
+#[derive(Debug, Clone, Default)]
+struct Collector(Arc<Mutex<Vec<SpanData>>>);
+
+impl SpanExporter for Collector {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        self.0.lock().unwrap().extend(batch);
+        Ok(())
+    }
+}
+
+impl Collector {
+    fn in_trace(&self, trace_id: &str) -> Vec<SpanData> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.span_context.trace_id().to_string() == trace_id)
+            .cloned()
+            .collect()
+    }
+}
+
+/// The spans of a trace as an indented tree (name, span id, parent id).
+fn tree(spans: &[SpanData]) -> String {
+    let mut children: HashMap<String, Vec<&SpanData>> = HashMap::new();
+    let ids: Vec<String> = spans
+        .iter()
+        .map(|s| s.span_context.span_id().to_string())
+        .collect();
+    for s in spans {
+        children.entry(s.parent_span_id.to_string()).or_default().push(s);
+    }
+    for v in children.values_mut() {
+        v.sort_by_key(|s| s.start_time);
+    }
+    let mut out = String::new();
+    fn walk(out: &mut String, children: &HashMap<String, Vec<&SpanData>>, id: &str, depth: usize) {
+        for s in children.get(id).into_iter().flatten() {
+            let sid = s.span_context.span_id().to_string();
+            out.push_str(&format!(
+                "{}{} [{} ← {}]\n",
+                "  ".repeat(depth),
+                s.name,
+                sid,
+                s.parent_span_id
+            ));
+            walk(out, children, &sid, depth + 1);
+        }
+    }
+    // Roots: spans whose parent is not in the trace's collected spans.
+    let roots: Vec<String> = spans
+        .iter()
+        .map(|s| s.parent_span_id.to_string())
+        .filter(|p| !ids.contains(p))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    for r in roots {
+        out.push_str(&format!("(remote parent {r})\n"));
+        walk(&mut out, &children, &r, 1);
+    }
+    out
+}
+
+#[tokio::test]
+async fn one_trace_spans_the_request_every_step_and_the_downstream_services() {
+    let collector = Collector::default();
+    let _guard = ostore_orders::telemetry::init_with_span_exporter("ostore-orders-test", collector.clone());
+    let app = spawn_app_with(AppOptions::default()).await;
+    app.product(1, 10, "1.00");
+    // The catalog fails once, so a retry is part of the trace too.
+    app.catalog_faults(json!({"failNext": 1, "endpoint": "reserve"}))
+        .await;
+    let (_, token) = app.customer("trace@example.com").await;
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let r = app
+        .http
+        .post(app.url("/orders"))
+        .bearer_auth(&token)
+        .header("Idempotency-Key", "traced")
+        .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
+        .json(&json!({"orderItems": [{"productID": 1, "quantity": 1}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    app.eventually_eq("select state from sagas", "completed", 10)
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let spans = collector.in_trace(trace_id);
+    let names: Vec<String> = spans.iter().map(|s| s.name.to_string()).collect();
+    println!("trace {trace_id}:\n{}", tree(&spans));
+    for expected in [
+        "POST /orders",
+        "saga create_order",
+        "action reserve_inventory",
+        "action create_shipment",
+        "catalog.reserve",
+        "shipments.create",
+    ] {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{expected} missing from the trace: {names:?}"
+        );
+    }
+    // Two reserve attempts (a retry), both in the trace.
+    assert_eq!(
+        names.iter().filter(|n| *n == "action reserve_inventory").count(),
+        2
+    );
+    // The simulator's handling of the call is a child of the client call (W3C traceparent injected).
+    let sim = spans
+        .iter()
+        .filter(|s| s.name == "catalog.reserve" && s.parent_span_is_remote)
+        .count();
+    assert!(sim >= 1, "the simulator did not continue the trace");
+    // The outbox rows carry the trace into Kafka headers.
+    let headers: Vec<serde_json::Value> = sqlx::query_scalar("select headers from outbox")
+        .fetch_all(&app.db)
+        .await
+        .unwrap();
+    assert!(
+        headers
+            .iter()
+            .all(|h| h["traceparent"].as_str().unwrap().contains(trace_id))
+    );
+}
+
+#[tokio::test]
+async fn a_saga_resumed_by_another_worker_stays_in_its_trace() {
+    let collector = Collector::default();
+    let _guard = ostore_orders::telemetry::init_with_span_exporter("ostore-orders-test", collector.clone());
+    let app = spawn_app_with(AppOptions {
+        flags: vec!["--order-wait-ms", "100", "--saga-lease-ms", "6000"],
+        ..Default::default()
+    })
+    .await;
+    app.product(1, 10, "1.00");
+    let (_, token) = app.customer("resume@example.com").await;
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    // The saga's first worker "dies": its lease is left to expire and another claim resumes it.
+    app.catalog_faults(json!({"latencyMs": 400, "endpoint": "reserve"}))
+        .await;
+    let r = app
+        .http
+        .post(app.url("/orders"))
+        .bearer_auth(&token)
+        .header("Idempotency-Key", "resumed")
+        .header("traceparent", format!("00-{trace_id}-b7ad6b7169203331-01"))
+        .json(&json!({"orderItems": [{"productID": 1, "quantity": 1}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    // Resume from the database, as a restarted worker would: the trace context comes from the row.
+    sqlx::query("update sagas set lease_owner = null, lease_expires_at = null, fence = fence + 1, next_attempt_at = now()")
+        .execute(&app.db)
+        .await
+        .unwrap();
+    app.engine.run_due_once().await.unwrap();
+    app.eventually_eq("select state from sagas", "completed", 10)
+        .await;
+    let spans = collector.in_trace(trace_id);
+    let sagas = spans.iter().filter(|s| s.name == "saga create_order").count();
+    assert!(
+        sagas >= 2,
+        "the resumed drive must join the original trace:\n{}",
+        tree(&spans)
+    );
+}
