@@ -37,6 +37,9 @@ pub enum Command {
     /// Run a downstream simulator on its own (development, tests, benchmarks, docker-compose).
     #[command(subcommand)]
     Sim(SimCommand),
+    /// Load-test a stack (started in this process, or --base-url) and report orders/s, latency
+    /// percentiles, outcomes, outbox backlog and RSS.
+    Bench(crate::bench::BenchArgs),
 }
 
 /// `sim` subcommands.
@@ -194,6 +197,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Users(UsersCommand::Create(args)) => create_user(args).await,
+        Command::Bench(args) => {
+            let _t = crate::telemetry::init("ostore-orders-bench", args.config.log_format);
+            crate::bench::run(args).await
+        }
         Command::Sim(SimCommand::Catalog(args)) => {
             let _t = crate::telemetry::init("ostore-sim-catalog", args.log_format);
             let sim = crate::sim::catalog::CatalogSim::new();

@@ -1,0 +1,144 @@
+//! The binary's subcommands, run as a user would: `--help` everywhere, `users create`, `migrate`,
+//! the refusal of insecure settings, and a short `bench` run.
+
+use std::process::Command;
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ostore-orders"));
+    c.env_remove("DATABASE_URL")
+        .env_remove("JWT_SECRET")
+        .env("RUST_LOG", "warn");
+    c
+}
+
+fn server_url() -> String {
+    let admin = std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    admin.rsplit_once('/').unwrap().0.to_string()
+}
+
+#[test]
+fn every_subcommand_has_help_naming_its_variables() {
+    for args in [
+        vec!["--help"],
+        vec!["serve", "--help"],
+        vec!["dev", "--help"],
+        vec!["migrate", "--help"],
+        vec!["users", "create", "--help"],
+        vec!["sim", "catalog", "--help"],
+        vec!["sim", "shipments", "--help"],
+        vec!["bench", "--help"],
+    ] {
+        let out = bin().args(&args).output().unwrap();
+        assert!(out.status.success(), "{args:?}");
+        let text = String::from_utf8(out.stdout).unwrap();
+        if args.len() > 1 && args[0] != "users" {
+            assert!(
+                text.contains("LISTEN_ADDR") || text.contains("DATABASE_URL"),
+                "{args:?} lists no variables:\n{text}"
+            );
+        }
+    }
+}
+
+#[test]
+fn serve_refuses_to_start_without_a_safe_jwt_secret() {
+    let out = bin().args(["serve"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("JWT_SECRET"));
+    let out = bin()
+        .args(["serve"])
+        .env("JWT_SECRET", "too-short")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at least 32 bytes"));
+}
+
+#[test]
+fn migrate_and_users_create_work_against_a_new_database() {
+    let db = format!("{}/cli_{}", server_url(), uuid::Uuid::new_v4().simple());
+    let out = bin()
+        .args(["migrate", "--create-database", "--database-url", &db])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = bin()
+        .args([
+            "users",
+            "create",
+            "--email",
+            "cli@example.com",
+            "--password",
+            "long-enough",
+            "--role",
+            "admin",
+            "--database-url",
+            &db,
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let id: i32 = String::from_utf8(out.stdout)
+        .unwrap()
+        .trim()
+        .parse()
+        .expect("prints the new user's id");
+    assert!(id > 0);
+    // The same email again is refused with a clear message.
+    let out = bin()
+        .args([
+            "users",
+            "create",
+            "--email",
+            "CLI@example.com",
+            "--password",
+            "long-enough",
+            "--database-url",
+            &db,
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
+    drop_db(&db);
+}
+
+fn drop_db(url: &str) {
+    let name = url.rsplit_once('/').unwrap().1.to_string();
+    let _ = Command::new("psql")
+        .args([
+            &format!("{}/postgres", server_url()),
+            "-qc",
+            &format!("drop database if exists {name} with (force)"),
+        ])
+        .output();
+}
+
+#[test]
+fn a_short_bench_run_reports_orders_per_second_as_json() {
+    let db = format!("{}/bench_{}", server_url(), uuid::Uuid::new_v4().simple());
+    let out = bin()
+        .args([
+            "bench",
+            "--concurrency",
+            "2",
+            "--duration-secs",
+            "2",
+            "--warmup-secs",
+            "0",
+            "--json",
+            "--database-url",
+            &db,
+        ])
+        .output()
+        .unwrap();
+    drop_db(&format!("{db}_bench"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert!(report["outcomes"]["created"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(report["outcomes"]["errors"], 0);
+    assert!(report["ordersPerSecond"].as_f64().unwrap() > 0.0);
+    assert!(report["latencyMs"]["p99"].as_f64().unwrap() >= report["latencyMs"]["p50"].as_f64().unwrap());
+}
