@@ -115,7 +115,58 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let tracker = TaskTracker::new();
-    let state = build_state(cfg.clone(), db, roles.contains(&Role::Worker))?;
+    let mut state = build_state(cfg.clone(), db.clone(), roles.contains(&Role::Worker))?;
+    let kafka_roles = roles.contains(&Role::Relay) || roles.contains(&Role::Consumer);
+    match (&cfg.kafka_bootstrap_servers, kafka_roles) {
+        (None, true) => anyhow::bail!(
+            "KAFKA_BOOTSTRAP_SERVERS is not set: the relay and consumer roles need a Kafka cluster \
+             (run `serve --roles api,worker` without Kafka, or `dev`, which embeds a broker)"
+        ),
+        (Some(bootstrap), true) => {
+            let t = &cfg.topics;
+            crate::kafka::ensure_topics(
+                bootstrap,
+                &[
+                    &t.order_events,
+                    &t.saga_events,
+                    &t.tracking_events,
+                    &t.notifications,
+                    &t.tracking_dlq,
+                ],
+            )
+            .await;
+            if roles.contains(&Role::Relay) {
+                let (producer, connectivity) =
+                    crate::kafka::producer(bootstrap, &crate::kafka::ProducerSettings::default())?;
+                state.readiness = Arc::new(vec![crate::api::ReadinessProbe {
+                    name: "kafka",
+                    check: Arc::new(move || connectivity.check()),
+                }]);
+                tracker.spawn(crate::outbox::relay::run(
+                    db.clone(),
+                    producer,
+                    crate::outbox::relay::RelayConfig::default(),
+                    shutdown.clone(),
+                ));
+            }
+            if roles.contains(&Role::Consumer) {
+                let (pool, b, topics, s) = (
+                    db.clone(),
+                    bootstrap.clone(),
+                    cfg.topics.clone(),
+                    shutdown.clone(),
+                );
+                tracker.spawn(async move {
+                    let consumer = crate::tracking::ConsumerConfig::default();
+                    if let Err(e) = crate::tracking::run(pool, consumer, &b, &topics, s.clone()).await {
+                        tracing::error!(error = %format!("{e:#}"), "tracking consumer stopped");
+                        s.cancel();
+                    }
+                });
+            }
+        }
+        _ => {}
+    }
     if roles.contains(&Role::Api) || roles.contains(&Role::Worker) {
         state.engine.start(&tracker, shutdown.clone());
     }

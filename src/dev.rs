@@ -75,6 +75,22 @@ pub async fn run(mut cfg: ServiceConfig) -> anyhow::Result<()> {
 
     let shutdown = tokio_util::sync::CancellationToken::new();
     crate::app::cancel_on_signals(shutdown.clone());
+    // No Kafka given: an embedded Kafka-protocol broker (librdkafka's mock cluster) for this process.
+    let _broker = match &cfg.kafka_bootstrap_servers {
+        Some(_) => None,
+        None => {
+            let t = &cfg.topics;
+            let broker = crate::kafka::EmbeddedBroker::start(&[
+                &t.order_events,
+                &t.saga_events,
+                &t.tracking_events,
+                &t.notifications,
+                &t.tracking_dlq,
+            ])?;
+            cfg.kafka_bootstrap_servers = Some(broker.bootstrap_servers().to_string());
+            Some(broker)
+        }
+    };
     let catalog = crate::sim::catalog::CatalogSim::new();
     seed_products(&catalog, false);
     let (listener, url) = bind_sim(&cfg.catalog_url).await?;
@@ -100,11 +116,13 @@ fn print_quick_start(base: &str, cfg: &ServiceConfig) {
     let (admin, admin_pw, _) = DEMO_USERS[2];
     let catalog = &cfg.catalog_url;
     let shipments = &cfg.shipments_url;
+    let kafka = cfg.kafka_bootstrap_servers.clone().unwrap_or_default();
     println!(
         r#"
 == OStore orders: development stack ==
 API            {base}      (OpenAPI: {base}/openapi.json)
 Simulators     catalog {catalog}/sim/products/1    shipments {shipments}/sim/shipments (auto-advance every 5 s)
+Kafka          {kafka}   (embedded unless KAFKA_BOOTSTRAP_SERVERS was given; attach kcat/any client)
 Demo users     {email} / {pw}    bob@ostore.dev / bob-password    {admin} / {admin_pw} (admin)
 Demo products  1 ($19.99)  2 ($5.00)  3 ($129.00)  4 ($2.49)  5 (out of stock)
 
@@ -117,6 +135,8 @@ Quick start (copy-paste):
       -H "Idempotency-Key: $(date +%s%N)" -d '{{"orderItems":[{{"productID":1,"quantity":2}},{{"productID":2,"quantity":1}}]}}'
   curl -s $B/orders -H "authorization: Bearer $TOKEN"
   curl -s -X POST $B/orders/1/cancel -H "authorization: Bearer $TOKEN"
+Watch the events (orders.events, orders.saga-events, users.notifications) with kcat:
+  kcat -b {kafka} -C -t users.notifications -o beginning -f '%k %h %s\n'
 "#
     );
 }

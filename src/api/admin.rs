@@ -361,3 +361,91 @@ pub async fn list_audit(
     };
     Ok(Json(AuditPage { items, next_cursor }))
 }
+
+/// Tracking events that could not be applied, newest first.
+#[utoipa::path(get, path = "/admin/dead-letters", tag = "admin", security(("bearer" = [])),
+    params(("limit" = Option<i64>, Query), ("cursor" = Option<String>, Query)),
+    responses((status = 200, body = crate::tracking::dead_letters::DeadLetterPage)))]
+pub async fn list_dead_letters(
+    State(state): State<AppState>,
+    _admin: AdminUser,
+    Query(params): Params,
+) -> Result<Json<crate::tracking::dead_letters::DeadLetterPage>, ApiError> {
+    only(&params, &["limit", "cursor"])?;
+    let limit = limit_param(&params, 50, 100)?;
+    let before = match params.get("cursor").map(String::as_str) {
+        None | Some("") => None,
+        Some(c) => Some(
+            c.parse::<i64>()
+                .ok()
+                .filter(|v| *v > 0)
+                .ok_or_else(|| ApiError::invalid_field("cursor", "cursor is not one this API issued"))?,
+        ),
+    };
+    let mut conn = state.db.acquire().await?;
+    Ok(Json(
+        crate::tracking::dead_letters::list_dead_letters(&mut conn, limit, before).await?,
+    ))
+}
+
+/// What a replay did.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ReplayAnswer {
+    /// The dead letter.
+    pub id: i64,
+    /// `applied`, `notified`, `no_change`, `duplicate`, `parked`, `dead_lettered`.
+    pub outcome: &'static str,
+}
+
+/// Re-applies one dead-lettered tracking event (after the cause was fixed). Harmless to repeat:
+/// events are deduplicated by eventID.
+#[utoipa::path(post, path = "/admin/dead-letters/{id}/replay", tag = "admin", security(("bearer" = [])),
+    params(("id" = i64, Path)),
+    responses((status = 200, body = ReplayAnswer), (status = 404), (status = 409, description = "still cannot be applied")))]
+pub async fn replay_dead_letter(
+    State(state): State<AppState>,
+    AdminUser(claims): AdminUser,
+    Path(raw): Path<String>,
+) -> Result<Json<ReplayAnswer>, ApiError> {
+    use crate::tracking::dead_letters::ReplayError;
+    let id = raw
+        .parse::<i64>()
+        .map_err(|_| ApiError::not_found("no such dead letter"))?;
+    let outcome =
+        match crate::tracking::dead_letters::replay_dead_letter(&state.db, &state.config.topics, id).await {
+            Ok(o) => o,
+            Err(ReplayError::NotFound(_)) => return Err(ApiError::not_found("no such dead letter")),
+            Err(ReplayError::StillFailing(why)) => {
+                return Err(ApiError::conflict(
+                    "replay-failed",
+                    format!("the event still cannot be applied: {why}"),
+                ));
+            }
+            Err(ReplayError::Database(e)) => return Err(e.into()),
+        };
+    let mut conn = state.db.acquire().await?;
+    admin::audit(
+        &mut conn,
+        claims.user_id(),
+        "dead_letter.replay",
+        &format!("dead_letter:{id}"),
+        None,
+        Some(json!({"outcome": outcome.name()})),
+    )
+    .await?;
+    Ok(Json(ReplayAnswer {
+        id,
+        outcome: outcome.name(),
+    }))
+}
+
+/// The outbox: rows waiting for Kafka, the oldest one's age, and recent throughput.
+#[utoipa::path(get, path = "/admin/outbox", tag = "admin", security(("bearer" = [])),
+    responses((status = 200, body = crate::outbox::relay::Backlog)))]
+pub async fn outbox_status(
+    State(state): State<AppState>,
+    _admin: AdminUser,
+) -> Result<Json<crate::outbox::relay::Backlog>, ApiError> {
+    let mut conn = state.db.acquire().await?;
+    Ok(Json(crate::outbox::relay::backlog(&mut conn).await?))
+}

@@ -94,6 +94,9 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(admin::cancel_saga))
         .routes(routes!(admin::bulk_retry))
         .routes(routes!(admin::list_audit))
+        .routes(routes!(admin::list_dead_letters))
+        .routes(routes!(admin::replay_dead_letter))
+        .routes(routes!(admin::outbox_status))
 }
 
 /// The OpenAPI document of the API.

@@ -194,6 +194,8 @@ pub struct TestApp {
     pub shipments_url: String,
     /// The app's saga engine.
     pub engine: ostore_orders::saga::engine::Engine,
+    /// The embedded broker, when the app runs with Kafka.
+    pub broker: Option<ostore_orders::kafka::EmbeddedBroker>,
     /// `http://127.0.0.1:port`.
     pub base: String,
     /// Pool on the app's database (for assertions).
@@ -219,6 +221,11 @@ pub struct AppOptions<'a> {
     pub flags: Vec<&'a str>,
     /// Use this database URL for the app instead of the test database's own.
     pub app_db_url: Option<String>,
+    /// Run an embedded Kafka broker, the outbox relay and the tracking consumer; the shipments
+    /// simulator publishes its TrackingEvents there.
+    pub kafka: bool,
+    /// Auto-advance of the shipments simulator, in milliseconds.
+    pub auto_advance_ms: Option<u64>,
 }
 
 /// Starts the app with default options.
@@ -240,7 +247,24 @@ pub async fn spawn_app_with(opts: AppOptions<'_>) -> TestApp {
     let shutdown = CancellationToken::new();
     let catalog = CatalogSim::new();
     let catalog_url = serve_router(catalog.router(), shutdown.clone()).await;
-    let shipments = ShipmentsSim::new(ShipmentsSimConfig::default()).unwrap();
+    let topics = ostore_orders::outbox::Topics::default();
+    let broker = opts.kafka.then(|| {
+        ostore_orders::kafka::EmbeddedBroker::start(&[
+            &topics.order_events,
+            &topics.saga_events,
+            &topics.tracking_events,
+            &topics.notifications,
+            &topics.tracking_dlq,
+        ])
+        .unwrap()
+    });
+    let bootstrap = broker.as_ref().map(|b| b.bootstrap_servers().to_string());
+    let shipments = ShipmentsSim::new(ShipmentsSimConfig {
+        kafka_bootstrap_servers: bootstrap.clone(),
+        auto_advance_ms: opts.auto_advance_ms,
+        ..ShipmentsSimConfig::default()
+    })
+    .unwrap();
     let shipments_url = serve_router(shipments.router(), shutdown.clone()).await;
     let app_url = opts.app_db_url.clone().unwrap_or_else(|| testdb.url.clone());
     let mut flags = vec![
@@ -251,13 +275,41 @@ pub async fn spawn_app_with(opts: AppOptions<'_>) -> TestApp {
         "--saga-retry-scale",
         "0.01",
     ];
+    if let Some(b) = &bootstrap {
+        flags.extend(["--kafka-bootstrap-servers", b.as_str()]);
+    }
     flags.extend(opts.flags.iter().copied());
     let cfg = Arc::new(test_config(&app_url, &flags));
     let pool = ostore_orders::db::connect_lazy(&app_url, cfg.database_max_connections).unwrap();
-    let state = ostore_orders::app::build_state(cfg.clone(), pool, true).unwrap();
+    let state = ostore_orders::app::build_state(cfg.clone(), pool.clone(), true).unwrap();
     let engine = state.engine.clone();
     let tracker = tokio_util::task::TaskTracker::new();
     engine.start(&tracker, shutdown.clone());
+    if let Some(b) = bootstrap.clone() {
+        let (producer, _) =
+            ostore_orders::kafka::producer(&b, &ostore_orders::kafka::ProducerSettings::default()).unwrap();
+        let relay = ostore_orders::outbox::relay::RelayConfig {
+            poll_interval: Duration::from_millis(200),
+            ..Default::default()
+        };
+        tokio::spawn(ostore_orders::outbox::relay::run(
+            pool.clone(),
+            producer,
+            relay,
+            shutdown.clone(),
+        ));
+        let consumer = ostore_orders::tracking::ConsumerConfig {
+            session_timeout: Duration::from_secs(6),
+            heartbeat_interval: Duration::from_millis(500),
+            unknown_order_window: Duration::from_secs(5),
+            retry_initial_delay: Duration::from_millis(100),
+            retry_poll_interval: Duration::from_millis(100),
+            commit_interval: Duration::from_millis(200),
+            ..Default::default()
+        };
+        let (p, s, t) = (pool.clone(), shutdown.clone(), topics.clone());
+        tokio::spawn(async move { ostore_orders::tracking::run(p, consumer, &b, &t, s).await });
+    }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(ostore_orders::app::serve_api(listener, state, shutdown.clone()));
@@ -266,6 +318,7 @@ pub async fn spawn_app_with(opts: AppOptions<'_>) -> TestApp {
         catalog_url: catalog_url.clone(),
         shipments_url: shipments_url.clone(),
         engine,
+        broker,
         base: format!("http://{addr}"),
         db: testdb.pool().await,
         http: reqwest::Client::builder()

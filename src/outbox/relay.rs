@@ -1,0 +1,625 @@
+//! The outbox relay: publishes committed outbox rows to Kafka, in id order, and marks them published
+//! once the broker acknowledged them.
+//!
+//! - **One leader.** Relays coordinate through a PostgreSQL session advisory lock
+//!   ([`RELAY_LOCK_KEY`]): the instance holding it publishes, the others stand by and try again
+//!   every [`RelayConfig::standby_interval`]. The leader reads rows on the connection that holds
+//!   the lock, so once its session ends (crash, network loss) it reads nothing more, and another
+//!   instance takes over from the oldest unpublished row. (Marks go through pool connections:
+//!   marking a row the broker acknowledged is right whoever does it.) One publisher
+//!   reading in id order is what keeps each order's events in commit order (rows of one order are
+//!   written by transactions that hold the order's row lock, so their ids follow their commits).
+//!   Sharding by key hash was the alternative; it buys parallel publishers at the price of
+//!   rebalancing shards between instances, and a single relay publishing in batches already goes
+//!   well beyond the rate at which sagas write rows. See docs/outbox.md.
+//! - **Batches, pipelined.** A pass reads up to [`RelayConfig::batch_size`] rows and hands them
+//!   all to the producer; while they are in flight it reads and sends the next batch, then awaits
+//!   the first batch's delivery reports and marks its delivered rows in a background task while the
+//!   loop goes on. So PostgreSQL reads, PostgreSQL writes and the broker work at the same time.
+//! - **Acknowledged, then marked.** `published_at` is set only for rows whose delivery report
+//!   succeeded (idempotent producer, `acks=all`). A relay killed between the two republishes the
+//!   batch: delivery is at-least-once and the duplicates carry the same `eventID`.
+//! - **Wake-up.** LISTEN on channel `outbox` (a statement trigger NOTIFYs on insert), with a poll
+//!   every [`RelayConfig::poll_interval`] as a fallback for lost notifications.
+//! - **Outages.** When Kafka is unreachable the pass fails, rows stay unpublished, and the relay
+//!   retries with exponential backoff (`backon`) until publishing works again, by itself.
+//! - **Retention.** Published rows older than [`RelayConfig::retention`] are deleted in chunks by
+//!   the leader every [`RelayConfig::cleanup_interval`]; with a zero retention, rows are deleted as
+//!   soon as they are acknowledged instead of being marked. Each batch also adds to a per-second
+//!   count (`outbox_relay_stats`) that [`backlog`] reads.
+
+use std::time::{Duration, Instant};
+
+use backon::{BackoffBuilder as _, ExponentialBackoff, ExponentialBuilder};
+use futures::future::join_all;
+use rdkafka::client::ClientContext;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::postgres::PgListener;
+use sqlx::{Connection as _, PgConnection, PgPool};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Key of the session advisory lock whose holder is the publishing relay (`"ostore"` in ASCII,
+/// then 1). Never change it: instances of different versions must contend for the same lock.
+pub const RELAY_LOCK_KEY: i64 = 0x6f73_746f_7265_0001;
+
+/// The NOTIFY channel the outbox trigger signals.
+pub const CHANNEL: &str = "outbox";
+
+/// Ids per marking statement (12 bytes each on the wire).
+const MARK_CHUNK: usize = 1000;
+
+/// Rows deleted per statement by the retention cleanup.
+const CLEANUP_CHUNK: i64 = 10_000;
+
+/// Settings of the relay.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Most rows read and produced per batch.
+    pub batch_size: usize,
+    /// Polling fallback: a pass runs at least this often even without a notification.
+    pub poll_interval: Duration,
+    /// Published rows older than this are deleted. Zero deletes each row as soon as the broker
+    /// acknowledged it instead of marking it (no audit trail in the table, but about twice the
+    /// publishing rate: a delete costs PostgreSQL a fifth of an update).
+    pub retention: Duration,
+    /// How often the leader deletes expired rows.
+    pub cleanup_interval: Duration,
+    /// How often a standby relay tries to become the leader.
+    pub standby_interval: Duration,
+    /// First delay after a failed pass (Kafka or PostgreSQL unreachable).
+    pub backoff_min: Duration,
+    /// Longest delay between retries of a failed pass.
+    pub backoff_max: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            batch_size: 2000,
+            poll_interval: Duration::from_secs(1),
+            retention: Duration::from_secs(24 * 3600),
+            cleanup_interval: Duration::from_secs(60),
+            standby_interval: Duration::from_secs(2),
+            backoff_min: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(30),
+        }
+    }
+}
+
+impl RelayConfig {
+    fn backoff(&self) -> ExponentialBackoff {
+        ExponentialBuilder::default()
+            .with_min_delay(self.backoff_min)
+            .with_max_delay(self.backoff_max)
+            .with_factor(2.0)
+            .with_jitter()
+            .without_max_times()
+            .build()
+    }
+}
+
+/// Why a publishing pass stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// PostgreSQL failed (the leader's connection is dropped, which releases leadership).
+    #[error("outbox database access failed: {0}")]
+    Database(#[from] sqlx::Error),
+    /// A message could not be produced or was not acknowledged; its row stays unpublished.
+    #[error("publishing to Kafka failed: {0}")]
+    Kafka(#[from] KafkaError),
+}
+
+/// Runs the relay until `shutdown` is cancelled: stands by until it holds the leadership lock, then
+/// publishes on every notification and poll. Never returns an error: failures are logged and
+/// retried with backoff, and every row stays in the outbox until it was acknowledged.
+pub async fn run<C>(pool: PgPool, producer: FutureProducer<C>, cfg: RelayConfig, shutdown: CancellationToken)
+where
+    C: ClientContext + 'static,
+{
+    let mut session: Option<PgConnection> = None;
+    let mut leading = false;
+    let mut listener: Option<PgListener> = None;
+    let mut backoff = cfg.backoff();
+    let mut last_cleanup: Option<Instant> = None;
+    tracing::info!(batch_size = cfg.batch_size, "outbox relay started");
+    while !shutdown.is_cancelled() {
+        if !leading {
+            match try_lead(&pool, &mut session).await {
+                Ok(true) => {
+                    leading = true;
+                    tracing::info!("outbox relay: leading (holds the relay lock)");
+                }
+                Ok(false) => {
+                    pause(cfg.standby_interval, &shutdown).await;
+                    continue;
+                }
+                Err(e) => {
+                    session = None;
+                    tracing::warn!(error = %e, "outbox relay: cannot reach PostgreSQL");
+                    pause(backoff.next().unwrap_or(cfg.backoff_max), &shutdown).await;
+                    continue;
+                }
+            }
+        }
+        if listener.is_none() {
+            listener = listen(&pool).await;
+        }
+        // Notifications that arrived before this pass are covered by it.
+        if let Some(l) = listener.as_mut() {
+            while l.next_buffered().is_some() {}
+        }
+        let Some(conn) = session.as_mut() else {
+            leading = false;
+            continue;
+        };
+        let pass = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = publish_pending(conn, &pool, &producer, &cfg, Some(&shutdown)) => r,
+        };
+        match pass {
+            Ok(n) => {
+                backoff = cfg.backoff();
+                if n > 0 {
+                    tracing::debug!(published = n, "outbox relay: published");
+                }
+            }
+            Err(RelayError::Kafka(e)) => {
+                let delay = backoff.next().unwrap_or(cfg.backoff_max);
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64,
+                    "outbox relay: Kafka unavailable; rows are kept and retried");
+                pause(delay, &shutdown).await;
+                continue;
+            }
+            Err(RelayError::Database(e)) => {
+                // Dropping the session closes it, which releases the lock for another instance.
+                session = None;
+                leading = false;
+                let delay = backoff.next().unwrap_or(cfg.backoff_max);
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64,
+                    "outbox relay: database error; leadership released");
+                pause(delay, &shutdown).await;
+                continue;
+            }
+        }
+        if last_cleanup.is_none_or(|t| t.elapsed() >= cfg.cleanup_interval) {
+            last_cleanup = Some(Instant::now());
+            if let Some(conn) = session.as_mut() {
+                match delete_expired(conn, cfg.retention).await {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        tracing::info!(deleted = n, "outbox relay: deleted published rows past retention")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "outbox relay: retention cleanup failed"),
+                }
+            }
+        }
+        wait_for_work(&mut listener, cfg.poll_interval, &shutdown).await;
+    }
+    if let Some(conn) = session {
+        let _ = conn.close().await;
+    }
+    tracing::info!("outbox relay stopped");
+}
+
+/// Publishes everything pending now (for tests and tools) and returns how many rows were
+/// published. Takes the relay lock for the duration; returns `Ok(0)` when another relay holds it.
+pub async fn run_once<C>(
+    pool: &PgPool,
+    producer: &FutureProducer<C>,
+    cfg: &RelayConfig,
+) -> anyhow::Result<usize>
+where
+    C: ClientContext + 'static,
+{
+    let mut session = None;
+    if !try_lead(pool, &mut session).await? {
+        tracing::debug!("outbox relay: another relay holds the lock");
+        return Ok(0);
+    }
+    let Some(mut conn) = session else { return Ok(0) };
+    let result = publish_pending(&mut conn, pool, producer, cfg, None).await;
+    let _ = conn.close().await;
+    Ok(result?)
+}
+
+/// Takes (or keeps) the leadership lock on a connection of its own (detached from the pool, so
+/// the lock dies with the connection). `Ok(false)` while another relay leads.
+async fn try_lead(pool: &PgPool, session: &mut Option<PgConnection>) -> Result<bool, sqlx::Error> {
+    if session.is_none() {
+        *session = Some(pool.acquire().await?.detach());
+    }
+    let Some(conn) = session.as_mut() else {
+        return Ok(false);
+    };
+    let got = sqlx::query_scalar!(r#"select pg_try_advisory_lock($1) as "got!""#, RELAY_LOCK_KEY)
+        .fetch_one(conn)
+        .await?;
+    Ok(got)
+}
+
+async fn listen(pool: &PgPool) -> Option<PgListener> {
+    let r = async {
+        let mut l = PgListener::connect_with(pool).await?;
+        l.listen(CHANNEL).await?;
+        Ok::<_, sqlx::Error>(l)
+    }
+    .await;
+    match r {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::warn!(error = %e, "outbox relay: LISTEN failed; polling only");
+            None
+        }
+    }
+}
+
+async fn wait_for_work(listener: &mut Option<PgListener>, poll: Duration, shutdown: &CancellationToken) {
+    let lost = match listener.as_mut() {
+        Some(l) => tokio::select! {
+            _ = shutdown.cancelled() => false,
+            _ = tokio::time::sleep(poll) => false,
+            r = l.recv() => r.is_err(),
+        },
+        None => {
+            pause(poll, shutdown).await;
+            false
+        }
+    };
+    if lost {
+        tracing::debug!("outbox relay: listener lost; reconnecting on the next pass");
+        *listener = None;
+    }
+}
+
+async fn pause(delay: Duration, shutdown: &CancellationToken) {
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        _ = tokio::time::sleep(delay) => {}
+    }
+}
+
+/// One outbox row as the relay produces it.
+#[derive(Debug, Clone)]
+pub struct OutboxRow {
+    /// Outbox id (commit order within one order).
+    pub id: i64,
+    /// Destination topic.
+    pub topic: String,
+    /// Message key (the orderID).
+    pub message_key: String,
+    /// The envelope as JSON text.
+    pub payload: String,
+    /// Kafka headers (a JSON object of strings).
+    pub headers: Value,
+}
+
+/// Reads up to `limit` unpublished rows with an id above `after`, oldest first.
+pub async fn pending_rows(
+    conn: &mut PgConnection,
+    after: i64,
+    limit: usize,
+) -> Result<Vec<OutboxRow>, sqlx::Error> {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let rows = sqlx::query_as!(
+        OutboxRow,
+        r#"select id, topic, message_key, payload::text as "payload!", headers
+           from outbox where published_at is null and id > $1 order by id limit $2"#,
+        after,
+        limit
+    )
+    .fetch_all(conn)
+    .await?;
+    Ok(rows)
+}
+
+/// Marks rows published (after their delivery was acknowledged) and counts them in
+/// `outbox_relay_stats`.
+pub async fn mark_published(conn: &mut PgConnection, ids: &[i64]) -> Result<u64, sqlx::Error> {
+    let mut marked = 0;
+    // One statement per chunk keeps each message below 16 KiB, a TLS record: a larger one is sent
+    // as two records, and Nagle's algorithm meeting the server's delayed ACK stalls it ~40 ms.
+    for chunk in ids.chunks(MARK_CHUNK) {
+        let r = sqlx::query!(
+            "update outbox set published_at = now() where id = any($1) and published_at is null",
+            chunk
+        )
+        .execute(&mut *conn)
+        .await?;
+        marked += r.rows_affected();
+    }
+    count_published(conn, marked).await?;
+    Ok(marked)
+}
+
+/// The delivery reports of one batch.
+#[derive(Debug, Default)]
+pub struct Delivered {
+    /// Rows the broker acknowledged, in id order.
+    pub ids: Vec<i64>,
+    /// The first failure (the rows after it may or may not have been delivered).
+    pub failure: Option<KafkaError>,
+}
+
+struct Flight {
+    sent: Vec<(i64, DeliveryFuture)>,
+    enqueue_error: Option<KafkaError>,
+}
+
+impl Flight {
+    async fn wait(self) -> Delivered {
+        let (ids, futures): (Vec<i64>, Vec<DeliveryFuture>) = self.sent.into_iter().unzip();
+        let mut out = Delivered::default();
+        for (id, result) in ids.into_iter().zip(join_all(futures).await) {
+            match result {
+                Ok(Ok(_)) => out.ids.push(id),
+                Ok(Err((e, _))) => {
+                    out.failure.get_or_insert(e);
+                }
+                Err(_) => {
+                    out.failure.get_or_insert(KafkaError::Canceled);
+                }
+            }
+        }
+        if let Some(e) = self.enqueue_error {
+            out.failure.get_or_insert(e);
+        }
+        out
+    }
+}
+
+/// Hands every row to the producer (no waiting for acknowledgements); stops at the first row the
+/// producer refuses to queue.
+async fn send_rows<C>(producer: &FutureProducer<C>, rows: &[OutboxRow]) -> Flight
+where
+    C: ClientContext + 'static,
+{
+    let mut flight = Flight {
+        sent: Vec::with_capacity(rows.len()),
+        enqueue_error: None,
+    };
+    for row in rows {
+        let mut record = FutureRecord::to(&row.topic)
+            .key(row.message_key.as_bytes())
+            .payload(row.payload.as_bytes())
+            .headers(kafka_headers(&row.headers));
+        let mut waited = Duration::ZERO;
+        loop {
+            match producer.send_result(record) {
+                Ok(delivery) => {
+                    flight.sent.push((row.id, delivery));
+                    break;
+                }
+                // The local queue is full: give librdkafka a moment to drain it.
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
+                    if waited < Duration::from_secs(30) =>
+                {
+                    record = back;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    waited += Duration::from_millis(10);
+                }
+                Err((e, _)) => {
+                    flight.enqueue_error = Some(e);
+                    return flight;
+                }
+            }
+        }
+    }
+    flight
+}
+
+/// Produces one batch of rows and waits for every delivery report, without marking anything
+/// (what a relay killed between producing and marking leaves behind). Most callers want
+/// [`run_once`].
+pub async fn produce_rows<C>(producer: &FutureProducer<C>, rows: &[OutboxRow]) -> Delivered
+where
+    C: ClientContext + 'static,
+{
+    send_rows(producer, rows).await.wait().await
+}
+
+/// Publishes every unpublished row in id order, a batch at a time, and returns how many were
+/// published. A pipeline: while batch k is in flight, batch k+1 is read (on the leader's
+/// connection) and sent, and batch k-1 is marked (on another connection); so the database and the
+/// broker work at the same time. On the first failed delivery it stops, marks what was delivered,
+/// and reports the failure; everything else stays pending for the next pass.
+async fn publish_pending<C>(
+    conn: &mut PgConnection,
+    pool: &PgPool,
+    producer: &FutureProducer<C>,
+    cfg: &RelayConfig,
+    shutdown: Option<&CancellationToken>,
+) -> Result<usize, RelayError>
+where
+    C: ClientContext + 'static,
+{
+    let batch_size = cfg.batch_size.max(1);
+    let delete = cfg.retention.is_zero();
+    let mut total = 0;
+    let mut after = 0;
+    let mut exhausted = false;
+    let mut in_flight: Option<Flight> = None;
+    let mut marking: Option<JoinHandle<Result<u64, sqlx::Error>>> = None;
+    loop {
+        let rows = if exhausted {
+            Vec::new()
+        } else {
+            pending_rows(conn, after, batch_size).await?
+        };
+        if rows.len() < batch_size || shutdown.is_some_and(|s| s.is_cancelled()) {
+            exhausted = true;
+        }
+        if let Some(last) = rows.last() {
+            after = last.id;
+        }
+        let next = if rows.is_empty() {
+            None
+        } else {
+            Some(send_rows(producer, &rows).await)
+        };
+        let Some(current) = std::mem::replace(&mut in_flight, next) else {
+            if in_flight.is_none() {
+                return Ok(total);
+            }
+            continue;
+        };
+        let delivered = current.wait().await;
+        finish(&mut marking).await?;
+        if let Some(e) = delivered.failure {
+            // Keep what did get through, including the batch sent after this one.
+            let mut ids = delivered.ids;
+            if let Some(next) = in_flight.take() {
+                ids.extend(next.wait().await.ids);
+            }
+            acknowledge(pool, &ids, delete).await?;
+            return Err(RelayError::Kafka(e));
+        }
+        total += delivered.ids.len();
+        let pool = pool.clone();
+        marking = Some(tokio::spawn(async move {
+            acknowledge(&pool, &delivered.ids, delete).await
+        }));
+        if in_flight.is_none() {
+            finish(&mut marking).await?;
+            return Ok(total);
+        }
+    }
+}
+
+/// Waits for the marking of the previous batch.
+async fn finish(marking: &mut Option<JoinHandle<Result<u64, sqlx::Error>>>) -> Result<(), sqlx::Error> {
+    if let Some(task) = marking.take() {
+        task.await
+            .map_err(|e| sqlx::Error::Protocol(format!("marking task failed: {e}")))??;
+    }
+    Ok(())
+}
+
+/// Marks (or, with `delete`, deletes) acknowledged rows in a transaction that does not wait for its
+/// WAL flush (`synchronous_commit = off`): a mark lost to a database crash only means the rows are
+/// published again, which at-least-once delivery allows, and not waiting speeds the relay up.
+async fn acknowledge(pool: &PgPool, ids: &[i64], delete: bool) -> Result<u64, sqlx::Error> {
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let mut tx = pool.begin().await?;
+    sqlx::query!("select set_config('synchronous_commit', 'off', true)")
+        .fetch_one(&mut *tx)
+        .await?;
+    let n = if delete {
+        delete_published(&mut tx, ids).await?
+    } else {
+        mark_published(&mut tx, ids).await?
+    };
+    tx.commit().await?;
+    Ok(n)
+}
+
+/// Deletes acknowledged rows (zero retention) and counts them as published.
+async fn delete_published(conn: &mut PgConnection, ids: &[i64]) -> Result<u64, sqlx::Error> {
+    let mut deleted = 0;
+    for chunk in ids.chunks(MARK_CHUNK) {
+        let r = sqlx::query!(
+            "delete from outbox where id = any($1) and published_at is null",
+            chunk
+        )
+        .execute(&mut *conn)
+        .await?;
+        deleted += r.rows_affected();
+    }
+    count_published(conn, deleted).await?;
+    Ok(deleted)
+}
+
+/// Adds to the per-second count of published rows.
+async fn count_published(conn: &mut PgConnection, n: u64) -> Result<(), sqlx::Error> {
+    if n == 0 {
+        return Ok(());
+    }
+    sqlx::query!(
+        "insert into outbox_relay_stats (second, published) values (date_trunc('second', now()), $1)
+         on conflict (second) do update set published = outbox_relay_stats.published + excluded.published",
+        i64::try_from(n).unwrap_or(i64::MAX)
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+fn kafka_headers(headers: &Value) -> OwnedHeaders {
+    let mut out = OwnedHeaders::new();
+    if let Value::Object(map) = headers {
+        for (key, value) in map {
+            let text = match value {
+                Value::String(s) => s.clone(),
+                Value::Null => continue,
+                other => other.to_string(),
+            };
+            out = out.insert(Header {
+                key,
+                value: Some(text.as_bytes()),
+            });
+        }
+    }
+    out
+}
+
+/// Deletes published rows older than `retention`, in chunks, and per-second counts older than an
+/// hour; returns how many rows.
+pub async fn delete_expired(conn: &mut PgConnection, retention: Duration) -> Result<u64, sqlx::Error> {
+    let secs = retention.as_secs_f64();
+    let mut total = 0;
+    loop {
+        let r = sqlx::query!(
+            "delete from outbox where id in (
+                 select id from outbox where published_at < now() - make_interval(secs => $1) limit $2)",
+            secs,
+            CLEANUP_CHUNK
+        )
+        .execute(&mut *conn)
+        .await?;
+        total += r.rows_affected();
+        if r.rows_affected() < CLEANUP_CHUNK as u64 {
+            break;
+        }
+    }
+    sqlx::query!("delete from outbox_relay_stats where second < now() - interval '1 hour'")
+        .execute(&mut *conn)
+        .await?;
+    Ok(total)
+}
+
+/// The outbox's state for `GET /admin/outbox` and the backlog metrics.
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Backlog {
+    /// Rows not yet published.
+    pub pending: i64,
+    /// Age of the oldest unpublished row in seconds; null when nothing is pending.
+    pub oldest_pending_age_seconds: Option<f64>,
+    /// Rows published during the last minute.
+    pub published_last_minute: i64,
+}
+
+/// Reads the outbox backlog.
+pub async fn backlog(conn: &mut PgConnection) -> Result<Backlog, sqlx::Error> {
+    let r = sqlx::query!(
+        r#"select
+             (select count(*) from outbox where published_at is null) as "pending!",
+             (select extract(epoch from now() - min(created_at))::float8 from outbox where published_at is null)
+                 as "oldest_age",
+             (select coalesce(sum(published), 0)::bigint from outbox_relay_stats
+                 where second > now() - interval '1 minute') as "published_last_minute!""#
+    )
+    .fetch_one(conn)
+    .await?;
+    Ok(Backlog {
+        pending: r.pending,
+        oldest_pending_age_seconds: r.oldest_age.map(|s| (s.max(0.0) * 1000.0).round() / 1000.0),
+        published_last_minute: r.published_last_minute,
+    })
+}

@@ -1,0 +1,261 @@
+//! The tracking consumer: applies the shipper's TrackingEvents to orders and notifies customers.
+//!
+//! A member of a Kafka consumer group on `shipments.tracking-events`. Each event is handled in one
+//! PostgreSQL transaction ([`apply`]):
+//! 1. the order row is locked; an order not known yet (or still `pending`, so its saga has not
+//!    confirmed it) **parks** the event in `tracking_retries` ([`retries`]): it is retried with
+//!    backoff for [`ConsumerConfig::unknown_order_window`] and then dead-lettered, while the
+//!    consumer moves on. Later events of an order with parked events queue behind them, so an
+//!    order's events still apply in their partition order;
+//! 2. the eventID goes into `tracking_inbox`; an eventID already there is a duplicate and changes
+//!    nothing;
+//! 3. the tracking status maps to an order status (`picked_up`, `in_transit`, `out_for_delivery` →
+//!    `shipped`; `delivered` → `delivered`); the order moves only when
+//!    [`OrderStatus::can_move_to`](crate::orders::OrderStatus::can_move_to) allows it, so late and
+//!    repeated statuses are logged no-ops. `exception` and `returned` change no status but notify;
+//!    `created` changes nothing;
+//! 4. the notification (`OrderStatusChanged`, `ShipmentException`, `ShipmentReturned`) goes to the
+//!    outbox for `users.notifications`, and a status change also to `orders.events`.
+//!
+//! Only after the commit is the record's offset stored; stored offsets are committed every
+//! [`ConsumerConfig::commit_interval`], before a rebalance and at shutdown. A crash between the
+//! database commit and the offset commit redelivers the event, and the inbox makes that harmless.
+//! A malformed event is dead-lettered at once ([`dead_letters`]: a `dead_letters` row with the raw
+//! bytes and the reason, plus a `TrackingEventDeadLettered` message to the DLQ topic through the
+//! outbox) and its offset committed, and so is an event whose data the database refuses (SQLSTATE
+//! classes 22 and 23): no kind of bad event holds up its partition. Only an unreachable database
+//! does: the consumer then retries the same event with backoff.
+//!
+//! Each event is handled in a span that continues the trace of the message's `traceparent`, and
+//! the notifications it writes carry that trace on.
+
+pub mod apply;
+pub mod dead_letters;
+pub mod retries;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use backon::{BackoffBuilder as _, ExponentialBuilder};
+use rdkafka::Message as _;
+use rdkafka::consumer::{CommitMode, Consumer as _};
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::message::{BorrowedMessage, Headers as _};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+pub use apply::{Outcome, Record, apply_event, apply_record};
+pub use dead_letters::{DeadLetterPage, DeadLetterView, ReplayError, list_dead_letters, replay_dead_letter};
+pub use retries::process_due;
+
+use crate::kafka::{self, ConsumerSettings, GroupConsumer};
+use crate::outbox::Topics;
+
+/// Settings of the tracking consumer.
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    /// Kafka consumer group.
+    pub group_id: String,
+    /// How long an event whose order is unknown (or still pending) is retried before it is
+    /// dead-lettered.
+    pub unknown_order_window: Duration,
+    /// First delay before a parked event is retried.
+    pub retry_initial_delay: Duration,
+    /// Longest delay between retries of a parked event.
+    pub retry_max_delay: Duration,
+    /// How often parked events are checked for being due.
+    pub retry_poll_interval: Duration,
+    /// How often stored offsets are committed.
+    pub commit_interval: Duration,
+    /// Group session timeout (`session.timeout.ms`).
+    pub session_timeout: Duration,
+    /// Group heartbeat (`heartbeat.interval.ms`).
+    pub heartbeat_interval: Duration,
+}
+
+impl Default for ConsumerConfig {
+    fn default() -> Self {
+        ConsumerConfig {
+            group_id: "ostore-orders-tracking".into(),
+            unknown_order_window: Duration::from_secs(300),
+            retry_initial_delay: Duration::from_secs(1),
+            retry_max_delay: Duration::from_secs(30),
+            retry_poll_interval: Duration::from_millis(500),
+            commit_interval: Duration::from_secs(1),
+            session_timeout: Duration::from_secs(45),
+            heartbeat_interval: Duration::from_secs(3),
+        }
+    }
+}
+
+impl ConsumerConfig {
+    /// The delay before retry number `attempt` (0-based) of a parked event.
+    pub fn retry_delay(&self, attempt: u32) -> Duration {
+        ExponentialBuilder::default()
+            .with_min_delay(self.retry_initial_delay)
+            .with_max_delay(self.retry_max_delay)
+            .with_factor(2.0)
+            .with_jitter()
+            .without_max_times()
+            .build()
+            .nth(attempt as usize)
+            .unwrap_or(self.retry_max_delay)
+    }
+}
+
+/// Runs the consumer group member and the retry of parked events until `shutdown` is cancelled.
+/// Fails only when the consumer cannot be created or subscribed.
+pub async fn run(
+    pool: PgPool,
+    cfg: ConsumerConfig,
+    bootstrap: &str,
+    topics: &Topics,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut settings = ConsumerSettings::new(&cfg.group_id);
+    settings.session_timeout = cfg.session_timeout;
+    settings.heartbeat_interval = cfg.heartbeat_interval;
+    let consumer = kafka::consumer(bootstrap, &settings)?;
+    consumer
+        .subscribe(&[topics.tracking_events.as_str()])
+        .with_context(|| format!("subscribing to {}", topics.tracking_events))?;
+    tracing::info!(topic = %topics.tracking_events, group = %cfg.group_id, "tracking consumer started");
+    tokio::join!(
+        consume(&consumer, &pool, &cfg, topics, &shutdown),
+        retries::run(pool.clone(), cfg.clone(), topics.clone(), shutdown.clone()),
+    );
+    commit(&consumer, CommitMode::Sync);
+    tracing::info!("tracking consumer stopped");
+    Ok(())
+}
+
+async fn consume(
+    consumer: &GroupConsumer,
+    pool: &PgPool,
+    cfg: &ConsumerConfig,
+    topics: &Topics,
+    shutdown: &CancellationToken,
+) {
+    let mut commit_tick = tokio::time::interval(cfg.commit_interval);
+    commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut stored = false;
+    loop {
+        let received = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = commit_tick.tick() => {
+                if std::mem::take(&mut stored) {
+                    commit(consumer, CommitMode::Async);
+                }
+                continue;
+            }
+            m = consumer.recv() => m,
+        };
+        let message = match received {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "tracking consumer: receive failed");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        let record = record_of(&message);
+        if !handle(pool, cfg, topics, &record, shutdown).await {
+            // Shutting down before the event was handled: it is redelivered to the next owner.
+            return;
+        }
+        match consumer.store_offset_from_message(&message) {
+            Ok(()) => stored = true,
+            // The partition was revoked meanwhile; its next owner redelivers (the inbox dedupes).
+            Err(e) => tracing::debug!(error = %e, "tracking consumer: offset not stored"),
+        }
+    }
+}
+
+/// Applies one record, retrying while the database is unreachable. False when shutdown came first.
+async fn handle(
+    pool: &PgPool,
+    cfg: &ConsumerConfig,
+    topics: &Topics,
+    record: &Record,
+    shutdown: &CancellationToken,
+) -> bool {
+    let mut backoff = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(10))
+        .with_jitter()
+        .without_max_times()
+        .build();
+    loop {
+        match apply_record(pool, cfg, topics, record).await {
+            Ok(_) => return true,
+            // The database refuses this event's data (not a passing failure): retrying would
+            // block the partition forever, so it is dead-lettered instead.
+            Err(e) if refused_data(&e) => {
+                let reason = format!("the database refused the event: {e}");
+                match dead_letters::dead_letter_now(pool, topics, record, &reason).await {
+                    Ok(id) => {
+                        tracing::warn!(dead_letter_id = id, reason = %reason, "tracking event dead-lettered");
+                        return true;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "tracking consumer: dead-lettering failed"),
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return false,
+                    _ = tokio::time::sleep(backoff.next().unwrap_or(Duration::from_secs(10))) => {}
+                }
+            }
+            Err(e) => {
+                let delay = backoff.next().unwrap_or(Duration::from_secs(10));
+                tracing::warn!(error = %e, partition = ?record.partition, offset = ?record.offset,
+                    retry_in_ms = delay.as_millis() as u64,
+                    "tracking consumer: database error; retrying the event");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return false,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+/// A data exception (SQLSTATE class 22) or an integrity violation (23): the same event would fail
+/// again, unlike a lost connection, a timeout, a deadlock or a serialization failure.
+fn refused_data(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|code| code.starts_with("22") || code.starts_with("23"))
+}
+
+fn commit(consumer: &GroupConsumer, mode: CommitMode) {
+    match consumer.commit_consumer_state(mode) {
+        Ok(()) => {}
+        Err(e) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::NoOffset) => {}
+        Err(e) => tracing::warn!(error = %e, "tracking consumer: offset commit failed"),
+    }
+}
+
+/// Copies what the consumer needs out of a Kafka message.
+fn record_of(message: &BorrowedMessage<'_>) -> Record {
+    let mut headers = HashMap::new();
+    if let Some(h) = message.headers() {
+        for header in h.iter() {
+            if let Some(value) = header.value {
+                headers.insert(
+                    header.key.to_string(),
+                    String::from_utf8_lossy(value).into_owned(),
+                );
+            }
+        }
+    }
+    Record {
+        topic: message.topic().to_string(),
+        partition: Some(message.partition()),
+        offset: Some(message.offset()),
+        key: message.key().map(<[u8]>::to_vec),
+        payload: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+        headers,
+    }
+}
