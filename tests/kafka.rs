@@ -2,13 +2,14 @@
 //! librdkafka's mock cluster: the outbox relay publishing to Kafka, and the tracking consumer
 //! applying TrackingEvents.
 
-mod common;
+#[path = "api/helpers.rs"]
+mod helpers;
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use common::TestDb;
+use helpers::TestDb;
 use ostore_orders::contract::{TrackingEvent, TrackingStatus};
 use ostore_orders::kafka::{self, EmbeddedBroker, ProducerSettings};
 use ostore_orders::outbox::relay::{self, RelayConfig};
@@ -355,7 +356,7 @@ async fn count(pool: &PgPool, sql: &'static str) -> i64 {
 #[tokio::test]
 async fn an_orders_outbox_rows_arrive_in_commit_order_keyed_by_order_id_with_envelope_and_headers() {
     let db = TestDb::new().await;
-    let pool = db.pool(4).await;
+    let pool = db.pool_of(4).await;
     let broker = broker();
     let producer = producer(&broker);
     let t = topics();
@@ -402,7 +403,7 @@ async fn an_orders_outbox_rows_arrive_in_commit_order_keyed_by_order_id_with_env
 #[tokio::test]
 async fn a_relay_killed_between_producing_and_marking_republishes_and_loses_nothing() {
     let db = TestDb::new().await;
-    let pool = db.pool(4).await;
+    let pool = db.pool_of(4).await;
     let broker = broker();
     let producer = producer(&broker);
     let t = topics();
@@ -458,7 +459,7 @@ async fn a_relay_killed_between_producing_and_marking_republishes_and_loses_noth
 #[tokio::test]
 async fn rows_added_while_kafka_is_down_are_all_published_once_it_is_back() {
     let db = TestDb::new().await;
-    let pool = db.pool(6).await;
+    let pool = db.pool_of(6).await;
     let broker = broker();
     let producer = producer(&broker);
     let t = topics();
@@ -528,7 +529,7 @@ async fn rows_added_while_kafka_is_down_are_all_published_once_it_is_back() {
 #[tokio::test]
 async fn two_relays_at_once_keep_each_orders_events_in_order() {
     let db = TestDb::new().await;
-    let pool = db.pool(12).await;
+    let pool = db.pool_of(12).await;
     let broker = broker();
     let t = topics();
     let (shutdown_a, shutdown_b) = (CancellationToken::new(), CancellationToken::new());
@@ -612,7 +613,7 @@ async fn two_relays_at_once_keep_each_orders_events_in_order() {
 #[tokio::test]
 async fn published_rows_past_retention_are_deleted_and_pending_rows_kept() {
     let db = TestDb::new().await;
-    let pool = db.pool(4).await;
+    let pool = db.pool_of(4).await;
     let t = topics();
     for i in 0..3 {
         write_event(&pool, &t.order_events, "OrderCreated", i, &HashMap::new()).await;
@@ -644,7 +645,7 @@ async fn published_rows_past_retention_are_deleted_and_pending_rows_kept() {
 #[tokio::test]
 async fn with_zero_retention_acknowledged_rows_are_deleted_and_still_counted() {
     let db = TestDb::new().await;
-    let pool = db.pool(4).await;
+    let pool = db.pool_of(4).await;
     let broker = broker();
     let producer = producer(&broker);
     let t = topics();
@@ -727,7 +728,7 @@ async fn picked_up_and_in_transit_then_delivered_ship_and_deliver_the_order_with
     let _telemetry =
         ostore_orders::telemetry::init("ostore-orders-test", ostore_orders::config::LogFormat::Pretty);
     let db = TestDb::new().await;
-    let pool = db.pool(6).await;
+    let pool = db.pool_of(6).await;
     let broker = broker();
     let producer = producer(&broker);
     let t = topics();
@@ -816,7 +817,7 @@ async fn picked_up_and_in_transit_then_delivered_ship_and_deliver_the_order_with
 #[tokio::test]
 async fn the_same_event_twice_makes_one_notification() {
     let db = TestDb::new().await;
-    let pool = db.pool(4).await;
+    let pool = db.pool_of(4).await;
     let t = topics();
     let cfg = consumer_config(Duration::from_secs(30));
     let order = insert_order(&pool, "confirmed").await;
@@ -837,7 +838,7 @@ async fn the_same_event_twice_makes_one_notification() {
 #[tokio::test]
 async fn a_late_in_transit_after_delivered_leaves_the_order_delivered() {
     let db = TestDb::new().await;
-    let pool = db.pool(4).await;
+    let pool = db.pool_of(4).await;
     let t = topics();
     let cfg = consumer_config(Duration::from_secs(30));
     let order = insert_order(&pool, "confirmed").await;
@@ -864,7 +865,7 @@ async fn a_late_in_transit_after_delivered_leaves_the_order_delivered() {
 #[tokio::test]
 async fn an_exception_changes_no_status_but_notifies_the_customer() {
     let db = TestDb::new().await;
-    let pool = db.pool(4).await;
+    let pool = db.pool_of(4).await;
     let t = topics();
     let cfg = consumer_config(Duration::from_secs(30));
     let order = insert_order(&pool, "shipped").await;
@@ -898,7 +899,7 @@ async fn an_exception_changes_no_status_but_notifies_the_customer() {
 #[tokio::test]
 async fn a_malformed_event_is_dead_lettered_and_the_next_event_on_its_partition_is_applied() {
     let db = TestDb::new().await;
-    let pool = db.pool(6).await;
+    let pool = db.pool_of(6).await;
     let broker = broker();
     let producer = producer(&broker);
     let t = topics();
@@ -961,7 +962,7 @@ async fn a_malformed_event_is_dead_lettered_and_the_next_event_on_its_partition_
 #[tokio::test]
 async fn an_event_the_database_refuses_is_dead_lettered_instead_of_blocking_its_partition() {
     let db = TestDb::new().await;
-    let pool = db.pool(6).await;
+    let pool = db.pool_of(6).await;
     let broker = broker();
     let producer = producer(&broker);
     let (first, second) = (
@@ -1004,7 +1005,7 @@ async fn an_event_the_database_refuses_is_dead_lettered_instead_of_blocking_its_
 #[tokio::test]
 async fn an_event_for_an_unknown_order_is_applied_once_the_order_appears_and_holds_up_nothing() {
     let db = TestDb::new().await;
-    let pool = db.pool(6).await;
+    let pool = db.pool_of(6).await;
     let broker = broker();
     let producer = producer(&broker);
     let known = insert_order(&pool, "confirmed").await;
@@ -1056,7 +1057,7 @@ async fn an_event_for_an_unknown_order_is_applied_once_the_order_appears_and_hol
 #[tokio::test]
 async fn an_event_whose_order_never_appears_is_dead_lettered_after_the_window_and_can_be_replayed() {
     let db = TestDb::new().await;
-    let pool = db.pool(4).await;
+    let pool = db.pool_of(4).await;
     let t = topics();
     let cfg = consumer_config(Duration::from_secs(2));
     let unknown = 900_002;
@@ -1126,7 +1127,7 @@ async fn an_event_whose_order_never_appears_is_dead_lettered_after_the_window_an
 async fn a_consumer_killed_after_the_database_commit_and_before_the_offset_commit_gets_the_event_again_and_applies_it_once()
  {
     let db = TestDb::new().await;
-    let pool = db.pool(6).await;
+    let pool = db.pool_of(6).await;
     let broker = broker();
     let producer = producer(&broker);
     let t = topics();
@@ -1250,7 +1251,7 @@ async fn the_relay_and_the_tracking_consumer_work_against_a_real_broker() {
     }
 
     let db = TestDb::new().await;
-    let pool = db.pool(6).await;
+    let pool = db.pool_of(6).await;
     let settings = ProducerSettings {
         statistics_interval: Duration::from_millis(200),
         ..ProducerSettings::default()

@@ -128,8 +128,13 @@ impl TestDb {
 
     /// A small pool on this database.
     pub async fn pool(&self) -> PgPool {
+        self.pool_of(4).await
+    }
+
+    /// A pool of `max_connections` on this database.
+    pub async fn pool_of(&self, max_connections: u32) -> PgPool {
         PgPoolOptions::new()
-            .max_connections(4)
+            .max_connections(max_connections)
             .connect(&self.url)
             .await
             .unwrap()
