@@ -80,10 +80,15 @@ fn tree(spans: &[SpanData]) -> String {
 }
 
 #[tokio::test]
-async fn one_trace_spans_the_request_every_step_and_the_downstream_services() {
+async fn one_trace_spans_the_request_the_steps_the_downstream_services_kafka_and_the_consumer() {
     let collector = Collector::default();
     let _guard = ostore_orders::telemetry::init_with_span_exporter("ostore-orders-test", collector.clone());
-    let app = spawn_app_with(AppOptions::default()).await;
+    let app = spawn_app_with(AppOptions {
+        kafka: true,
+        auto_advance_ms: Some(200),
+        ..Default::default()
+    })
+    .await;
     app.product(1, 10, "1.00");
     // The catalog fails once, so a retry is part of the trace too.
     app.catalog_faults(json!({"failNext": 1, "endpoint": "reserve"}))
@@ -103,7 +108,16 @@ async fn one_trace_spans_the_request_every_step_and_the_downstream_services() {
     assert_eq!(r.status(), 201);
     app.eventually_eq("select state from sagas", "completed", 10)
         .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The shipper's TrackingEvents come back through Kafka to the consumer, still in the trace.
+    app.eventually_eq("select status from orders", "delivered", 30)
+        .await;
+    app.eventually_eq(
+        "select (count(*) = 0)::text from outbox where published_at is null",
+        "true",
+        20,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     let spans = collector.in_trace(trace_id);
     let names: Vec<String> = spans.iter().map(|s| s.name.to_string()).collect();
     println!("trace {trace_id}:\n{}", tree(&spans));
@@ -114,6 +128,7 @@ async fn one_trace_spans_the_request_every_step_and_the_downstream_services() {
         "action create_shipment",
         "catalog.reserve",
         "shipments.create",
+        "tracking.apply",
     ] {
         assert!(
             names.iter().any(|n| n == expected),
@@ -131,6 +146,12 @@ async fn one_trace_spans_the_request_every_step_and_the_downstream_services() {
         .filter(|s| s.name == "catalog.reserve" && s.parent_span_is_remote)
         .count();
     assert!(sim >= 1, "the simulator did not continue the trace");
+    // The consumer's spans continue the trace from the TrackingEvents' Kafka headers.
+    let applied = spans
+        .iter()
+        .filter(|s| s.name == "tracking.apply" && s.parent_span_is_remote)
+        .count();
+    assert!(applied >= 3, "consumer spans in the trace: {applied}");
     // The outbox rows carry the trace into Kafka headers.
     let headers: Vec<serde_json::Value> = sqlx::query_scalar("select headers from outbox")
         .fetch_all(&app.db)
