@@ -1315,4 +1315,70 @@ async fn the_relay_and_the_tracking_consumer_work_against_a_real_broker() {
     shutdown.cancel();
     consumer.await.unwrap();
     assert_eq!(outbox_events(&pool, &t.notifications, order).await.len(), 1);
+
+    // The broker process stops while events are written: they wait in the outbox, and once the
+    // same broker is back every one of them is published, by a relay that was never restarted.
+    let script = std::env::var("TEST_KAFKA_BROKER_SCRIPT")
+        .expect("TEST_KAFKA_BROKER_SCRIPT is not set: run scripts/test, which owns the broker process");
+    let broker = |cmd: &str| {
+        let ok = std::process::Command::new(&script)
+            .arg(cmd)
+            .env("KAFKA_BROKER_KEEP_DATA", "1")
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kafka-broker {cmd} failed");
+    };
+    let stop_relay = CancellationToken::new();
+    let relay_task = tokio::spawn(relay::run(
+        pool.clone(),
+        producer,
+        relay_config(),
+        stop_relay.clone(),
+    ));
+    broker("stop");
+    let mut during = Vec::new();
+    for _ in 0..20 {
+        during.push(
+            write_event(
+                &pool,
+                &t.order_events,
+                "OrderStatusChanged",
+                order,
+                &HashMap::new(),
+            )
+            .await
+            .to_string(),
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let pending = relay::backlog(&mut pool.acquire().await.unwrap())
+        .await
+        .unwrap()
+        .pending;
+    assert!(
+        pending >= 20,
+        "nothing can be published while the broker is down ({pending} pending)"
+    );
+    broker("start");
+    eventually(
+        Duration::from_secs(90),
+        "every row published after the broker came back",
+        || async {
+            relay::backlog(&mut pool.acquire().await.unwrap())
+                .await
+                .unwrap()
+                .pending
+                == 0
+        },
+    )
+    .await;
+    stop_relay.cancel();
+    relay_task.await.unwrap();
+    let after = read_topic(&bootstrap, &t.order_events, 22).await;
+    let ids: Vec<String> = after.iter().map(Received::event_id).collect();
+    for id in written.iter().chain(during.iter()) {
+        assert!(ids.contains(id), "event {id} lost across the broker restart");
+    }
 }
