@@ -544,15 +544,23 @@ impl Machine<'_> {
                 ));
                 self.fail_forward(s, a.step, class, detail, unavailable.clone(), false, now, &mut fx);
             }
-            (
-                Outcome::Transient {
-                    class,
-                    detail,
-                    status,
-                    retry_after,
-                },
-                _,
-            ) => {
+            (Outcome::Transient { .. }, _) | (Outcome::Refused { .. }, Kind::Compensation) => {
+                let (class, detail, status, retry_after) = match &a.outcome {
+                    Outcome::Transient {
+                        class,
+                        detail,
+                        status,
+                        retry_after,
+                    } => (class, detail, status, *retry_after),
+                    // Compensations must eventually succeed: a refusal is retried like a transient error.
+                    Outcome::Refused {
+                        class,
+                        detail,
+                        status,
+                        ..
+                    } => (class, detail, status, None),
+                    _ => unreachable!("matched above"),
+                };
                 row.error_class = Some(class.clone());
                 row.error = Some(detail.clone());
                 row.downstream_status = *status;
@@ -580,37 +588,6 @@ impl Machine<'_> {
                         }
                         Kind::Compensation => self.get_stuck(s, class, &why, &mut fx),
                     }
-                }
-            }
-            (
-                Outcome::Refused {
-                    class,
-                    detail,
-                    status,
-                    ..
-                },
-                Kind::Compensation,
-            ) => {
-                // Compensations must eventually succeed: a refusal is retried like a transient error.
-                row.error_class = Some(class.clone());
-                row.error = Some(detail.clone());
-                row.downstream_status = *status;
-                s.last_error = Some(detail.clone());
-                s.last_error_class = Some(class.clone());
-                if a.number < policy.max_attempts {
-                    row.outcome = "retry_scheduled";
-                    fx.push(Effect::History(row));
-                    let delay = policy.delay_after(a.number, self.retry_scale, jitter_unit);
-                    s.next_attempt_at = Some(now + delay);
-                    fx.push(saga_event(
-                        "RetryScheduled",
-                        json!({"step": name, "kind": "compensation", "attempt": a.number, "errorClass": class, "error": detail, "delayMs": delay.as_millis() as u64}),
-                    ));
-                } else {
-                    row.outcome = "failed";
-                    fx.push(Effect::History(row));
-                    let why = format!("{name} failed after {} attempts: {detail}", a.number);
-                    self.get_stuck(s, class, &why, &mut fx);
                 }
             }
         }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 
-use crate::contract::{CreateShipmentRequest, LineItem};
+use crate::contract::CreateShipmentRequest;
 use crate::saga::machine::{Attempt, Kind, Outcome, Saga, StepOutput};
 use crate::saga::steps::{failed, idempotency_key};
 use crate::shipments::ShipmentsClient;
@@ -29,14 +29,7 @@ pub async fn action(
     let req = CreateShipmentRequest {
         order_id: saga.order_id,
         user_id: saga.user_id,
-        items: saga
-            .input
-            .iter()
-            .map(|l| LineItem {
-                product_id: l.product_id,
-                quantity: l.quantity,
-            })
-            .collect(),
+        items: super::line_items(saga),
     };
     match client.create(&key, &req, timeout).await {
         Ok(sh) => Attempt {

@@ -52,6 +52,17 @@ pub fn idempotency_key(saga_id: uuid::Uuid, name: &str) -> String {
     format!("saga-{saga_id}-{name}")
 }
 
+/// The saga's requested lines as the downstream contracts spell them.
+pub fn line_items(saga: &crate::saga::machine::Saga) -> Vec<crate::contract::LineItem> {
+    saga.input
+        .iter()
+        .map(|l| crate::contract::LineItem {
+            product_id: l.product_id,
+            quantity: l.quantity,
+        })
+        .collect()
+}
+
 /// An attempt record for a downstream failure.
 pub fn failed(
     step: usize,

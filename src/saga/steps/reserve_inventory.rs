@@ -7,7 +7,7 @@ use std::time::Duration;
 use time::OffsetDateTime;
 
 use crate::catalog::{CatalogClient, ReserveError};
-use crate::contract::{LineItem, ReservationRequest};
+use crate::contract::ReservationRequest;
 use crate::saga::machine::{Attempt, CLASS_INSUFFICIENT_STOCK, Kind, Outcome, Saga, StepOutput};
 use crate::saga::steps::{failed, idempotency_key};
 
@@ -28,14 +28,7 @@ pub async fn action(
     let key = idempotency_key(saga.id, ACTION);
     let req = ReservationRequest {
         reservation_id: saga.id.to_string(),
-        items: saga
-            .input
-            .iter()
-            .map(|l| LineItem {
-                product_id: l.product_id,
-                quantity: l.quantity,
-            })
-            .collect(),
+        items: super::line_items(saga),
     };
     match catalog.reserve(&key, &req, timeout).await {
         Ok(res) => Attempt {
