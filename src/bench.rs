@@ -90,13 +90,20 @@ async fn start_stack(args: &BenchArgs) -> anyhow::Result<Stack> {
             .database_url
             .rsplit_once('/')
             .context("DATABASE_URL has no database name")?;
-        let db = db.split('?').next().unwrap_or(db);
-        format!("{prefix}/{db}_bench")
+        // Keep connection parameters (for example `?sslmode=disable`) on the derived database.
+        match db.split_once('?') {
+            Some((name, query)) => format!("{prefix}/{name}_bench?{query}"),
+            None => format!("{prefix}/{db}_bench"),
+        }
     };
     {
         let opts: sqlx::postgres::PgConnectOptions = url.parse()?;
         let name = opts.get_database().unwrap_or("ostore_bench").to_string();
-        let admin = crate::db::connect(&format!("{}/postgres", url.rsplit_once('/').unwrap().0), 2).await?;
+        let admin = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect_with(opts.clone().database("postgres"))
+            .await
+            .context("cannot reach PostgreSQL")?;
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "drop database if exists \"{name}\" with (force)"
         )))
