@@ -32,7 +32,7 @@ use uuid::Uuid;
 use crate::catalog::CatalogClient;
 use crate::outbox::Topics;
 use crate::saga::definition::{CREATE_ORDER_FILE, CREATE_ORDER_TOML, DefinitionError, SagaDef};
-use crate::saga::machine::{Attempt, Effect, Kind, Machine, Next, Saga, SagaState};
+use crate::saga::machine::{Attempt, Effect, Kind, Machine, Next, Outcome, Saga, SagaState};
 use crate::saga::steps::{self, CREATE_ORDER, create_shipment, persist_order, reserve_inventory};
 use crate::saga::store::{self, Created, NewSaga};
 use crate::shipments::ShipmentsClient;
@@ -445,22 +445,33 @@ impl Inner {
         let fut = async {
             match (shape.action, kind) {
                 (reserve_inventory::ACTION, Kind::Action) => {
-                    reserve_inventory::action(&self.catalog, saga, step, number, timeout).await
+                    reserve_inventory::action(&self.catalog, saga, timeout).await
                 }
                 (reserve_inventory::ACTION, Kind::Compensation) => {
-                    reserve_inventory::compensation(&self.catalog, saga, step, number, timeout).await
+                    reserve_inventory::compensation(&self.catalog, saga, timeout).await
                 }
                 (create_shipment::ACTION, Kind::Action) => {
-                    create_shipment::action(&self.shipments, saga, step, number, timeout).await
+                    create_shipment::action(&self.shipments, saga, timeout).await
                 }
                 (create_shipment::ACTION, Kind::Compensation) => {
-                    create_shipment::compensation(&self.shipments, saga, step, number, timeout).await
+                    create_shipment::compensation(&self.shipments, saga, timeout).await
                 }
                 _ => unreachable!("step {name} is not remote"),
             }
         };
         let started = std::time::Instant::now();
-        let attempt = fut.instrument(span.clone()).await;
+        let started_at = OffsetDateTime::now_utc();
+        let outcome = fut.instrument(span.clone()).await;
+        // Every attempt of a step carries the same key; a skipped compensation called nothing.
+        let key = (!matches!(outcome, Outcome::Skipped(_))).then(|| steps::idempotency_key(saga.id, name));
+        let attempt = Attempt {
+            step,
+            kind,
+            number,
+            started_at,
+            idempotency_key: key,
+            outcome,
+        };
         let (outcome, class) = outcome_label(&attempt);
         let m = crate::metrics::get();
         let attrs = [
@@ -486,14 +497,20 @@ impl Inner {
         step: usize,
         kind: Kind,
     ) -> Result<Attempt, sqlx::Error> {
-        let number = saga.attempt + 1;
-        match (CREATE_ORDER[step].action, kind) {
-            (persist_order::ACTION, Kind::Action) => persist_order::action(conn, saga, step, number).await,
-            (persist_order::ACTION, Kind::Compensation) => {
-                persist_order::compensation(conn, saga, step, number).await
-            }
+        let started_at = OffsetDateTime::now_utc();
+        let outcome = match (CREATE_ORDER[step].action, kind) {
+            (persist_order::ACTION, Kind::Action) => persist_order::action(conn, saga).await?,
+            (persist_order::ACTION, Kind::Compensation) => persist_order::compensation(conn, saga).await?,
             (other, _) => unreachable!("step {other} is not local"),
-        }
+        };
+        Ok(Attempt {
+            step,
+            kind,
+            number: saga.attempt + 1,
+            started_at,
+            idempotency_key: None,
+            outcome,
+        })
     }
 
     /// Applies one step job in `conn`'s transaction.
@@ -756,7 +773,6 @@ enum JobResult {
 }
 
 fn outcome_label(a: &Attempt) -> (&'static str, Option<String>) {
-    use crate::saga::machine::Outcome;
     match &a.outcome {
         Outcome::Succeeded(_) => ("succeeded", None),
         Outcome::Skipped(_) => ("skipped", None),

@@ -856,6 +856,14 @@ mod tests {
         .unwrap()
     }
 
+    fn machine(d: &SagaDef) -> Machine<'_> {
+        Machine {
+            def: d,
+            shapes: &CREATE_ORDER,
+            retry_scale: 1.0,
+        }
+    }
+
     fn saga() -> Saga {
         let now = OffsetDateTime::now_utc();
         Saga {
@@ -927,11 +935,7 @@ mod tests {
     #[test]
     fn a_transient_failure_schedules_a_retry_until_the_policy_is_exhausted() {
         let d = def();
-        let m = Machine {
-            def: &d,
-            shapes: &CREATE_ORDER,
-            retry_scale: 1.0,
-        };
+        let m = machine(&d);
         let mut s = saga();
         let now = OffsetDateTime::now_utc();
         let fx = m.record(&mut s, &attempt(0, Kind::Action, 1, transient()), now, 0.5);
@@ -954,11 +958,7 @@ mod tests {
     #[test]
     fn a_reservation_moves_to_the_local_persist_step_and_a_stock_refusal_fails_without_compensation() {
         let d = def();
-        let m = Machine {
-            def: &d,
-            shapes: &CREATE_ORDER,
-            retry_scale: 1.0,
-        };
+        let m = machine(&d);
         let now = OffsetDateTime::now_utc();
         let mut s = saga();
         m.record(&mut s, &attempt(0, Kind::Action, 1, reservation()), now, 0.5);
@@ -987,11 +987,7 @@ mod tests {
     #[test]
     fn a_stock_refusal_after_a_202_rejects_the_order_instead_of_deleting_it() {
         let d = def();
-        let m = Machine {
-            def: &d,
-            shapes: &CREATE_ORDER,
-            retry_scale: 1.0,
-        };
+        let m = machine(&d);
         let mut s = saga();
         s.answered_pending = true;
         let refused = Outcome::Refused {
@@ -1016,11 +1012,7 @@ mod tests {
     #[test]
     fn a_shipment_refusal_compensates_in_reverse_order_and_ends_failed() {
         let d = def();
-        let m = Machine {
-            def: &d,
-            shapes: &CREATE_ORDER,
-            retry_scale: 1.0,
-        };
+        let m = machine(&d);
         let now = OffsetDateTime::now_utc();
         let mut s = saga();
         s.step = 2;
@@ -1064,11 +1056,7 @@ mod tests {
     #[test]
     fn an_exhausted_compensation_leaves_the_saga_stuck() {
         let d = def();
-        let m = Machine {
-            def: &d,
-            shapes: &CREATE_ORDER,
-            retry_scale: 1.0,
-        };
+        let m = machine(&d);
         let mut s = saga();
         s.state = SagaState::Compensating;
         let fx = m.record(
@@ -1092,11 +1080,7 @@ mod tests {
     #[test]
     fn cancellation_and_deadline_turn_a_running_saga_at_the_boundary() {
         let d = def();
-        let m = Machine {
-            def: &d,
-            shapes: &CREATE_ORDER,
-            retry_scale: 1.0,
-        };
+        let m = machine(&d);
         let now = OffsetDateTime::now_utc();
         let mut s = saga();
         s.step = 2;

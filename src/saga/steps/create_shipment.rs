@@ -4,11 +4,9 @@
 
 use std::time::Duration;
 
-use time::OffsetDateTime;
-
 use crate::contract::CreateShipmentRequest;
-use crate::saga::machine::{Attempt, Kind, Outcome, Saga, StepOutput};
-use crate::saga::steps::{failed, idempotency_key};
+use crate::saga::machine::{Outcome, Saga, StepOutput};
+use crate::saga::steps::idempotency_key;
 use crate::shipments::ShipmentsClient;
 
 /// Persisted action name.
@@ -17,62 +15,31 @@ pub const ACTION: &str = "create_shipment";
 pub const COMPENSATION: &str = "cancel_shipment";
 
 /// Runs the action once.
-pub async fn action(
-    client: &ShipmentsClient,
-    saga: &Saga,
-    step: usize,
-    number: u32,
-    timeout: Duration,
-) -> Attempt {
-    let started_at = OffsetDateTime::now_utc();
-    let key = idempotency_key(saga.id, ACTION);
+pub async fn action(client: &ShipmentsClient, saga: &Saga, timeout: Duration) -> Outcome {
     let req = CreateShipmentRequest {
         order_id: saga.order_id,
         user_id: saga.user_id,
         items: super::line_items(saga),
     };
-    match client.create(&key, &req, timeout).await {
-        Ok(sh) => Attempt {
-            step,
-            kind: Kind::Action,
-            number,
-            started_at,
-            idempotency_key: Some(key),
-            outcome: Outcome::Succeeded(StepOutput::Shipment(sh)),
-        },
-        Err(e) => failed(step, Kind::Action, number, started_at, key, e),
+    match client
+        .create(&idempotency_key(saga.id, ACTION), &req, timeout)
+        .await
+    {
+        Ok(sh) => Outcome::Succeeded(StepOutput::Shipment(sh)),
+        Err(e) => e.into(),
     }
 }
 
 /// Runs the compensation once.
-pub async fn compensation(
-    client: &ShipmentsClient,
-    saga: &Saga,
-    step: usize,
-    number: u32,
-    timeout: Duration,
-) -> Attempt {
-    let started_at = OffsetDateTime::now_utc();
-    let key = idempotency_key(saga.id, COMPENSATION);
+pub async fn compensation(client: &ShipmentsClient, saga: &Saga, timeout: Duration) -> Outcome {
     let Some(sh) = &saga.data.shipment else {
-        return Attempt {
-            step,
-            kind: Kind::Compensation,
-            number,
-            started_at,
-            idempotency_key: None,
-            outcome: Outcome::Skipped("no shipment was created".into()),
-        };
+        return Outcome::Skipped("no shipment was created".into());
     };
-    match client.cancel(&key, &sh.shipment_id, timeout).await {
-        Ok(()) => Attempt {
-            step,
-            kind: Kind::Compensation,
-            number,
-            started_at,
-            idempotency_key: Some(key),
-            outcome: Outcome::Succeeded(StepOutput::Done),
-        },
-        Err(e) => failed(step, Kind::Compensation, number, started_at, key, e),
+    match client
+        .cancel(&idempotency_key(saga.id, COMPENSATION), &sh.shipment_id, timeout)
+        .await
+    {
+        Ok(()) => Outcome::Succeeded(StepOutput::Done),
+        Err(e) => e.into(),
     }
 }

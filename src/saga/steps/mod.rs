@@ -7,11 +7,9 @@ pub mod create_shipment;
 pub mod persist_order;
 pub mod reserve_inventory;
 
-use time::OffsetDateTime;
-
 use crate::downstream::{DownstreamError, FailureKind};
 use crate::saga::definition::StepImpl;
-use crate::saga::machine::{Attempt, Kind, Outcome, StepShape};
+use crate::saga::machine::{Outcome, StepShape};
 
 /// The CreateOrder saga's steps, in order.
 pub const CREATE_ORDER: [StepShape; 3] = [
@@ -63,35 +61,22 @@ pub fn line_items(saga: &crate::saga::machine::Saga) -> Vec<crate::contract::Lin
         .collect()
 }
 
-/// An attempt record for a downstream failure.
-pub fn failed(
-    step: usize,
-    kind: Kind,
-    number: u32,
-    started_at: OffsetDateTime,
-    key: String,
-    e: DownstreamError,
-) -> Attempt {
-    let outcome = match e.kind {
-        FailureKind::Transient => Outcome::Transient {
-            class: e.class.to_string(),
-            detail: e.message,
-            status: e.status,
-            retry_after: e.retry_after,
-        },
-        FailureKind::Refused => Outcome::Refused {
-            class: e.class.to_string(),
-            detail: e.message,
-            status: e.status,
-            unavailable: None,
-        },
-    };
-    Attempt {
-        step,
-        kind,
-        number,
-        started_at,
-        idempotency_key: Some(key),
-        outcome,
+impl From<DownstreamError> for Outcome {
+    /// A downstream failure, classified where its cause is known: transient (retried) or refused.
+    fn from(e: DownstreamError) -> Self {
+        match e.kind {
+            FailureKind::Transient => Outcome::Transient {
+                class: e.class.to_string(),
+                detail: e.message,
+                status: e.status,
+                retry_after: e.retry_after,
+            },
+            FailureKind::Refused => Outcome::Refused {
+                class: e.class.to_string(),
+                detail: e.message,
+                status: e.status,
+                unavailable: None,
+            },
+        }
     }
 }

@@ -2,11 +2,9 @@
 //! in the transaction that records the reservation. A total beyond NUMERIC(10,2) is a fatal refusal
 //! (`total_overflow`). Compensation `cancel_order` (local): the order becomes `cancelled`.
 
-use sqlx::PgConnection;
-use time::OffsetDateTime;
-
-use crate::saga::machine::{Attempt, CLASS_TOTAL_OVERFLOW, Kind, Outcome, Saga, StepOutput};
+use crate::saga::machine::{CLASS_TOTAL_OVERFLOW, Outcome, Saga, StepOutput};
 use crate::saga::store::{self, Persisted};
+use sqlx::PgConnection;
 
 /// Persisted action name.
 pub const ACTION: &str = "persist_order";
@@ -14,14 +12,8 @@ pub const ACTION: &str = "persist_order";
 pub const COMPENSATION: &str = "cancel_order";
 
 /// Runs the action in the caller's transaction.
-pub async fn action(
-    conn: &mut PgConnection,
-    saga: &Saga,
-    step: usize,
-    number: u32,
-) -> Result<Attempt, sqlx::Error> {
-    let started_at = OffsetDateTime::now_utc();
-    let outcome = match store::persist_order(conn, saga).await? {
+pub async fn action(conn: &mut PgConnection, saga: &Saga) -> Result<Outcome, sqlx::Error> {
+    Ok(match store::persist_order(conn, saga).await? {
         Persisted::Ok {
             items,
             total,
@@ -43,37 +35,16 @@ pub async fn action(
             status: None,
             unavailable: None,
         },
-    };
-    Ok(Attempt {
-        step,
-        kind: Kind::Action,
-        number,
-        started_at,
-        idempotency_key: None,
-        outcome,
     })
 }
 
 /// Runs the compensation in the caller's transaction.
-pub async fn compensation(
-    conn: &mut PgConnection,
-    saga: &Saga,
-    step: usize,
-    number: u32,
-) -> Result<Attempt, sqlx::Error> {
-    let started_at = OffsetDateTime::now_utc();
+pub async fn compensation(conn: &mut PgConnection, saga: &Saga) -> Result<Outcome, sqlx::Error> {
     let reason = saga
         .failure
         .as_ref()
         .map(|f| f.detail.clone())
         .unwrap_or_else(|| "compensated".into());
     let changed = store::cancel_order(conn, saga.order_id, &reason).await?;
-    Ok(Attempt {
-        step,
-        kind: Kind::Compensation,
-        number,
-        started_at,
-        idempotency_key: None,
-        outcome: Outcome::Succeeded(StepOutput::OrderCancelled(changed)),
-    })
+    Ok(Outcome::Succeeded(StepOutput::OrderCancelled(changed)))
 }
