@@ -1,9 +1,16 @@
-//! `ostore-orders bench`: a load generator. It starts a whole stack in this process (a fresh
-//! database, both simulators, the service) or targets a running one (`--base-url`), drives N
-//! concurrent customers placing orders for a set time with a progress line every second, and
-//! reports orders/s, latency percentiles, outcomes, the outbox backlog and the process's RSS, as a
-//! table and as JSON. `--pgbench` also runs PostgreSQL's pgbench with the saga's own write set
-//! against the same server and prints the ratio.
+//! `ostore-orders bench`: the load benchmark. It starts a whole stack (a fresh database, both
+//! simulators, a Kafka-protocol broker — the in-process mock unless KAFKA_BOOTSTRAP_SERVERS names
+//! one — and the service as a child process with all its roles) or targets a running one
+//! (`--base-url`). It then
+//! 1. drives N concurrent customers placing orders as fast as they can (the peak phase), with a
+//!    progress line every second (orders/s, outbox backlog and age, tracking events applied, RSS);
+//! 2. drives them again at half the peak rate (the half-rate phase: latency and RSS there);
+//! 3. stops the service and runs PostgreSQL's pgbench with the saga's own write set (the statements
+//!    the service issues per order, see `pgbench.rs`) against the same database, same concurrency;
+//!
+//! and reports everything, with the ratios, as a table and as one JSON line.
+
+mod pgbench;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -11,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::Args;
-use serde_json::json;
+use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
 use crate::auth::Role;
@@ -29,23 +36,36 @@ pub struct BenchArgs {
     /// Customer password when targeting a running stack.
     #[arg(long, default_value = "alice-password")]
     pub password: String,
-    /// Concurrent customers.
+    /// Concurrent customers (and pgbench clients).
     #[arg(long, default_value_t = 32)]
     pub concurrency: usize,
-    /// Seconds of load (after the warm-up).
+    /// Seconds of each phase (peak, half rate, pgbench), after the warm-up.
     #[arg(long, default_value_t = 20)]
     pub duration_secs: u64,
     /// Seconds of warm-up not counted.
     #[arg(long, default_value_t = 2)]
     pub warmup_secs: u64,
-    /// Stop after this many orders (0 = no limit).
+    /// Stop the peak phase after this many orders (0 = no limit).
     #[arg(long, default_value_t = 0)]
     pub max_orders: u64,
+    /// Skip the half-rate phase.
+    #[arg(long)]
+    pub no_half: bool,
+    /// Skip pgbench.
+    #[arg(long)]
+    pub no_pgbench: bool,
+    /// The pgbench program.
+    #[arg(long, default_value = "pgbench")]
+    pub pgbench: String,
+    /// The shipments simulator walks each new shipment forward every N ms (TrackingEvents for the
+    /// consumer); 0 = never.
+    #[arg(long, default_value_t = 1000)]
+    pub auto_advance_ms: u64,
     /// Print only the JSON report.
     #[arg(long)]
     pub json: bool,
-    /// Service settings for the in-process stack (its database is created fresh from DATABASE_URL's
-    /// server with a `_bench` suffix).
+    /// Service settings for the stack (its database is created fresh on DATABASE_URL's server
+    /// with a `_bench` suffix; keep `?sslmode=disable` on loopback).
     #[command(flatten)]
     pub config: ServiceConfig,
 }
@@ -68,34 +88,78 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
     sorted[idx.min(sorted.len() - 1)] as f64 / 1000.0
 }
 
-fn rss_mb() -> Option<f64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+/// Resident set size of a process, in MB.
+fn rss_mb(pid: Option<u32>) -> Option<f64> {
+    let path = match pid {
+        Some(p) => format!("/proc/{p}/status"),
+        None => "/proc/self/status".to_string(),
+    };
+    let s = std::fs::read_to_string(path).ok()?;
     let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
+}
+
+/// CPU time (user + system) a process has used so far, in seconds.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start at state (field 3).
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+/// The database of the bench: DATABASE_URL's server, its name with `_bench`, its parameters kept.
+fn bench_database_url(url: &str) -> anyhow::Result<String> {
+    let (prefix, db) = url
+        .rsplit_once('/')
+        .context("DATABASE_URL has no database name")?;
+    Ok(match db.split_once('?') {
+        Some((name, query)) => format!("{prefix}/{name}_bench?{query}"),
+        None => format!("{prefix}/{db}_bench"),
+    })
 }
 
 struct Stack {
     base: String,
     tokens: Vec<String>,
     pool: Option<sqlx::PgPool>,
+    db_url: Option<String>,
+    service: Option<tokio::process::Child>,
+    service_log: Option<std::path::PathBuf>,
+    _broker: Option<crate::kafka::EmbeddedBroker>,
     shutdown: tokio_util::sync::CancellationToken,
 }
 
-async fn start_stack(args: &BenchArgs) -> anyhow::Result<Stack> {
-    let mut cfg = args.config.clone();
-    cfg.validate(true)?;
-    let url = {
-        let (prefix, db) = cfg
-            .database_url
-            .rsplit_once('/')
-            .context("DATABASE_URL has no database name")?;
-        // Keep connection parameters (for example `?sslmode=disable`) on the derived database.
-        match db.split_once('?') {
-            Some((name, query)) => format!("{prefix}/{name}_bench?{query}"),
-            None => format!("{prefix}/{db}_bench"),
+impl Stack {
+    fn service_pid(&self) -> Option<u32> {
+        self.service.as_ref().and_then(|c| c.id())
+    }
+
+    /// Stops the service child (SIGTERM, then SIGKILL after 20 s).
+    async fn stop_service(&mut self) {
+        if let Some(mut child) = self.service.take() {
+            if let Some(pid) = child.id() {
+                let _ = tokio::process::Command::new("kill")
+                    .args(["-TERM", &pid.to_string()])
+                    .status()
+                    .await;
+            }
+            if tokio::time::timeout(Duration::from_secs(20), child.wait())
+                .await
+                .is_err()
+            {
+                let _ = child.kill().await;
+            }
         }
-    };
+    }
+}
+
+async fn start_stack(args: &BenchArgs) -> anyhow::Result<Stack> {
+    let cfg = args.config.clone();
+    cfg.validate(true)?;
+    let url = bench_database_url(&cfg.database_url)?;
     {
         let opts: sqlx::postgres::PgConnectOptions = url.parse()?;
         let name = opts.get_database().unwrap_or("ostore_bench").to_string();
@@ -112,39 +176,86 @@ async fn start_stack(args: &BenchArgs) -> anyhow::Result<Stack> {
         admin.close().await;
     }
     crate::db::create_database_if_missing(&url).await?;
-    cfg.database_url = url.clone();
-    cfg.order_limit_per_user = 0;
-    let pool = crate::db::connect(&url, cfg.database_max_connections).await?;
+    let pool = crate::db::connect(&url, 4).await?;
     crate::db::migrate(&pool).await?;
     let shutdown = tokio_util::sync::CancellationToken::new();
+    let t = &cfg.topics;
+    let broker = match &cfg.kafka_bootstrap_servers {
+        Some(_) => None,
+        None => Some(crate::kafka::EmbeddedBroker::start(&[
+            &t.order_events,
+            &t.saga_events,
+            &t.tracking_events,
+            &t.notifications,
+            &t.tracking_dlq,
+        ])?),
+    };
+    let kafka = match &broker {
+        Some(b) => b.bootstrap_servers().to_string(),
+        None => cfg.kafka_bootstrap_servers.clone().unwrap_or_default(),
+    };
     let catalog = crate::sim::catalog::CatalogSim::new();
     for p in 1..=20 {
         catalog.put_product(p, 1_000_000_000, format!("{}.99", p).parse()?, "USD");
     }
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    cfg.catalog_url = format!("http://{}", l.local_addr()?);
+    let catalog_url = format!("http://{}", l.local_addr()?);
     tokio::spawn(crate::sim::serve(l, catalog.router(), shutdown.clone()));
-    let shipments =
-        crate::sim::shipments::ShipmentsSim::new(crate::sim::shipments::ShipmentsSimConfig::default())?;
+    let shipments = crate::sim::shipments::ShipmentsSim::new(crate::sim::shipments::ShipmentsSimConfig {
+        kafka_bootstrap_servers: Some(kafka.clone()),
+        tracking_topic: cfg.topics.tracking_events.clone(),
+        auto_advance_ms: (args.auto_advance_ms > 0).then_some(args.auto_advance_ms),
+    })?;
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    cfg.shipments_url = format!("http://{}", l.local_addr()?);
+    let shipments_url = format!("http://{}", l.local_addr()?);
     tokio::spawn(crate::sim::serve(l, shipments.router(), shutdown.clone()));
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let base = format!("http://{}", l.local_addr()?);
-    cfg.listen_addr = l.local_addr()?;
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let listen = l.local_addr()?;
     drop(l);
-    let cfg = Arc::new(cfg);
-    let (p, s) = (pool.clone(), shutdown.clone());
-    let c = cfg.clone();
-    tokio::spawn(async move {
-        if let Err(e) = crate::app::run(c, &[crate::app::Role::Api, crate::app::Role::Worker], p, s).await {
-            eprintln!("bench: the service stopped: {e:#}");
-        }
-    });
-    // Customers: one hash for all (hashing is not what is measured).
-    let hash = crate::auth::password::hash_blocking("bench-password")?;
+    let base = format!("http://{listen}");
+
+    // The service: this binary's `serve` with every role, in its own process (its RSS is its own).
+    let log_path = std::env::temp_dir().join(format!("ostore-bench-service-{}.log", std::process::id()));
+    let log = std::fs::File::create(&log_path)?;
+    let secret: String =
+        uuid::Uuid::new_v4().simple().to_string() + &uuid::Uuid::new_v4().simple().to_string();
+    let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
+    cmd.arg("serve")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .env("DATABASE_URL", &url)
+        .env(
+            "DATABASE_MAX_CONNECTIONS",
+            cfg.database_max_connections.to_string(),
+        )
+        .env("LISTEN_ADDR", listen.to_string())
+        .env("JWT_SECRET", secret)
+        .env("CATALOG_URL", &catalog_url)
+        .env("SHIPMENTS_URL", &shipments_url)
+        .env("KAFKA_BOOTSTRAP_SERVERS", &kafka)
+        .env("ORDER_LIMIT_PER_USER", "0")
+        .env("ORDER_WAIT_MS", cfg.order_wait_ms.to_string())
+        .env("SAGA_COMMITTERS", cfg.saga_committers.to_string())
+        .env("SAGA_MAX_IN_FLIGHT", cfg.saga_max_in_flight.to_string())
+        .env("SAGA_LEASE_MS", cfg.saga_lease_ms.to_string())
+        .env("LOG_FORMAT", "json")
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().context("cannot start the service")?;
     let http = reqwest::Client::new();
-    for _ in 0..100 {
+    let mut ready = false;
+    for _ in 0..300 {
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!(
+                "the service exited ({status}) before it was ready; its log: {}",
+                log_path.display()
+            );
+        }
         if http
             .get(format!("{base}/readyz"))
             .send()
@@ -152,10 +263,19 @@ async fn start_stack(args: &BenchArgs) -> anyhow::Result<Stack> {
             .map(|r| r.status() == 200)
             .unwrap_or(false)
         {
+            ready = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    if !ready {
+        anyhow::bail!(
+            "the service was not ready within 30 s; its log: {}",
+            log_path.display()
+        );
+    }
+    // Customers: one hash for all (hashing is not what is measured).
+    let hash = crate::auth::password::hash_blocking("bench-password")?;
     let mut tokens = Vec::new();
     for i in 0..args.concurrency {
         let email = format!("bench{i}@ostore.dev");
@@ -167,12 +287,16 @@ async fn start_stack(args: &BenchArgs) -> anyhow::Result<Stack> {
         base,
         tokens,
         pool: Some(pool),
+        db_url: Some(url),
+        service: Some(child),
+        service_log: Some(log_path),
+        _broker: broker,
         shutdown,
     })
 }
 
 async fn login(http: &reqwest::Client, base: &str, email: &str, password: &str) -> anyhow::Result<String> {
-    let r: serde_json::Value = http
+    let r: Value = http
         .post(format!("{base}/auth/login"))
         .json(&json!({"email": email, "password": password}))
         .send()
@@ -184,34 +308,93 @@ async fn login(http: &reqwest::Client, base: &str, email: &str, password: &str) 
     Ok(r["token"].as_str().context("no token")?.to_string())
 }
 
-/// Runs the benchmark.
-pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
-    let stack = match &args.base_url {
-        Some(base) => {
-            let http = reqwest::Client::new();
-            let t = login(&http, base, &args.email, &args.password).await?;
-            Stack {
-                base: base.clone(),
-                tokens: vec![t; args.concurrency],
-                pool: None,
-                shutdown: tokio_util::sync::CancellationToken::new(),
-            }
-        }
-        None => start_stack(&args).await?,
-    };
+/// One phase of load: as fast as possible (`rate` None) or paced at `rate` orders/s.
+struct Phase {
+    label: &'static str,
+    rate: Option<f64>,
+    warmup: Duration,
+    duration: Duration,
+    max_orders: u64,
+}
+
+/// What a phase measured.
+struct PhaseReport {
+    seconds: f64,
+    tally: Tally,
+    rss_peak: Option<f64>,
+    timeline: Vec<Value>,
+    tracking_applied: u64,
+    /// CPU seconds the service used during the phase.
+    service_cpu: Option<f64>,
+}
+
+impl PhaseReport {
+    fn orders_per_second(&self) -> f64 {
+        self.tally.created as f64 / self.seconds
+    }
+
+    fn cpu_ms_per_order(&self) -> Option<f64> {
+        self.service_cpu
+            .filter(|_| self.tally.created > 0)
+            .map(|c| c * 1000.0 / self.tally.created as f64)
+    }
+
+    fn latency(&self) -> Value {
+        let l = &self.tally.latencies_us;
+        json!({"p50": percentile(l, 0.50), "p95": percentile(l, 0.95), "p99": percentile(l, 0.99), "max": percentile(l, 1.0)})
+    }
+
+    fn json(&self, target: Option<f64>) -> Value {
+        let t = &self.tally;
+        json!({
+            "targetPerSecond": target,
+            "seconds": self.seconds,
+            "ordersPerSecond": self.orders_per_second(),
+            "latencyMs": self.latency(),
+            "outcomes": {"created": t.created, "accepted202": t.accepted, "conflict409": t.conflict, "other": t.other, "errors": t.errors},
+            "rssMbPeak": self.rss_peak,
+            "trackingEventsApplied": self.tracking_applied,
+            "trackingEventsPerSecond": self.tracking_applied as f64 / self.seconds,
+            "serviceCpuMsPerOrder": self.cpu_ms_per_order(),
+            "timeline": self.timeline,
+        })
+    }
+}
+
+/// Outbox backlog and the age of its oldest row, tracking events applied so far.
+async fn sample_db(pool: &sqlx::PgPool) -> Option<(i64, f64, i64)> {
+    let (backlog, age): (i64, f64) = sqlx::query_as(
+        "select count(*), coalesce(extract(epoch from now() - min(created_at))::float8, 0)
+           from outbox where published_at is null",
+    )
+    .fetch_one(pool)
+    .await
+    .ok()?;
+    let applied: i64 = sqlx::query_scalar("select count(*) from tracking_inbox")
+        .fetch_one(pool)
+        .await
+        .ok()?;
+    Some((backlog, age, applied))
+}
+
+async fn run_phase(stack: &Stack, phase: &Phase, quiet: bool) -> PhaseReport {
     let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(args.concurrency * 2)
+        .pool_max_idle_per_host(stack.tokens.len() * 2)
         .timeout(Duration::from_secs(30))
-        .build()?;
+        .build()
+        .expect("http client");
     let tally = Arc::new(Mutex::new(Tally::default()));
     let counting = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicU64::new(0));
     let counted = Arc::new(AtomicU64::new(0));
+    // Pacing: order k is due at start + k / rate; latency counts from when it was due.
+    let slot = Arc::new(AtomicU64::new(0));
+    let t0 = tokio::time::Instant::now();
     let run_id = uuid::Uuid::new_v4().simple().to_string();
     let mut tasks = Vec::new();
     for (w, token) in stack.tokens.iter().cloned().enumerate() {
-        let (http, base, tally, counting, stop, sent, counted, run_id) = (
+        let (http, base, tally, counting, stop, sent, counted, slot, run_id) = (
             http.clone(),
             stack.base.clone(),
             tally.clone(),
@@ -219,19 +402,31 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             stop.clone(),
             sent.clone(),
             counted.clone(),
+            slot.clone(),
             run_id.clone(),
         );
-        let max = args.max_orders;
+        let (max, rate) = (phase.max_orders, phase.rate);
         tasks.push(tokio::spawn(async move {
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 if max > 0 && sent.fetch_add(1, Ordering::Relaxed) >= max {
                     break;
                 }
+                let due = match rate {
+                    Some(r) => {
+                        let k = slot.fetch_add(1, Ordering::Relaxed);
+                        let at = t0 + Duration::from_secs_f64(k as f64 / r);
+                        tokio::time::sleep_until(at).await;
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        at.into_std()
+                    }
+                    None => Instant::now(),
+                };
                 i += 1;
                 let product = 1 + ((w as u64 + i) % 20);
                 let body = json!({"orderItems": [{"productID": product, "quantity": 1 + (i % 3)}]});
-                let t0 = Instant::now();
                 let r = http
                     .post(format!("{base}/orders"))
                     .bearer_auth(&token)
@@ -239,7 +434,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                     .json(&body)
                     .send()
                     .await;
-                let us = t0.elapsed().as_micros() as u64;
+                let us = due.elapsed().as_micros() as u64;
                 if !counting.load(Ordering::Relaxed) {
                     continue;
                 }
@@ -258,77 +453,278 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             }
         }));
     }
-    tokio::time::sleep(Duration::from_secs(args.warmup_secs)).await;
+    tokio::time::sleep(phase.warmup).await;
     counting.store(true, Ordering::Relaxed);
     let started = Instant::now();
+    let cpu0 = stack.service_pid().and_then(cpu_seconds);
+    let first = match &stack.pool {
+        Some(p) => sample_db(p).await,
+        None => None,
+    };
+    let mut last_applied = first.map(|f| f.2).unwrap_or(0);
     let mut last = 0u64;
-    let mut rss_peak: f64 = 0.0;
-    while started.elapsed() < Duration::from_secs(args.duration_secs)
-        && !tasks.iter().all(|t| t.is_finished())
-    {
+    let mut rss_peak: Option<f64> = None;
+    let mut timeline = Vec::new();
+    while started.elapsed() < phase.duration && !tasks.iter().all(|t| t.is_finished()) {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let now = counted.load(Ordering::Relaxed);
-        rss_peak = rss_peak.max(rss_mb().unwrap_or(0.0));
-        if !args.json {
+        let rss = rss_mb(stack.service_pid());
+        if let Some(r) = rss {
+            rss_peak = Some(rss_peak.unwrap_or(0.0).max(r));
+        }
+        let db = match &stack.pool {
+            Some(p) => sample_db(p).await,
+            None => None,
+        };
+        let applied = db.map(|d| d.2 - last_applied);
+        if let Some(d) = db {
+            last_applied = d.2;
+        }
+        let secs = started.elapsed().as_secs_f64();
+        timeline.push(json!({
+            "t": (secs * 10.0).round() / 10.0,
+            "orders": now - last,
+            "outboxBacklog": db.map(|d| d.0),
+            "outboxOldestAgeMs": db.map(|d| (d.1 * 1000.0).round()),
+            "trackingApplied": applied,
+            "rssMb": rss.map(|r| r.round()),
+        }));
+        if !quiet {
             eprintln!(
-                "  {:>4.0}s  {:>6} orders/s  {:>8} completed  rss {:.0} MB",
-                started.elapsed().as_secs_f64(),
+                "  [{}] {:>4.0}s {:>6} orders/s {:>8} completed | outbox backlog {:>5} oldest {:>5} ms | tracking applied {:>5}/s | rss {} MB",
+                phase.label,
+                secs,
                 now - last,
                 now,
-                rss_mb().unwrap_or(0.0)
+                db.map(|d| d.0.to_string()).unwrap_or("-".into()),
+                db.map(|d| format!("{:.0}", d.1 * 1000.0)).unwrap_or("-".into()),
+                applied.map(|a| a.to_string()).unwrap_or("-".into()),
+                rss.map(|r| format!("{r:.0}")).unwrap_or("-".into()),
             );
         }
         last = now;
     }
     stop.store(true, Ordering::Relaxed);
-    let elapsed = started.elapsed().as_secs_f64();
+    let seconds = started.elapsed().as_secs_f64();
+    let service_cpu = match (cpu0, stack.service_pid().and_then(cpu_seconds)) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
     for t in tasks {
         let _ = t.await;
     }
-    let mut t = tally.lock().await;
-    t.latencies_us.sort_unstable();
+    let tracking_applied = match (&stack.pool, first) {
+        (Some(p), Some(f)) => sample_db(p).await.map(|d| (d.2 - f.2).max(0) as u64).unwrap_or(0),
+        _ => 0,
+    };
+    let mut tally = std::mem::take(&mut *tally.lock().await);
+    tally.latencies_us.sort_unstable();
+    PhaseReport {
+        seconds,
+        tally,
+        rss_peak,
+        timeline,
+        tracking_applied,
+        service_cpu,
+    }
+}
+
+/// Runs the benchmark.
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let mut stack = match &args.base_url {
+        Some(base) => {
+            let http = reqwest::Client::new();
+            let t = login(&http, base, &args.email, &args.password).await?;
+            Stack {
+                base: base.clone(),
+                tokens: vec![t; args.concurrency],
+                pool: None,
+                db_url: None,
+                service: None,
+                service_log: None,
+                _broker: None,
+                shutdown: tokio_util::sync::CancellationToken::new(),
+            }
+        }
+        None => start_stack(&args).await?,
+    };
+    let result = measure(&args, &mut stack).await;
+    stack.stop_service().await;
+    stack.shutdown.cancel();
+    if let (Err(_), Some(log)) = (&result, &stack.service_log) {
+        eprintln!("bench: the service's log is {}", log.display());
+    } else if let Some(log) = &stack.service_log {
+        let _ = std::fs::remove_file(log);
+    }
+    // The simulators (and their producer) stop before the embedded broker goes: the JSON line is
+    // the last thing printed.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(stack);
+    let report = result?;
+    println!("{report}");
+    Ok(())
+}
+
+async fn measure(args: &BenchArgs, stack: &mut Stack) -> anyhow::Result<Value> {
+    let quiet = args.json;
+    let peak = run_phase(
+        stack,
+        &Phase {
+            label: "peak",
+            rate: None,
+            warmup: Duration::from_secs(args.warmup_secs),
+            duration: Duration::from_secs(args.duration_secs),
+            max_orders: args.max_orders,
+        },
+        quiet,
+    )
+    .await;
+    let peak_rate = peak.orders_per_second();
+    let half = if args.no_half || peak_rate < 2.0 {
+        None
+    } else {
+        let rate = peak_rate / 2.0;
+        Some((
+            rate,
+            run_phase(
+                stack,
+                &Phase {
+                    label: "half",
+                    rate: Some(rate),
+                    warmup: Duration::from_secs(args.warmup_secs.min(1)),
+                    duration: Duration::from_secs(args.duration_secs),
+                    max_orders: 0,
+                },
+                quiet,
+            )
+            .await,
+        ))
+    };
     let backlog = match &stack.pool {
-        Some(p) => sqlx::query_scalar::<_, i64>("select count(*) from outbox where published_at is null")
-            .fetch_one(p)
-            .await
-            .ok(),
+        Some(p) => sample_db(p).await.map(|d| d.0),
         None => None,
+    };
+    // pgbench runs alone: the service stops first (the same database, the same server).
+    stack.stop_service().await;
+    let pg = match (&stack.pool, &stack.db_url, args.no_pgbench) {
+        (Some(pool), Some(url), false) => {
+            if !quiet {
+                eprintln!(
+                    "  [pgbench] the saga's write set, {} clients, {} s",
+                    args.concurrency, args.duration_secs
+                );
+            }
+            Some(
+                pgbench::run(
+                    pool,
+                    url,
+                    &args.pgbench,
+                    args.concurrency,
+                    Duration::from_secs(args.duration_secs),
+                )
+                .await?,
+            )
+        }
+        _ => None,
+    };
+    let ratio_rate = pg.as_ref().map(|p| peak_rate / p.tps);
+    let ratio_p99 = match (&half, &pg) {
+        (Some((_, h)), Some(p)) => Some(percentile(&h.tally.latencies_us, 0.99) / p.latency_avg_ms),
+        _ => None,
     };
     let report = json!({
         "concurrency": args.concurrency,
-        "seconds": elapsed,
-        "ordersPerSecond": t.created as f64 / elapsed,
-        "latencyMs": {"p50": percentile(&t.latencies_us, 0.50), "p95": percentile(&t.latencies_us, 0.95),
-                       "p99": percentile(&t.latencies_us, 0.99), "max": percentile(&t.latencies_us, 1.0)},
-        "outcomes": {"created": t.created, "accepted202": t.accepted, "conflict409": t.conflict, "other": t.other, "errors": t.errors},
+        "seconds": peak.seconds,
+        "ordersPerSecond": peak_rate,
+        "latencyMs": peak.latency(),
+        "outcomes": peak.json(None)["outcomes"],
         "outboxBacklog": backlog,
-        "rssMbPeak": if args.base_url.is_none() { Some(rss_peak) } else { None },
+        "rssMbPeak": peak.rss_peak,
+        "trackingEventsPerSecond": peak.tracking_applied as f64 / peak.seconds,
+        "peak": peak.json(None),
+        "half": half.as_ref().map(|(rate, h)| h.json(Some(*rate))),
+        "pgbench": pg.as_ref().map(|p| json!({"tps": p.tps, "latencyAvgMs": p.latency_avg_ms, "clients": args.concurrency,
+                                               "seconds": args.duration_secs, "transactions": p.transactions, "script": p.script})),
+        "ratios": {
+            "ordersVsPgbench": ratio_rate,
+            "halfRateP99VsPgbenchLatency": ratio_p99,
+            "trackingVsOrders": (peak_rate > 0.0).then(|| peak.tracking_applied as f64 / peak.seconds / peak_rate),
+        },
     });
-    if !args.json {
+    if !quiet {
+        print_table(args, &peak, half.as_ref(), pg.as_ref(), backlog);
+    }
+    Ok(report)
+}
+
+fn print_table(
+    args: &BenchArgs,
+    peak: &PhaseReport,
+    half: Option<&(f64, PhaseReport)>,
+    pg: Option<&pgbench::PgbenchResult>,
+    backlog: Option<i64>,
+) {
+    let lat = |p: &PhaseReport| {
+        let l = &p.tally.latencies_us;
+        format!(
+            "p50 {:.1}  p95 {:.1}  p99 {:.1}  max {:.1}",
+            percentile(l, 0.5),
+            percentile(l, 0.95),
+            percentile(l, 0.99),
+            percentile(l, 1.0)
+        )
+    };
+    let t = &peak.tally;
+    println!(
+        "\n== ostore-orders bench ({} customers, {} s per phase)",
+        args.concurrency, args.duration_secs
+    );
+    println!("  peak orders/s            {:.1}", peak.orders_per_second());
+    println!("  peak latency ms          {}", lat(peak));
+    println!(
+        "  peak outcomes            201 {}  202 {}  409 {}  other {}  errors {}",
+        t.created, t.accepted, t.conflict, t.other, t.errors
+    );
+    if let Some(r) = peak.rss_peak {
+        println!("  service RSS at peak      {r:.0} MB");
+    }
+    if let Some(c) = peak.cpu_ms_per_order() {
+        println!("  service CPU per order    {c:.2} ms (user + system, all roles)");
+    }
+    if args.base_url.is_none() {
         println!(
-            "\n== ostore-orders bench ({} customers, {:.1} s)",
-            args.concurrency, elapsed
+            "  tracking events applied  {:.1}/s ({:.2}x the order rate; the simulator emits what the orders produce)",
+            peak.tracking_applied as f64 / peak.seconds,
+            peak.tracking_applied as f64 / peak.seconds / peak.orders_per_second().max(1e-9)
         );
-        println!("  orders/s          {:.1}", t.created as f64 / elapsed);
+    }
+    if let Some(b) = backlog {
+        println!("  outbox backlog at end    {b}");
+    }
+    if let Some((rate, h)) = half {
         println!(
-            "  latency ms        p50 {:.1}  p95 {:.1}  p99 {:.1}  max {:.1}",
-            percentile(&t.latencies_us, 0.5),
-            percentile(&t.latencies_us, 0.95),
-            percentile(&t.latencies_us, 0.99),
-            percentile(&t.latencies_us, 1.0)
+            "  half rate: target/s      {rate:.1}  achieved {:.1}",
+            h.orders_per_second()
         );
-        println!(
-            "  outcomes          201 {}  202 {}  409 {}  other {}  errors {}",
-            t.created, t.accepted, t.conflict, t.other, t.errors
-        );
-        if let Some(b) = backlog {
-            println!("  outbox backlog    {b}");
-        }
-        if args.base_url.is_none() {
-            println!("  RSS peak          {rss_peak:.0} MB (load generator and service in one process)");
+        println!("  half rate latency ms     {}", lat(h));
+        if let Some(r) = h.rss_peak {
+            println!("  service RSS at half rate {r:.0} MB");
         }
     }
-    println!("{report}");
-    stack.shutdown.cancel();
-    Ok(())
+    if let Some(p) = pg {
+        println!(
+            "  pgbench write set        {:.1} orders/s, latency avg {:.2} ms ({} clients)",
+            p.tps, p.latency_avg_ms, args.concurrency
+        );
+        println!(
+            "  ratio orders/s : pgbench {:.2}",
+            peak.orders_per_second() / p.tps
+        );
+        if let Some((_, h)) = half {
+            println!(
+                "  ratio half-rate p99 : pgbench latency {:.2}",
+                percentile(&h.tally.latencies_us, 0.99) / p.latency_avg_ms
+            );
+        }
+    }
 }

@@ -136,9 +136,35 @@ fn a_short_bench_run_reports_orders_per_second_as_json() {
     drop_db(&format!("{db}_bench"));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8(out.stdout).unwrap();
-    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let line = stdout
+        .lines()
+        .rfind(|l| l.starts_with('{'))
+        .expect("a JSON report line");
+    let report: serde_json::Value = serde_json::from_str(line).unwrap();
     assert!(report["outcomes"]["created"].as_u64().unwrap() > 0, "{report}");
     assert_eq!(report["outcomes"]["errors"], 0);
     assert!(report["ordersPerSecond"].as_f64().unwrap() > 0.0);
     assert!(report["latencyMs"]["p99"].as_f64().unwrap() >= report["latencyMs"]["p50"].as_f64().unwrap());
+    // The service ran in its own process: its RSS was read.
+    assert!(report["rssMbPeak"].as_f64().unwrap() > 1.0, "{report}");
+    // The half-rate phase was paced at half the peak.
+    let half = &report["half"];
+    assert!(
+        (half["targetPerSecond"].as_f64().unwrap() - report["ordersPerSecond"].as_f64().unwrap() / 2.0).abs()
+            < 1e-6,
+        "{report}"
+    );
+    assert!(half["outcomes"]["created"].as_u64().unwrap() > 0, "{report}");
+    // pgbench ran the saga's write set against the same server, and the ratio is theirs.
+    let tps = report["pgbench"]["tps"].as_f64().unwrap();
+    assert!(tps > 0.0, "{report}");
+    let ratio = report["ratios"]["ordersVsPgbench"].as_f64().unwrap();
+    assert!(
+        (ratio - report["ordersPerSecond"].as_f64().unwrap() / tps).abs() < 1e-9,
+        "{report}"
+    );
+    assert!(
+        report["ratios"]["halfRateP99VsPgbenchLatency"].as_f64().unwrap() > 0.0,
+        "{report}"
+    );
 }

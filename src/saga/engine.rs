@@ -513,14 +513,16 @@ impl Inner {
         })
     }
 
-    /// Applies one step job in `conn`'s transaction.
+    /// Applies one step job in `conn`'s transaction (the saga row is locked: `locked`).
     async fn apply_step(
         &self,
         conn: &mut sqlx::PgConnection,
+        batch: &mut store::Batch,
         saga: &Saga,
         attempt: Option<&Attempt>,
+        locked: Option<&store::Locked>,
     ) -> Result<(Applied, bool, Option<Value>), sqlx::Error> {
-        let Some(locked) = store::lock_fenced(conn, saga.id, saga.fence).await? else {
+        let Some(locked) = locked.filter(|l| l.fence == saga.fence) else {
             return Ok((Applied::Fenced, false, None));
         };
         if locked.state != saga.state.as_str()
@@ -530,7 +532,7 @@ impl Inner {
             return Ok((Applied::Fenced, false, None));
         }
         let mut saga = saga.clone();
-        saga.cancel_requested = locked.cancel_requested;
+        saga.cancel_requested = locked.cancel_requested.clone();
         saga.answered_pending = locked.answered_pending;
         let machine = self.machine();
         let now = OffsetDateTime::now_utc();
@@ -549,13 +551,13 @@ impl Inner {
             }
         }
         let keep = matches!(machine.next(&saga, now), Next::Remote(..));
-        store::write_transition(
+        store::stage_transition(
             conn,
+            batch,
             &saga,
             machine.step_name(&saga),
             &fx,
             keep,
-            self.cfg.lease,
             &self.topics,
             &self.cfg.worker_id,
         )
@@ -571,6 +573,7 @@ impl Inner {
     async fn apply_create(
         &self,
         conn: &mut sqlx::PgConnection,
+        batch: &mut store::Batch,
         new: &NewSaga,
         lease: bool,
     ) -> Result<Created, sqlx::Error> {
@@ -579,7 +582,7 @@ impl Inner {
         } else {
             None
         };
-        store::create(conn, new, worker, self.cfg.lease, &self.topics).await
+        store::create(conn, batch, new, worker, self.cfg.lease, &self.topics).await
     }
 
     async fn committer(self: Arc<Self>) {
@@ -625,22 +628,42 @@ impl Inner {
         }
     }
 
+    /// One transaction for `jobs`: the saga rows they advance are locked in one statement, each job
+    /// writes what is its own (idempotency key, order rows), and what every job writes alike (saga
+    /// rows, history, outbox, NOTIFY) goes out in one statement each before the commit.
     async fn try_batch(&self, jobs: &[Job]) -> Result<Vec<JobResult>, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
+        let ids: Vec<Uuid> = jobs
+            .iter()
+            .filter_map(|j| match j {
+                Job::Step { saga, .. } => Some(saga.id),
+                Job::Create { .. } => None,
+            })
+            .collect();
+        let locked = store::lock_many(&mut tx, &ids).await?;
+        let mut batch = store::Batch::default();
         let mut out = Vec::with_capacity(jobs.len());
         for job in jobs {
             let r = match job {
                 Job::Create { new, lease, .. } => {
-                    JobResult::Created(self.apply_create(&mut tx, new, *lease).await?)
+                    JobResult::Created(self.apply_create(&mut tx, &mut batch, new, *lease).await?)
                 }
                 Job::Step { saga, attempt, .. } => {
-                    let (applied, finished, answer) =
-                        self.apply_step(&mut tx, saga, attempt.as_deref()).await?;
+                    let (applied, finished, answer) = self
+                        .apply_step(
+                            &mut tx,
+                            &mut batch,
+                            saga,
+                            attempt.as_deref(),
+                            locked.get(&saga.id),
+                        )
+                        .await?;
                     JobResult::Step(applied, finished, answer)
                 }
             };
             out.push(r);
         }
+        batch.flush(&mut tx, self.cfg.lease).await?;
         tx.commit().await?;
         Ok(out)
     }

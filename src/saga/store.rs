@@ -74,10 +74,12 @@ pub enum Created {
     Existing(ExistingKey),
 }
 
-/// Inserts the idempotency record, the order placeholder (`pending`), the saga (leased to `worker`)
-/// and the `SagaStarted` / `OrderCreated` events — or reports the key's earlier use.
+/// Inserts the idempotency record, the order placeholder (`pending`) and the saga (leased to
+/// `worker`), and stages the `SagaStarted` / `OrderCreated` events in `batch` — or reports the key's
+/// earlier use.
 pub async fn create(
     conn: &mut PgConnection,
+    batch: &mut Batch,
     n: &NewSaga,
     worker: Option<&str>,
     lease: Duration,
@@ -161,28 +163,24 @@ pub async fn create(
         last_error_class: None,
     };
     let items = json!(n.lines);
-    outbox::enqueue(
-        conn,
-        &[
-            NewEvent::new(
-                &topics.saga_events,
-                "SagaStarted",
-                order_id,
-                Some(n.saga_id),
-                json!({"sagaType": n.saga_type, "version": n.version, "userID": n.user_id}),
-                &n.trace,
-            ),
-            NewEvent::new(
-                &topics.order_events,
-                "OrderCreated",
-                order_id,
-                Some(n.saga_id),
-                json!({"userID": n.user_id, "status": "pending", "orderItems": items}),
-                &n.trace,
-            ),
-        ],
-    )
-    .await?;
+    batch.events.extend([
+        NewEvent::new(
+            &topics.saga_events,
+            "SagaStarted",
+            order_id,
+            Some(n.saga_id),
+            json!({"sagaType": n.saga_type, "version": n.version, "userID": n.user_id}),
+            &n.trace,
+        ),
+        NewEvent::new(
+            &topics.order_events,
+            "OrderCreated",
+            order_id,
+            Some(n.saga_id),
+            json!({"userID": n.user_id, "status": "pending", "orderItems": items}),
+            &n.trace,
+        ),
+    ]);
     Ok(Created::New(Box::new(saga)))
 }
 
@@ -292,6 +290,8 @@ pub async fn load(conn: &mut PgConnection, saga_id: Uuid) -> Result<Option<Saga>
 /// What a fenced lock sees of the saga row.
 #[derive(Debug, Clone)]
 pub struct Locked {
+    /// The fence in the database.
+    pub fence: i64,
     /// A cancellation was asked for.
     pub cancel_requested: Option<String>,
     /// The creating request answered 202.
@@ -302,28 +302,6 @@ pub struct Locked {
     pub step: i32,
     /// The attempt count in the database.
     pub attempt: i32,
-}
-
-/// Locks the saga row for a write if `fence` still holds; `None` when another worker took it over.
-pub async fn lock_fenced(
-    conn: &mut PgConnection,
-    saga_id: Uuid,
-    fence: i64,
-) -> Result<Option<Locked>, sqlx::Error> {
-    let r = sqlx::query!(
-        "select cancel_requested, answered_pending, state, step, attempt from sagas where saga_id = $1 and fence = $2 for update",
-        saga_id,
-        fence
-    )
-    .fetch_optional(&mut *conn)
-    .await?;
-    Ok(r.map(|r| Locked {
-        cancel_requested: r.cancel_requested,
-        answered_pending: r.answered_pending,
-        state: r.state,
-        step: r.step,
-        attempt: r.attempt,
-    }))
 }
 
 /// The result of persist_order.
@@ -457,45 +435,174 @@ pub async fn set_order_status(
     Ok(r.rows_affected() == 1)
 }
 
-/// Writes a transition: the saga row (fence already checked by `lock_fenced` in this transaction),
-/// history rows, order changes, outbox events and, for a finished saga, its answer and a wake-up
-/// for waiters on other instances. `keep_lease` keeps the lease when the worker continues at once.
+/// What one shared commit writes once for all its jobs: step history, saga rows, outbox events and
+/// wake-ups (one statement each, whatever the number of sagas in the commit). Jobs stage into it;
+/// `flush` writes it just before the commit.
+#[derive(Default)]
+pub struct Batch {
+    h_saga: Vec<Uuid>,
+    h_step: Vec<String>,
+    h_kind: Vec<String>,
+    h_attempt: Vec<i32>,
+    h_started: Vec<OffsetDateTime>,
+    h_outcome: Vec<String>,
+    h_class: Vec<Option<String>>,
+    h_error: Vec<Option<String>>,
+    h_key: Vec<Option<String>>,
+    h_status: Vec<Option<i32>>,
+    h_worker: Vec<String>,
+    s_id: Vec<Uuid>,
+    s_state: Vec<String>,
+    s_step: Vec<i32>,
+    s_attempt: Vec<i32>,
+    s_next: Vec<Option<OffsetDateTime>>,
+    s_data: Vec<Value>,
+    s_failure: Vec<Option<Value>>,
+    s_error: Vec<Option<String>>,
+    s_class: Vec<Option<String>>,
+    s_keep: Vec<bool>,
+    s_answer: Vec<Option<Value>>,
+    s_finished: Vec<bool>,
+    s_step_name: Vec<String>,
+    events: Vec<NewEvent>,
+    notify: Vec<String>,
+}
+
+impl Batch {
+    /// Writes everything staged (history, saga rows, outbox, NOTIFY) in `conn`'s transaction.
+    pub async fn flush(&mut self, conn: &mut PgConnection, lease: Duration) -> Result<(), sqlx::Error> {
+        if !self.h_saga.is_empty() {
+            sqlx::query!(
+                r#"insert into saga_steps (saga_id, step, kind, attempt, started_at, outcome, error_class, error,
+                                           idempotency_key, downstream_status, worker)
+                   select * from unnest($1::uuid[], $2::text[], $3::text[], $4::int[], $5::timestamptz[], $6::text[],
+                                        $7::text[], $8::text[], $9::text[], $10::int[], $11::text[])"#,
+                &self.h_saga,
+                &self.h_step,
+                &self.h_kind,
+                &self.h_attempt,
+                &self.h_started,
+                &self.h_outcome,
+                &self.h_class as &[Option<String>],
+                &self.h_error as &[Option<String>],
+                &self.h_key as &[Option<String>],
+                &self.h_status as &[Option<i32>],
+                &self.h_worker
+            )
+            .execute(&mut *conn)
+            .await?;
+        }
+        if !self.s_id.is_empty() {
+            sqlx::query!(
+                r#"update sagas s
+                      set state = u.state, step = u.step, attempt = u.attempt, next_attempt_at = u.next_attempt_at,
+                          data = u.data, failure = u.failure, last_error = u.last_error,
+                          last_error_class = u.last_error_class,
+                          lease_owner = case when u.keep then s.lease_owner end,
+                          lease_expires_at = case when u.keep then now() + $14 end,
+                          answer = coalesce(s.answer, u.answer), updated_at = now(),
+                          finished_at = case when u.finished then now() end, step_name = u.step_name
+                     from unnest($1::uuid[], $2::text[], $3::int[], $4::int[], $5::timestamptz[], $6::jsonb[],
+                                 $7::jsonb[], $8::text[], $9::text[], $10::bool[], $11::jsonb[], $12::bool[],
+                                 $13::text[])
+                          as u(saga_id, state, step, attempt, next_attempt_at, data, failure, last_error,
+                               last_error_class, keep, answer, finished, step_name)
+                    where s.saga_id = u.saga_id"#,
+                &self.s_id,
+                &self.s_state,
+                &self.s_step,
+                &self.s_attempt,
+                &self.s_next as &[Option<OffsetDateTime>],
+                &self.s_data,
+                &self.s_failure as &[Option<Value>],
+                &self.s_error as &[Option<String>],
+                &self.s_class as &[Option<String>],
+                &self.s_keep,
+                &self.s_answer as &[Option<Value>],
+                &self.s_finished,
+                &self.s_step_name,
+                interval(lease)
+            )
+            .execute(&mut *conn)
+            .await?;
+        }
+        outbox::enqueue(conn, &self.events).await?;
+        if !self.notify.is_empty() {
+            sqlx::query!(
+                "select pg_notify($1, p) from unnest($2::text[]) p",
+                CHANNEL,
+                &self.notify
+            )
+            .execute(&mut *conn)
+            .await?;
+        }
+        *self = Batch::default();
+        Ok(())
+    }
+}
+
+/// Locks the rows of the sagas a shared commit advances (in one statement, in key order) and
+/// reports what each holds; the caller compares fences and states.
+pub async fn lock_many(conn: &mut PgConnection, ids: &[Uuid]) -> Result<HashMap<Uuid, Locked>, sqlx::Error> {
+    if ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let rows = sqlx::query!(
+        "select saga_id, fence, cancel_requested, answered_pending, state, step, attempt
+           from sagas where saga_id = any($1) order by saga_id for update",
+        ids
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            (
+                r.saga_id,
+                Locked {
+                    fence: r.fence,
+                    cancel_requested: r.cancel_requested,
+                    answered_pending: r.answered_pending,
+                    state: r.state,
+                    step: r.step,
+                    attempt: r.attempt,
+                },
+            )
+        })
+        .collect())
+}
+
+/// Stages a transition: order changes are written now (in the caller's transaction); the saga row,
+/// history rows, outbox events and, for a finished saga, its answer and a wake-up for waiters on
+/// other instances go to `batch`. `keep_lease` keeps the lease when the worker continues at once.
 #[allow(clippy::too_many_arguments)]
-pub async fn write_transition(
+pub async fn stage_transition(
     conn: &mut PgConnection,
+    batch: &mut Batch,
     saga: &Saga,
     step_name: &str,
     effects: &[Effect],
     keep_lease: bool,
-    lease: Duration,
     topics: &Topics,
     worker: &str,
 ) -> Result<(), sqlx::Error> {
     let mut answer: Option<Value> = None;
     let mut finished = false;
-    let mut events = Vec::new();
     let mut order_changed = true;
-    let mut h_step = Vec::new();
-    let mut h_kind = Vec::new();
-    let mut h_attempt = Vec::new();
-    let mut h_started = Vec::new();
-    let mut h_outcome = Vec::new();
-    let mut h_class: Vec<Option<String>> = Vec::new();
-    let mut h_error: Vec<Option<String>> = Vec::new();
-    let mut h_key: Vec<Option<String>> = Vec::new();
-    let mut h_status: Vec<Option<i32>> = Vec::new();
     for fx in effects {
         match fx {
             Effect::History(h) => {
-                h_step.push(h.step.clone());
-                h_kind.push(h.kind.as_str().to_string());
-                h_attempt.push(h.attempt as i32);
-                h_started.push(h.started_at);
-                h_outcome.push(h.outcome.to_string());
-                h_class.push(h.error_class.clone());
-                h_error.push(h.error.as_ref().map(|e| truncate(e, 2000)));
-                h_key.push(h.idempotency_key.clone());
-                h_status.push(h.downstream_status.map(i32::from));
+                batch.h_saga.push(saga.id);
+                batch.h_step.push(h.step.clone());
+                batch.h_kind.push(h.kind.as_str().to_string());
+                batch.h_attempt.push(h.attempt as i32);
+                batch.h_started.push(h.started_at);
+                batch.h_outcome.push(h.outcome.to_string());
+                batch.h_class.push(h.error_class.clone());
+                batch.h_error.push(h.error.as_ref().map(|e| truncate(e, 2000)));
+                batch.h_key.push(h.idempotency_key.clone());
+                batch.h_status.push(h.downstream_status.map(i32::from));
+                batch.h_worker.push(worker.to_string());
             }
             Effect::Order(change) => {
                 order_changed = match change {
@@ -543,7 +650,7 @@ pub async fn write_transition(
                 if *stream == Stream::Saga && data.is_object() {
                     data["state"] = json!(saga.state.as_str());
                 }
-                events.push(NewEvent::new(
+                batch.events.push(NewEvent::new(
                     topic,
                     event_type,
                     saga.order_id,
@@ -560,67 +667,29 @@ pub async fn write_transition(
             }
         }
     }
-    if !h_step.is_empty() {
-        sqlx::query!(
-            r#"insert into saga_steps (saga_id, step, kind, attempt, started_at, outcome, error_class, error,
-                                       idempotency_key, downstream_status, worker)
-               select $1, *, $11 from unnest($2::text[], $3::text[], $4::int[], $5::timestamptz[], $6::text[],
-                                        $7::text[], $8::text[], $9::text[], $10::int[])"#,
-            saga.id,
-            &h_step,
-            &h_kind,
-            &h_attempt,
-            &h_started,
-            &h_outcome,
-            &h_class as &[Option<String>],
-            &h_error as &[Option<String>],
-            &h_key as &[Option<String>],
-            &h_status as &[Option<i32>],
-            worker
-        )
-        .execute(&mut *conn)
-        .await?;
-    }
-    let data = serde_json::to_value(&saga.data).unwrap_or(json!({}));
-    let failure = saga
-        .failure
-        .as_ref()
-        .map(|f| serde_json::to_value(f).unwrap_or(Value::Null));
-    let keep = keep_lease && !saga.state.is_finished();
-    sqlx::query!(
-        r#"update sagas set state = $2, step = $3, attempt = $4, next_attempt_at = $5, data = $6, failure = $7,
-                  last_error = $8, last_error_class = $9,
-                  lease_owner = case when $10 then lease_owner end,
-                  lease_expires_at = case when $10 then now() + $11 end,
-                  answer = coalesce(answer, $12), updated_at = now(),
-                  finished_at = case when $13 then now() end, step_name = $14
-            where saga_id = $1"#,
-        saga.id,
-        saga.state.as_str(),
-        saga.step as i32,
-        saga.attempt as i32,
-        saga.next_attempt_at,
-        data,
-        failure,
-        saga.last_error.as_ref().map(|e| truncate(e, 2000)),
-        saga.last_error_class,
-        keep,
-        interval(lease),
-        answer,
-        saga.state.is_finished(),
-        step_name
-    )
-    .execute(&mut *conn)
-    .await?;
-    outbox::enqueue(conn, &events).await?;
+    batch.s_id.push(saga.id);
+    batch.s_state.push(saga.state.as_str().to_string());
+    batch.s_step.push(saga.step as i32);
+    batch.s_attempt.push(saga.attempt as i32);
+    batch.s_next.push(saga.next_attempt_at);
+    batch
+        .s_data
+        .push(serde_json::to_value(&saga.data).unwrap_or(json!({})));
+    batch.s_failure.push(
+        saga.failure
+            .as_ref()
+            .map(|f| serde_json::to_value(f).unwrap_or(Value::Null)),
+    );
+    batch
+        .s_error
+        .push(saga.last_error.as_ref().map(|e| truncate(e, 2000)));
+    batch.s_class.push(saga.last_error_class.clone());
+    batch.s_keep.push(keep_lease && !saga.state.is_finished());
+    batch.s_answer.push(answer);
+    batch.s_finished.push(saga.state.is_finished());
+    batch.s_step_name.push(step_name.to_string());
     if finished {
-        sqlx::query!(
-            "select pg_notify($1, $2)",
-            CHANNEL,
-            format!("finished:{}", saga.id)
-        )
-        .execute(&mut *conn)
-        .await?;
+        batch.notify.push(format!("finished:{}", saga.id));
     }
     Ok(())
 }
