@@ -110,6 +110,38 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
     Some(ticks / 100.0)
 }
 
+/// CPU seconds used so far by the PostgreSQL backends serving the current database, by pid
+/// (the server must run on this machine; its processes are readable as root or as their owner).
+pub(crate) async fn backend_cpu(
+    pool: &sqlx::PgPool,
+    application: Option<&str>,
+) -> Option<std::collections::HashMap<i32, f64>> {
+    let pids: Vec<i32> = sqlx::query_scalar(
+        "select pid from pg_stat_activity where datname = current_database() and pid <> pg_backend_pid()
+            and ($1::text is null or application_name = $1)",
+    )
+    .bind(application)
+    .fetch_all(pool)
+    .await
+    .ok()?;
+    let map: std::collections::HashMap<i32, f64> = pids
+        .into_iter()
+        .filter_map(|p| cpu_seconds(p as u32).map(|c| (p, c)))
+        .collect();
+    (!map.is_empty()).then_some(map)
+}
+
+/// CPU seconds between two readings of `backend_cpu` (backends that appeared count whole).
+pub(crate) fn cpu_delta(
+    before: &std::collections::HashMap<i32, f64>,
+    after: &std::collections::HashMap<i32, f64>,
+) -> f64 {
+    after
+        .iter()
+        .map(|(pid, c)| (c - before.get(pid).copied().unwrap_or(0.0)).max(0.0))
+        .sum()
+}
+
 /// The database of the bench: DATABASE_URL's server, its name with `_bench`, its parameters kept.
 fn bench_database_url(url: &str) -> anyhow::Result<String> {
     let (prefix, db) = url
@@ -274,6 +306,7 @@ async fn start_stack(args: &BenchArgs) -> anyhow::Result<Stack> {
             log_path.display()
         );
     }
+    let rss_ready = rss_mb(child.id());
     // Customers: one hash for all (hashing is not what is measured).
     let hash = crate::auth::password::hash_blocking("bench-password")?;
     let mut tokens = Vec::new();
@@ -282,6 +315,16 @@ async fn start_stack(args: &BenchArgs) -> anyhow::Result<Stack> {
         let mut conn = pool.acquire().await?;
         crate::auth::users::create(&mut conn, &email, &hash, Role::User).await?;
         tokens.push(login(&http, &base, &email, "bench-password").await?);
+    }
+    if !args.json {
+        eprintln!(
+            "  service ready: RSS {} MB; after {} logins (argon2id, 19 MiB each): {} MB",
+            rss_ready.map(|r| format!("{r:.0}")).unwrap_or("-".into()),
+            args.concurrency,
+            rss_mb(child.id())
+                .map(|r| format!("{r:.0}"))
+                .unwrap_or("-".into())
+        );
     }
     Ok(Stack {
         base,
@@ -326,6 +369,8 @@ struct PhaseReport {
     tracking_applied: u64,
     /// CPU seconds the service used during the phase.
     service_cpu: Option<f64>,
+    /// CPU seconds PostgreSQL's backends used for the bench database during the phase.
+    db_cpu: Option<f64>,
 }
 
 impl PhaseReport {
@@ -335,6 +380,12 @@ impl PhaseReport {
 
     fn cpu_ms_per_order(&self) -> Option<f64> {
         self.service_cpu
+            .filter(|_| self.tally.created > 0)
+            .map(|c| c * 1000.0 / self.tally.created as f64)
+    }
+
+    fn db_cpu_ms_per_order(&self) -> Option<f64> {
+        self.db_cpu
             .filter(|_| self.tally.created > 0)
             .map(|c| c * 1000.0 / self.tally.created as f64)
     }
@@ -356,6 +407,7 @@ impl PhaseReport {
             "trackingEventsApplied": self.tracking_applied,
             "trackingEventsPerSecond": self.tracking_applied as f64 / self.seconds,
             "serviceCpuMsPerOrder": self.cpu_ms_per_order(),
+            "postgresCpuMsPerOrder": self.db_cpu_ms_per_order(),
             "timeline": self.timeline,
         })
     }
@@ -457,6 +509,10 @@ async fn run_phase(stack: &Stack, phase: &Phase, quiet: bool) -> PhaseReport {
     counting.store(true, Ordering::Relaxed);
     let started = Instant::now();
     let cpu0 = stack.service_pid().and_then(cpu_seconds);
+    let db0 = match &stack.pool {
+        Some(p) => backend_cpu(p, None).await,
+        None => None,
+    };
     let first = match &stack.pool {
         Some(p) => sample_db(p).await,
         None => None,
@@ -510,6 +566,10 @@ async fn run_phase(stack: &Stack, phase: &Phase, quiet: bool) -> PhaseReport {
         (Some(a), Some(b)) => Some(b - a),
         _ => None,
     };
+    let db_cpu = match (&stack.pool, &db0) {
+        (Some(p), Some(before)) => backend_cpu(p, None).await.map(|after| cpu_delta(before, &after)),
+        _ => None,
+    };
     for t in tasks {
         let _ = t.await;
     }
@@ -526,6 +586,7 @@ async fn run_phase(stack: &Stack, phase: &Phase, quiet: bool) -> PhaseReport {
         timeline,
         tracking_applied,
         service_cpu,
+        db_cpu,
     }
 }
 
@@ -644,7 +705,8 @@ async fn measure(args: &BenchArgs, stack: &mut Stack) -> anyhow::Result<Value> {
         "peak": peak.json(None),
         "half": half.as_ref().map(|(rate, h)| h.json(Some(*rate))),
         "pgbench": pg.as_ref().map(|p| json!({"tps": p.tps, "latencyAvgMs": p.latency_avg_ms, "clients": args.concurrency,
-                                               "seconds": args.duration_secs, "transactions": p.transactions, "script": p.script})),
+                                               "seconds": args.duration_secs, "transactions": p.transactions, "script": p.script,
+                                               "postgresCpuMsPerOrder": p.db_cpu_ms_per_order})),
         "ratios": {
             "ordersVsPgbench": ratio_rate,
             "halfRateP99VsPgbenchLatency": ratio_p99,
@@ -691,6 +753,9 @@ fn print_table(
     if let Some(c) = peak.cpu_ms_per_order() {
         println!("  service CPU per order    {c:.2} ms (user + system, all roles)");
     }
+    if let Some(c) = peak.db_cpu_ms_per_order() {
+        println!("  PostgreSQL CPU per order {c:.2} ms (its backends for this database, all roles)");
+    }
     if args.base_url.is_none() {
         println!(
             "  tracking events applied  {:.1}/s ({:.2}x the order rate; the simulator emits what the orders produce)",
@@ -716,6 +781,9 @@ fn print_table(
             "  pgbench write set        {:.1} orders/s, latency avg {:.2} ms ({} clients)",
             p.tps, p.latency_avg_ms, args.concurrency
         );
+        if let Some(c) = p.db_cpu_ms_per_order {
+            println!("  PostgreSQL CPU per order {c:.2} ms under pgbench");
+        }
         println!(
             "  ratio orders/s : pgbench {:.2}",
             peak.orders_per_second() / p.tps

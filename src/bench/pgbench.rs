@@ -28,6 +28,8 @@ pub struct PgbenchResult {
     pub transactions: u64,
     /// The script file (kept for reading).
     pub script: String,
+    /// CPU ms PostgreSQL's backends used per script (sampled a second into the run).
+    pub db_cpu_ms_per_order: Option<f64>,
 }
 
 /// A SQL string literal; text pgbench would read as a variable (`:name`) is base64-encoded.
@@ -296,7 +298,7 @@ pub async fn run(
     let text = script(pool).await?;
     let path = std::env::temp_dir().join(format!("ostore-bench-write-set-{}.sql", std::process::id()));
     std::fs::write(&path, &text)?;
-    let out = tokio::process::Command::new(program)
+    let child = tokio::process::Command::new(program)
         .args([
             "--no-vacuum",
             "--protocol=prepared",
@@ -310,11 +312,32 @@ pub async fn run(
             &path.to_string_lossy(),
             url,
         ])
-        .output()
-        .await
+        .env("PGAPPNAME", "ostore-bench-pgbench")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .with_context(|| {
             format!("cannot run {program} (install PostgreSQL's client tools, or pass --no-pgbench)")
         })?;
+    // Backend CPU over the run: its connections are read once they are all open, and again near
+    // the end of the run; the share of the run between the readings scales the transactions.
+    let secs = duration.as_secs().max(1) as f64;
+    let (skip, window) = if secs >= 4.0 {
+        (1.0, secs - 2.0)
+    } else {
+        (0.0, 0.0)
+    };
+    let mut cpu = None;
+    if window > 0.0 {
+        tokio::time::sleep(Duration::from_secs_f64(skip)).await;
+        let before = crate::bench::backend_cpu(pool, Some("ostore-bench-pgbench")).await;
+        tokio::time::sleep(Duration::from_secs_f64(window)).await;
+        let after = crate::bench::backend_cpu(pool, Some("ostore-bench-pgbench")).await;
+        if let (Some(b), Some(a)) = (before, after) {
+            cpu = Some(crate::bench::cpu_delta(&b, &a));
+        }
+    }
+    let out = child.wait_with_output().await?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     anyhow::ensure!(
@@ -331,6 +354,7 @@ pub async fn run(
         latency_avg_ms: latency,
         transactions,
         script: path.to_string_lossy().into_owned(),
+        db_cpu_ms_per_order: cpu.map(|c| c * 1000.0 / (tps * window)),
     })
 }
 
