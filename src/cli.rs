@@ -40,6 +40,12 @@ pub enum Command {
     /// Load-test a stack (started in this process, or --base-url) and report orders/s, latency
     /// percentiles, outcomes, outbox backlog and RSS.
     Bench(crate::bench::BenchArgs),
+    /// Relay benchmark: a raw producer's rate vs the outbox relay's for the same records to the
+    /// same broker (the mock cluster in this process unless KAFKA_BOOTSTRAP_SERVERS), and the ratio.
+    BenchRelay(crate::bench_kafka::BenchRelayArgs),
+    /// Tracking-consumer benchmark: TrackingEvents (lifecycles with redelivered copies) for
+    /// confirmed orders, applied by the real consumer; reports events/s.
+    BenchConsumer(crate::bench_kafka::BenchConsumerArgs),
 }
 
 /// `sim` subcommands.
@@ -200,6 +206,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => {
             let _t = crate::telemetry::init("ostore-orders-bench", args.config.log_format);
             crate::bench::run(args).await
+        }
+        Command::BenchRelay(args) => {
+            let _t = crate::telemetry::init("ostore-orders-bench", args.common.log_format);
+            crate::bench_kafka::run_relay(args).await
+        }
+        Command::BenchConsumer(args) => {
+            let _t = crate::telemetry::init("ostore-orders-bench", args.common.log_format);
+            crate::bench_kafka::run_consumer(args).await
         }
         Command::Sim(SimCommand::Catalog(args)) => {
             let _t = crate::telemetry::init("ostore-sim-catalog", args.log_format);

@@ -8,6 +8,7 @@ pub mod api;
 pub mod app;
 pub mod auth;
 pub mod bench;
+pub mod bench_kafka;
 pub mod catalog;
 pub mod cli;
 pub mod config;

@@ -76,6 +76,7 @@ fn consumer_config(window: Duration) -> ConsumerConfig {
         commit_interval: Duration::from_millis(200),
         session_timeout: Duration::from_secs(6),
         heartbeat_interval: Duration::from_millis(500),
+        batch_size: 500,
     }
 }
 
@@ -1204,6 +1205,209 @@ async fn a_consumer_killed_after_the_database_commit_and_before_the_offset_commi
         "applied once"
     );
     assert_eq!(count(&pool, "select count(*) from tracking_inbox").await, 1);
+}
+
+/// A record as the consumer reads it from partition 0 at `offset`.
+fn record_at(offset: i64, payload: Vec<u8>) -> Record {
+    Record {
+        topic: topics().tracking_events,
+        partition: Some(0),
+        offset: Some(offset),
+        key: None,
+        payload,
+        headers: HashMap::new(),
+    }
+}
+
+/// What a database holds after the consumer handled events: order statuses, inbox outcomes,
+/// parked events, dead letters, and the outbox rows in order (without their generated ids).
+async fn consumer_state(pool: &PgPool) -> Vec<String> {
+    let mut out = Vec::new();
+    for (what, sql) in [
+        (
+            "orders",
+            "select order_id || ' ' || status || ' ' || coalesce(status_reason, '') from orders order by order_id",
+        ),
+        (
+            "inbox",
+            "select event_id || ' ' || order_id || ' ' || tracking_status || ' ' || outcome from tracking_inbox order by event_id",
+        ),
+        (
+            "parked",
+            "select event_id || ' ' || order_id from tracking_retries order by id",
+        ),
+        ("dead", "select id || ' ' || reason from dead_letters order by id"),
+        (
+            "outbox",
+            // Per order (key), in commit order: what consumers can rely on.
+            "select message_key || ' ' || topic || ' ' || event_type || ' ' || (payload -> 'data')::text
+             from outbox order by message_key, id",
+        ),
+    ] {
+        let rows: Vec<String> = sqlx::query_scalar(sql).fetch_all(pool).await.unwrap();
+        out.extend(rows.into_iter().map(|r| format!("{what}: {r}")));
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_batch_has_the_outcome_of_its_events_applied_one_by_one() {
+    let t = topics();
+    let (confirmed, shipped, pending, unknown) = (101, 102, 103, 900_010);
+    let ev = |order_id: i32, status: TrackingStatus| body(&tracking_event(order_id, status));
+    let picked_up = ev(confirmed, TrackingStatus::PickedUp);
+    let payloads: Vec<Vec<u8>> = vec![
+        ev(confirmed, TrackingStatus::Created),
+        picked_up.clone(),
+        // Redelivered in the same batch.
+        picked_up,
+        ev(unknown, TrackingStatus::PickedUp),
+        ev(unknown, TrackingStatus::Delivered),
+        // Not confirmed yet: parked, and the order's next event waits behind it.
+        ev(pending, TrackingStatus::PickedUp),
+        ev(pending, TrackingStatus::Created),
+        b"{\"eventID\": malformed".to_vec(),
+        ev(shipped, TrackingStatus::Exception),
+        ev(confirmed, TrackingStatus::InTransit),
+        ev(confirmed, TrackingStatus::Delivered),
+        // Late.
+        ev(confirmed, TrackingStatus::InTransit),
+        ev(shipped, TrackingStatus::Delivered),
+    ];
+    let records: Vec<Record> = payloads
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| record_at(i as i64, p))
+        .collect();
+    // With a window, events that cannot apply yet are parked; without, dead-lettered at once.
+    for window in [Duration::from_secs(30), Duration::ZERO] {
+        let cfg = consumer_config(window);
+        let (one_by_one, batched) = (TestDb::new().await, TestDb::new().await);
+        let (one_pool, batch_pool) = (one_by_one.pool().await, batched.pool().await);
+        for pool in [&one_pool, &batch_pool] {
+            insert_order_with_id(pool, confirmed, "confirmed").await;
+            insert_order_with_id(pool, shipped, "shipped").await;
+            insert_order_with_id(pool, pending, "pending").await;
+        }
+        let mut expected = Vec::new();
+        for record in &records {
+            expected.push(tracking::apply_record(&one_pool, &cfg, &t, record).await.unwrap());
+        }
+        let outcomes = tracking::apply_records(&batch_pool, &cfg, &t, &records)
+            .await
+            .unwrap();
+        assert_eq!(outcomes, expected, "window {window:?}");
+        assert_eq!(
+            consumer_state(&batch_pool).await,
+            consumer_state(&one_pool).await,
+            "window {window:?}"
+        );
+
+        let names: Vec<&str> = outcomes.iter().map(Outcome::name).collect();
+        let not_yet = if window.is_zero() {
+            "dead_lettered"
+        } else {
+            "parked"
+        };
+        let pending_created = if window.is_zero() { "no_change" } else { "parked" };
+        assert_eq!(
+            names,
+            [
+                "no_change",
+                "applied",
+                "duplicate",
+                not_yet,
+                not_yet,
+                not_yet,
+                pending_created,
+                "dead_lettered",
+                "notified",
+                "no_change",
+                "applied",
+                "no_change",
+                "applied"
+            ],
+            "window {window:?}"
+        );
+        assert_eq!(order_status(&batch_pool, confirmed).await, "delivered");
+        assert_eq!(order_status(&batch_pool, shipped).await, "delivered");
+        assert_eq!(order_status(&batch_pool, pending).await, "pending");
+        assert_eq!(
+            outbox_events(&batch_pool, &t.notifications, confirmed)
+                .await
+                .len(),
+            2
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_backlog_with_a_refused_event_duplicates_and_an_unknown_order_is_applied_in_batches() {
+    let db = TestDb::new().await;
+    let pool = db.pool_of(6).await;
+    let broker = broker();
+    let producer = producer(&broker);
+    let t = topics();
+    let mut orders = Vec::new();
+    for _ in 0..30 {
+        orders.push(insert_order(&pool, "confirmed").await);
+    }
+    let refused_order = orders[7];
+    let unknown = 900_011;
+    // The whole backlog is on the topic before the consumer starts, so it comes in batches.
+    for status in [TrackingStatus::PickedUp, TrackingStatus::Delivered] {
+        for &order in &orders {
+            let mut event = tracking_event(order, status);
+            if order == refused_order && status == TrackingStatus::PickedUp {
+                // PostgreSQL's jsonb cannot store a NUL character: the batch fails.
+                event.shipment_id = "shp\u{0}1".into();
+            }
+            let payload = body(&event);
+            let partition = order % PARTITIONS;
+            publish_tracking(&producer, partition, &order.to_string(), &payload, None).await;
+            if order % 4 == 0 && order != refused_order {
+                publish_tracking(&producer, partition, &order.to_string(), &payload, None).await;
+            }
+        }
+        publish_tracking(
+            &producer,
+            0,
+            &unknown.to_string(),
+            &body(&tracking_event(unknown, status)),
+            None,
+        )
+        .await;
+    }
+    let consumer = RunningConsumer::start(&pool, consumer_config(Duration::from_secs(60)), &broker);
+    eventually(Duration::from_secs(60), "every order to be delivered", || async {
+        count(&pool, "select count(*) from orders where status = 'delivered'").await == 30
+    })
+    .await;
+    consumer.stop().await;
+    let letters: Vec<String> = sqlx::query_scalar("select reason from dead_letters")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert!(letters[0].contains("database refused"), "{letters:?}");
+    assert_eq!(
+        count(&pool, "select count(*) from tracking_retries").await,
+        2,
+        "the unknown order's events wait"
+    );
+    assert_eq!(
+        count(&pool, "select count(*) from tracking_inbox").await,
+        59,
+        "each applied event once, the refused one not at all"
+    );
+    assert!(
+        count(&pool, "select count(distinct processed_at) from tracking_inbox").await < 59,
+        "events share transactions (their inbox rows share a transaction timestamp)"
+    );
+    for &order in &orders {
+        let n = outbox_events(&pool, &t.notifications, order).await.len();
+        assert_eq!(n, if order == refused_order { 1 } else { 2 }, "order {order}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,7 +1,12 @@
 //! The tracking consumer: applies the shipper's TrackingEvents to orders and notifies customers.
 //!
-//! A member of a Kafka consumer group on `shipments.tracking-events`. Each event is handled in one
-//! PostgreSQL transaction ([`apply`]):
+//! A member of a Kafka consumer group on `shipments.tracking-events`. The consumer takes the
+//! messages it has already fetched, up to [`ConsumerConfig::batch_size`] (one when traffic is
+//! light, full batches while it works off a backlog), and handles them in one PostgreSQL
+//! transaction ([`apply::apply_records`]) with the outcome handling them one after the other would
+//! have: each event is decided against its order as the events before it left it, then the inbox
+//! rows, status changes and outbox messages of the whole batch are written in a few statements.
+//! Per event:
 //! 1. the order row is locked; an order not known yet (or still `pending`, so its saga has not
 //!    confirmed it) **parks** the event in `tracking_retries` ([`retries`]): it is retried with
 //!    backoff for [`ConsumerConfig::unknown_order_window`] and then dead-lettered, while the
@@ -17,17 +22,20 @@
 //! 4. the notification (`OrderStatusChanged`, `ShipmentException`, `ShipmentReturned`) goes to the
 //!    outbox for `users.notifications`, and a status change also to `orders.events`.
 //!
-//! Only after the commit is the record's offset stored; stored offsets are committed every
+//! Only after the commit are the records' offsets stored; stored offsets are committed every
 //! [`ConsumerConfig::commit_interval`], before a rebalance and at shutdown. A crash between the
 //! database commit and the offset commit redelivers the event, and the inbox makes that harmless.
 //! A malformed event is dead-lettered at once ([`dead_letters`]: a `dead_letters` row with the raw
 //! bytes and the reason, plus a `TrackingEventDeadLettered` message to the DLQ topic through the
 //! outbox) and its offset committed, and so is an event whose data the database refuses (SQLSTATE
-//! classes 22 and 23): no kind of bad event holds up its partition. Only an unreachable database
-//! does: the consumer then retries the same event with backoff.
+//! classes 22 and 23): no kind of bad event holds up its partition. (A batch the database refuses
+//! is rolled back and its events are handled again one transaction each, so only the bad event is
+//! dead-lettered.) Only an unreachable database holds partitions up: the consumer then retries the
+//! same event with backoff.
 //!
-//! Each event is handled in a span that continues the trace of the message's `traceparent`, and
-//! the notifications it writes carry that trace on.
+//! Each event is handled in a span of its own (`tracking.apply`, lasting its batch's transaction)
+//! that continues the trace of the message's `traceparent`, and the notifications it writes carry
+//! that trace on.
 
 pub mod apply;
 pub mod dead_letters;
@@ -38,6 +46,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use backon::{BackoffBuilder as _, ExponentialBuilder};
+use futures::StreamExt as _;
 use rdkafka::Message as _;
 use rdkafka::consumer::{CommitMode, Consumer as _};
 use rdkafka::error::RDKafkaErrorCode;
@@ -45,7 +54,7 @@ use rdkafka::message::{BorrowedMessage, Headers as _};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-pub use apply::{Outcome, Record, apply_event, apply_record};
+pub use apply::{Outcome, Record, apply_event, apply_record, apply_records};
 pub use dead_letters::{DeadLetterPage, DeadLetterView, ReplayError, list_dead_letters, replay_dead_letter};
 pub use retries::process_due;
 
@@ -72,6 +81,10 @@ pub struct ConsumerConfig {
     pub session_timeout: Duration,
     /// Group heartbeat (`heartbeat.interval.ms`).
     pub heartbeat_interval: Duration,
+    /// Most records applied in one transaction: the consumer takes whatever it has already
+    /// fetched, up to this many, so a backlog is worked off in batches and light traffic is
+    /// applied one event at a time without waiting.
+    pub batch_size: usize,
 }
 
 impl Default for ConsumerConfig {
@@ -85,6 +98,7 @@ impl Default for ConsumerConfig {
             commit_interval: Duration::from_secs(1),
             session_timeout: Duration::from_secs(45),
             heartbeat_interval: Duration::from_secs(3),
+            batch_size: 500,
         }
     }
 }
@@ -140,6 +154,9 @@ async fn consume(
     let mut commit_tick = tokio::time::interval(cfg.commit_interval);
     commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut stored = false;
+    // Whatever the consumer has fetched already, up to a batch: one message when traffic is light,
+    // full batches when there is a backlog.
+    let mut messages = consumer.stream().ready_chunks(cfg.batch_size.max(1));
     loop {
         let received = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -149,29 +166,75 @@ async fn consume(
                 }
                 continue;
             }
-            m = consumer.recv() => m,
+            m = messages.next() => m.unwrap_or_default(),
         };
-        let message = match received {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(error = %e, "tracking consumer: receive failed");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+        let mut batch = Vec::with_capacity(received.len());
+        let mut failed = false;
+        for m in received {
+            match m {
+                Ok(m) => batch.push(m),
+                Err(e) => {
+                    failed = true;
+                    tracing::warn!(error = %e, "tracking consumer: receive failed");
                 }
             }
-        };
-        let record = record_of(&message);
-        if !handle(pool, cfg, topics, &record, shutdown).await {
-            // Shutting down before the event was handled: it is redelivered to the next owner.
+        }
+        if batch.is_empty() {
+            if failed {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+            continue;
+        }
+        let records: Vec<Record> = batch.iter().map(record_of).collect();
+        let started = std::time::Instant::now();
+        let handled = handle_batch(pool, cfg, topics, &records, shutdown).await;
+        tracing::debug!(
+            events = records.len(),
+            handled,
+            elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "tracking consumer: batch handled"
+        );
+        for message in &batch[..handled] {
+            match consumer.store_offset_from_message(message) {
+                Ok(()) => stored = true,
+                // The partition was revoked meanwhile; its next owner redelivers (the inbox dedupes).
+                Err(e) => tracing::debug!(error = %e, "tracking consumer: offset not stored"),
+            }
+        }
+        if handled < batch.len() {
+            // Shutting down before every event was handled: the rest is redelivered to the next
+            // owner.
             return;
         }
-        match consumer.store_offset_from_message(&message) {
-            Ok(()) => stored = true,
-            // The partition was revoked meanwhile; its next owner redelivers (the inbox dedupes).
-            Err(e) => tracing::debug!(error = %e, "tracking consumer: offset not stored"),
+    }
+}
+
+/// Applies a batch of records in one transaction; when that fails, applies them one by one (so an
+/// event the database refuses is dead-lettered alone, and an unreachable database is waited for).
+/// Returns how many records, from the first, were handled (fewer than all only at shutdown).
+async fn handle_batch(
+    pool: &PgPool,
+    cfg: &ConsumerConfig,
+    topics: &Topics,
+    records: &[Record],
+    shutdown: &CancellationToken,
+) -> usize {
+    if records.len() > 1 {
+        match apply_records(pool, cfg, topics, records).await {
+            Ok(_) => return records.len(),
+            Err(e) => tracing::info!(error = %e, events = records.len(),
+                "tracking consumer: the batch failed; handling its events one by one"),
         }
     }
+    for (i, record) in records.iter().enumerate() {
+        if !handle(pool, cfg, topics, record, shutdown).await {
+            return i;
+        }
+    }
+    records.len()
 }
 
 /// Applies one record, retrying while the database is unreachable. False when shutdown came first.
