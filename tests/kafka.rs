@@ -1586,3 +1586,53 @@ async fn the_relay_and_the_tracking_consumer_work_against_a_real_broker() {
         assert!(ids.contains(id), "event {id} lost across the broker restart");
     }
 }
+
+#[tokio::test]
+async fn an_event_for_an_order_another_transaction_holds_waits_without_blocking_and_applies_after() {
+    let db = TestDb::new().await;
+    let pool = db.pool_of(6).await;
+    let broker = broker();
+    let producer = producer(&broker);
+    let held = insert_order(&pool, "confirmed").await;
+    let free = insert_order(&pool, "confirmed").await;
+    // A saga's transaction holds the order row (as when it confirms the order).
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query("select 1 from orders where order_id = $1 for update")
+        .bind(held)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let consumer = RunningConsumer::start(&pool, consumer_config(Duration::from_secs(60)), &broker);
+    for order in [held, free] {
+        publish_tracking(
+            &producer,
+            2,
+            &order.to_string(),
+            &body(&tracking_event(order, TrackingStatus::PickedUp)),
+            None,
+        )
+        .await;
+    }
+    // The other order's event is applied while the row is held: the consumer did not wait on it.
+    eventually(
+        Duration::from_secs(30),
+        "the free order's event to apply",
+        || async { order_status(&pool, free).await == "shipped" },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(30),
+        "the held order's event to be parked",
+        || async { count(&pool, "select count(*) from tracking_retries").await == 1 },
+    )
+    .await;
+    holder.rollback().await.unwrap();
+    eventually(Duration::from_secs(30), "the parked event to apply", || async {
+        order_status(&pool, held).await == "shipped"
+    })
+    .await;
+    consumer.stop().await;
+    assert_eq!(count(&pool, "select count(*) from tracking_retries").await, 0);
+    assert_eq!(count(&pool, "select count(*) from dead_letters").await, 0);
+    assert_eq!(outbox_events(&pool, &topics().notifications, held).await.len(), 1);
+}

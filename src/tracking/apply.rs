@@ -425,8 +425,11 @@ pub(crate) async fn plan(
     let mut order_ids: Vec<i32> = items.iter().map(|i| i.event.order_id).collect();
     order_ids.sort_unstable();
     order_ids.dedup();
+    // An order another transaction holds (a saga confirming it, a cancellation) is not waited
+    // for: waiting would hold this batch's other orders locked behind it, and a saga's commit (with
+    // every saga sharing it) behind them. Its events wait like those of a pending order.
     let mut orders: HashMap<i32, OrderRow> = sqlx::query!(
-        "select order_id, user_id, status from orders where order_id = any($1) order by order_id for update",
+        "select order_id, user_id, status from orders where order_id = any($1) order by order_id for update skip locked",
         &order_ids
     )
     .fetch_all(&mut *conn)
@@ -442,6 +445,20 @@ pub(crate) async fn plan(
         )
     })
     .collect();
+    let skipped: Vec<i32> = order_ids
+        .iter()
+        .copied()
+        .filter(|id| !orders.contains_key(id))
+        .collect();
+    let busy: HashSet<i32> = if skipped.is_empty() {
+        HashSet::new()
+    } else {
+        sqlx::query_scalar!("select order_id from orders where order_id = any($1)", &skipped)
+            .fetch_all(&mut *conn)
+            .await?
+            .into_iter()
+            .collect()
+    };
     // Parked events of these orders: a later event of the same order waits behind them.
     let waiting = sqlx::query!(
         "select id, order_id, event_id from tracking_retries where order_id = any($1)",
@@ -465,6 +482,9 @@ pub(crate) async fn plan(
         let not_yet = |reason: String| (Decision::NotYet(reason), Vec::new());
         let (decision, messages) = 'decided: {
             let Some(order) = orders.get_mut(&event.order_id) else {
+                if busy.contains(&event.order_id) {
+                    break 'decided not_yet(format!("order {} is being changed", event.order_id));
+                }
                 break 'decided not_yet(format!("order {} is not known", event.order_id));
             };
             let blocked = waiting.iter().any(|w| {
