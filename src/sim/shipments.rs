@@ -22,8 +22,15 @@
 //!
 //! Events go to Kafka when `kafka_bootstrap_servers` is set: JSON [`TrackingEvent`], key = orderID
 //! as a decimal string, headers `event-type: TrackingEvent`, `event-id`, and the W3C trace context
-//! of the handling span when it has one. They are produced by an idempotent producer in the order
-//! they happen; a delivery failure is logged, not retried by the simulator.
+//! of the handling span when it has one. They are produced in the order they happen, one request
+//! in flight at a time (so a retry cannot reorder them); a retry after a lost acknowledgement may
+//! publish an event twice, with the same eventID, as any at-least-once shipper may. A delivery
+//! failure is logged, not retried by the simulator.
+//!
+//! The producer is deliberately not idempotent: after a broker restart librdkafka's idempotent
+//! producer may bump its epoch locally, which Tansu 0.6.0 (the project's test broker) does not
+//! support: it panics in its storage task and stops serving every client (see
+//! docs/reliability.md). A simulator that wedges the test broker would hide what the service does.
 //!
 //! A `malformed` fault answers creations with bad JSON (the shipment is still created); cancel
 //! answers are unaffected.
@@ -170,7 +177,9 @@ impl ShipmentsSim {
                 ClientConfig::new()
                     .set("bootstrap.servers", servers)
                     .set("client.id", "ostore-shipments-sim")
-                    .set("enable.idempotence", "true")
+                    .set("enable.idempotence", "false")
+                    .set("acks", "all")
+                    .set("max.in.flight.requests.per.connection", "1")
                     .set("message.timeout.ms", "60000")
                     .create::<FutureProducer>()
                     .with_context(|| format!("creating a Kafka producer for {servers}"))?,
