@@ -173,6 +173,18 @@ impl From<sqlx::Error> for ApiError {
                 Self::unavailable("the service is temporarily unavailable; try again shortly")
                     .header(header::RETRY_AFTER, HeaderValue::from_static("1"))
             }
+            // The server is shutting down or restarting (SQLSTATE class 57P: admin_shutdown,
+            // crash_shutdown, cannot_connect_now) or the connection failed (class 08): as
+            // unavailable as a refused connection (scripts/chaos saw 500s during `pg_ctl restart`).
+            sqlx::Error::Database(db)
+                if db
+                    .code()
+                    .is_some_and(|c| c.starts_with("57P") || c.starts_with("08")) =>
+            {
+                tracing::error!(error = %e, "database unavailable");
+                Self::unavailable("the service is temporarily unavailable; try again shortly")
+                    .header(header::RETRY_AFTER, HeaderValue::from_static("1"))
+            }
             _ => Self::internal(e),
         }
     }
