@@ -445,8 +445,12 @@ impl Machine<'_> {
         });
         s.last_error = Some(detail);
         s.last_error_class = Some(class.into());
-        // A remote action already attempted may have taken effect: undo it too.
-        let step_may_have_effect = s.attempt > 0 && !self.shapes[s.step].local_action;
+        // A remote action may have taken effect even with no attempt recorded (the process died,
+        // or its commit failed, after the call): undo it too. Remote compensations are safe when
+        // the action never happened (a release of an unknown reservation answers 204; a shipment
+        // cancel without a recorded shipment is skipped). Found by scripts/chaos: a reservation
+        // leaked when a PostgreSQL restart lost the reservation's commit and the customer cancelled.
+        let step_may_have_effect = !self.shapes[s.step].local_action;
         let from = if step_may_have_effect {
             Some(s.step)
         } else {
@@ -1086,7 +1090,9 @@ mod tests {
         s.step = 2;
         s.cancel_requested = Some("customer".into());
         m.check_boundary(&mut s, now);
-        assert_eq!((s.state, s.step), (SagaState::Compensating, 1));
+        // The remote step in progress may have taken effect with no attempt recorded (its commit
+        // lost): its compensation runs too.
+        assert_eq!((s.state, s.step), (SagaState::Compensating, 2));
         assert_eq!(s.failure.as_ref().unwrap().class, CLASS_CANCELLED);
 
         let mut s = saga();
@@ -1094,9 +1100,9 @@ mod tests {
         m.check_boundary(&mut s, now);
         assert_eq!(s.failure.as_ref().unwrap().class, CLASS_DEADLINE);
         assert_eq!(
-            s.state,
-            SagaState::Failed,
-            "nothing to undo at step 0 without an attempt"
+            (s.state, s.step),
+            (SagaState::Compensating, 0),
+            "a reservation may exist even without a recorded attempt: release it"
         );
 
         // Cancelled while its last step was in flight: the completed saga compensates everything.
