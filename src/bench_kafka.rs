@@ -369,13 +369,32 @@ where
     C: rdkafka::client::ClientContext + 'static,
 {
     let started = Instant::now();
-    let mut deliveries = Vec::with_capacity(rows.len());
+    let mut records = Vec::with_capacity(rows.len());
     for row in rows {
         let topic = topic_of.get(&row.topic).context("a row of an unknown topic")?;
-        let mut record = FutureRecord::to(topic)
-            .key(row.message_key.as_bytes())
-            .payload(row.payload.as_bytes())
-            .headers(headers_of(&row.headers));
+        records.push(
+            FutureRecord::to(topic)
+                .key(row.message_key.as_bytes())
+                .payload(row.payload.as_bytes())
+                .headers(headers_of(&row.headers)),
+        );
+    }
+    produce_all(producer, records, "raw producer").await?;
+    Ok(started.elapsed())
+}
+
+/// Enqueues every record (waiting while librdkafka's queue is full), then awaits every delivery
+/// report; the first failure is the error, labelled with `what`.
+async fn produce_all<'a, C>(
+    producer: &FutureProducer<C>,
+    records: impl IntoIterator<Item = FutureRecord<'a, [u8], [u8]>>,
+    what: &str,
+) -> anyhow::Result<()>
+where
+    C: rdkafka::client::ClientContext + 'static,
+{
+    let mut deliveries = Vec::new();
+    for mut record in records {
         loop {
             match producer.send_result(record) {
                 Ok(d) => {
@@ -386,18 +405,18 @@ where
                     record = back;
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
-                Err((e, _)) => return Err(e).context("raw producer: enqueueing a record"),
+                Err((e, _)) => return Err(e).with_context(|| format!("{what}: enqueueing a record")),
             }
         }
     }
     for r in join_all(deliveries).await {
         match r {
             Ok(Ok(_)) => {}
-            Ok(Err((e, _))) => return Err(e).context("raw producer: a record was not delivered"),
-            Err(_) => anyhow::bail!("raw producer: a delivery report was lost"),
+            Ok(Err((e, _))) => return Err(e).with_context(|| format!("{what}: a record was not delivered")),
+            Err(_) => anyhow::bail!("{what}: a delivery report was lost"),
         }
     }
-    Ok(started.elapsed())
+    Ok(())
 }
 
 /// Published rows as `outbox_relay_stats` counts them (marked or, with zero retention, deleted).
@@ -673,8 +692,7 @@ fn tracking_stream(orders: usize, duplicate_share: f64) -> (Vec<TrackingRecord>,
 
 async fn produce_tracking(bootstrap: &str, topic: &str, records: &[TrackingRecord]) -> anyhow::Result<()> {
     let (producer, _) = kafka::producer(bootstrap, &ProducerSettings::default())?;
-    let mut deliveries = Vec::with_capacity(records.len());
-    for r in records {
+    let records = records.iter().map(|r| {
         let headers = OwnedHeaders::new()
             .insert(Header {
                 key: "event-type",
@@ -688,32 +706,12 @@ async fn produce_tracking(bootstrap: &str, topic: &str, records: &[TrackingRecor
                 key: "traceparent",
                 value: Some(r.traceparent.as_str()),
             });
-        let mut record = FutureRecord::to(topic)
-            .key(r.key.as_str())
+        FutureRecord::to(topic)
+            .key(r.key.as_bytes())
             .payload(r.payload.as_slice())
-            .headers(headers);
-        loop {
-            match producer.send_result(record) {
-                Ok(d) => {
-                    deliveries.push(d);
-                    break;
-                }
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    record = back;
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-                Err((e, _)) => return Err(e).context("producing TrackingEvents"),
-            }
-        }
-    }
-    for r in join_all(deliveries).await {
-        match r {
-            Ok(Ok(_)) => {}
-            Ok(Err((e, _))) => return Err(e).context("a TrackingEvent was not delivered"),
-            Err(_) => anyhow::bail!("a TrackingEvent's delivery report was lost"),
-        }
-    }
-    Ok(())
+            .headers(headers)
+    });
+    produce_all(&producer, records, "producing TrackingEvents").await
 }
 
 /// A consumer-group member that only reads (no database): how fast the broker hands the same

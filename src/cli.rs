@@ -46,6 +46,9 @@ pub enum Command {
     /// Tracking-consumer benchmark: TrackingEvents (lifecycles with redelivered copies) for
     /// confirmed orders, applied by the real consumer; reports events/s.
     BenchConsumer(crate::bench_kafka::BenchConsumerArgs),
+    /// Kafka tools: serve the mock cluster as a process (`kafka mock`), dump topics (`kafka dump`).
+    #[command(subcommand)]
+    Kafka(crate::kafka_tools::KafkaCommand),
 }
 
 /// `sim` subcommands.
@@ -214,6 +217,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::BenchConsumer(args) => {
             let _t = crate::telemetry::init("ostore-orders-bench", args.common.log_format);
             crate::bench_kafka::run_consumer(args).await
+        }
+        Command::Kafka(command) => {
+            // Standard output carries the tools' results: diagnostics go to standard error.
+            let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+            let _ = tracing_subscriber::fmt()
+                .with_writer(std::io::stderr)
+                .with_env_filter(filter)
+                .try_init();
+            crate::kafka_tools::run(command).await
         }
         Command::Sim(SimCommand::Catalog(args)) => {
             let _t = crate::telemetry::init("ostore-sim-catalog", args.log_format);

@@ -18,6 +18,7 @@ pub mod dev;
 pub mod downstream;
 pub mod error;
 pub mod kafka;
+pub mod kafka_tools;
 pub mod metrics;
 pub mod orders;
 pub mod outbox;

@@ -346,6 +346,13 @@ impl RunningConsumer {
     }
 }
 
+/// Applies one TrackingEvent (no Kafka headers) as the consumer does.
+async fn apply(pool: &PgPool, cfg: &ConsumerConfig, event: &[u8]) -> Outcome {
+    tracking::apply_event(pool, cfg, &topics(), event, &HashMap::new())
+        .await
+        .unwrap()
+}
+
 async fn count(pool: &PgPool, sql: &'static str) -> i64 {
     sqlx::query_scalar::<_, i64>(sql).fetch_one(pool).await.unwrap()
 }
@@ -824,12 +831,8 @@ async fn the_same_event_twice_makes_one_notification() {
     let order = insert_order(&pool, "confirmed").await;
     let event = body(&tracking_event(order, TrackingStatus::PickedUp));
 
-    let first = tracking::apply_event(&pool, &cfg, &t, &event, &HashMap::new())
-        .await
-        .unwrap();
-    let second = tracking::apply_event(&pool, &cfg, &t, &event, &HashMap::new())
-        .await
-        .unwrap();
+    let first = apply(&pool, &cfg, &event).await;
+    let second = apply(&pool, &cfg, &event).await;
     assert!(matches!(first, Outcome::Applied { .. }), "{first:?}");
     assert!(matches!(second, Outcome::Duplicate { .. }), "{second:?}");
     assert_eq!(order_status(&pool, order).await, "shipped");
@@ -846,12 +849,8 @@ async fn a_late_in_transit_after_delivered_leaves_the_order_delivered() {
 
     let delivered = body(&tracking_event(order, TrackingStatus::Delivered));
     let late = body(&tracking_event(order, TrackingStatus::InTransit));
-    let first = tracking::apply_event(&pool, &cfg, &t, &delivered, &HashMap::new())
-        .await
-        .unwrap();
-    let second = tracking::apply_event(&pool, &cfg, &t, &late, &HashMap::new())
-        .await
-        .unwrap();
+    let first = apply(&pool, &cfg, &delivered).await;
+    let second = apply(&pool, &cfg, &late).await;
     assert!(matches!(first, Outcome::Applied { .. }), "{first:?}");
     assert!(matches!(second, Outcome::NoChange { .. }), "{second:?}");
     assert_eq!(order_status(&pool, order).await, "delivered");
@@ -870,15 +869,12 @@ async fn an_exception_changes_no_status_but_notifies_the_customer() {
     let t = topics();
     let cfg = consumer_config(Duration::from_secs(30));
     let order = insert_order(&pool, "shipped").await;
-    let outcome = tracking::apply_event(
+    let outcome = apply(
         &pool,
         &cfg,
-        &t,
         &body(&tracking_event(order, TrackingStatus::Exception)),
-        &HashMap::new(),
     )
-    .await
-    .unwrap();
+    .await;
     assert!(
         matches!(
             outcome,
@@ -1065,9 +1061,7 @@ async fn an_event_whose_order_never_appears_is_dead_lettered_after_the_window_an
     let event = body(&tracking_event(unknown, TrackingStatus::Delivered));
 
     let parked_at = Instant::now();
-    let outcome = tracking::apply_event(&pool, &cfg, &t, &event, &HashMap::new())
-        .await
-        .unwrap();
+    let outcome = apply(&pool, &cfg, &event).await;
     assert!(matches!(outcome, Outcome::Parked { .. }), "{outcome:?}");
     // Retried with backoff while the window is open...
     eventually(Duration::from_secs(10), "a retry", || async {

@@ -36,6 +36,27 @@ pub struct Record {
     pub headers: HashMap<String, String>,
 }
 
+impl Record {
+    /// A record as the retry and dead-letter tables keep it (headers as a JSON object).
+    pub(crate) fn stored(
+        topic: String,
+        partition: Option<i32>,
+        offset: Option<i64>,
+        key: Option<Vec<u8>>,
+        payload: Vec<u8>,
+        headers: serde_json::Value,
+    ) -> Record {
+        Record {
+            topic,
+            partition,
+            offset,
+            key,
+            payload,
+            headers: serde_json::from_value(headers).unwrap_or_default(),
+        }
+    }
+}
+
 /// What handling one event did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {

@@ -213,14 +213,14 @@ pub async fn replay_dead_letter(pool: &PgPool, topics: &Topics, id: i64) -> Resu
     .fetch_optional(pool)
     .await?
     .ok_or(ReplayError::NotFound(id))?;
-    let record = Record {
-        topic: row.topic,
-        partition: row.partition,
-        offset: row.offset,
-        key: row.key,
-        payload: row.payload,
-        headers: serde_json::from_value(row.headers).unwrap_or_default(),
-    };
+    let record = Record::stored(
+        row.topic,
+        row.partition,
+        row.offset,
+        row.key,
+        row.payload,
+        row.headers,
+    );
     let span = event_span(&record);
     let trace = context_headers(&span);
     async {

@@ -4,8 +4,6 @@
 //! dead-lettered. The rows are claimed with `FOR UPDATE SKIP LOCKED`, so every consumer instance
 //! may run this loop; an order's parked events apply in the order they were parked.
 
-use std::collections::HashMap;
-
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
@@ -76,14 +74,14 @@ async fn retry_one(
     .await?;
     // Taken by another instance, or already resolved.
     let Some(row) = row else { return Ok(false) };
-    let record = Record {
-        topic: row.topic,
-        partition: row.partition,
-        offset: row.offset,
-        key: row.key,
-        payload: row.payload,
-        headers: serde_json::from_value::<HashMap<String, String>>(row.headers).unwrap_or_default(),
-    };
+    let record = Record::stored(
+        row.topic,
+        row.partition,
+        row.offset,
+        row.key,
+        row.payload,
+        row.headers,
+    );
     let span = event_span(&record);
     let trace = context_headers(&span);
     async {
