@@ -36,6 +36,22 @@ pub struct Record {
     pub headers: HashMap<String, String>,
 }
 
+/// The [`Record`] kept in a row of `tracking_retries` or `dead_letters` (sqlx's anonymous row
+/// types differ per query; both have these columns).
+macro_rules! stored_record {
+    ($row:expr) => {
+        $crate::tracking::apply::Record::stored(
+            $row.topic,
+            $row.partition,
+            $row.offset,
+            $row.key,
+            $row.payload,
+            $row.headers,
+        )
+    };
+}
+pub(crate) use stored_record;
+
 impl Record {
     /// A record as the retry and dead-letter tables keep it (headers as a JSON object).
     pub(crate) fn stored(

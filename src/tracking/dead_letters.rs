@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use sqlx::{PgConnection, PgPool};
 use tracing::Instrument as _;
 
-use super::apply::{Decision, Outcome, Record, decide, event_span, parse};
+use super::apply::{Decision, Outcome, Record, decide, event_span, parse, stored_record};
 use crate::outbox::{NewEvent, Topics, enqueue};
 use crate::telemetry::context_headers;
 
@@ -213,14 +213,7 @@ pub async fn replay_dead_letter(pool: &PgPool, topics: &Topics, id: i64) -> Resu
     .fetch_optional(pool)
     .await?
     .ok_or(ReplayError::NotFound(id))?;
-    let record = Record::stored(
-        row.topic,
-        row.partition,
-        row.offset,
-        row.key,
-        row.payload,
-        row.headers,
-    );
+    let record = stored_record!(row);
     let span = event_span(&record);
     let trace = context_headers(&span);
     async {

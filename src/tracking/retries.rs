@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use super::ConsumerConfig;
-use super::apply::{Decision, Record, decide, event_span, parse};
+use super::apply::{Decision, decide, event_span, parse, stored_record};
 use super::dead_letters::dead_letter;
 use crate::outbox::Topics;
 use crate::telemetry::context_headers;
@@ -74,14 +74,7 @@ async fn retry_one(
     .await?;
     // Taken by another instance, or already resolved.
     let Some(row) = row else { return Ok(false) };
-    let record = Record::stored(
-        row.topic,
-        row.partition,
-        row.offset,
-        row.key,
-        row.payload,
-        row.headers,
-    );
+    let record = stored_record!(row);
     let span = event_span(&record);
     let trace = context_headers(&span);
     async {
