@@ -180,7 +180,9 @@ impl ShipmentsSim {
                     .set("enable.idempotence", "false")
                     .set("acks", "all")
                     .set("max.in.flight.requests.per.connection", "1")
-                    .set("message.timeout.ms", "60000")
+                    // A shipper keeps trying through a broker outage: 10 minutes before an event
+                    // is given up (a shorter limit dropped events during long outages).
+                    .set("message.timeout.ms", "600000")
                     .create::<FutureProducer>()
                     .with_context(|| format!("creating a Kafka producer for {servers}"))?,
             ),
