@@ -28,13 +28,22 @@ fn every_subcommand_has_help_naming_its_variables() {
         vec!["sim", "catalog", "--help"],
         vec!["sim", "shipments", "--help"],
         vec!["bench", "--help"],
+        vec!["kafka", "mock", "--help"],
+        vec!["kafka", "dump", "--help"],
     ] {
         let out = bin().args(&args).output().unwrap();
         assert!(out.status.success(), "{args:?}");
         let text = String::from_utf8(out.stdout).unwrap();
         if args.len() > 1 && args[0] != "users" {
             assert!(
-                text.contains("LISTEN_ADDR") || text.contains("DATABASE_URL"),
+                [
+                    "LISTEN_ADDR",
+                    "DATABASE_URL",
+                    "KAFKA_BOOTSTRAP_SERVERS",
+                    "TOPIC_ORDER_EVENTS"
+                ]
+                .iter()
+                .any(|v| text.contains(v)),
                 "{args:?} lists no variables:\n{text}"
             );
         }
@@ -167,4 +176,105 @@ fn a_short_bench_run_reports_orders_per_second_as_json() {
         report["ratios"]["halfRateP99VsPgbenchLatency"].as_f64().unwrap() > 0.0,
         "{report}"
     );
+}
+
+/// `kafka mock` prints its address first, serves a broker that `SIGUSR1` takes down and `SIGUSR2`
+/// brings back with its records, and ends on `SIGTERM`; `kafka dump` reads what was produced.
+#[tokio::test]
+async fn kafka_mock_goes_down_and_up_on_signals_keeping_its_records_and_kafka_dump_reads_them() {
+    use std::io::{BufRead as _, BufReader};
+    use std::time::Duration;
+
+    use rdkafka::ClientConfig;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let mut mock = bin()
+        .args(["kafka", "mock"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = i32::try_from(mock.id()).unwrap();
+    let mut first = String::new();
+    BufReader::new(mock.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let addr = first.trim().to_string();
+    assert!(addr.starts_with("127.0.0.1:"), "first line: {first:?}");
+
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &addr)
+        .create()
+        .unwrap();
+    for i in 0..3 {
+        let key = format!("{i}");
+        let value = format!("{{\"eventID\":\"e{i}\"}}");
+        producer
+            .send(
+                FutureRecord::to("orders.events").key(&key).payload(&value),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+    let dump = |addr: &str| {
+        let out = bin()
+            .args([
+                "kafka",
+                "dump",
+                "--topic",
+                "orders.events",
+                "--timeout-secs",
+                "20",
+            ])
+            .args(["--bootstrap-servers", addr])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let mut ids: Vec<String> = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                assert_eq!(v["topic"], "orders.events");
+                let value: serde_json::Value = serde_json::from_str(v["value"].as_str().unwrap()).unwrap();
+                format!(
+                    "{}:{}",
+                    v["key"].as_str().unwrap(),
+                    value["eventID"].as_str().unwrap()
+                )
+            })
+            .collect();
+        ids.sort();
+        ids
+    };
+    assert_eq!(dump(&addr), ["0:e0", "1:e1", "2:e2"]);
+
+    let connects = |addr: &str| std::net::TcpStream::connect(addr).is_ok();
+    let wait_until = |want: bool| {
+        for _ in 0..100 {
+            if connects(&addr) == want {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "the mock broker's port never became {}",
+            if want { "open" } else { "closed" }
+        );
+    };
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGUSR1) }, 0);
+    wait_until(false);
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGUSR2) }, 0);
+    wait_until(true);
+    assert_eq!(
+        dump(&addr),
+        ["0:e0", "1:e1", "2:e2"],
+        "records kept across the outage"
+    );
+
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let status = mock.wait().unwrap();
+    assert!(status.success(), "{status:?}");
 }
