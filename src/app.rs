@@ -145,7 +145,7 @@ pub async fn run(
                 tracker.spawn(crate::outbox::relay::run(
                     db.clone(),
                     producer,
-                    crate::outbox::relay::RelayConfig::default(),
+                    cfg.relay(),
                     shutdown.clone(),
                 ));
             }

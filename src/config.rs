@@ -110,6 +110,12 @@ pub struct ServiceConfig {
     #[arg(long, env = "SAGA_COMMITTERS", default_value_t = 3)]
     pub saga_committers: usize,
 
+    /// How long the outbox keeps rows after the broker acknowledged them, in seconds (audit,
+    /// debugging); 0 deletes each row as soon as it is acknowledged, which roughly doubles the
+    /// relay's rate.
+    #[arg(long, env = "OUTBOX_RETENTION_SECONDS", default_value_t = 86_400)]
+    pub outbox_retention_seconds: u64,
+
     /// Kafka topic names.
     #[command(flatten)]
     pub topics: crate::outbox::Topics,
@@ -197,6 +203,14 @@ impl ServiceConfig {
         Duration::from_millis(self.order_wait_ms)
     }
 
+    /// The outbox relay's settings: the defaults with `OUTBOX_RETENTION_SECONDS`.
+    pub fn relay(&self) -> crate::outbox::relay::RelayConfig {
+        crate::outbox::relay::RelayConfig {
+            retention: Duration::from_secs(self.outbox_retention_seconds),
+            ..Default::default()
+        }
+    }
+
     /// The effective settings as `(VARIABLE, value)` pairs with secrets masked.
     pub fn describe(&self) -> Vec<(&'static str, String)> {
         let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "(unset)".into());
@@ -243,6 +257,10 @@ impl ServiceConfig {
             ("SAGA_POLL_INTERVAL_MS", self.saga_poll_interval_ms.to_string()),
             ("SAGA_MAX_IN_FLIGHT", self.saga_max_in_flight.to_string()),
             ("SAGA_COMMITTERS", self.saga_committers.to_string()),
+            (
+                "OUTBOX_RETENTION_SECONDS",
+                self.outbox_retention_seconds.to_string(),
+            ),
             ("TOPIC_ORDER_EVENTS", self.topics.order_events.clone()),
             ("TOPIC_SAGA_EVENTS", self.topics.saga_events.clone()),
             ("TOPIC_TRACKING_EVENTS", self.topics.tracking_events.clone()),
@@ -308,6 +326,18 @@ mod tests {
         ));
         assert!(cfg(&["--jwt-secret", &"k".repeat(32)]).validate(false).is_ok());
         assert!(cfg(&[]).validate(true).is_ok());
+    }
+
+    #[test]
+    fn outbox_retention_reaches_the_relay_and_zero_means_delete_on_acknowledgement() {
+        assert_eq!(cfg(&[]).relay().retention, Duration::from_secs(86_400));
+        let zero = cfg(&["--outbox-retention-seconds", "0"]);
+        assert!(zero.relay().retention.is_zero());
+        assert!(format!("{:?}", zero.describe()).contains("(\"OUTBOX_RETENTION_SECONDS\", \"0\")"));
+        assert!(
+            T::try_parse_from(["t", "--outbox-retention-seconds", "-1"]).is_err(),
+            "a negative retention is refused"
+        );
     }
 
     #[test]
