@@ -318,6 +318,18 @@ async fn publish_tracking(
         .unwrap();
 }
 
+/// Publishes a well-formed TrackingEvent for `order` (keyed by the order, no traceparent).
+async fn publish_status(producer: &kafka::Producer, partition: i32, order: i32, status: TrackingStatus) {
+    publish_tracking(
+        producer,
+        partition,
+        &order.to_string(),
+        &body(&tracking_event(order, status)),
+        None,
+    )
+    .await;
+}
+
 /// The tracking consumer, running until dropped.
 struct RunningConsumer {
     shutdown: CancellationToken,
@@ -905,14 +917,7 @@ async fn a_malformed_event_is_dead_lettered_and_the_next_event_on_its_partition_
 
     let garbage = b"{\"eventID\": not json at all \xff";
     publish_tracking(&producer, 0, &order.to_string(), garbage, None).await;
-    publish_tracking(
-        &producer,
-        0,
-        &order.to_string(),
-        &body(&tracking_event(order, TrackingStatus::PickedUp)),
-        None,
-    )
-    .await;
+    publish_status(&producer, 0, order, TrackingStatus::PickedUp).await;
     eventually(
         Duration::from_secs(30),
         "the event after the malformed one to apply",
@@ -972,14 +977,7 @@ async fn an_event_the_database_refuses_is_dead_lettered_instead_of_blocking_its_
     let mut refused = tracking_event(first, TrackingStatus::PickedUp);
     refused.shipment_id = "shp\u{0}1".into();
     publish_tracking(&producer, 1, &first.to_string(), &body(&refused), None).await;
-    publish_tracking(
-        &producer,
-        1,
-        &second.to_string(),
-        &body(&tracking_event(second, TrackingStatus::PickedUp)),
-        None,
-    )
-    .await;
+    publish_status(&producer, 1, second, TrackingStatus::PickedUp).await;
     eventually(
         Duration::from_secs(30),
         "the event behind the refused one to apply",
@@ -1009,22 +1007,8 @@ async fn an_event_for_an_unknown_order_is_applied_once_the_order_appears_and_hol
     let unknown = 900_001;
     let consumer = RunningConsumer::start(&pool, consumer_config(Duration::from_secs(60)), &broker);
 
-    publish_tracking(
-        &producer,
-        2,
-        &unknown.to_string(),
-        &body(&tracking_event(unknown, TrackingStatus::PickedUp)),
-        None,
-    )
-    .await;
-    publish_tracking(
-        &producer,
-        2,
-        &known.to_string(),
-        &body(&tracking_event(known, TrackingStatus::PickedUp)),
-        None,
-    )
-    .await;
+    publish_status(&producer, 2, unknown, TrackingStatus::PickedUp).await;
+    publish_status(&producer, 2, known, TrackingStatus::PickedUp).await;
     eventually(
         Duration::from_secs(30),
         "the event behind the unknown order's to apply",
@@ -1128,14 +1112,7 @@ async fn a_consumer_killed_after_the_database_commit_and_before_the_offset_commi
     let t = topics();
     let cfg = consumer_config(Duration::from_secs(30));
     let order = insert_order(&pool, "confirmed").await;
-    publish_tracking(
-        &producer,
-        0,
-        &order.to_string(),
-        &body(&tracking_event(order, TrackingStatus::PickedUp)),
-        None,
-    )
-    .await;
+    publish_status(&producer, 0, order, TrackingStatus::PickedUp).await;
 
     // A member of the group handles the event, commits the database transaction, and dies before
     // committing its offset.
@@ -1598,14 +1575,7 @@ async fn an_event_for_an_order_another_transaction_holds_waits_without_blocking_
         .unwrap();
     let consumer = RunningConsumer::start(&pool, consumer_config(Duration::from_secs(60)), &broker);
     for order in [held, free] {
-        publish_tracking(
-            &producer,
-            2,
-            &order.to_string(),
-            &body(&tracking_event(order, TrackingStatus::PickedUp)),
-            None,
-        )
-        .await;
+        publish_status(&producer, 2, order, TrackingStatus::PickedUp).await;
     }
     // The other order's event is applied while the row is held: the consumer did not wait on it.
     eventually(
