@@ -29,9 +29,9 @@
 //! bytes and the reason, plus a `TrackingEventDeadLettered` message to the DLQ topic through the
 //! outbox) and its offset committed, and so is an event whose data the database refuses (SQLSTATE
 //! classes 22 and 23): no kind of bad event holds up its partition. (A batch the database refuses
-//! is rolled back and its events are handled again one transaction each, so only the bad event is
-//! dead-lettered.) Only an unreachable database holds partitions up: the consumer then retries the
-//! same event with backoff.
+//! is rolled back and each half is tried as a batch of its own, down to the bad event alone, so
+//! only that event is dead-lettered.) Only an unreachable database holds partitions up: the
+//! consumer then retries the same event with backoff.
 //!
 //! Each event is handled in a span of its own (`tracking.apply`, lasting its batch's transaction)
 //! that continues the trace of the message's `traceparent`, and the notifications it writes carry
@@ -212,9 +212,11 @@ async fn consume(
     }
 }
 
-/// Applies a batch of records in one transaction; when that fails, applies them one by one (so an
-/// event the database refuses is dead-lettered alone, and an unreachable database is waited for).
-/// Returns how many records, from the first, were handled (fewer than all only at shutdown).
+/// Applies a batch of records in one transaction. When the database refuses the batch's data, each
+/// half is tried as a batch of its own, so an event it refuses ends up alone (and is dead-lettered)
+/// while the others stay batched; on any other failure the records are applied one by one (an
+/// unreachable database is waited for). Returns how many records, from the first, were handled
+/// (fewer than all only at shutdown).
 async fn handle_batch(
     pool: &PgPool,
     cfg: &ConsumerConfig,
@@ -225,6 +227,16 @@ async fn handle_batch(
     if records.len() > 1 {
         match apply_records(pool, cfg, topics, records).await {
             Ok(_) => return records.len(),
+            Err(e) if refused_data(&e) => {
+                tracing::info!(error = %e, events = records.len(),
+                    "tracking consumer: the database refused the batch; trying each half");
+                let (first, second) = records.split_at(records.len() / 2);
+                let done = Box::pin(handle_batch(pool, cfg, topics, first, shutdown)).await;
+                if done < first.len() {
+                    return done;
+                }
+                return done + Box::pin(handle_batch(pool, cfg, topics, second, shutdown)).await;
+            }
             Err(e) => tracing::info!(error = %e, events = records.len(),
                 "tracking consumer: the batch failed; handling its events one by one"),
         }
