@@ -449,3 +449,104 @@ pub async fn outbox_status(
     let mut conn = state.db.acquire().await?;
     Ok(Json(crate::outbox::relay::backlog(&mut conn).await?))
 }
+
+/// A positive id cursor, as the dead-letter listings issue them.
+fn id_cursor(params: &HashMap<String, String>) -> Result<Option<i64>, ApiError> {
+    match params.get("cursor").map(String::as_str) {
+        None | Some("") => Ok(None),
+        Some(c) => c
+            .parse::<i64>()
+            .ok()
+            .filter(|v| *v > 0)
+            .map(Some)
+            .ok_or_else(|| ApiError::invalid_field("cursor", "cursor is not one this API issued")),
+    }
+}
+
+/// Outbox rows Kafka refused for good (set aside by the relay), newest first; `payload` is the
+/// envelope's beginning (`payloadTruncated`), the whole one is in `GET .../{id}`.
+#[utoipa::path(get, path = "/admin/outbox/dead-letters", tag = "admin", security(("bearer" = [])),
+    params(("limit" = Option<i64>, Query), ("cursor" = Option<String>, Query)),
+    responses((status = 200, body = crate::outbox::dead::OutboxDeadLetterPage)))]
+pub async fn list_outbox_dead_letters(
+    State(state): State<AppState>,
+    _admin: AdminUser,
+    Query(params): Params,
+) -> Result<Json<crate::outbox::dead::OutboxDeadLetterPage>, ApiError> {
+    only(&params, &["limit", "cursor"])?;
+    let limit = limit_param(&params, 50, 100)?;
+    let before = id_cursor(&params)?;
+    let mut conn = state.db.acquire().await?;
+    Ok(Json(crate::outbox::dead::list(&mut conn, limit, before).await?))
+}
+
+fn outbox_dead_letter_id(raw: &str) -> Result<i64, ApiError> {
+    raw.parse::<i64>()
+        .ok()
+        .filter(|id| *id > 0)
+        .ok_or_else(|| ApiError::not_found("no such outbox dead letter"))
+}
+
+/// One set-aside outbox row with its whole envelope.
+#[utoipa::path(get, path = "/admin/outbox/dead-letters/{id}", tag = "admin", security(("bearer" = [])),
+    params(("id" = i64, Path)),
+    responses((status = 200, body = crate::outbox::dead::OutboxDeadLetter), (status = 404)))]
+pub async fn get_outbox_dead_letter(
+    State(state): State<AppState>,
+    _admin: AdminUser,
+    Path(raw): Path<String>,
+) -> Result<Json<crate::outbox::dead::OutboxDeadLetter>, ApiError> {
+    let id = outbox_dead_letter_id(&raw)?;
+    let mut conn = state.db.acquire().await?;
+    crate::outbox::dead::get(&mut conn, id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found("no such outbox dead letter"))
+}
+
+/// What an outbox replay did.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OutboxReplayAnswer {
+    /// The set-aside row.
+    pub id: i64,
+    /// `queued` (back in the outbox) or `already_queued` (an earlier replay's copy is still there).
+    pub outcome: &'static str,
+    /// The outbox row that carries it now.
+    #[serde(rename = "outboxID")]
+    pub outbox_id: i64,
+}
+
+/// Puts a set-aside row back in the outbox (same eventID), once the cause is fixed; harmless to
+/// repeat.
+#[utoipa::path(post, path = "/admin/outbox/dead-letters/{id}/replay", tag = "admin", security(("bearer" = [])),
+    params(("id" = i64, Path)),
+    responses((status = 200, body = OutboxReplayAnswer), (status = 404)))]
+pub async fn replay_outbox_dead_letter(
+    State(state): State<AppState>,
+    AdminUser(claims): AdminUser,
+    Path(raw): Path<String>,
+) -> Result<Json<OutboxReplayAnswer>, ApiError> {
+    use crate::outbox::dead::Replayed;
+    let id = outbox_dead_letter_id(&raw)?;
+    let (outcome, outbox_id) = match crate::outbox::dead::replay(&state.db, id).await? {
+        None => return Err(ApiError::not_found("no such outbox dead letter")),
+        Some(Replayed::Queued(n)) => ("queued", n),
+        Some(Replayed::AlreadyQueued(n)) => ("already_queued", n),
+    };
+    let mut conn = state.db.acquire().await?;
+    admin::audit(
+        &mut conn,
+        claims.user_id(),
+        "outbox_dead_letter.replay",
+        &format!("outbox_dead_letter:{id}"),
+        None,
+        Some(json!({"outcome": outcome, "outboxID": outbox_id})),
+    )
+    .await?;
+    Ok(Json(OutboxReplayAnswer {
+        id,
+        outcome,
+        outbox_id,
+    }))
+}

@@ -97,6 +97,9 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(admin::list_dead_letters))
         .routes(routes!(admin::replay_dead_letter))
         .routes(routes!(admin::outbox_status))
+        .routes(routes!(admin::list_outbox_dead_letters))
+        .routes(routes!(admin::get_outbox_dead_letter))
+        .routes(routes!(admin::replay_outbox_dead_letter))
 }
 
 /// The OpenAPI document of the API.

@@ -5,6 +5,7 @@
 //! sagaID?, data}`, keyed by orderID, with headers `traceparent` (+ `tracestate`), `event-type` and
 //! `event-id`. See docs/events.md.
 
+pub mod dead;
 pub mod relay;
 
 use std::collections::HashMap;

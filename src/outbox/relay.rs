@@ -23,6 +23,9 @@
 //!   every [`RelayConfig::poll_interval`] as a fallback for lost notifications.
 //! - **Outages.** When Kafka is unreachable the pass fails, rows stay unpublished, and the relay
 //!   retries with exponential backoff (`backon`) until publishing works again, by itself.
+//! - **Poison rows.** A row Kafka refuses for good (too large, an invalid topic:
+//!   [`dead::is_permanent`]) is moved to `outbox_dead_letters` and the pass goes on; one bad row
+//!   never holds the others.
 //! - **Retention.** Published rows older than [`RelayConfig::retention`] are deleted in chunks by
 //!   the leader every [`RelayConfig::cleanup_interval`]; with a zero retention, rows are deleted as
 //!   soon as they are acknowledged instead of being marked. Each batch also adds to a per-second
@@ -42,6 +45,8 @@ use sqlx::postgres::PgListener;
 use sqlx::{Connection as _, PgConnection, PgPool};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+use super::dead;
 
 /// Key of the session advisory lock whose holder is the publishing relay (`"ostore"` in ASCII,
 /// then 1). Never change it: instances of different versions must contend for the same lock.
@@ -171,7 +176,7 @@ where
             Err(RelayError::Kafka(e)) => {
                 let delay = backoff.next().unwrap_or(cfg.backoff_max);
                 tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64,
-                    "outbox relay: Kafka unavailable; rows are kept and retried");
+                    "outbox relay: publishing failed; the rows are kept and retried");
                 pause(delay, &shutdown).await;
                 continue;
             }
@@ -341,22 +346,29 @@ pub async fn mark_published(conn: &mut PgConnection, ids: &[i64]) -> Result<u64,
 pub struct Delivered {
     /// Rows the broker acknowledged, in id order.
     pub ids: Vec<i64>,
-    /// The first failure (the rows after it may or may not have been delivered).
+    /// Rows Kafka refused for good ([`dead::is_permanent`]), with the error; they are set aside.
+    pub refused: Vec<(i64, KafkaError)>,
+    /// The first failure that may pass (the rows after it may or may not have been delivered).
     pub failure: Option<KafkaError>,
 }
 
 struct Flight {
     sent: Vec<(i64, DeliveryFuture)>,
+    refused: Vec<(i64, KafkaError)>,
     enqueue_error: Option<KafkaError>,
 }
 
 impl Flight {
     async fn wait(self) -> Delivered {
         let (ids, futures): (Vec<i64>, Vec<DeliveryFuture>) = self.sent.into_iter().unzip();
-        let mut out = Delivered::default();
+        let mut out = Delivered {
+            refused: self.refused,
+            ..Delivered::default()
+        };
         for (id, result) in ids.into_iter().zip(join_all(futures).await) {
             match result {
                 Ok(Ok(_)) => out.ids.push(id),
+                Ok(Err((e, _))) if dead::is_permanent(&e) => out.refused.push((id, e)),
                 Ok(Err((e, _))) => {
                     out.failure.get_or_insert(e);
                 }
@@ -372,14 +384,15 @@ impl Flight {
     }
 }
 
-/// Hands every row to the producer (no waiting for acknowledgements); stops at the first row the
-/// producer refuses to queue.
+/// Hands every row to the producer (no waiting for acknowledgements); a row the producer refuses
+/// for good (too large, say) is noted and skipped; any other refusal stops the batch there.
 async fn send_rows<C>(producer: &FutureProducer<C>, rows: &[OutboxRow]) -> Flight
 where
     C: ClientContext + 'static,
 {
     let mut flight = Flight {
         sent: Vec::with_capacity(rows.len()),
+        refused: Vec::new(),
         enqueue_error: None,
     };
     for row in rows {
@@ -401,6 +414,10 @@ where
                     record = back;
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     waited += Duration::from_millis(10);
+                }
+                Err((e, _)) if dead::is_permanent(&e) => {
+                    flight.refused.push((row.id, e));
+                    break;
                 }
                 Err((e, _)) => {
                     flight.enqueue_error = Some(e);
@@ -469,11 +486,14 @@ where
         };
         let delivered = current.wait().await;
         finish(&mut marking).await?;
+        set_aside(pool, &delivered.refused).await?;
         if let Some(e) = delivered.failure {
             // Keep what did get through, including the batch sent after this one.
             let mut ids = delivered.ids;
             if let Some(next) = in_flight.take() {
-                ids.extend(next.wait().await.ids);
+                let next = next.wait().await;
+                set_aside(pool, &next.refused).await?;
+                ids.extend(next.ids);
             }
             acknowledge(pool, &ids, delete).await?;
             return Err(RelayError::Kafka(e));
@@ -488,6 +508,21 @@ where
             return Ok(total);
         }
     }
+}
+
+/// Moves rows Kafka refused for good out of the outbox, saying so in the log.
+async fn set_aside(pool: &PgPool, refused: &[(i64, KafkaError)]) -> Result<(), sqlx::Error> {
+    if refused.is_empty() {
+        return Ok(());
+    }
+    let rows: Vec<(i64, String)> = refused.iter().map(|(id, e)| (*id, e.to_string())).collect();
+    dead::set_aside(pool, &rows).await?;
+    for (id, error) in &rows {
+        tracing::error!(outbox_id = id, %error,
+            "outbox relay: Kafka refuses this row for good; set aside in outbox_dead_letters \
+             (GET /admin/outbox/dead-letters), the other rows go on");
+    }
+    Ok(())
 }
 
 /// Waits for the marking of the previous batch.
@@ -603,6 +638,8 @@ pub struct Backlog {
     pub oldest_pending_age_seconds: Option<f64>,
     /// Rows published during the last minute.
     pub published_last_minute: i64,
+    /// Rows Kafka refused for good, set aside and not replayed (`GET /admin/outbox/dead-letters`).
+    pub dead_lettered: i64,
 }
 
 /// Reads the outbox backlog.
@@ -615,9 +652,11 @@ pub async fn backlog(conn: &mut PgConnection) -> Result<Backlog, sqlx::Error> {
              (select coalesce(sum(published), 0)::bigint from outbox_relay_stats
                  where second > now() - interval '1 minute') as "published_last_minute!""#
     )
-    .fetch_one(conn)
+    .fetch_one(&mut *conn)
     .await?;
+    let dead_lettered = dead::waiting(conn).await?;
     Ok(Backlog {
+        dead_lettered,
         pending: r.pending,
         oldest_pending_age_seconds: r.oldest_age.map(|s| (s.max(0.0) * 1000.0).round() / 1000.0),
         published_last_minute: r.published_last_minute,

@@ -19,6 +19,11 @@ use crate::telemetry::context_headers;
 /// Event type of the DLQ messages.
 pub const TRACKING_EVENT_DEAD_LETTERED: &str = "TrackingEventDeadLettered";
 
+/// Most bytes of a bad record copied into its DLQ message (base64 makes them a third larger). The
+/// whole record stays in `dead_letters` (`deadLetterID`); a copy of any size would let one large
+/// record make a DLQ message Kafka refuses.
+pub const DLQ_PAYLOAD_BYTES: usize = 64 * 1024;
+
 /// Writes a dead letter and its DLQ message in the caller's transaction; returns the row's id. A
 /// Kafka record dead-lettered before (redelivered after a crash) keeps its first row and message.
 pub(crate) async fn dead_letter(
@@ -65,7 +70,9 @@ pub(crate) async fn dead_letter(
         "partition": record.partition,
         "offset": record.offset,
         "key": record.key.as_deref().map(|k| String::from_utf8_lossy(k).into_owned()),
-        "payload": BASE64.encode(&record.payload),
+        "payload": BASE64.encode(&record.payload[..record.payload.len().min(DLQ_PAYLOAD_BYTES)]),
+        "payloadBytes": record.payload.len(),
+        "payloadTruncated": record.payload.len() > DLQ_PAYLOAD_BYTES,
         "headers": headers,
     });
     let event = NewEvent::new(

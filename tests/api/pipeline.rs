@@ -122,3 +122,188 @@ async fn an_order_walks_to_delivered_with_its_events_and_two_notifications_on_ka
     assert_eq!(statuses, [("confirmed", "shipped"), ("shipped", "delivered")]);
     assert!(notes.iter().all(|(_, v, _)| v["data"]["userID"] == uid));
 }
+
+/// A record Kafka refuses for good must not stop the relay. The case as it was found: a 780 KB
+/// malformed TrackingEvent is dead-lettered, and its DLQ copy (base64 of all of it) was an outbox
+/// row over the producer's 1 MB limit, on which the relay then failed at every pass, publishing
+/// nothing else. Now the DLQ copy carries at most 64 KiB of the record, and a row that is refused
+/// anyway (here, one written too large on purpose) is set aside in `outbox_dead_letters`, listed
+/// by the admin API and replayable, while every other event flows.
+#[tokio::test]
+async fn a_row_kafka_refuses_is_set_aside_and_every_other_event_is_still_published() {
+    let app = spawn_app_with(AppOptions {
+        kafka: true,
+        ..Default::default()
+    })
+    .await;
+    let bootstrap = app.broker.as_ref().unwrap().bootstrap_servers().to_string();
+    let admin = app
+        .create_user(
+            "ops@example.com",
+            "password-123",
+            ostore_orders::auth::Role::Admin,
+        )
+        .await;
+    let (admin_token, _) = app.login("ops@example.com", "password-123").await;
+    assert!(admin > 0);
+
+    // The poison as found: 780 KB that are not a TrackingEvent, on the tracking topic.
+    let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .create()
+        .unwrap();
+    let junk = format!("{{\"orderID\": 7, \"status\": \"{}", "x".repeat(780_000));
+    producer
+        .send(
+            rdkafka::producer::FutureRecord::to("shipments.tracking-events")
+                .key("7")
+                .payload(&junk),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    app.eventually_eq("select count(*)::text from dead_letters", "1", 30)
+        .await;
+    // And a row larger than any producer takes, as a future event type could write.
+    app.count(
+        "insert into outbox (topic, message_key, event_id, event_type, payload)
+         values ('orders.events', '999', gen_random_uuid(), 'Huge',
+                 jsonb_build_object('data', repeat('y', 1500000))) returning 1::bigint",
+    )
+    .await;
+
+    app.product(1, 10, "4.00");
+    let (_, token) = app.customer("poison@example.com").await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let r = app
+            .place(&token, &format!("p{i}"), json!([{"productID": 1, "quantity": 1}]))
+            .await;
+        assert_eq!(r.status(), 201);
+        ids.push(r.json::<Value>().await.unwrap()["orderID"].as_i64().unwrap());
+    }
+    for id in &ids {
+        app.eventually_eq(
+            &format!("select status from orders where order_id = {id}"),
+            "confirmed",
+            30,
+        )
+        .await;
+    }
+    // Nothing stays pending: the DLQ copy and every order event are published; the huge row is
+    // set aside.
+    app.eventually_eq(
+        "select count(*)::text from outbox where published_at is null",
+        "0",
+        20,
+    )
+    .await;
+    let confirmed = read_until(&bootstrap, "orders.events", 20, |s| {
+        ids.iter().all(|id| {
+            s.iter()
+                .any(|(k, v, _)| *k == id.to_string() && v["eventType"] == "OrderConfirmed")
+        })
+    })
+    .await;
+    assert!(
+        confirmed.iter().all(|(_, v, _)| v["eventType"] != "Huge"),
+        "the refused row never reaches the topic"
+    );
+    let dlq = read_until(&bootstrap, "shipments.tracking-events.dlq", 20, |s| !s.is_empty()).await;
+    let copy = &dlq[0].1["data"];
+    assert_eq!(copy["payloadTruncated"], true, "{copy}");
+    assert_eq!(copy["payloadBytes"].as_u64(), Some(junk.len() as u64));
+    assert_eq!(
+        copy["payload"].as_str().unwrap().len(),
+        (64 * 1024usize).div_ceil(3) * 4,
+        "base64 of the first 64 KiB"
+    );
+
+    // Operators see it: counted in /admin/outbox, listed, readable whole, replayable.
+    let outbox: Value = app
+        .get("/admin/outbox", Some(&admin_token))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(outbox["pending"], 0, "{outbox}");
+    assert_eq!(outbox["deadLettered"], 1, "{outbox}");
+    let page: Value = app
+        .get("/admin/outbox/dead-letters", Some(&admin_token))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let items = page["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{page}");
+    let item = &items[0];
+    assert_eq!(item["eventType"], "Huge");
+    assert_eq!(item["key"], "999");
+    assert_eq!(item["payloadTruncated"], true);
+    assert!(item["payloadBytes"].as_i64().unwrap() > 1_500_000, "{item}");
+    assert!(
+        item["error"]
+            .as_str()
+            .unwrap()
+            .to_lowercase()
+            .contains("too large"),
+        "{item}"
+    );
+    let id = item["id"].as_i64().unwrap();
+    let whole: Value = app
+        .get(&format!("/admin/outbox/dead-letters/{id}"), Some(&admin_token))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(whole["payloadTruncated"], false);
+    assert_eq!(
+        whole["payload"].as_str().unwrap().len() as i64,
+        item["payloadBytes"].as_i64().unwrap()
+    );
+    assert_eq!(
+        app.get("/admin/outbox/dead-letters/123456789", Some(&admin_token))
+            .await
+            .status(),
+        404
+    );
+    assert_eq!(app.get("/admin/outbox/dead-letters", None).await.status(), 401);
+
+    // A replay puts it back (same eventID); the cause is not fixed, so the relay sets the copy
+    // aside again, and nothing else waits meanwhile.
+    let r = app
+        .post_json(
+            &format!("/admin/outbox/dead-letters/{id}/replay"),
+            &json!({}),
+            Some(&admin_token),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let answer: Value = r.json().await.unwrap();
+    assert_eq!(answer["outcome"], "queued", "{answer}");
+    assert_ne!(answer["outboxID"].as_i64().unwrap(), id);
+    app.eventually_eq(
+        "select count(*)::text from outbox_dead_letters where event_type = 'Huge'",
+        "2",
+        20,
+    )
+    .await;
+    assert_eq!(
+        app.count("select count(distinct event_id) from outbox_dead_letters where event_type = 'Huge'")
+            .await,
+        1,
+        "the replayed copy carries the same eventID"
+    );
+    assert_eq!(
+        app.count("select count(*) from audit_log where action = 'outbox_dead_letter.replay'")
+            .await,
+        1
+    );
+    app.eventually_eq(
+        "select count(*)::text from outbox where published_at is null",
+        "0",
+        20,
+    )
+    .await;
+}
