@@ -61,6 +61,11 @@ pub struct BenchArgs {
     /// consumer); 0 = never.
     #[arg(long, default_value_t = 1000)]
     pub auto_advance_ms: u64,
+    /// What is measured: `full`, the whole pipeline (saga, outbox to Kafka, and the shipper's four
+    /// TrackingEvents per order applied by the consumer), or `saga`, the saga and its outbox only
+    /// (the shipper does not walk shipments: the work a saga-only peer does, plus the outbox).
+    #[arg(long, value_enum, default_value_t = Mode::Full)]
+    pub mode: Mode,
     /// Print only the JSON report.
     #[arg(long)]
     pub json: bool,
@@ -68,6 +73,22 @@ pub struct BenchArgs {
     /// with a `_bench` suffix; keep `?sslmode=disable` on loopback).
     #[command(flatten)]
     pub config: ServiceConfig,
+}
+
+/// What `bench` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// Saga, outbox, Kafka, and the tracking consumer applying the shipper's events.
+    Full,
+    /// Saga and outbox only: no tracking events.
+    Saga,
+}
+
+impl BenchArgs {
+    /// The shipper's auto-advance, as the mode allows.
+    fn advance_ms(&self) -> Option<u64> {
+        (self.mode == Mode::Full && self.auto_advance_ms > 0).then_some(self.auto_advance_ms)
+    }
 }
 
 #[derive(Default)]
@@ -98,6 +119,21 @@ fn rss_mb(pid: Option<u32>) -> Option<f64> {
     let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
+}
+
+/// CPU seconds every core of the machine has been busy so far (all of `/proc/stat`'s `cpu` line
+/// but idle and iowait): what every process, the kernel included, cost.
+fn machine_busy_seconds() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = s.lines().find(|l| l.starts_with("cpu "))?;
+    let f: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: f64 = f.iter().take(8).sum();
+    let idle = f.get(3)? + f.get(4)?;
+    Some((total - idle) / 100.0)
 }
 
 /// CPU time (user + system) a process has used so far, in seconds.
@@ -236,7 +272,7 @@ async fn start_stack(args: &BenchArgs) -> anyhow::Result<Stack> {
     let shipments = crate::sim::shipments::ShipmentsSim::new(crate::sim::shipments::ShipmentsSimConfig {
         kafka_bootstrap_servers: Some(kafka.clone()),
         tracking_topic: cfg.topics.tracking_events.clone(),
-        auto_advance_ms: (args.auto_advance_ms > 0).then_some(args.auto_advance_ms),
+        auto_advance_ms: args.advance_ms(),
     })?;
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let shipments_url = format!("http://{}", l.local_addr()?);
@@ -371,6 +407,11 @@ struct PhaseReport {
     service_cpu: Option<f64>,
     /// CPU seconds PostgreSQL's backends used for the bench database during the phase.
     db_cpu: Option<f64>,
+    /// CPU seconds of this process during the phase: the load generator, and, when it started the
+    /// stack, the simulators and the in-process broker.
+    bench_cpu: Option<f64>,
+    /// CPU seconds every core of the machine was busy during the phase (all processes, kernel).
+    machine_busy: Option<f64>,
 }
 
 impl PhaseReport {
@@ -388,6 +429,36 @@ impl PhaseReport {
         self.db_cpu
             .filter(|_| self.tally.created > 0)
             .map(|c| c * 1000.0 / self.tally.created as f64)
+    }
+
+    fn busy_ms_per_order(&self) -> Option<f64> {
+        self.machine_busy
+            .filter(|_| self.tally.created > 0)
+            .map(|c| c * 1000.0 / self.tally.created as f64)
+    }
+
+    fn bench_cpu_ms_per_order(&self) -> Option<f64> {
+        self.bench_cpu
+            .filter(|_| self.tally.created > 0)
+            .map(|c| c * 1000.0 / self.tally.created as f64)
+    }
+
+    /// Orders/s over the first and the last 20 s (or fifth) of the phase, and last : first: a
+    /// phase whose rate falls as tables grow shows it here.
+    fn steady(&self) -> Option<(f64, f64, f64)> {
+        let per_second: Vec<f64> = self
+            .timeline
+            .iter()
+            .filter_map(|t| t["orders"].as_u64().map(|o| o as f64))
+            .collect();
+        let n = per_second.len();
+        if n < 5 {
+            return None;
+        }
+        let window = 20.min(n / 5).max(1);
+        let first = per_second[..window].iter().sum::<f64>() / window as f64;
+        let last = per_second[n - window..].iter().sum::<f64>() / window as f64;
+        (first > 0.0).then_some((first, last, last / first))
     }
 
     fn latency(&self) -> Value {
@@ -408,6 +479,9 @@ impl PhaseReport {
             "trackingEventsPerSecond": self.tracking_applied as f64 / self.seconds,
             "serviceCpuMsPerOrder": self.cpu_ms_per_order(),
             "postgresCpuMsPerOrder": self.db_cpu_ms_per_order(),
+            "benchCpuMsPerOrder": self.bench_cpu_ms_per_order(),
+            "machineBusyMsPerOrder": self.busy_ms_per_order(),
+            "steady": self.steady().map(|(first, last, ratio)| json!({"firstOrdersPerSecond": first, "lastOrdersPerSecond": last, "lastVsFirst": ratio})),
             "timeline": self.timeline,
         })
     }
@@ -509,6 +583,8 @@ async fn run_phase(stack: &Stack, phase: &Phase, quiet: bool) -> PhaseReport {
     counting.store(true, Ordering::Relaxed);
     let started = Instant::now();
     let cpu0 = stack.service_pid().and_then(cpu_seconds);
+    let self0 = cpu_seconds(std::process::id());
+    let busy0 = machine_busy_seconds();
     let db0 = match &stack.pool {
         Some(p) => backend_cpu(p, None).await,
         None => None,
@@ -566,6 +642,14 @@ async fn run_phase(stack: &Stack, phase: &Phase, quiet: bool) -> PhaseReport {
         (Some(a), Some(b)) => Some(b - a),
         _ => None,
     };
+    let machine_busy = match (busy0, machine_busy_seconds()) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
+    let bench_cpu = match (self0, cpu_seconds(std::process::id())) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
     let db_cpu = match (&stack.pool, &db0) {
         (Some(p), Some(before)) => backend_cpu(p, None).await.map(|after| cpu_delta(before, &after)),
         _ => None,
@@ -587,6 +671,8 @@ async fn run_phase(stack: &Stack, phase: &Phase, quiet: bool) -> PhaseReport {
         tracking_applied,
         service_cpu,
         db_cpu,
+        bench_cpu,
+        machine_busy,
     }
 }
 
@@ -694,6 +780,7 @@ async fn measure(args: &BenchArgs, stack: &mut Stack) -> anyhow::Result<Value> {
         _ => None,
     };
     let report = json!({
+        "mode": match args.mode { Mode::Full => "full", Mode::Saga => "saga" },
         "concurrency": args.concurrency,
         "seconds": peak.seconds,
         "ordersPerSecond": peak_rate,
@@ -738,8 +825,13 @@ fn print_table(
     };
     let t = &peak.tally;
     println!(
-        "\n== ostore-orders bench ({} customers, {} s per phase)",
-        args.concurrency, args.duration_secs
+        "\n== ostore-orders bench ({} mode, {} customers, {} s per phase)",
+        match args.mode {
+            Mode::Full => "full",
+            Mode::Saga => "saga-only",
+        },
+        args.concurrency,
+        args.duration_secs
     );
     println!("  peak orders/s            {:.1}", peak.orders_per_second());
     println!("  peak latency ms          {}", lat(peak));
@@ -755,6 +847,15 @@ fn print_table(
     }
     if let Some(c) = peak.db_cpu_ms_per_order() {
         println!("  PostgreSQL CPU per order {c:.2} ms (its backends for this database, all roles)");
+    }
+    if let Some(c) = peak.bench_cpu_ms_per_order() {
+        println!("  bench CPU per order      {c:.2} ms (load generator, simulators, in-process broker)");
+    }
+    if let Some(c) = peak.busy_ms_per_order() {
+        println!("  machine busy per order   {c:.2} ms (every core, every process, the kernel)");
+    }
+    if let Some((first, last, ratio)) = peak.steady() {
+        println!("  steady: first / last     {first:.1} / {last:.1} orders/s (last : first {ratio:.2})");
     }
     if args.base_url.is_none() {
         println!(
