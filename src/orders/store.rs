@@ -179,6 +179,14 @@ pub enum CancelOutcome {
     NotCancellable(OrderStatus),
 }
 
+struct CancelRow {
+    status: String,
+    user_id: i32,
+    saga_id: Uuid,
+    state: String,
+    trace_context: Value,
+}
+
 /// Cancels an order before it ships: the order becomes `cancelled` and its saga compensates (a
 /// running saga at its next step boundary; a completed one from its last step). Idempotent.
 pub async fn cancel(
@@ -189,18 +197,36 @@ pub async fn cancel(
     last_step: i32,
     topics: &crate::outbox::Topics,
 ) -> Result<CancelOutcome, sqlx::Error> {
-    let row = sqlx::query!(
-        r#"select o.status, o.user_id, s.saga_id, s.state, s.trace_context
-             from orders o join sagas s on s.saga_id = o.saga_id
-            where o.order_id = $1 and ($2::int is null or o.user_id = $2)
-            for update of o, s"#,
-        order_id,
-        user_id
+    // One lock order everywhere: the saga's row, then its order's (the saga committer locks the
+    // sagas of a shared commit, then writes their orders). Locking the order first, as a join
+    // `for update of o, s` does, could deadlock with a commit of the same saga: PostgreSQL would
+    // then abort one of the two (a 500 here, or a whole shared commit rolled back).
+    let Some(saga_id) = sqlx::query_scalar::<_, Uuid>(
+        "select saga_id from orders where order_id = $1 and ($2::int is null or user_id = $2)",
     )
+    .bind(order_id)
+    .bind(user_id)
     .fetch_optional(&mut *conn)
-    .await?;
-    let Some(row) = row else {
+    .await?
+    else {
         return Ok(CancelOutcome::NotFound);
+    };
+    let (state, trace_context): (String, Value) =
+        sqlx::query_as("select state, trace_context from sagas where saga_id = $1 for update")
+            .bind(saga_id)
+            .fetch_one(&mut *conn)
+            .await?;
+    let (status, owner): (String, i32) =
+        sqlx::query_as("select status, user_id from orders where order_id = $1 for update")
+            .bind(order_id)
+            .fetch_one(&mut *conn)
+            .await?;
+    let row = CancelRow {
+        status,
+        user_id: owner,
+        saga_id,
+        state,
+        trace_context,
     };
     let status = OrderStatus::parse(&row.status).unwrap_or(OrderStatus::Pending);
     if status == OrderStatus::Cancelled {

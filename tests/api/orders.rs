@@ -685,3 +685,65 @@ async fn the_order_limit_per_user_answers_429() {
     assert_problem(r, 429).await;
     tokio::time::sleep(Duration::from_millis(10)).await;
 }
+
+/// One lock order everywhere: a customer's cancel takes the saga's row before its order's, as the
+/// saga committer does (it locks the sagas of a shared commit, then writes their orders). With the
+/// opposite order a cancel and a commit of the same saga could each hold what the other waits for,
+/// and PostgreSQL would abort one (a 500, or a shared commit rolled back). Shown deterministically:
+/// while a transaction holds the saga's row, as a committer does, a cancel waits without having
+/// locked the order, so the committer could still write the order.
+#[tokio::test]
+async fn a_cancel_waits_for_the_saga_row_before_locking_the_order() {
+    let app = spawn_app().await;
+    app.product(1, 10, "1.00");
+    let (_, token) = app.customer("lockorder@example.com").await;
+    let r = app
+        .place(&token, "k", json!([{"productID": 1, "quantity": 1}]))
+        .await;
+    assert_eq!(r.status(), 201);
+    let id = r.json::<Value>().await.unwrap()["orderID"].as_i64().unwrap() as i32;
+
+    // A committer's transaction: it holds the saga's row.
+    let mut committer = app.db.begin().await.unwrap();
+    sqlx::query("select 1 from sagas where order_id = $1 for update")
+        .bind(id)
+        .execute(&mut *committer)
+        .await
+        .unwrap();
+    let cancel = {
+        let (http, url, token) = (
+            app.http.clone(),
+            app.url(&format!("/orders/{id}/cancel")),
+            token.clone(),
+        );
+        tokio::spawn(async move {
+            http.post(url)
+                .bearer_auth(token)
+                .json(&json!({}))
+                .send()
+                .await
+                .unwrap()
+        })
+    };
+    // The cancel is waiting (on the saga's row)...
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!cancel.is_finished(), "the cancel waits for the saga's row");
+    // ...and holds no lock on the order: the committer can still write it.
+    sqlx::query("set local lock_timeout = '2s'")
+        .execute(&mut *committer)
+        .await
+        .unwrap();
+    sqlx::query("update orders set status = status where order_id = $1")
+        .bind(id)
+        .execute(&mut *committer)
+        .await
+        .expect("the cancel must not hold the order's row while it waits for the saga's");
+    committer.commit().await.unwrap();
+    let answer = cancel.await.unwrap();
+    assert_eq!(answer.status(), 200);
+    assert_eq!(answer.json::<Value>().await.unwrap()["status"], "cancelled");
+    let deadlocks: i64 = app
+        .count("select deadlocks from pg_stat_database where datname = current_database()")
+        .await;
+    assert_eq!(deadlocks, 0);
+}
