@@ -146,6 +146,37 @@ pub struct Failure {
     pub unavailable: Option<Vec<Unavailable>>,
 }
 
+impl Failure {
+    /// What a customer is told (the 409's `detail`, the order's `statusReason`, the `reason` of
+    /// `OrderCancelled`/`OrderRejected`): a fixed text per kind of failure, never a downstream's
+    /// error text, URL or body, which stay in `detail` for operators (the saga, its history, the
+    /// saga events).
+    pub fn customer_text(&self) -> String {
+        match self.class.as_str() {
+            // Our own words: "cancelled: by the customer" / "cancelled: by admin 7" / a reason the
+            // API checked.
+            CLASS_CANCELLED if self.detail.starts_with("cancelled: by admin") => "cancelled by OStore".into(),
+            CLASS_CANCELLED => self.detail.clone(),
+            CLASS_INSUFFICIENT_STOCK => "some products are not available in the requested quantity".into(),
+            CLASS_TOTAL_OVERFLOW => "the order's total is larger than an order may be".into(),
+            CLASS_DEADLINE => "the order could not be completed in time".into(),
+            _ => {
+                let what = match self.step.as_str() {
+                    "reserve_inventory" => "the products could not be reserved",
+                    "create_shipment" => "the shipment could not be arranged",
+                    _ => "the order could not be completed",
+                };
+                let why = if self.class == crate::downstream::class::HTTP_4XX {
+                    "it was refused"
+                } else {
+                    "a service it needs was unavailable"
+                };
+                format!("{what}: {why}")
+            }
+        }
+    }
+}
+
 /// Error class of a cancellation.
 pub const CLASS_CANCELLED: &str = "cancelled";
 /// Error class of a stock refusal.
@@ -511,7 +542,7 @@ impl Machine<'_> {
                 ));
                 if a.outcome == Outcome::Succeeded(StepOutput::OrderCancelled(true)) {
                     let mut data = self.order_data(s, OrderStatus::Cancelled);
-                    data["reason"] = json!(s.failure.as_ref().map(|f| f.detail.clone()));
+                    data["reason"] = json!(s.failure.as_ref().map(Failure::customer_text));
                     fx.push(order_event("OrderCancelled", data));
                 }
                 s.attempt = 0;
@@ -724,7 +755,7 @@ impl Machine<'_> {
         } else {
             json!({"status": 409, "problem": {
                 "slug": "order-cancelled", "title": "Conflict",
-                "detail": failure.detail.clone(), "orderID": s.order_id, "orderStatus": "cancelled",
+                "detail": failure.customer_text(), "orderID": s.order_id, "orderStatus": "cancelled",
             }})
         };
         if no_order_placed {
@@ -738,7 +769,7 @@ impl Machine<'_> {
             };
             fx.push(Effect::Order(OrderChange::Status {
                 to,
-                reason: Some(failure.detail.clone()),
+                reason: Some(failure.customer_text()),
             }));
             let ev = if to == OrderStatus::Rejected {
                 "OrderRejected"
@@ -746,7 +777,7 @@ impl Machine<'_> {
                 "OrderCancelled"
             };
             let mut data = self.order_data(s, to);
-            data["reason"] = json!(failure.detail);
+            data["reason"] = json!(failure.customer_text());
             fx.push(order_event(ev, data));
         }
         fx.push(saga_event(

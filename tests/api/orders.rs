@@ -150,6 +150,10 @@ async fn a_fatal_shipment_refusal_releases_stock_and_cancels_the_order() {
     let body = assert_problem(r, 409).await;
     let id = body["orderID"].as_i64().expect("the 409 names the order");
     assert_eq!(body["orderStatus"], "cancelled");
+    // The customer gets a fixed, classified text; the shipper's answer (its status, its body, the
+    // internal URL) is for operators only.
+    let customer_text = "the shipment could not be arranged: it was refused";
+    assert_eq!(body["detail"], customer_text, "{body}");
     let got: Value = app
         .get(&format!("/orders/{id}"), Some(&token))
         .await
@@ -157,6 +161,23 @@ async fn a_fatal_shipment_refusal_releases_stock_and_cancels_the_order() {
         .await
         .unwrap();
     assert_eq!(got["status"], "cancelled");
+    assert_eq!(got["statusReason"], customer_text, "{got}");
+    app.eventually_eq("select state from sagas", "failed", 5).await;
+    let operators: String = sqlx::query_scalar("select failure->>'detail' from sagas")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert!(
+        operators.contains("422"),
+        "operators keep the detail: {operators}"
+    );
+    let reasons: Vec<String> = sqlx::query_scalar(
+        "select payload->'data'->>'reason' from outbox where event_type = 'OrderCancelled'",
+    )
+    .fetch_all(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(reasons, [customer_text]);
     let res = app.reservations().await;
     assert_eq!(res.len(), 1);
     assert_eq!(res[0]["status"], "released");

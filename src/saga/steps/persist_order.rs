@@ -43,7 +43,7 @@ pub async fn compensation(conn: &mut PgConnection, saga: &Saga) -> Result<Outcom
     let reason = saga
         .failure
         .as_ref()
-        .map(|f| f.detail.clone())
+        .map(crate::saga::machine::Failure::customer_text)
         .unwrap_or_else(|| "compensated".into());
     let changed = store::cancel_order(conn, saga.order_id, &reason).await?;
     Ok(Outcome::Succeeded(StepOutput::OrderCancelled(changed)))
