@@ -1039,7 +1039,7 @@ mod tests {
         );
         assert!(fx.contains(&Effect::Order(OrderChange::Status {
             to: OrderStatus::Rejected,
-            reason: Some("no".into())
+            reason: Some("some products are not available in the requested quantity".into())
         })));
         assert!(events(&fx).contains(&"OrderRejected"));
     }

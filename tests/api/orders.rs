@@ -768,3 +768,68 @@ async fn a_cancel_waits_for_the_saga_row_before_locking_the_order() {
         .await;
     assert_eq!(deadlocks, 0);
 }
+
+/// A shipment the shipper created but whose answer never arrived (here: malformed, as a timeout or
+/// a cut connection would also lose it) must still be cancelled when the saga compensates: the
+/// compensation learns its id by asking again with the create's Idempotency-Key. Recording it as
+/// "skipped" would leave the shipper shipping a cancelled order.
+#[tokio::test]
+async fn a_shipment_whose_answer_was_lost_is_found_and_cancelled_by_the_compensation() {
+    let app = spawn_app_with(AppOptions {
+        flags: vec!["--order-wait-ms", "100"],
+        ..Default::default()
+    })
+    .await;
+    app.product(1, 10, "1.00");
+    app.shipment_faults(json!({"malformed": true, "endpoint": "create"}))
+        .await;
+    let (_, token) = app.customer("lost@example.com").await;
+    let r = app
+        .place(&token, "k", json!([{"productID": 1, "quantity": 2}]))
+        .await;
+    assert_eq!(r.status(), 202);
+    let id = r.json::<Value>().await.unwrap()["orderID"].as_i64().unwrap();
+    // The shipper did create it; the saga only ever saw broken answers.
+    for _ in 0..100 {
+        if !app.sim_shipments().await.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(app.sim_shipments().await.len(), 1);
+    let c = app
+        .post_json(&format!("/orders/{id}/cancel"), &json!({}), Some(&token))
+        .await;
+    assert_eq!(c.status(), 200);
+    // While the shipper keeps answering badly, the compensation cannot learn the id: it retries
+    // rather than give up.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_ne!(
+        app.count(&format!(
+            "select count(*) from sagas where order_id = {id} and state = 'compensated'"
+        ))
+        .await,
+        1,
+        "not compensated while the shipment's id is unknown"
+    );
+    let r = app
+        .http
+        .delete(format!("{}/sim/faults", app.shipments_url))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    app.eventually_eq(
+        &format!("select state from sagas where order_id = {id}"),
+        "compensated",
+        20,
+    )
+    .await;
+    let shipments = app.sim_shipments().await;
+    assert_eq!(shipments.len(), 1, "asking again made no second shipment");
+    assert_eq!(shipments[0]["status"], "cancelled", "{shipments:?}");
+    assert_eq!(
+        app.sim_get(&app.catalog_url, "/sim/products/1").await["stock"],
+        10
+    );
+}

@@ -1,10 +1,12 @@
 //! Step 3, `create_shipment`: Shipment Tracking creates the shipment; its id is stored and the order
-//! confirmed. Compensation `cancel_shipment`: cancel it by its id. When the shipment's id was never
-//! learned (every create attempt failed), the compensation is recorded as skipped.
+//! confirmed. Compensation `cancel_shipment`: cancel it by its id; when the id was never learned,
+//! learn it first by asking again with the create's Idempotency-Key (skipped only when the shipper
+//! refused the create for good).
 
 use std::time::Duration;
 
 use crate::contract::CreateShipmentRequest;
+use crate::downstream::{FailureKind, class};
 use crate::saga::machine::{Outcome, Saga, StepOutput};
 use crate::saga::steps::idempotency_key;
 use crate::shipments::ShipmentsClient;
@@ -14,15 +16,18 @@ pub const ACTION: &str = "create_shipment";
 /// Persisted compensation name.
 pub const COMPENSATION: &str = "cancel_shipment";
 
-/// Runs the action once.
-pub async fn action(client: &ShipmentsClient, saga: &Saga, timeout: Duration) -> Outcome {
-    let req = CreateShipmentRequest {
+fn request(saga: &Saga) -> CreateShipmentRequest {
+    CreateShipmentRequest {
         order_id: saga.order_id,
         user_id: saga.user_id,
         items: super::line_items(saga),
-    };
+    }
+}
+
+/// Runs the action once.
+pub async fn action(client: &ShipmentsClient, saga: &Saga, timeout: Duration) -> Outcome {
     match client
-        .create(&idempotency_key(saga.id, ACTION), &req, timeout)
+        .create(&idempotency_key(saga.id, ACTION), &request(saga), timeout)
         .await
     {
         Ok(sh) => Outcome::Succeeded(StepOutput::Shipment(sh)),
@@ -30,13 +35,39 @@ pub async fn action(client: &ShipmentsClient, saga: &Saga, timeout: Duration) ->
     }
 }
 
-/// Runs the compensation once.
+/// Runs the compensation once. Without a shipment id the create's answer may have been lost (a
+/// timeout, a malformed answer, a cancellation or the deadline during the attempt) while the
+/// shipper did create it: the compensation asks again with the create's Idempotency-Key, which
+/// gives back the same shipment (or creates one, which is then cancelled at once), and cancels it.
+/// Only a create the shipper refused for good (a 4xx: nothing was created) is skipped.
 pub async fn compensation(client: &ShipmentsClient, saga: &Saga, timeout: Duration) -> Outcome {
-    let Some(sh) = &saga.data.shipment else {
-        return Outcome::Skipped("no shipment was created".into());
+    let shipment_id = match &saga.data.shipment {
+        Some(sh) => sh.shipment_id.clone(),
+        None => {
+            let refused = saga
+                .failure
+                .as_ref()
+                .is_some_and(|f| f.step == ACTION && f.class == class::HTTP_4XX);
+            if refused {
+                return Outcome::Skipped("the shipper refused the shipment: none was created".into());
+            }
+            match client
+                .create(&idempotency_key(saga.id, ACTION), &request(saga), timeout)
+                .await
+            {
+                Ok(sh) => sh.shipment_id,
+                Err(e) if e.kind == FailureKind::Refused => {
+                    return Outcome::Skipped(format!(
+                        "no shipment to cancel: the shipper refuses it ({})",
+                        e.message
+                    ));
+                }
+                Err(e) => return e.into(),
+            }
+        }
     };
     match client
-        .cancel(&idempotency_key(saga.id, COMPENSATION), &sh.shipment_id, timeout)
+        .cancel(&idempotency_key(saga.id, COMPENSATION), &shipment_id, timeout)
         .await
     {
         Ok(()) => Outcome::Succeeded(StepOutput::Done),
