@@ -75,7 +75,7 @@ fn outbox_insert(events: &[&Event]) -> String {
     }
     let col = |f: &dyn Fn(&Event) -> String| events.iter().map(|e| f(e)).collect::<Vec<_>>().join(", ");
     format!(
-        "insert into outbox (topic, message_key, event_id, event_type, payload, headers) select * from unnest(array[{}]::text[], array[{}]::text[], array[{}]::uuid[], array[{}]::text[], array[{}]::jsonb[], array[{}]::jsonb[]);\n",
+        "insert into outbox (topic, message_key, event_id, event_type, payload, headers) select * from unnest(array[{}]::text[], array[{}]::text[], array[{}]::uuid[], array[{}]::text[], array[{}]::json[], array[{}]::jsonb[]);\n",
         col(&|e| lit(&e.topic)),
         col(&|_| ":order_id".into()),
         col(&|_| "gen_random_uuid()".into()),

@@ -46,7 +46,7 @@ pub async fn set_aside(pool: &PgPool, refused: &[(i64, String)]) -> Result<u64, 
                            returning id, topic, message_key, event_id, event_type, payload, headers, created_at)
              insert into outbox_dead_letters
                  (id, topic, message_key, event_id, event_type, payload, headers, created_at, error)
-             select id, topic, message_key, event_id, event_type, payload, headers, created_at, $2 from gone
+             select id, topic, message_key, event_id, event_type, payload::jsonb, headers, created_at, $2 from gone
              on conflict (id) do nothing",
         )
         .bind(id)

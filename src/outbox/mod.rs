@@ -164,12 +164,14 @@ pub async fn enqueue(conn: &mut PgConnection, events: &[NewEvent]) -> Result<(),
         keys.push(e.envelope.order_id.to_string());
         ids.push(e.envelope.event_id);
         types.push(e.envelope.event_type.clone());
-        payloads.push(serde_json::to_value(&e.envelope).unwrap_or(Value::Null));
+        // The envelope's text goes in as is (`payload` is `json`: the relay reads back these bytes).
+        payloads.push(serde_json::to_string(&e.envelope).unwrap_or_else(|_| "null".into()));
         headers.push(e.headers());
     }
     sqlx::query!(
         r#"insert into outbox (topic, message_key, event_id, event_type, payload, headers)
-           select * from unnest($1::text[], $2::text[], $3::uuid[], $4::text[], $5::jsonb[], $6::jsonb[])"#,
+           select t, k, i, e, p::json, h
+             from unnest($1::text[], $2::text[], $3::uuid[], $4::text[], $5::text[], $6::jsonb[]) as u(t, k, i, e, p, h)"#,
         &topics,
         &keys,
         &ids,

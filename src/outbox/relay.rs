@@ -611,7 +611,8 @@ pub async fn delete_expired(conn: &mut PgConnection, retention: Duration) -> Res
     loop {
         let r = sqlx::query!(
             "delete from outbox where id in (
-                 select id from outbox where published_at < now() - make_interval(secs => $1) limit $2)",
+                 select id from outbox where published_at < now() - make_interval(secs => $1)
+                  order by id limit $2)",
             secs,
             CLEANUP_CHUNK
         )
