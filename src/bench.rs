@@ -63,7 +63,7 @@ pub struct BenchArgs {
     pub auto_advance_ms: u64,
     /// What is measured: `full`, the whole pipeline (saga, outbox to Kafka, and the shipper's four
     /// TrackingEvents per order applied by the consumer), or `saga`, the saga and its outbox only
-    /// (the shipper does not walk shipments: the work a saga-only peer does, plus the outbox).
+    /// (the shipper publishes no TrackingEvents: the work a saga-only peer does, plus the outbox).
     #[arg(long, value_enum, default_value_t = Mode::Full)]
     pub mode: Mode,
     /// Print only the JSON report.
@@ -270,7 +270,8 @@ async fn start_stack(args: &BenchArgs) -> anyhow::Result<Stack> {
     let catalog_url = format!("http://{}", l.local_addr()?);
     tokio::spawn(crate::sim::serve(l, catalog.router(), shutdown.clone()));
     let shipments = crate::sim::shipments::ShipmentsSim::new(crate::sim::shipments::ShipmentsSimConfig {
-        kafka_bootstrap_servers: Some(kafka.clone()),
+        // Saga-only: the shipper publishes nothing (not even `created`), so no tracking events.
+        kafka_bootstrap_servers: (args.mode == Mode::Full).then(|| kafka.clone()),
         tracking_topic: cfg.topics.tracking_events.clone(),
         auto_advance_ms: args.advance_ms(),
     })?;
