@@ -112,27 +112,16 @@ impl Bus {
         let bootstrap = std::env::var("TEST_KAFKA_BOOTSTRAP_SERVERS").expect(
             "TEST_KAFKA_BOOTSTRAP_SERVERS is not set: run scripts/test, which starts Apache Kafka (scripts/kafka-broker)",
         );
-        let topics = unique_topics();
-        kafka::ensure_topics_with(
-            &bootstrap,
-            &topic_names(&topics),
-            PARTITIONS,
-            Duration::from_secs(20),
-        )
-        .await;
-        Bus {
-            bootstrap,
-            topics,
-            mock: None,
-            own: None,
-        }
+        Bus::real(bootstrap, unique_topics(), None).await
     }
 
     /// An Apache Kafka of the test's own (it may crash it), with the default topics.
     async fn own_kafka() -> Bus {
         let own = tokio::task::spawn_blocking(OwnKafka::start).await.unwrap();
-        let bootstrap = own.bootstrap.clone();
-        let topics = topics();
+        Bus::real(own.bootstrap.clone(), topics(), Some(own)).await
+    }
+
+    async fn real(bootstrap: String, topics: Topics, own: Option<OwnKafka>) -> Bus {
         kafka::ensure_topics_with(
             &bootstrap,
             &topic_names(&topics),
@@ -144,7 +133,7 @@ impl Bus {
             bootstrap,
             topics,
             mock: None,
-            own: Some(own),
+            own,
         }
     }
 
@@ -576,6 +565,14 @@ async fn refuse_in_database(pool: &PgPool, order: i32, status: &str) {
     .execute(pool)
     .await
     .unwrap();
+}
+
+/// Rows the relay has not published yet.
+async fn pending(pool: &PgPool) -> i64 {
+    relay::backlog(&mut pool.acquire().await.unwrap())
+        .await
+        .unwrap()
+        .pending
 }
 
 /// Applies one TrackingEvent (no Kafka headers) as the consumer does.
@@ -1745,13 +1742,7 @@ async fn the_relay_and_the_tracking_consumer_work_against_a_real_broker() {
     eventually(
         Duration::from_secs(30),
         "the first row to be published",
-        || async {
-            relay::backlog(&mut pool.acquire().await.unwrap())
-                .await
-                .unwrap()
-                .pending
-                == 0
-        },
+        || async { pending(&pool).await == 0 },
     )
     .await;
     own.down().await;
@@ -1770,25 +1761,16 @@ async fn the_relay_and_the_tracking_consumer_work_against_a_real_broker() {
         );
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let pending = relay::backlog(&mut pool.acquire().await.unwrap())
-        .await
-        .unwrap()
-        .pending;
+    let waiting = pending(&pool).await;
     assert!(
-        pending >= 20,
-        "nothing can be published while the broker is down ({pending} pending)"
+        waiting >= 20,
+        "nothing can be published while the broker is down ({waiting} pending)"
     );
     own.up().await;
     eventually(
         Duration::from_secs(90),
         "every row published after the broker came back",
-        || async {
-            relay::backlog(&mut pool.acquire().await.unwrap())
-                .await
-                .unwrap()
-                .pending
-                == 0
-        },
+        || async { pending(&pool).await == 0 },
     )
     .await;
     stop_relay.cancel();

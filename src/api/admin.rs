@@ -373,15 +373,7 @@ pub async fn list_dead_letters(
 ) -> Result<Json<crate::tracking::dead_letters::DeadLetterPage>, ApiError> {
     only(&params, &["limit", "cursor"])?;
     let limit = limit_param(&params, 50, 100)?;
-    let before = match params.get("cursor").map(String::as_str) {
-        None | Some("") => None,
-        Some(c) => Some(
-            c.parse::<i64>()
-                .ok()
-                .filter(|v| *v > 0)
-                .ok_or_else(|| ApiError::invalid_field("cursor", "cursor is not one this API issued"))?,
-        ),
-    };
+    let before = id_cursor(&params)?;
     let mut conn = state.db.acquire().await?;
     Ok(Json(
         crate::tracking::dead_letters::list_dead_letters(&mut conn, limit, before).await?,
