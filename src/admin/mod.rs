@@ -119,7 +119,11 @@ pub fn decode_cursor(c: &str) -> Option<(OffsetDateTime, Uuid)> {
     let mut parts = raw.strip_prefix("s:")?.splitn(2, ':');
     let micros: i128 = parts.next()?.parse().ok()?;
     let id = Uuid::parse_str(parts.next()?).ok()?;
-    Some((OffsetDateTime::from_unix_timestamp_nanos(micros * 1000).ok()?, id))
+    // checked: a crafted cursor's number must not overflow (a panic, then no answer at all).
+    Some((
+        OffsetDateTime::from_unix_timestamp_nanos(micros.checked_mul(1000)?).ok()?,
+        id,
+    ))
 }
 
 /// Sagas matching a filter, newest first.

@@ -39,6 +39,21 @@ pub struct AuditPage {
 
 type Params = Query<HashMap<String, String>>;
 
+/// Longest `olderThanSeconds` (a hundred years): beyond it PostgreSQL's interval and timestamp
+/// arithmetic overflows, which was a 500.
+const MAX_OLDER_THAN_SECONDS: f64 = 100.0 * 365.25 * 24.0 * 3600.0;
+
+fn older_than(v: f64) -> Result<f64, ApiError> {
+    if v.is_finite() && (0.0..=MAX_OLDER_THAN_SECONDS).contains(&v) {
+        Ok(v)
+    } else {
+        Err(ApiError::invalid_field(
+            "olderThanSeconds",
+            format!("olderThanSeconds must be a number from 0 to {MAX_OLDER_THAN_SECONDS:.0}"),
+        ))
+    }
+}
+
 fn only(params: &HashMap<String, String>, allowed: &[&str]) -> Result<(), ApiError> {
     match params.keys().find(|k| !allowed.contains(&k.as_str())) {
         Some(k) => Err(ApiError::invalid_field(
@@ -87,14 +102,7 @@ fn filter_from(params: &HashMap<String, String>) -> Result<SagaFilter, ApiError>
         },
         older_than_seconds: match params.get("olderThanSeconds") {
             None => None,
-            Some(s) => Some(
-                s.parse::<f64>()
-                    .ok()
-                    .filter(|v| v.is_finite() && *v >= 0.0)
-                    .ok_or_else(|| {
-                        ApiError::invalid_field("olderThanSeconds", "olderThanSeconds must be a number ≥ 0")
-                    })?,
-            ),
+            Some(s) => Some(older_than(s.parse::<f64>().unwrap_or(f64::NAN))?),
         },
         error_class: params.get("errorClass").cloned(),
     })
@@ -270,15 +278,7 @@ pub async fn bulk_retry(
         state: state_param(Some(&req.state))?,
         step: req.step.clone(),
         order_id: None,
-        older_than_seconds: match req.older_than_seconds {
-            Some(v) if !(v.is_finite() && v >= 0.0) => {
-                return Err(ApiError::invalid_field(
-                    "olderThanSeconds",
-                    "olderThanSeconds must be a number ≥ 0",
-                ));
-            }
-            v => v,
-        },
+        older_than_seconds: req.older_than_seconds.map(older_than).transpose()?,
         error_class: req.error_class.clone(),
     };
     if !(1..=1000).contains(&req.limit) {

@@ -244,3 +244,50 @@ async fn an_admin_cancel_compensates_a_running_saga() {
         .await;
     assert_eq!(assert_problem(again, 409).await["state"], "compensated");
 }
+
+/// Hostile admin parameters get a clear 422, never a 500 or a dropped connection: an
+/// `olderThanSeconds` past what PostgreSQL's interval arithmetic holds, and a crafted cursor whose
+/// number overflows.
+#[tokio::test]
+async fn overflowing_filters_and_cursors_are_refused_not_500() {
+    let app = spawn_app().await;
+    let (_, token) = admin_token(&app).await;
+    for value in ["1e300", "1e12", "3155760001", "-1", "NaN", "inf"] {
+        let r = app
+            .get(&format!("/admin/sagas?olderThanSeconds={value}"), Some(&token))
+            .await;
+        let p = assert_problem(r, 422).await;
+        assert_eq!(p["field"], "olderThanSeconds", "{value}: {p}");
+        let r = app
+            .post_json(
+                "/admin/sagas/retry",
+                &json!({"state": "stuck", "olderThanSeconds": value.parse::<f64>().ok(), "limit": 10, "dryRun": true}),
+                Some(&token),
+            )
+            .await;
+        assert!(
+            r.status() == 422 || (value == "NaN" || value == "inf"),
+            "{value}: {}",
+            r.status()
+        );
+    }
+    // A hundred years is still a filter.
+    let r = app
+        .get("/admin/sagas?olderThanSeconds=3155760000", Some(&token))
+        .await;
+    assert_eq!(r.status(), 200);
+    // "s:<micros>:<uuid>" with micros far beyond any timestamp (and beyond i128 once in ns).
+    use base64::Engine as _;
+    for micros in [
+        "170141183460469231731687303715884105727",
+        "99999999999999999999999",
+    ] {
+        let cursor = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(format!("s:{micros}:00000000-0000-0000-0000-000000000000"));
+        let r = app
+            .get(&format!("/admin/sagas?cursor={cursor}"), Some(&token))
+            .await;
+        let p = assert_problem(r, 422).await;
+        assert_eq!(p["field"], "cursor", "{p}");
+    }
+}
