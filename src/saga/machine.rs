@@ -605,7 +605,15 @@ impl Machine<'_> {
                     row.outcome = "retry_scheduled";
                     fx.push(Effect::History(row));
                     let computed = policy.delay_after(a.number, self.retry_scale, jitter_unit);
-                    let delay = retry_after.map_or(computed, |ra| ra.max(computed));
+                    let mut delay = retry_after.map_or(computed, |ra| ra.max(computed));
+                    // An action never waits past the saga's deadline (a Retry-After of a day
+                    // would): it wakes just after it, and the boundary check compensates.
+                    if a.kind == Kind::Action && s.state == SagaState::Running {
+                        let until_deadline = s.deadline_at + Duration::from_millis(1) - now;
+                        if until_deadline < delay {
+                            delay = until_deadline.try_into().unwrap_or(Duration::ZERO);
+                        }
+                    }
                     s.next_attempt_at = Some(now + delay);
                     fx.push(saga_event(
                         "RetryScheduled",
@@ -1110,6 +1118,29 @@ mod tests {
         );
         assert!(events(&fx).contains(&"SagaStuck"));
         assert_eq!(m.step_name(&s), "release_reservation");
+    }
+
+    #[test]
+    fn a_retry_after_beyond_the_deadline_wakes_the_saga_at_its_deadline() {
+        let d = def();
+        let m = machine(&d);
+        let now = OffsetDateTime::now_utc();
+        let mut s = saga();
+        s.deadline_at = now + Duration::from_secs(600);
+        let mut ra = transient();
+        if let Outcome::Transient { retry_after, .. } = &mut ra {
+            *retry_after = Some(Duration::from_secs(24 * 3600));
+        }
+        m.record(&mut s, &attempt(0, Kind::Action, 1, ra), now, 0.5);
+        let next = s.next_attempt_at.unwrap();
+        assert!(
+            next > s.deadline_at && next <= s.deadline_at + Duration::from_millis(1),
+            "woken at the deadline, not a day later: {next} vs {}",
+            s.deadline_at
+        );
+        // Then the boundary check compensates.
+        m.check_boundary(&mut s, next);
+        assert_eq!(s.failure.as_ref().unwrap().class, CLASS_DEADLINE);
     }
 
     #[test]
