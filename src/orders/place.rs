@@ -94,8 +94,44 @@ pub async fn place(
             match store::replay_state(&mut conn, existing.saga_id).await? {
                 Some(st) if st.answered_pending => Ok(Placed::Pending(st.order_id)),
                 Some(store::ReplayState { answer: Some(a), .. }) => Ok(Placed::Answer(a)),
+                Some(st) if first_request_gone(&mut conn, existing.saga_id, wait).await? => {
+                    // The first request waits at most `wait`, then answers 202 and records it; past
+                    // that, with nothing recorded, its client went away before any answer. This
+                    // request answers in its place (else the key would answer 409 until the saga
+                    // ends, for good if it is stuck).
+                    if store::mark_answered_pending(&mut conn, existing.saga_id).await? {
+                        return Ok(Placed::Pending(st.order_id));
+                    }
+                    // It finished meanwhile.
+                    match store::replay_state(&mut conn, existing.saga_id).await? {
+                        Some(store::ReplayState {
+                            answer: Some(a),
+                            answered_pending: false,
+                            ..
+                        }) => Ok(Placed::Answer(a)),
+                        Some(st) => Ok(Placed::Pending(st.order_id)),
+                        None => Ok(Placed::InFlight),
+                    }
+                }
                 _ => Ok(Placed::InFlight),
             }
         }
     }
+}
+
+/// Whether the first request for a saga has waited longer than it ever does (`wait`, and a second
+/// for its own way out): with no answer recorded, its client is gone.
+async fn first_request_gone(
+    conn: &mut sqlx::PgConnection,
+    saga_id: Uuid,
+    wait: Duration,
+) -> Result<bool, sqlx::Error> {
+    let gone: Option<bool> = sqlx::query_scalar(
+        "select created_at < now() - make_interval(secs => $2) from sagas where saga_id = $1",
+    )
+    .bind(saga_id)
+    .bind(wait.as_secs_f64() + 1.0)
+    .fetch_optional(conn)
+    .await?;
+    Ok(gone.unwrap_or(false))
 }

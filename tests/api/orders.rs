@@ -833,3 +833,52 @@ async fn a_shipment_whose_answer_was_lost_is_found_and_cancelled_by_the_compensa
         10
     );
 }
+
+/// A first request whose client went away before any answer must not leave its Idempotency-Key
+/// answering 409 "in flight" until the saga ends (for good, were the saga stuck): once the first
+/// request's wait is over, a retry answers in its place (202, pending, with the order).
+#[tokio::test]
+async fn a_retry_after_the_first_request_was_dropped_gets_202_not_409() {
+    let app = spawn_app_with(AppOptions {
+        flags: vec!["--order-wait-ms", "300"],
+        ..Default::default()
+    })
+    .await;
+    app.product(1, 10, "1.00");
+    app.catalog_faults(json!({"latencyMs": 6000, "endpoint": "reserve"}))
+        .await;
+    let (_, token) = app.customer("dropped@example.com").await;
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let first = impatient
+        .post(app.url("/orders"))
+        .bearer_auth(&token)
+        .header("Idempotency-Key", "gone")
+        .json(&json!({"orderItems": [{"productID": 1, "quantity": 1}]}))
+        .send()
+        .await;
+    assert!(first.is_err(), "the first client gave up before any answer");
+    // Within the first request's wait, a retry is told to come back (409, in flight)...
+    let early = app
+        .place(&token, "gone", json!([{"productID": 1, "quantity": 1}]))
+        .await;
+    assert_eq!(early.status(), 409);
+    // ...after it, the retry answers in its place, while the saga still runs.
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let r = app
+        .place(&token, "gone", json!([{"productID": 1, "quantity": 1}]))
+        .await;
+    assert_eq!(r.status(), 202);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["status"], "pending");
+    let id = body["orderID"].as_i64().unwrap();
+    // The same answer again, and one order only.
+    let again = app
+        .place(&token, "gone", json!([{"productID": 1, "quantity": 1}]))
+        .await;
+    assert_eq!(again.status(), 202);
+    assert_eq!(again.json::<Value>().await.unwrap()["orderID"], id);
+    assert_eq!(app.count("select count(*) from orders").await, 1);
+}
