@@ -86,7 +86,8 @@ pub async fn serve_api(
         .context("serving the API")
 }
 
-/// Periodic housekeeping: expired deny-list entries and refresh tokens, idle limiter keys.
+/// Periodic housekeeping: expired deny-list entries and refresh tokens, spent refresh families,
+/// Idempotency-Keys of finished orders past their retention, idle limiter keys.
 pub async fn housekeeping(state: AppState, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(60));
     loop {
@@ -100,6 +101,15 @@ pub async fn housekeeping(state: AppState, shutdown: CancellationToken) {
             Ok(mut conn) => {
                 if let Err(e) = crate::auth::tokens::purge_expired(&mut conn).await {
                     tracing::warn!(error = %e, "purging expired tokens failed");
+                }
+                let cfg = &state.config;
+                let (access, refresh) = (cfg.access_token_ttl_seconds, cfg.refresh_token_ttl_seconds);
+                if let Err(e) = crate::auth::tokens::purge_families(&mut conn, access, refresh).await {
+                    tracing::warn!(error = %e, "purging spent refresh families failed");
+                }
+                let keep = Duration::from_secs(cfg.idempotency_key_retention_seconds);
+                if let Err(e) = crate::orders::place::purge_idempotency_keys(&mut conn, keep).await {
+                    tracing::warn!(error = %e, "purging old Idempotency-Keys failed");
                 }
             }
             Err(e) => tracing::warn!(error = %e, "housekeeping: database unavailable"),

@@ -116,6 +116,12 @@ pub struct ServiceConfig {
     #[arg(long, env = "OUTBOX_RETENTION_SECONDS", default_value_t = 86_400)]
     pub outbox_retention_seconds: u64,
 
+    /// How long an Idempotency-Key of a finished order is kept, in seconds (7 days by default):
+    /// within it a repeated request replays the first answer; after it the key is free again. Keys
+    /// of sagas still running or stuck are kept whatever their age.
+    #[arg(long, env = "IDEMPOTENCY_KEY_RETENTION_SECONDS", default_value_t = 7 * 24 * 3600)]
+    pub idempotency_key_retention_seconds: u64,
+
     /// Kafka topic names.
     #[command(flatten)]
     pub topics: crate::outbox::Topics,
@@ -260,6 +266,10 @@ impl ServiceConfig {
             (
                 "OUTBOX_RETENTION_SECONDS",
                 self.outbox_retention_seconds.to_string(),
+            ),
+            (
+                "IDEMPOTENCY_KEY_RETENTION_SECONDS",
+                self.idempotency_key_retention_seconds.to_string(),
             ),
             ("TOPIC_ORDER_EVENTS", self.topics.order_events.clone()),
             ("TOPIC_SAGA_EVENTS", self.topics.saga_events.clone()),

@@ -179,6 +179,28 @@ pub async fn is_access_token_revoked(
     Ok(r)
 }
 
+/// Deletes refresh families nothing can use any more: no refresh token of theirs is left (each is
+/// purged a day after it expired), and every access token issued with them has expired too, which
+/// holds when an access token lives less than a refresh token plus that day (else none is
+/// deleted: a revoked family must outlive its access tokens, or they would pass again).
+pub async fn purge_families(
+    conn: &mut PgConnection,
+    access_ttl: u64,
+    refresh_ttl: u64,
+) -> Result<u64, sqlx::Error> {
+    if access_ttl >= refresh_ttl.saturating_add(86_400) {
+        return Ok(0);
+    }
+    let r = sqlx::query(
+        "delete from refresh_families f
+          where f.created_at < now() - interval '1 day'
+            and not exists (select 1 from refresh_tokens t where t.family_id = f.family_id)",
+    )
+    .execute(conn)
+    .await?;
+    Ok(r.rows_affected())
+}
+
 /// Deletes deny-list entries and refresh tokens past their expiry.
 pub async fn purge_expired(conn: &mut PgConnection) -> Result<u64, sqlx::Error> {
     let a = sqlx::query!("delete from denied_access_tokens where expires_at < now()")

@@ -135,3 +135,20 @@ async fn first_request_gone(
     .await?;
     Ok(gone.unwrap_or(false))
 }
+
+/// Deletes the Idempotency-Keys of finished orders older than `retention` (a repeated request
+/// after that places a new order); keys of sagas still running, compensating or stuck stay.
+pub async fn purge_idempotency_keys(
+    conn: &mut sqlx::PgConnection,
+    retention: Duration,
+) -> Result<u64, sqlx::Error> {
+    let r = sqlx::query(
+        "delete from idempotency_keys k using sagas s
+          where k.created_at < now() - make_interval(secs => $1)
+            and s.saga_id = k.saga_id and s.state in ('completed', 'compensated', 'failed')",
+    )
+    .bind(retention.as_secs_f64())
+    .execute(conn)
+    .await?;
+    Ok(r.rows_affected())
+}

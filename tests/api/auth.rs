@@ -490,3 +490,50 @@ async fn bad_requests_get_problem_documents_and_change_nothing() {
         .unwrap();
     assert_eq!((users, families), (0, 0));
 }
+
+/// Refresh families do not live for ever: one whose tokens are all gone (purged a day after they
+/// expired) is deleted; one with a token left, even revoked, is kept (its access tokens must stay
+/// refused while they live).
+#[tokio::test]
+async fn spent_refresh_families_are_purged_and_live_ones_kept() {
+    let app = spawn_app().await;
+    let (_, _token) = app.customer("fam1@example.com").await;
+    let (_, _token) = app.customer("fam2@example.com").await;
+    let families: Vec<uuid::Uuid> =
+        sqlx::query_scalar("select family_id from refresh_families order by created_at")
+            .fetch_all(&app.db)
+            .await
+            .unwrap();
+    assert_eq!(families.len(), 2);
+    sqlx::query("update refresh_families set created_at = now() - interval '30 days', revoked_at = now()")
+        .execute(&app.db)
+        .await
+        .unwrap();
+    // The first family's tokens expired long ago and were purged; the second still has its token.
+    sqlx::query("delete from refresh_tokens where family_id = $1")
+        .bind(families[0])
+        .execute(&app.db)
+        .await
+        .unwrap();
+    let mut conn = app.db.acquire().await.unwrap();
+    let purged = ostore_orders::auth::tokens::purge_families(&mut conn, 600, 14 * 24 * 3600)
+        .await
+        .unwrap();
+    assert_eq!(purged, 1);
+    let left: Vec<uuid::Uuid> = sqlx::query_scalar("select family_id from refresh_families")
+        .fetch_all(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(left, [families[1]]);
+    // An access token living longer than a refresh token and a day: nothing is purged.
+    sqlx::query("delete from refresh_tokens")
+        .execute(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(
+        ostore_orders::auth::tokens::purge_families(&mut conn, 3 * 86_400, 86_400)
+            .await
+            .unwrap(),
+        0
+    );
+}

@@ -882,3 +882,61 @@ async fn a_retry_after_the_first_request_was_dropped_gets_202_not_409() {
     assert_eq!(again.json::<Value>().await.unwrap()["orderID"], id);
     assert_eq!(app.count("select count(*) from orders").await, 1);
 }
+
+/// Idempotency-Keys do not live for ever: a finished order's key past its retention is deleted
+/// (the same key then places a new order), while the key of a saga still running stays whatever
+/// its age.
+#[tokio::test]
+async fn idempotency_keys_of_finished_orders_expire_and_running_ones_stay() {
+    let app = spawn_app().await;
+    app.product(1, 10, "1.00");
+    let (_, token) = app.customer("keys@example.com").await;
+    let r = app
+        .place(&token, "old", json!([{"productID": 1, "quantity": 1}]))
+        .await;
+    assert_eq!(r.status(), 201);
+    let first = r.json::<Value>().await.unwrap()["orderID"].as_i64().unwrap();
+    let r = app
+        .place(&token, "running", json!([{"productID": 1, "quantity": 1}]))
+        .await;
+    assert_eq!(r.status(), 201);
+    // Both keys are eight days old; the second one's saga is (made) still running.
+    sqlx::query("update idempotency_keys set created_at = now() - interval '8 days'")
+        .execute(&app.db)
+        .await
+        .unwrap();
+    sqlx::query(
+        "update sagas set state = 'running', next_attempt_at = null
+          where saga_id = (select saga_id from idempotency_keys where key = 'running')",
+    )
+    .execute(&app.db)
+    .await
+    .unwrap();
+    let mut conn = app.db.acquire().await.unwrap();
+    let purged =
+        ostore_orders::orders::place::purge_idempotency_keys(&mut conn, Duration::from_secs(7 * 24 * 3600))
+            .await
+            .unwrap();
+    assert_eq!(purged, 1);
+    let keys: Vec<String> = sqlx::query_scalar("select key from idempotency_keys")
+        .fetch_all(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(keys, ["running"]);
+    // The expired key is free again: a new order, not the first one's answer.
+    let r = app
+        .place(&token, "old", json!([{"productID": 1, "quantity": 1}]))
+        .await;
+    assert_eq!(r.status(), 201);
+    assert_ne!(
+        r.json::<Value>().await.unwrap()["orderID"].as_i64().unwrap(),
+        first
+    );
+    // A week-old key is kept within the retention.
+    assert_eq!(
+        ostore_orders::orders::place::purge_idempotency_keys(&mut conn, Duration::from_secs(30 * 24 * 3600))
+            .await
+            .unwrap(),
+        0
+    );
+}
