@@ -610,15 +610,23 @@ pub async fn stage_transition(
                         set_order_status(conn, saga.order_id, *to, reason.as_deref()).await?
                     }
                     OrderChange::Confirm { shipment_id } => {
-                        let r = sqlx::query!(
-                            "update orders set shipment_id = $2, status = case when status = 'pending' then 'confirmed' else status end
-                              where order_id = $1",
-                            saga.order_id,
-                            shipment_id
+                        // Changed only when the order really goes from pending to confirmed: a
+                        // customer who cancelled while the shipment was being created keeps a
+                        // cancelled order, and no OrderConfirmed may follow its OrderCancelled.
+                        let confirmed: Option<bool> = sqlx::query_scalar(
+                            "with before as (select status from orders where order_id = $1 for update)
+                             update orders o
+                                set shipment_id = $2,
+                                    status = case when o.status = 'pending' then 'confirmed' else o.status end
+                               from before
+                              where o.order_id = $1
+                          returning before.status = 'pending'",
                         )
-                        .execute(&mut *conn)
+                        .bind(saga.order_id)
+                        .bind(shipment_id)
+                        .fetch_optional(&mut *conn)
                         .await?;
-                        r.rows_affected() == 1
+                        confirmed.unwrap_or(false)
                     }
                     OrderChange::Delete => {
                         sqlx::query!(

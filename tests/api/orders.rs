@@ -940,3 +940,65 @@ async fn idempotency_keys_of_finished_orders_expire_and_running_ones_stay() {
         0
     );
 }
+
+/// A customer who cancels while the shipment is being created gets a cancelled order, and no
+/// event may contradict it: the shipment's success must not publish `OrderConfirmed` after the
+/// cancel's `OrderCancelled` (nor confirm the order).
+#[tokio::test]
+async fn a_cancel_while_the_shipment_is_created_publishes_no_order_confirmed() {
+    let app = spawn_app_with(AppOptions {
+        flags: vec!["--order-wait-ms", "100"],
+        ..Default::default()
+    })
+    .await;
+    app.product(1, 10, "1.00");
+    app.shipment_faults(json!({"latencyMs": 1500, "endpoint": "create"}))
+        .await;
+    let (_, token) = app.customer("race@example.com").await;
+    let r = app
+        .place(&token, "k", json!([{"productID": 1, "quantity": 1}]))
+        .await;
+    assert_eq!(r.status(), 202);
+    let id = r.json::<Value>().await.unwrap()["orderID"].as_i64().unwrap();
+    // Wait until the create is in flight (the order persisted, the shipper called).
+    for _ in 0..100 {
+        let step: Option<String> = sqlx::query_scalar("select step_name from sagas where order_id = $1")
+            .bind(id as i32)
+            .fetch_optional(&app.db)
+            .await
+            .unwrap();
+        if step.as_deref() == Some("create_shipment") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let c = app
+        .post_json(&format!("/orders/{id}/cancel"), &json!({}), Some(&token))
+        .await;
+    assert_eq!(c.status(), 200);
+    app.eventually_eq(
+        &format!("select state from sagas where order_id = {id}"),
+        "compensated",
+        20,
+    )
+    .await;
+    let events: Vec<String> = sqlx::query_scalar(
+        "select event_type from outbox where topic = 'orders.events' and message_key = $1 order by id",
+    )
+    .bind(id.to_string())
+    .fetch_all(&app.db)
+    .await
+    .unwrap();
+    assert!(events.contains(&"OrderCancelled".to_string()), "{events:?}");
+    assert!(
+        !events.contains(&"OrderConfirmed".to_string()),
+        "an OrderConfirmed contradicts the cancelled order: {events:?}"
+    );
+    let status: String = sqlx::query_scalar("select status from orders where order_id = $1")
+        .bind(id as i32)
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(status, "cancelled");
+    assert_eq!(app.sim_shipments().await[0]["status"], "cancelled");
+}
