@@ -1828,3 +1828,76 @@ async fn an_event_for_an_order_another_transaction_holds_waits_without_blocking_
     assert_eq!(count(&pool, "select count(*) from dead_letters").await, 0);
     assert_eq!(outbox_events(&pool, &topics().notifications, held).await.len(), 1);
 }
+
+/// Per-order order within one relay pass, under a backlog larger than a batch: a transaction that
+/// took a lower outbox id may commit while the relay is already past it, after a later row of the
+/// same order was committed. Each pass must not publish that later row before the earlier one.
+/// Writers here hold each order's row lock (as the saga and the consumer do) and linger before
+/// committing, while a relay with tiny batches runs beside them.
+#[tokio::test]
+async fn late_commits_never_let_a_later_event_of_an_order_overtake_an_earlier_one() {
+    let db = TestDb::new().await;
+    let pool = db.pool_of(40).await;
+    let broker = broker();
+    let t = topics();
+    let mut orders = Vec::new();
+    for _ in 0..24 {
+        orders.push(insert_order(&pool, "confirmed").await);
+    }
+    let shutdown = CancellationToken::new();
+    let relay_task = tokio::spawn(relay::run(
+        pool.clone(),
+        producer(&broker),
+        RelayConfig {
+            batch_size: 2,
+            poll_interval: Duration::from_millis(5),
+            ..relay_config()
+        },
+        shutdown.clone(),
+    ));
+    let mut writers = Vec::new();
+    for (w, &order) in orders.iter().enumerate() {
+        let (pool, topic) = (pool.clone(), t.order_events.clone());
+        writers.push(tokio::spawn(async move {
+            let mut written = Vec::new();
+            for i in 0..4u64 {
+                let mut tx = pool.begin().await.unwrap();
+                sqlx::query("select 1 from orders where order_id = $1 for update")
+                    .bind(order)
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
+                let event = NewEvent::new(
+                    &topic,
+                    "OrderStatusChanged",
+                    order,
+                    None,
+                    json!({"i": i}),
+                    &HashMap::new(),
+                );
+                written.push(event.envelope.event_id.to_string());
+                enqueue(&mut tx, &[event]).await.unwrap();
+                // Linger, holding an id the relay may already be past.
+                tokio::time::sleep(Duration::from_millis(((w as u64 * 7 + i * 13) % 40) + 5)).await;
+                tx.commit().await.unwrap();
+            }
+            (order, written)
+        }));
+    }
+    let mut expected = HashMap::new();
+    for w in writers {
+        let (order, written) = w.await.unwrap();
+        expected.insert(order.to_string(), written);
+    }
+    eventually(Duration::from_secs(60), "every row published", || async {
+        pending(&pool).await == 0
+    })
+    .await;
+    shutdown.cancel();
+    relay_task.await.unwrap();
+    let messages = read_topic(broker.bootstrap_servers(), &t.order_events, 96).await;
+    let by_key = first_occurrences_by_key(&messages);
+    for (key, written) in &expected {
+        assert_eq!(&by_key[key], written, "order {key}: events out of commit order");
+    }
+}

@@ -454,6 +454,33 @@ async fn publish_pending<C>(
 where
     C: ClientContext + 'static,
 {
+    // One snapshot for the whole pass. Read batch by batch with a snapshot each, a pass could be
+    // past a row whose transaction took its id early and committed late, then read a later row
+    // of the same order committed after it, and publish that one first (the late row waits for
+    // the next pass). In one snapshot an order's visible rows are a prefix of its rows in commit
+    // order (they are written under the order's row lock), so nothing overtakes: the late row and
+    // everything after it wait for the next pass together.
+    sqlx::query("begin isolation level repeatable read read only")
+        .execute(&mut *conn)
+        .await?;
+    let pass = publish_in_snapshot(conn, pool, producer, cfg, shutdown).await;
+    // Ends the snapshot whatever happened (after a failed statement too).
+    let end = sqlx::query("rollback").execute(&mut *conn).await;
+    let n = pass?;
+    end?;
+    Ok(n)
+}
+
+async fn publish_in_snapshot<C>(
+    conn: &mut PgConnection,
+    pool: &PgPool,
+    producer: &FutureProducer<C>,
+    cfg: &RelayConfig,
+    shutdown: Option<&CancellationToken>,
+) -> Result<usize, RelayError>
+where
+    C: ClientContext + 'static,
+{
     let batch_size = cfg.batch_size.max(1);
     let delete = cfg.retention.is_zero();
     let mut total = 0;
