@@ -913,3 +913,65 @@ async fn the_callers_trace_reaches_the_simulator_and_its_tracking_events() {
         "{traceparent} continues trace {trace_id}"
     );
 }
+
+/// `POST /sim/poison` publishes one record that is not a TrackingEvent (the poison a consumer must
+/// set aside), keyed by the given order, of the given size; `GET /sim/poison` counts them. Without
+/// a broker it is refused, and so is a size out of range.
+#[tokio::test]
+async fn poison_records_reach_the_tracking_topic_and_are_counted() {
+    let http = http();
+    let without = shipper(ShipmentsSimConfig::default()).await;
+    let r = http
+        .post(format!("{}/sim/poison", without.server.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+
+    let mock = mock_kafka();
+    let shipper = shipper(ShipmentsSimConfig {
+        kafka_bootstrap_servers: Some(mock.bootstrap_servers()),
+        ..ShipmentsSimConfig::default()
+    })
+    .await;
+    let base = shipper.server.base.clone();
+    for bytes in [10, 2_000_000] {
+        let r = http
+            .post(format!("{base}/sim/poison"))
+            .json(&json!({"bytes": bytes}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{bytes} bytes");
+    }
+    let r = http
+        .post(format!("{base}/sim/poison"))
+        .json(&json!({"orderID": 9, "bytes": 50_000}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(get_json(&format!("{base}/sim/poison")).await["published"], 1);
+
+    let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", mock.bootstrap_servers())
+        .set("group.id", "poison-reader")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    rdkafka::consumer::Consumer::subscribe(&consumer, &["shipments.tracking-events"]).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        assert!(std::time::Instant::now() < deadline, "no poison record read");
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            let payload = rdkafka::Message::payload(&m).unwrap();
+            assert_eq!(payload.len(), 50_000);
+            assert_eq!(rdkafka::Message::key(&m), Some(&b"9"[..]));
+            assert!(
+                serde_json::from_slice::<TrackingEvent>(payload).is_err(),
+                "not a TrackingEvent"
+            );
+            break;
+        }
+    }
+}

@@ -127,6 +127,8 @@ struct Store {
     answers: HashMap<String, StoredAnswer>,
     calls: CallLog,
     events: VecDeque<TrackingEvent>,
+    /// Poison records published (`POST /sim/poison`).
+    poisoned: u64,
 }
 
 struct ShipmentRecord {
@@ -227,6 +229,7 @@ impl ShipmentsSim {
             .route("/sim/shipments/{shipment_id}/advance", post(advance))
             .route("/sim/events", get(list_events))
             .route("/sim/calls", get(list_calls))
+            .route("/sim/poison", post(poison).get(poisoned))
             .route(
                 "/sim/faults",
                 put(put_faults).get(get_faults).delete(delete_faults),
@@ -541,6 +544,65 @@ async fn list_shipments(State(sim): State<ShipmentsSim>) -> Response {
 
 async fn list_events(State(sim): State<ShipmentsSim>) -> Response {
     Json(sim.inner.lock().events.clone()).into_response()
+}
+
+/// Largest poison record (below the broker's 1 MB default limit, so that it reaches the topic).
+const MAX_POISON_BYTES: usize = 900_000;
+
+/// `POST /sim/poison` `{orderID?, bytes?}`: publishes one record that is not a TrackingEvent (a
+/// JSON text cut off, `bytes` long, 780,000 by default) to the tracking topic, keyed by `orderID`
+/// (0 by default), and answers once the broker acknowledged it: the poison a consumer must set
+/// aside without stopping (fault-injection runs use it).
+async fn poison(State(sim): State<ShipmentsSim>, body: Bytes) -> Response {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase", deny_unknown_fields)]
+    struct PoisonRequest {
+        #[serde(default, rename = "orderID")]
+        order_id: i32,
+        #[serde(default = "default_poison_bytes")]
+        bytes: usize,
+    }
+    fn default_poison_bytes() -> usize {
+        780_000
+    }
+    let req: PoisonRequest = if body.is_empty() {
+        PoisonRequest {
+            order_id: 0,
+            bytes: default_poison_bytes(),
+        }
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(r) => r,
+            Err(e) => return json_error(StatusCode::BAD_REQUEST, &format!("invalid poison request: {e}")),
+        }
+    };
+    if !(32..=MAX_POISON_BYTES).contains(&req.bytes) {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            &format!("bytes must be from 32 to {MAX_POISON_BYTES}"),
+        );
+    }
+    let Some(producer) = sim.inner.producer.clone() else {
+        return json_error(StatusCode::CONFLICT, "the simulator publishes to no Kafka broker");
+    };
+    let head = format!("{{\"orderID\": {}, \"status\": \"", req.order_id);
+    let payload = head.clone() + &"x".repeat(req.bytes - head.len());
+    let key = req.order_id.to_string();
+    let record = FutureRecord::to(&sim.inner.config.tracking_topic)
+        .key(key.as_str())
+        .payload(payload.as_bytes());
+    match producer.send(record, Duration::from_secs(30)).await {
+        Ok(_) => {
+            sim.inner.lock().poisoned += 1;
+            Json(serde_json::json!({"published": true, "bytes": req.bytes})).into_response()
+        }
+        Err((e, _)) => json_error(StatusCode::SERVICE_UNAVAILABLE, &format!("not published: {e}")),
+    }
+}
+
+/// `GET /sim/poison`: how many poison records were published.
+async fn poisoned(State(sim): State<ShipmentsSim>) -> Response {
+    Json(serde_json::json!({"published": sim.inner.lock().poisoned})).into_response()
 }
 
 async fn list_calls(State(sim): State<ShipmentsSim>) -> Response {
