@@ -272,9 +272,10 @@ async fn script(pool: &PgPool) -> anyhow::Result<String> {
     s.push_str(&outbox_insert(&ev(2)));
     writeln!(
         s,
-        "select pg_notify({}, {} || :saga_id);",
+        "select pg_notify({}, {} || :saga_id || {});",
         lit(crate::saga::store::CHANNEL),
-        lit("finished:")
+        lit("finished:"),
+        lit(" bench-worker")
     )?;
     s.push_str("COMMIT;\n");
     Ok(s)

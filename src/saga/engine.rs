@@ -764,9 +764,14 @@ impl Inner {
                 match n {
                     Ok(n) => {
                         let payload = n.payload();
-                        if let Some(id) = payload
-                            .strip_prefix("finished:")
-                            .and_then(|s| Uuid::parse_str(s).ok())
+                        // `finished:<saga> <worker>`: a saga this process drove has woken its
+                        // waiters already, with the answer; only another worker's news is read here.
+                        let finished = payload.strip_prefix("finished:").map(|rest| {
+                            let (id, worker) = rest.split_once(' ').unwrap_or((rest, ""));
+                            (Uuid::parse_str(id).ok(), worker)
+                        });
+                        if let Some((Some(id), worker)) = finished
+                            && worker != self.cfg.worker_id
                         {
                             let has = self.waiters.lock().expect("waiters").contains_key(&id);
                             if has {

@@ -18,7 +18,8 @@ use crate::orders::validate::Line;
 use crate::outbox::{self, NewEvent, Topics};
 use crate::saga::machine::{Effect, Failure, OrderChange, Saga, SagaData, SagaState, Stream};
 
-/// The `pg_notify` channel for saga wake-ups across instances (`finished:<uuid>` or `due`).
+/// The `pg_notify` channel for saga wake-ups across instances (`finished:<saga uuid> <worker id>` or
+/// `due`).
 pub const CHANNEL: &str = "saga_events";
 
 fn interval(d: Duration) -> PgInterval {
@@ -85,19 +86,44 @@ pub async fn create(
     lease: Duration,
     topics: &Topics,
 ) -> Result<Created, sqlx::Error> {
-    let order_id = sqlx::query_scalar!(
-        r#"insert into idempotency_keys (user_id, key, request_hash, saga_id, order_id)
-           values ($1, $2, $3, $4, nextval('orders_order_id_seq')::int)
-           on conflict (user_id, key) do nothing
-           returning order_id"#,
-        n.user_id,
-        n.idempotency_key,
-        n.request_hash,
-        n.saga_id
+    let input = json!({"items": n.lines});
+    let trace = serde_json::to_value(&n.trace).unwrap_or(json!({}));
+    // One statement: the key, the placeholder order and the saga, or nothing when the key exists.
+    let row: Option<(i32, OffsetDateTime, OffsetDateTime)> = sqlx::query_as(
+        r#"with k as (
+               insert into idempotency_keys (user_id, key, request_hash, saga_id, order_id)
+               values ($1, $2, $3, $4, nextval('orders_order_id_seq')::int)
+               on conflict (user_id, key) do nothing
+               returning order_id),
+           o as (
+               insert into orders (order_id, user_id, status, saga_id)
+               select order_id, $1, 'pending', $4 from k
+               returning order_id, order_date),
+           s as (
+               insert into sagas (saga_id, saga_type, definition_version, order_id, user_id, state, step, attempt,
+                                  next_attempt_at, lease_owner, lease_expires_at, fence, input, trace_context,
+                                  deadline_at, created_at, step_name)
+               select $4, $5, $6, o.order_id, $1, 'running', 0, 0, o.order_date, $7,
+                      case when $7::text is not null then now() + $8 end, 1, $9, $10, o.order_date + $11,
+                      o.order_date, $12
+                 from o)
+           select order_id, order_date, order_date + $11 from o"#,
     )
+    .bind(n.user_id)
+    .bind(&n.idempotency_key)
+    .bind(&n.request_hash)
+    .bind(n.saga_id)
+    .bind(&n.saga_type)
+    .bind(n.version)
+    .bind(worker)
+    .bind(interval(lease))
+    .bind(&input)
+    .bind(&trace)
+    .bind(interval(n.deadline))
+    .bind(&n.first_step)
     .fetch_optional(&mut *conn)
     .await?;
-    let Some(order_id) = order_id else {
+    let Some((order_id, created_at, deadline_at)) = row else {
         let row = sqlx::query!(
             "select request_hash, saga_id, order_id from idempotency_keys where user_id = $1 and key = $2",
             n.user_id,
@@ -111,37 +137,6 @@ pub async fn create(
             order_id: row.order_id,
         }));
     };
-    let created_at = sqlx::query_scalar!(
-        "insert into orders (order_id, user_id, status, saga_id) values ($1, $2, 'pending', $3) returning order_date",
-        order_id,
-        n.user_id,
-        n.saga_id
-    )
-    .fetch_one(&mut *conn)
-    .await?;
-    let input = json!({"items": n.lines});
-    let trace = serde_json::to_value(&n.trace).unwrap_or(json!({}));
-    let deadline_at = created_at + n.deadline;
-    sqlx::query!(
-        r#"insert into sagas (saga_id, saga_type, definition_version, order_id, user_id, state, step, attempt,
-                              next_attempt_at, lease_owner, lease_expires_at, fence, input, trace_context,
-                              deadline_at, created_at, step_name)
-           values ($1, $2, $3, $4, $5, 'running', 0, 0, $6, $7, case when $7::text is not null then now() + $8 end, 1, $9, $10, $11, $6, $12)"#,
-        n.saga_id,
-        n.saga_type,
-        n.version,
-        order_id,
-        n.user_id,
-        created_at,
-        worker,
-        interval(lease),
-        input,
-        trace,
-        deadline_at,
-        n.first_step
-    )
-    .execute(&mut *conn)
-    .await?;
     let saga = Saga {
         id: n.saga_id,
         order_id,
@@ -368,33 +363,33 @@ pub async fn persist_order(conn: &mut PgConnection, saga: &Saga) -> Result<Persi
         )));
     }
     let currency = currency.unwrap_or_default();
-    let rows = sqlx::query!(
-        r#"insert into order_items (order_id, product_id, quantity, price)
-           select $1, * from unnest($2::int[], $3::int[], $4::numeric[])
-           returning order_item_id, product_id, quantity, price"#,
-        saga.order_id,
-        &products,
-        &quantities,
-        &prices
+    // One statement: the lines and the order's total.
+    let rows: Vec<(i32, i32, i32, Decimal)> = sqlx::query_as(
+        r#"with i as (
+               insert into order_items (order_id, product_id, quantity, price)
+               select $1, * from unnest($2::int[], $3::int[], $4::numeric[])
+               returning order_item_id, product_id, quantity, price),
+           u as (update orders set total_amount = $5, currency = $6 where order_id = $1)
+           select order_item_id, product_id, quantity, price from i"#,
     )
+    .bind(saga.order_id)
+    .bind(&products)
+    .bind(&quantities)
+    .bind(&prices)
+    .bind(total)
+    .bind(&currency)
     .fetch_all(&mut *conn)
-    .await?;
-    sqlx::query!(
-        "update orders set total_amount = $2, currency = $3 where order_id = $1",
-        saga.order_id,
-        total,
-        currency
-    )
-    .execute(&mut *conn)
     .await?;
     let mut items: Vec<_> = rows
         .into_iter()
-        .map(|r| crate::saga::machine::PersistedItem {
-            order_item_id: r.order_item_id,
-            product_id: r.product_id,
-            quantity: r.quantity,
-            price: r.price,
-        })
+        .map(
+            |(order_item_id, product_id, quantity, price)| crate::saga::machine::PersistedItem {
+                order_item_id,
+                product_id,
+                quantity,
+                price,
+            },
+        )
         .collect();
     items.sort_by_key(|i| i.order_item_id);
     Ok(Persisted::Ok {
@@ -523,6 +518,10 @@ impl Batch {
                 &self.s_step_name,
                 interval(lease)
             )
+            // Planned for each commit with the arrays at hand (the unnamed statement): a plan cached
+            // while the table was small joins by a sequential scan of it, a cost that grows with
+            // every saga ever written (docs/performance.md, finding 8).
+            .persistent(false)
             .execute(&mut *conn)
             .await?;
         }
@@ -697,7 +696,7 @@ pub async fn stage_transition(
     batch.s_finished.push(saga.state.is_finished());
     batch.s_step_name.push(step_name.to_string());
     if finished {
-        batch.notify.push(format!("finished:{}", saga.id));
+        batch.notify.push(format!("finished:{} {worker}", saga.id));
     }
     Ok(())
 }
