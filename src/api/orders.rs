@@ -12,6 +12,7 @@ use utoipa::{IntoParams, ToSchema};
 use crate::api::AppState;
 use crate::api::extract::{ApiJson, AuthUser};
 use crate::error::ApiError;
+use crate::orders::OrderStatus;
 use crate::orders::place::{Placed, place};
 use crate::orders::store::{self, CancelOutcome, OrderView};
 use crate::orders::validate::{CreateOrderBody, idempotency_key_is_valid, validate_lines};
@@ -237,16 +238,23 @@ pub async fn list_orders(
     Ok(Json(OrderPage { items, next_cursor }))
 }
 
-/// Cancels an order before it ships: the compensations run (cancel the shipment, release the
-/// reservation) and the order is `cancelled`. Repeating it answers the same. 409 once shipped.
+/// Cancels an order before it ships. A pending order is cancelled at once (200). A confirmed one
+/// (its shipment exists) is cancelled once the shipper has cancelled the shipment: the request waits
+/// up to `ORDER_WAIT_MS` and answers 200 with the cancelled order, 409 when the shipper refused
+/// (the parcel was picked up; `orderStatus` is the order's status, which stays as it is), or 202
+/// with the order (not cancelled yet) while the shipper has not answered: poll `Location`.
+/// Repeating it answers the same. 409 once shipped.
 #[utoipa::path(post, path = "/orders/{orderID}/cancel", tag = "orders", security(("bearer" = [])),
     params(("orderID" = i32, Path)),
-    responses((status = 200, body = OrderView), (status = 404), (status = 409, description = "too late; `orderStatus` says why")))]
+    responses((status = 200, body = OrderView, description = "cancelled"),
+              (status = 202, body = OrderView, description = "the cancellation is under way; poll Location"),
+              (status = 404),
+              (status = 409, description = "too late (shipped, or the shipper refused to cancel the shipment); `orderStatus` says why")))]
 pub async fn cancel_order(
     State(state): State<AppState>,
     user: AuthUser,
     Path(raw): Path<String>,
-) -> Result<Json<OrderView>, ApiError> {
+) -> Result<Response, ApiError> {
     let not_found = || ApiError::not_found("no such order");
     let id = parse_order_id(&raw).ok_or_else(not_found)?;
     let last_step = state.engine.definition().steps.len() as i32 - 1;
@@ -264,30 +272,72 @@ pub async fn cancel_order(
         CancelOutcome::Cancelled {
             saga_id,
             already: false,
-        } => Some((*saga_id, state.engine.waiter(*saga_id))),
+        }
+        | CancelOutcome::Requested { saga_id } => Some((*saga_id, state.engine.waiter(*saga_id))),
         _ => None,
     };
     tx.commit().await?;
-    match outcome {
+    let requested = match outcome {
         CancelOutcome::NotFound => return Err(not_found()),
-        CancelOutcome::NotCancellable(status) => {
-            return Err(ApiError::conflict(
-                "not-cancellable",
-                format!("the order is {status} and can no longer be cancelled"),
-            )
-            .with("orderStatus", status.as_str()));
-        }
-        CancelOutcome::Cancelled { .. } => {}
-    }
+        CancelOutcome::NotCancellable(status) => return Err(not_cancellable(status)),
+        CancelOutcome::RefusedByShipper(status) => return Err(refused_by_shipper(status)),
+        CancelOutcome::Cancelled { .. } => None,
+        CancelOutcome::Requested { saga_id } => Some(saga_id),
+    };
     if let Some((saga_id, rx)) = waiter {
-        state.engine.nudge();
-        // Give the compensations a chance to finish before answering; they continue regardless.
-        let _ = tokio::time::timeout(state.config.order_wait(), rx).await;
+        let mut conn = state.db.acquire().await?;
+        // A stuck saga (a repeated request) will not finish by itself: no point waiting.
+        let waits = store::saga_state(&mut conn, saga_id)
+            .await?
+            .is_some_and(|s| matches!(s.as_str(), "running" | "compensating"));
+        drop(conn);
+        if waits {
+            state.engine.nudge();
+            // Give the compensations a chance to finish before answering; they continue regardless.
+            let _ = tokio::time::timeout(state.config.order_wait(), rx).await;
+        }
         state.engine.forget_waiters(saga_id);
     }
     let mut conn = state.db.acquire().await?;
-    store::get(&mut conn, id, user.user_id())
+    let view = store::get(&mut conn, id, user.user_id())
         .await?
-        .map(Json)
-        .ok_or_else(not_found)
+        .ok_or_else(not_found)?;
+    let Some(saga_id) = requested else {
+        return Ok(Json(view).into_response());
+    };
+    if view.status == OrderStatus::Cancelled {
+        return Ok(Json(view).into_response());
+    }
+    if store::saga_state(&mut conn, saga_id).await?.as_deref() == Some("completed") {
+        // The saga went back to `completed`: the shipper refused (the parcel was picked up).
+        return Err(refused_by_shipper(view.status));
+    }
+    if !view.status.is_cancellable() {
+        return Err(not_cancellable(view.status));
+    }
+    Ok((
+        StatusCode::ACCEPTED,
+        [
+            (header::LOCATION, location(id)),
+            (header::RETRY_AFTER, HeaderValue::from_static("1")),
+        ],
+        Json(view),
+    )
+        .into_response())
+}
+
+fn not_cancellable(status: OrderStatus) -> ApiError {
+    ApiError::conflict(
+        "not-cancellable",
+        format!("the order is {status} and can no longer be cancelled"),
+    )
+    .with("orderStatus", status.as_str())
+}
+
+fn refused_by_shipper(status: OrderStatus) -> ApiError {
+    ApiError::conflict(
+        "not-cancellable",
+        "the shipper has already picked the order up; it can no longer be cancelled",
+    )
+    .with("orderStatus", status.as_str())
 }

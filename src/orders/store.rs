@@ -9,7 +9,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::orders::OrderStatus;
-use crate::saga::machine::{CLASS_CANCELLED, money, rfc3339};
+use crate::saga::machine::{CLASS_CANCEL_REFUSED, CLASS_CANCELLED, money, rfc3339};
 
 /// One line of an order as clients see it.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -175,8 +175,17 @@ pub enum CancelOutcome {
         /// It was already cancelled before this request.
         already: bool,
     },
+    /// The order's shipment exists (its saga completed): the cancellation is stored as an intent and
+    /// the saga compensates; the order is cancelled only once the shipper cancelled the shipment,
+    /// and stays as it is if the shipper refuses (the parcel was picked up).
+    Requested {
+        /// The saga to wait for.
+        saga_id: Uuid,
+    },
     /// Too late: the order's status does not allow it.
     NotCancellable(OrderStatus),
+    /// Too late: the shipper already refused to cancel the shipment (picked up).
+    RefusedByShipper(OrderStatus),
 }
 
 struct CancelRow {
@@ -185,10 +194,15 @@ struct CancelRow {
     saga_id: Uuid,
     state: String,
     trace_context: Value,
+    failure: Option<Value>,
+    last_error_class: Option<String>,
 }
 
-/// Cancels an order before it ships: the order becomes `cancelled` and its saga compensates (a
-/// running saga at its next step boundary; a completed one from its last step). Idempotent.
+/// Cancels an order before it ships. A pending order becomes `cancelled` at once and its saga
+/// compensates at its next step boundary. A confirmed order (its saga completed, the shipment
+/// exists) keeps its status: the cancellation is stored on the saga, which compensates from its
+/// last step; the order is cancelled when the shipper has cancelled the shipment, and a shipper's
+/// refusal returns the saga to `completed`. Idempotent.
 pub async fn cancel(
     conn: &mut PgConnection,
     order_id: i32,
@@ -211,11 +225,13 @@ pub async fn cancel(
     else {
         return Ok(CancelOutcome::NotFound);
     };
-    let (state, trace_context): (String, Value) =
-        sqlx::query_as("select state, trace_context from sagas where saga_id = $1 for update")
-            .bind(saga_id)
-            .fetch_one(&mut *conn)
-            .await?;
+    let (state, trace_context, failure, last_error_class): (String, Value, Option<Value>, Option<String>) =
+        sqlx::query_as(
+            "select state, trace_context, failure, last_error_class from sagas where saga_id = $1 for update",
+        )
+        .bind(saga_id)
+        .fetch_one(&mut *conn)
+        .await?;
     let (status, owner): (String, i32) =
         sqlx::query_as("select status, user_id from orders where order_id = $1 for update")
             .bind(order_id)
@@ -227,6 +243,8 @@ pub async fn cancel(
         saga_id,
         state,
         trace_context,
+        failure,
+        last_error_class,
     };
     let status = OrderStatus::parse(&row.status).unwrap_or(OrderStatus::Pending);
     if status == OrderStatus::Cancelled {
@@ -238,7 +256,10 @@ pub async fn cancel(
     if !status.is_cancellable() {
         return Ok(CancelOutcome::NotCancellable(status));
     }
-    let failure = json!({"class": CLASS_CANCELLED, "detail": format!("cancelled: {reason}"), "step": "create_shipment"});
+    let intent_pending = row
+        .failure
+        .as_ref()
+        .is_some_and(|f| f["class"] == CLASS_CANCELLED && f["afterCompletion"] == true);
     match row.state.as_str() {
         "running" => {
             sqlx::query!(
@@ -253,6 +274,12 @@ pub async fn cancel(
             .await?;
         }
         "completed" => {
+            if row.last_error_class.as_deref() == Some(CLASS_CANCEL_REFUSED) {
+                // The shipper refused a cancellation before: the parcel is on its way for good.
+                return Ok(CancelOutcome::RefusedByShipper(status));
+            }
+            let failure = json!({"class": CLASS_CANCELLED, "detail": format!("cancelled: {reason}"),
+                                 "step": "create_shipment", "afterCompletion": true});
             sqlx::query!(
                 r#"update sagas set state = 'compensating', step = $2, attempt = 0, next_attempt_at = now(),
                           cancel_requested = $3, failure = $4, lease_owner = null, lease_expires_at = null,
@@ -265,6 +292,15 @@ pub async fn cancel(
             )
             .execute(&mut *conn)
             .await?;
+            sqlx::query!("select pg_notify($1, 'due')", crate::saga::store::CHANNEL)
+                .execute(&mut *conn)
+                .await?;
+            return Ok(CancelOutcome::Requested { saga_id: row.saga_id });
+        }
+        // A cancellation of the completed saga is under way (or stuck, for ops): the order follows
+        // when the shipment is cancelled.
+        "compensating" | "stuck" if intent_pending => {
+            return Ok(CancelOutcome::Requested { saga_id: row.saga_id });
         }
         // Already compensating (or finished compensating): the order just follows.
         _ => {}
@@ -297,6 +333,15 @@ pub async fn cancel(
         saga_id: row.saga_id,
         already: false,
     })
+}
+
+/// The state of an order's saga (after a cancellation's wait: `completed` again means the shipper
+/// refused it).
+pub async fn saga_state(conn: &mut PgConnection, saga_id: Uuid) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar("select state from sagas where saga_id = $1")
+        .bind(saga_id)
+        .fetch_optional(&mut *conn)
+        .await
 }
 
 /// What a saga's row says for an idempotent replay.

@@ -144,6 +144,15 @@ pub struct Failure {
     /// Unavailable products (stock refusals).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unavailable: Option<Vec<Unavailable>>,
+    /// A customer's cancellation of a completed saga (the shipment exists): the order stays as it
+    /// is until `cancel_shipment` succeeds (then `cancel_order` cancels it), and a shipper that
+    /// refuses the cancellation (409: the parcel was picked up) returns the saga to `completed`.
+    #[serde(
+        default,
+        rename = "afterCompletion",
+        skip_serializing_if = "std::ops::Not::not"
+    )]
+    pub after_completion: bool,
 }
 
 impl Failure {
@@ -185,6 +194,9 @@ pub const CLASS_INSUFFICIENT_STOCK: &str = "insufficient_stock";
 pub const CLASS_TOTAL_OVERFLOW: &str = "total_overflow";
 /// Error class of a saga past its deadline.
 pub const CLASS_DEADLINE: &str = "deadline_exceeded";
+/// `lastErrorClass` of a saga back at `completed` because the shipper refused to cancel its
+/// shipment (already picked up): a later cancellation is refused at once.
+pub const CLASS_CANCEL_REFUSED: &str = "cancel_refused";
 
 /// A saga as a worker holds it.
 #[derive(Debug, Clone)]
@@ -365,6 +377,9 @@ pub enum Effect {
     },
     /// An order change.
     Order(OrderChange),
+    /// The shipper refused a customer's cancellation of a completed saga: the saga's stored
+    /// cancellation request is cleared (the saga is `completed` again).
+    ClearCancelRequest,
     /// The saga finished (terminal or stuck): store the answer (if any) and wake waiters.
     Finished {
         /// The answer `POST /orders` gives: `{status, body}`.
@@ -449,6 +464,7 @@ impl Machine<'_> {
                     detail: format!("cancelled: {reason}"),
                     step: self.shapes[last].action.into(),
                     unavailable: None,
+                    after_completion: false,
                 });
                 self.begin_compensation(s, Some(last), now, &mut fx);
                 return fx;
@@ -473,6 +489,7 @@ impl Machine<'_> {
             detail: detail.clone(),
             step: self.shapes[s.step].action.into(),
             unavailable: None,
+            after_completion: false,
         });
         s.last_error = Some(detail);
         s.last_error_class = Some(class.into());
@@ -579,6 +596,27 @@ impl Machine<'_> {
                 ));
                 self.fail_forward(s, a.step, class, detail, unavailable.clone(), false, now, &mut fx);
             }
+            (
+                Outcome::Refused {
+                    class,
+                    detail,
+                    status: Some(409),
+                    ..
+                },
+                Kind::Compensation,
+            ) if a.step + 1 == self.shapes.len()
+                && s.data.shipment.is_some()
+                && s.failure.as_ref().is_some_and(|f| f.after_completion) =>
+            {
+                // The shipper will not cancel the shipment (the parcel was picked up): a customer's
+                // cancellation of a completed saga loses, the order keeps its status.
+                row.outcome = "failed";
+                row.error_class = Some(class.clone());
+                row.error = Some(detail.clone());
+                row.downstream_status = Some(409);
+                fx.push(Effect::History(row));
+                self.refuse_cancellation(s, name, class, detail, &mut fx);
+            }
             (Outcome::Transient { .. }, _) | (Outcome::Refused { .. }, Kind::Compensation) => {
                 let (class, detail, status, retry_after) = match &a.outcome {
                     Outcome::Transient {
@@ -671,6 +709,7 @@ impl Machine<'_> {
             detail: detail.into(),
             step: self.shapes[step].action.into(),
             unavailable,
+            after_completion: false,
         });
         s.last_error = Some(detail.into());
         s.last_error_class = Some(class.into());
@@ -736,6 +775,7 @@ impl Machine<'_> {
             detail: "compensated".into(),
             step: String::new(),
             unavailable: None,
+            after_completion: false,
         });
         let cancelled = failure.class == CLASS_CANCELLED;
         s.state = if cancelled {
@@ -797,6 +837,27 @@ impl Machine<'_> {
             json!({"errorClass": failure.class, "reason": failure.detail}),
         ));
         fx.push(Effect::Finished { answer: Some(answer) });
+    }
+
+    /// A customer's cancellation of a completed saga refused by the shipper: back to `completed`
+    /// with the order as it is (confirmed, or whatever the tracking events made it), no
+    /// `OrderCancelled`; waiters learn it (the cancel answers 409).
+    fn refuse_cancellation(&self, s: &mut Saga, name: &str, class: &str, detail: &str, fx: &mut Vec<Effect>) {
+        let reason = s.failure.as_ref().map(|f| f.detail.clone());
+        s.state = SagaState::Completed;
+        s.step = self.shapes.len();
+        s.attempt = 0;
+        s.next_attempt_at = None;
+        s.failure = None;
+        s.cancel_requested = None;
+        s.last_error = Some(format!("the cancellation was refused by the shipper: {detail}"));
+        s.last_error_class = Some(CLASS_CANCEL_REFUSED.into());
+        fx.push(Effect::ClearCancelRequest);
+        fx.push(saga_event(
+            "CancellationRefused",
+            json!({"step": name, "errorClass": class, "error": detail, "reason": reason}),
+        ));
+        fx.push(Effect::Finished { answer: None });
     }
 
     fn get_stuck(&self, s: &mut Saga, class: &str, why: &str, fx: &mut Vec<Effect>) {
@@ -1192,6 +1253,104 @@ mod tests {
         assert_eq!(s.state, SagaState::Completed);
         m.check_boundary(&mut s, now);
         assert_eq!((s.state, s.step), (SagaState::Compensating, 2));
+    }
+
+    fn cancelling_a_completed_saga() -> Saga {
+        let mut s = saga();
+        s.state = SagaState::Compensating;
+        s.step = 2;
+        s.data.items = Some(vec![]);
+        s.data.shipment = Some(Shipment {
+            shipment_id: "shp".into(),
+            status: "created".into(),
+        });
+        s.cancel_requested = Some("by the customer".into());
+        s.failure = Some(Failure {
+            class: CLASS_CANCELLED.into(),
+            detail: "cancelled: by the customer".into(),
+            step: "create_shipment".into(),
+            unavailable: None,
+            after_completion: true,
+        });
+        s
+    }
+
+    fn picked_up() -> Outcome {
+        Outcome::Refused {
+            class: "http_4xx".into(),
+            detail: "HTTP 409 Conflict: shipment is already picked_up".into(),
+            status: Some(409),
+            unavailable: None,
+        }
+    }
+
+    #[test]
+    fn a_shipper_refusing_a_customer_cancellation_returns_the_saga_to_completed() {
+        let d = def();
+        let m = machine(&d);
+        let now = OffsetDateTime::now_utc();
+        let mut s = cancelling_a_completed_saga();
+        let fx = m.record(&mut s, &attempt(2, Kind::Compensation, 1, picked_up()), now, 0.5);
+        assert_eq!(s.state, SagaState::Completed);
+        assert_eq!(s.step, 3);
+        assert_eq!(s.failure, None);
+        assert_eq!(s.cancel_requested, None);
+        assert_eq!(s.next_attempt_at, None);
+        assert_eq!(s.last_error_class.as_deref(), Some(CLASS_CANCEL_REFUSED));
+        assert_eq!(events(&fx), ["CancellationRefused"]);
+        assert!(fx.contains(&Effect::ClearCancelRequest));
+        assert!(fx.contains(&Effect::Finished { answer: None }));
+        assert!(
+            !fx.iter().any(|e| matches!(e, Effect::Order(_))),
+            "the order keeps its status: {fx:?}"
+        );
+        let row = fx.iter().find_map(|e| match e {
+            Effect::History(h) => Some(h.clone()),
+            _ => None,
+        });
+        assert_eq!(row.unwrap().outcome, "failed");
+        // Nothing more to do, and no boundary check undoes it again.
+        assert!(m.check_boundary(&mut s, now).is_empty());
+        assert_eq!(m.next(&s, now), Next::Done);
+        assert_eq!(m.step_name(&s), "create_shipment");
+    }
+
+    #[test]
+    fn other_compensation_refusals_are_still_retried() {
+        let d = def();
+        let m = machine(&d);
+        let now = OffsetDateTime::now_utc();
+        // A refusal that is not "can no longer be cancelled" (422) is retried.
+        let mut s = cancelling_a_completed_saga();
+        let refused = Outcome::Refused {
+            class: "http_4xx".into(),
+            detail: "422".into(),
+            status: Some(422),
+            unavailable: None,
+        };
+        m.record(&mut s, &attempt(2, Kind::Compensation, 1, refused), now, 0.5);
+        assert_eq!((s.state, s.step), (SagaState::Compensating, 2));
+        // A cancellation while the order was pending (already cancelled for the customer) keeps
+        // compensating: a 409 is retried and, exhausted, leaves the saga stuck for ops.
+        let mut s = cancelling_a_completed_saga();
+        s.failure.as_mut().unwrap().after_completion = false;
+        let fx = m.record(&mut s, &attempt(2, Kind::Compensation, 1, picked_up()), now, 0.5);
+        assert_eq!((s.state, s.step), (SagaState::Compensating, 2));
+        assert_eq!(events(&fx), ["RetryScheduled"]);
+    }
+
+    #[test]
+    fn a_failure_reads_without_the_after_completion_flag() {
+        let f: Failure =
+            serde_json::from_value(json!({"class": "cancelled", "detail": "d", "step": "create_shipment"}))
+                .unwrap();
+        assert!(!f.after_completion);
+        let f: Failure = serde_json::from_value(
+            json!({"class": "cancelled", "detail": "d", "step": "create_shipment", "afterCompletion": true}),
+        )
+        .unwrap();
+        assert!(f.after_completion);
+        assert_eq!(serde_json::to_value(&f).unwrap()["afterCompletion"], true);
     }
 
     #[test]

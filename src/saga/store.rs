@@ -666,6 +666,12 @@ pub async fn stage_transition(
                     &saga.trace,
                 ));
             }
+            Effect::ClearCancelRequest => {
+                sqlx::query("update sagas set cancel_requested = null where saga_id = $1")
+                    .bind(saga.id)
+                    .execute(&mut *conn)
+                    .await?;
+            }
             Effect::Finished { answer: a } => {
                 finished = true;
                 if a.is_some() {

@@ -542,6 +542,8 @@ async fn cancelling_a_confirmed_order_undoes_shipment_and_reservation_once() {
     assert_eq!(c.status(), 200);
     let body: Value = c.json().await.unwrap();
     assert_eq!(body["status"], "cancelled");
+    // Cancelled only once the shipper cancelled the shipment.
+    assert_eq!(app.sim_shipments().await[0]["status"], "cancelled");
     app.eventually_eq(
         &format!("select state from sagas where order_id = {id}"),
         "compensated",
@@ -1001,4 +1003,165 @@ async fn a_cancel_while_the_shipment_is_created_publishes_no_order_confirmed() {
         .unwrap();
     assert_eq!(status, "cancelled");
     assert_eq!(app.sim_shipments().await[0]["status"], "cancelled");
+}
+
+/// Issue 19: a customer cancels a confirmed order whose parcel the shipper has already picked up
+/// (the tracking consumer has not applied `picked_up` yet, so the order still says `confirmed`).
+/// The shipper's refusal wins: 409 with the order's real status, the order is not cancelled, the
+/// saga is `completed` again (not `stuck`), no `OrderCancelled`, the reservation stays, and a
+/// repeated cancel answers the same 409 without asking the shipper again.
+#[tokio::test]
+async fn a_cancel_the_shipper_refuses_after_pick_up_leaves_the_order_as_it_is() {
+    let app = spawn_app().await;
+    app.product(1, 10, "1.00");
+    let (_, token) = app.customer("pickedup@example.com").await;
+    let r = app
+        .place(&token, "k", json!([{"productID": 1, "quantity": 2}]))
+        .await;
+    assert_eq!(r.status(), 201);
+    let body: Value = r.json().await.unwrap();
+    let id = body["orderID"].as_i64().unwrap();
+    let shipment_id = body["shipmentID"].as_str().unwrap().to_string();
+    let adv = app
+        .http
+        .post(format!(
+            "{}/sim/shipments/{shipment_id}/advance",
+            app.shipments_url
+        ))
+        .json(&json!({"status": "picked_up"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(adv.status().is_success());
+
+    let c = app
+        .post_json(&format!("/orders/{id}/cancel"), &json!({}), Some(&token))
+        .await;
+    let p = assert_problem(c, 409).await;
+    assert!(p["type"].as_str().unwrap().ends_with("not-cancellable"), "{p}");
+    assert_eq!(p["orderStatus"], "confirmed");
+    let got: Value = app
+        .get(&format!("/orders/{id}"), Some(&token))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(got["status"], "confirmed");
+    assert_eq!(
+        app.count(&format!(
+            "select count(*) from sagas where order_id = {id} and state = 'completed'
+               and failure is null and cancel_requested is null and finished_at is not null"
+        ))
+        .await,
+        1,
+        "the saga is completed again"
+    );
+    assert_eq!(
+        app.count("select count(*) from outbox where event_type = 'OrderCancelled'")
+            .await,
+        0
+    );
+    assert_eq!(
+        app.count("select count(*) from outbox where event_type = 'CancellationRefused'")
+            .await,
+        1
+    );
+    assert_eq!(
+        app.count(
+            "select count(*) from saga_steps where step = 'cancel_shipment' and outcome = 'failed'
+               and downstream_status = 409"
+        )
+        .await,
+        1
+    );
+    assert_eq!(app.reservations().await[0]["status"], "active");
+    assert_eq!(app.sim_shipments().await[0]["status"], "picked_up");
+    assert_eq!(app.sim_get(&app.catalog_url, "/sim/products/1").await["stock"], 8);
+
+    // Again: the same 409 at once, the shipper is not asked again.
+    let again = app
+        .post_json(&format!("/orders/{id}/cancel"), &json!({}), Some(&token))
+        .await;
+    let p = assert_problem(again, 409).await;
+    assert_eq!(p["orderStatus"], "confirmed");
+    assert_eq!(
+        app.count("select count(*) from saga_steps where step = 'cancel_shipment'")
+            .await,
+        1
+    );
+    // Once the tracking consumer applied the pick-up, the usual "shipped" refusal.
+    sqlx::query("update orders set status = 'shipped' where order_id = $1")
+        .bind(id as i32)
+        .execute(&app.db)
+        .await
+        .unwrap();
+    let late = app
+        .post_json(&format!("/orders/{id}/cancel"), &json!({}), Some(&token))
+        .await;
+    assert_eq!(assert_problem(late, 409).await["orderStatus"], "shipped");
+}
+
+/// Issue 19: a cancel of a confirmed order whose shipper is slow to cancel the shipment answers 202
+/// with the order as it is (still `confirmed`) and `Location`; the cancellation converges later:
+/// the order ends `cancelled`, the shipment cancelled, the reservation released, one
+/// `OrderCancelled`; later cancels answer 200.
+#[tokio::test]
+async fn a_cancel_the_shipper_answers_late_is_accepted_and_converges() {
+    let app = spawn_app_with(AppOptions {
+        flags: vec!["--order-wait-ms", "1000"],
+        ..Default::default()
+    })
+    .await;
+    app.product(1, 10, "1.00");
+    let (_, token) = app.customer("slowcancel@example.com").await;
+    let r = app
+        .place(&token, "k", json!([{"productID": 1, "quantity": 3}]))
+        .await;
+    assert_eq!(r.status(), 201);
+    let id = r.json::<Value>().await.unwrap()["orderID"].as_i64().unwrap();
+    // The shipper answers the next cancels 503 (Retry-After: 1 s): longer than the wait.
+    app.shipment_faults(json!({"failNext": 3, "endpoint": "cancel"}))
+        .await;
+
+    let c = app
+        .post_json(&format!("/orders/{id}/cancel"), &json!({}), Some(&token))
+        .await;
+    assert_eq!(c.status(), 202);
+    assert_eq!(c.headers()["location"].to_str().unwrap(), format!("/orders/{id}"));
+    let body: Value = c.json().await.unwrap();
+    assert_eq!(
+        body["status"], "confirmed",
+        "not cancelled before the shipper said so"
+    );
+    assert_eq!(app.reservations().await[0]["status"], "active");
+
+    app.eventually_eq(
+        &format!("select state from sagas where order_id = {id}"),
+        "compensated",
+        20,
+    )
+    .await;
+    let got: Value = app
+        .get(&format!("/orders/{id}"), Some(&token))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(got["status"], "cancelled");
+    assert_eq!(app.sim_shipments().await[0]["status"], "cancelled");
+    assert_eq!(app.reservations().await[0]["status"], "released");
+    assert_eq!(
+        app.sim_get(&app.catalog_url, "/sim/products/1").await["stock"],
+        10
+    );
+    let again = app
+        .post_json(&format!("/orders/{id}/cancel"), &json!({}), Some(&token))
+        .await;
+    assert_eq!(again.status(), 200);
+    assert_eq!(again.json::<Value>().await.unwrap()["status"], "cancelled");
+    assert_eq!(
+        app.count("select count(*) from outbox where event_type = 'OrderCancelled'")
+            .await,
+        1
+    );
 }

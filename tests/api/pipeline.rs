@@ -307,3 +307,75 @@ async fn a_row_kafka_refuses_is_set_aside_and_every_other_event_is_still_publish
     )
     .await;
 }
+
+/// Issue 19, end to end: a customer cancels just as the shipper picks the parcel up. Whichever wins
+/// the race to the order (the cancel asking the shipper, or the tracking consumer applying
+/// `picked_up`), the answer is 409 and the order is never `cancelled`: the tracking consumer moves
+/// it to `shipped` and `delivered`, the saga stays (or is back) `completed`, never `stuck`, and no
+/// `OrderCancelled` is published.
+#[tokio::test]
+async fn a_cancel_racing_the_pick_up_is_refused_and_the_order_keeps_travelling() {
+    let app = spawn_app_with(AppOptions {
+        kafka: true,
+        ..Default::default()
+    })
+    .await;
+    app.product(1, 10, "4.00");
+    let (_, token) = app.customer("race@example.com").await;
+    let r = app
+        .place(&token, "k", json!([{"productID": 1, "quantity": 1}]))
+        .await;
+    assert_eq!(r.status(), 201);
+    let body: Value = r.json().await.unwrap();
+    let id = body["orderID"].as_i64().unwrap();
+    let shipment = body["shipmentID"].as_str().unwrap().to_string();
+    let advance = |status: &'static str| {
+        let (http, url) = (
+            app.http.clone(),
+            format!("{}/sim/shipments/{shipment}/advance", app.shipments_url),
+        );
+        async move {
+            let r = http
+                .post(url)
+                .json(&json!({"status": status}))
+                .send()
+                .await
+                .unwrap();
+            assert!(r.status().is_success());
+        }
+    };
+    advance("picked_up").await;
+    let c = app
+        .post_json(&format!("/orders/{id}/cancel"), &json!({}), Some(&token))
+        .await;
+    let p = crate::helpers::assert_problem(c, 409).await;
+    assert!(
+        matches!(p["orderStatus"].as_str(), Some("confirmed" | "shipped")),
+        "{p}"
+    );
+    app.eventually_eq(
+        &format!("select status from orders where order_id = {id}"),
+        "shipped",
+        30,
+    )
+    .await;
+    advance("delivered").await;
+    app.eventually_eq(
+        &format!("select status from orders where order_id = {id}"),
+        "delivered",
+        30,
+    )
+    .await;
+    app.eventually_eq(
+        &format!("select state from sagas where order_id = {id}"),
+        "completed",
+        10,
+    )
+    .await;
+    assert_eq!(
+        app.count("select count(*) from outbox where event_type = 'OrderCancelled'")
+            .await,
+        0
+    );
+    assert_eq!(app.reservations().await[0]["status"], "active");
+}
