@@ -148,36 +148,65 @@ impl NewEvent {
     }
 }
 
+/// Events as the columns of `outbox`, one array each, for an `insert … select … from unnest(…)`.
+#[derive(Default)]
+pub struct Columns {
+    /// Topics.
+    pub topics: Vec<String>,
+    /// Message keys (the orderID).
+    pub keys: Vec<String>,
+    /// Event ids.
+    pub ids: Vec<Uuid>,
+    /// Event types.
+    pub types: Vec<String>,
+    /// Envelopes as JSON text.
+    pub payloads: Vec<String>,
+    /// Kafka headers.
+    pub headers: Vec<Value>,
+}
+
+impl Columns {
+    /// The columns of `events`.
+    pub fn of(events: &[NewEvent]) -> Columns {
+        let mut c = Columns {
+            topics: Vec::with_capacity(events.len()),
+            keys: Vec::with_capacity(events.len()),
+            ids: Vec::with_capacity(events.len()),
+            types: Vec::with_capacity(events.len()),
+            payloads: Vec::with_capacity(events.len()),
+            headers: Vec::with_capacity(events.len()),
+        };
+        for e in events {
+            c.topics.push(e.topic.clone());
+            c.keys.push(e.envelope.order_id.to_string());
+            c.ids.push(e.envelope.event_id);
+            c.types.push(e.envelope.event_type.clone());
+            // The envelope's text goes in as is (`payload` is `json`: the relay reads back these
+            // bytes).
+            c.payloads
+                .push(serde_json::to_string(&e.envelope).unwrap_or_else(|_| "null".into()));
+            c.headers.push(e.headers());
+        }
+        c
+    }
+}
+
 /// Writes events in the caller's transaction (one statement for all of them).
 pub async fn enqueue(conn: &mut PgConnection, events: &[NewEvent]) -> Result<(), sqlx::Error> {
     if events.is_empty() {
         return Ok(());
     }
-    let mut topics = Vec::with_capacity(events.len());
-    let mut keys = Vec::with_capacity(events.len());
-    let mut ids = Vec::with_capacity(events.len());
-    let mut types = Vec::with_capacity(events.len());
-    let mut payloads = Vec::with_capacity(events.len());
-    let mut headers = Vec::with_capacity(events.len());
-    for e in events {
-        topics.push(e.topic.clone());
-        keys.push(e.envelope.order_id.to_string());
-        ids.push(e.envelope.event_id);
-        types.push(e.envelope.event_type.clone());
-        // The envelope's text goes in as is (`payload` is `json`: the relay reads back these bytes).
-        payloads.push(serde_json::to_string(&e.envelope).unwrap_or_else(|_| "null".into()));
-        headers.push(e.headers());
-    }
+    let c = Columns::of(events);
     sqlx::query!(
         r#"insert into outbox (topic, message_key, event_id, event_type, payload, headers)
            select t, k, i, e, p::json, h
              from unnest($1::text[], $2::text[], $3::uuid[], $4::text[], $5::text[], $6::jsonb[]) as u(t, k, i, e, p, h)"#,
-        &topics,
-        &keys,
-        &ids,
-        &types,
-        &payloads,
-        &headers
+        &c.topics,
+        &c.keys,
+        &c.ids,
+        &c.types,
+        &c.payloads,
+        &c.headers
     )
     .execute(conn)
     .await?;

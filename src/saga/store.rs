@@ -466,27 +466,6 @@ pub struct Batch {
 impl Batch {
     /// Writes everything staged (history, saga rows, outbox, NOTIFY) in `conn`'s transaction.
     pub async fn flush(&mut self, conn: &mut PgConnection, lease: Duration) -> Result<(), sqlx::Error> {
-        if !self.h_saga.is_empty() {
-            sqlx::query!(
-                r#"insert into saga_steps (saga_id, step, kind, attempt, started_at, outcome, error_class, error,
-                                           idempotency_key, downstream_status, worker)
-                   select * from unnest($1::uuid[], $2::text[], $3::text[], $4::int[], $5::timestamptz[], $6::text[],
-                                        $7::text[], $8::text[], $9::text[], $10::int[], $11::text[])"#,
-                &self.h_saga,
-                &self.h_step,
-                &self.h_kind,
-                &self.h_attempt,
-                &self.h_started,
-                &self.h_outcome,
-                &self.h_class as &[Option<String>],
-                &self.h_error as &[Option<String>],
-                &self.h_key as &[Option<String>],
-                &self.h_status as &[Option<i32>],
-                &self.h_worker
-            )
-            .execute(&mut *conn)
-            .await?;
-        }
         if !self.s_id.is_empty() {
             sqlx::query!(
                 r#"update sagas s
@@ -525,16 +504,46 @@ impl Batch {
             .execute(&mut *conn)
             .await?;
         }
-        outbox::enqueue(conn, &self.events).await?;
-        if !self.notify.is_empty() {
-            sqlx::query!(
-                "select pg_notify($1, p) from unnest($2::text[]) p",
-                CHANNEL,
-                &self.notify
-            )
-            .execute(&mut *conn)
-            .await?;
+        // History, outbox and wake-ups in one statement (one round trip); each part is empty-safe.
+        if self.h_saga.is_empty() && self.events.is_empty() && self.notify.is_empty() {
+            *self = Batch::default();
+            return Ok(());
         }
+        let c = outbox::Columns::of(&self.events);
+        sqlx::query(
+            r#"with h as (
+                   insert into saga_steps (saga_id, step, kind, attempt, started_at, outcome, error_class, error,
+                                           idempotency_key, downstream_status, worker)
+                   select * from unnest($1::uuid[], $2::text[], $3::text[], $4::int[], $5::timestamptz[], $6::text[],
+                                        $7::text[], $8::text[], $9::text[], $10::int[], $11::text[])),
+               o as (
+                   insert into outbox (topic, message_key, event_id, event_type, payload, headers)
+                   select t, k, i, e, p::json, h
+                     from unnest($12::text[], $13::text[], $14::uuid[], $15::text[], $16::text[], $17::jsonb[])
+                          as u(t, k, i, e, p, h))
+               select count(pg_notify($18, n)) from unnest($19::text[]) n"#,
+        )
+        .bind(&self.h_saga)
+        .bind(&self.h_step)
+        .bind(&self.h_kind)
+        .bind(&self.h_attempt)
+        .bind(&self.h_started)
+        .bind(&self.h_outcome)
+        .bind(&self.h_class)
+        .bind(&self.h_error)
+        .bind(&self.h_key)
+        .bind(&self.h_status)
+        .bind(&self.h_worker)
+        .bind(&c.topics)
+        .bind(&c.keys)
+        .bind(&c.ids)
+        .bind(&c.types)
+        .bind(&c.payloads)
+        .bind(&c.headers)
+        .bind(CHANNEL)
+        .bind(&self.notify)
+        .execute(&mut *conn)
+        .await?;
         *self = Batch::default();
         Ok(())
     }
