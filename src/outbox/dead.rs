@@ -203,8 +203,9 @@ pub enum Replayed {
 pub async fn replay(pool: &PgPool, id: i64) -> Result<Option<Replayed>, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let Some(row) = sqlx::query(
-        "select topic, message_key, event_id, event_type, payload, headers
-         from outbox_dead_letters where id = $1 for update",
+        "select topic, message_key, event_id, event_type, payload, headers,
+                (select o.id from outbox o where o.id = d.replayed_as) as queued
+         from outbox_dead_letters d where id = $1 for update",
     )
     .bind(id)
     .fetch_optional(&mut *tx)
@@ -212,31 +213,28 @@ pub async fn replay(pool: &PgPool, id: i64) -> Result<Option<Replayed>, sqlx::Er
     else {
         return Ok(None);
     };
-    let event_id: uuid::Uuid = row.try_get("event_id")?;
-    let inserted: Option<i64> = sqlx::query_scalar(
+    // The copy an earlier replay queued, while it is still in the outbox (the row lock above
+    // serialises replays of one dead letter).
+    if let Some(queued) = row.try_get::<Option<i64>, _>("queued")? {
+        tx.commit().await?;
+        return Ok(Some(Replayed::AlreadyQueued(queued)));
+    }
+    let new_id: i64 = sqlx::query_scalar(
         "insert into outbox (topic, message_key, event_id, event_type, payload, headers)
-         values ($1, $2, $3, $4, $5, $6) on conflict (event_id) do nothing returning id",
+         values ($1, $2, $3, $4, $5, $6) returning id",
     )
     .bind(row.try_get::<String, _>("topic")?)
     .bind(row.try_get::<String, _>("message_key")?)
-    .bind(event_id)
+    .bind(row.try_get::<uuid::Uuid, _>("event_id")?)
     .bind(row.try_get::<String, _>("event_type")?)
     .bind(row.try_get::<Value, _>("payload")?)
     .bind(row.try_get::<Value, _>("headers")?)
-    .fetch_optional(&mut *tx)
+    .fetch_one(&mut *tx)
     .await?;
-    let outcome = match inserted {
-        Some(new_id) => Replayed::Queued(new_id),
-        None => {
-            let existing: i64 = sqlx::query_scalar("select id from outbox where event_id = $1")
-                .bind(event_id)
-                .fetch_one(&mut *tx)
-                .await?;
-            Replayed::AlreadyQueued(existing)
-        }
-    };
-    sqlx::query("update outbox_dead_letters set replayed_at = now() where id = $1")
+    let outcome = Replayed::Queued(new_id);
+    sqlx::query("update outbox_dead_letters set replayed_at = now(), replayed_as = $2 where id = $1")
         .bind(id)
+        .bind(new_id)
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;

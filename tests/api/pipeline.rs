@@ -8,7 +8,7 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Headers;
 use serde_json::{Value, json};
 
-use crate::helpers::{AppOptions, spawn_app_with};
+use crate::helpers::{AppOptions, spawn_app, spawn_app_with};
 
 /// Reads every message of a topic from the beginning until `pred` holds (or panics after `secs`).
 async fn read_until(
@@ -378,4 +378,44 @@ async fn a_cancel_racing_the_pick_up_is_refused_and_the_order_keeps_travelling()
         0
     );
     assert_eq!(app.reservations().await[0]["status"], "active");
+}
+
+/// Replaying a dead letter twice queues one copy: the second replay finds the first copy still in
+/// the outbox (by the id it remembered) and does nothing more; once that copy is gone, a replay
+/// queues a new one.
+#[tokio::test]
+async fn a_dead_letter_replayed_twice_is_queued_once() {
+    let app = spawn_app().await;
+    let id: i64 = sqlx::query_scalar(
+        "insert into outbox_dead_letters (id, topic, message_key, event_id, event_type, payload, headers, created_at, error)
+         values (-1, 'orders.events', '7', gen_random_uuid(), 'Huge', '{\"x\": 1}', '{}', now(), 'too large')
+         returning id",
+    )
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    let first = ostore_orders::outbox::dead::replay(&app.db, id).await.unwrap();
+    let Some(ostore_orders::outbox::dead::Replayed::Queued(copy)) = first else {
+        panic!("first replay: {first:?}");
+    };
+    let second = ostore_orders::outbox::dead::replay(&app.db, id).await.unwrap();
+    assert_eq!(
+        second,
+        Some(ostore_orders::outbox::dead::Replayed::AlreadyQueued(copy))
+    );
+    assert_eq!(
+        app.count("select count(*) from outbox where event_type = 'Huge'")
+            .await,
+        1
+    );
+    sqlx::query("delete from outbox where id = $1")
+        .bind(copy)
+        .execute(&app.db)
+        .await
+        .unwrap();
+    let third = ostore_orders::outbox::dead::replay(&app.db, id).await.unwrap();
+    assert!(
+        matches!(third, Some(ostore_orders::outbox::dead::Replayed::Queued(n)) if n != copy),
+        "{third:?}"
+    );
 }
