@@ -193,6 +193,8 @@ pub async fn run(
             }
         });
         tracker.spawn(housekeeping(state.clone(), shutdown.clone()));
+        let (revocations, db, t) = (state.auth.revocations.clone(), state.db.clone(), shutdown.clone());
+        tracker.spawn(async move { revocations.run(db, t).await });
         tracker.spawn(crate::metrics::refresh_gauges(
             state.db.clone(),
             Duration::from_secs(15),

@@ -148,7 +148,9 @@ pub async fn refresh(
                 expires_in: state.auth.access_ttl.as_secs(),
             }))
         }
-        RefreshOutcome::Reused => {
+        RefreshOutcome::Reused { family_id } => {
+            // At once on this instance (others learn it from the NOTIFY of the commit).
+            state.auth.revocations.remember_family(family_id);
             tracing::warn!("a spent refresh token was presented again; its family is revoked");
             Err(invalid())
         }
@@ -168,6 +170,9 @@ pub async fn logout(
     tokens::revoke_family(&mut tx, claims.fam, "logout").await?;
     tokens::deny_access_token(&mut tx, claims.jti, exp).await?;
     tx.commit().await?;
+    // At once on this instance (others learn it from the NOTIFY of the commit).
+    state.auth.revocations.remember_family(claims.fam);
+    state.auth.revocations.remember_jti(claims.jti);
     Ok(Json(LoggedOut { status: "logged out" }))
 }
 

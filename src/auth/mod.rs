@@ -5,6 +5,7 @@
 
 pub mod limiter;
 pub mod password;
+pub mod revocations;
 pub mod tokens;
 pub mod users;
 
@@ -119,6 +120,8 @@ pub struct AuthService {
     pub hasher: PasswordHasher,
     /// Login rate limits.
     pub limiter: LoginLimiter,
+    /// Revoked tokens and families in memory ([`revocations`]).
+    pub revocations: std::sync::Arc<revocations::Revocations>,
 }
 
 impl AuthService {
@@ -142,6 +145,7 @@ impl AuthService {
             refresh_ttl: Duration::from_secs(cfg.refresh_token_ttl_seconds),
             hasher: PasswordHasher::new(std::thread::available_parallelism().map_or(2, |n| n.get())),
             limiter: LoginLimiter::new(cfg.login_limit_per_account, cfg.login_limit_per_address),
+            revocations: Default::default(),
         }
     }
 
@@ -189,8 +193,12 @@ impl AuthService {
         Ok(claims)
     }
 
-    /// Whether the token was denied by logout or its refresh family revoked.
+    /// Whether the token was denied by logout or its refresh family revoked: from memory while the
+    /// revocation cache is current, else from the database.
     pub async fn is_revoked(&self, db: &PgPool, claims: &Claims) -> Result<bool, sqlx::Error> {
+        if self.revocations.is_current() {
+            return Ok(self.revocations.contains(claims.jti, claims.fam));
+        }
         let mut conn = db.acquire().await?;
         tokens::is_access_token_revoked(&mut conn, claims.jti, claims.fam).await
     }

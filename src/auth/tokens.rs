@@ -69,7 +69,10 @@ pub enum RefreshOutcome {
     /// The token was live; it is now used and `next` is stored in its family.
     Rotated(Rotated),
     /// The token had been used before: its family is now revoked.
-    Reused,
+    Reused {
+        /// The revoked family.
+        family_id: Uuid,
+    },
     /// Unknown, expired, or of a revoked family.
     Invalid,
 }
@@ -124,7 +127,9 @@ pub async fn rotate(
     match used {
         Some(u) => {
             revoke_family(conn, u.family_id, "refresh token reused").await?;
-            Ok(RefreshOutcome::Reused)
+            Ok(RefreshOutcome::Reused {
+                family_id: u.family_id,
+            })
         }
         None => Ok(RefreshOutcome::Invalid),
     }

@@ -643,6 +643,9 @@ impl Plan {
                 &statuses,
                 &reasons
             )
+            // Planned for each batch (the unnamed statement): a generic plan made while `orders`
+            // was small joins by scanning it whole (docs/performance.md, finding 8).
+            .persistent(false)
             .execute(&mut *conn)
             .await?;
         }

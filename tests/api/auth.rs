@@ -537,3 +537,89 @@ async fn spent_refresh_families_are_purged_and_live_ones_kept() {
         0
     );
 }
+
+/// A revocation written by another instance (or an operator's SQL) reaches this instance's
+/// in-memory revocation check through its NOTIFY: the token stops working within moments, without
+/// this instance having done anything.
+#[tokio::test]
+async fn a_family_revoked_elsewhere_stops_its_access_tokens_here() {
+    let app = spawn_app().await;
+    let (user_id, token) = app.customer("elsewhere@example.com").await;
+    assert_eq!(app.get("/me", Some(&token)).await.status(), 200);
+    sqlx::query("update refresh_families set revoked_at = now(), revoked_reason = 'test' where user_id = $1")
+        .bind(user_id)
+        .execute(&app.db)
+        .await
+        .unwrap();
+    let mut status = 200;
+    for _ in 0..50 {
+        status = app.get("/me", Some(&token)).await.status().as_u16();
+        if status == 401 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        status, 401,
+        "a token of a family revoked in the database is refused"
+    );
+    // And a new login (a new family) works.
+    let (fresh, _) = app.login("elsewhere@example.com", "password-123").await;
+    assert_eq!(app.get("/me", Some(&fresh)).await.status(), 200);
+}
+
+/// The in-memory revocation sets follow the database: once current, a family revoked and an access
+/// token denied by SQL (as another instance writes them) are in the sets within moments.
+#[tokio::test]
+async fn the_revocation_cache_follows_revocations_written_in_the_database() {
+    use ostore_orders::auth::revocations::Revocations;
+    let app = spawn_app().await;
+    let (user_id, _) = app.customer("cache@example.com").await;
+    let family: uuid::Uuid = sqlx::query_scalar("select family_id from refresh_families where user_id = $1")
+        .bind(user_id)
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    let cache = std::sync::Arc::new(Revocations::default());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn({
+        let (cache, db, stop) = (cache.clone(), app.db.clone(), stop.clone());
+        async move { cache.run(db, stop).await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cache.is_current() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(cache.is_current(), "the cache became current");
+    let jti = uuid::Uuid::new_v4();
+    assert!(!cache.contains(jti, family));
+    sqlx::query(
+        "update refresh_families set revoked_at = now(), revoked_reason = 'test' where family_id = $1",
+    )
+    .bind(family)
+    .execute(&app.db)
+    .await
+    .unwrap();
+    sqlx::query("insert into denied_access_tokens (jti, expires_at) values ($1, now() + interval '1 hour')")
+        .bind(jti)
+        .execute(&app.db)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !(cache.contains(uuid::Uuid::new_v4(), family) && cache.contains(jti, uuid::Uuid::new_v4()))
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        cache.contains(uuid::Uuid::new_v4(), family),
+        "the revoked family is known"
+    );
+    assert!(
+        cache.contains(jti, uuid::Uuid::new_v4()),
+        "the denied token is known"
+    );
+    stop.cancel();
+    task.await.unwrap();
+    assert!(!cache.is_current(), "a stopped cache is not trusted");
+}

@@ -315,6 +315,10 @@ pub async fn spawn_app_with(opts: AppOptions<'_>) -> TestApp {
         let (p, s, t) = (pool.clone(), shutdown.clone(), topics.clone());
         tokio::spawn(async move { ostore_orders::tracking::run(p, consumer, &b, &t, s).await });
     }
+    // The revocation cache, as the API role runs it (requests check the database until it is
+    // current).
+    let (revocations, p, s) = (state.auth.revocations.clone(), pool.clone(), shutdown.clone());
+    tokio::spawn(async move { revocations.run(p, s).await });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(ostore_orders::app::serve_api(listener, state, shutdown.clone()));
