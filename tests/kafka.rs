@@ -896,6 +896,47 @@ async fn published_rows_past_retention_are_deleted_and_pending_rows_kept() {
     assert!(backlog.oldest_pending_age_seconds.is_some());
 }
 
+/// The retention cleanup reads the oldest rows a chunk at a time and stops at the first chunk
+/// whose newest row has not expired: expired rows across several chunks all go, and the cost of a
+/// cleanup with nothing to delete is one chunk, not the table.
+#[tokio::test]
+async fn the_retention_cleanup_goes_chunk_by_chunk_from_the_oldest_and_stops_at_young_rows() {
+    let db = TestDb::new().await;
+    let pool = db.pool_of(4).await;
+    let t = topics();
+    for i in 0..7 {
+        write_event(&pool, &t.order_events, "OrderCreated", i, &HashMap::new()).await;
+    }
+    // The five oldest published two hours ago, the sixth just now, the seventh pending.
+    sqlx::query(
+        "update outbox set published_at = now() - interval '2 hours' where id in (select id from outbox order by id limit 5)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "update outbox set published_at = now() where id = (select id from outbox order by id offset 5 limit 1)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    assert_eq!(
+        relay::delete_expired_by(&mut conn, Duration::from_secs(3600), 2)
+            .await
+            .unwrap(),
+        5,
+        "three chunks: two expired, two expired, one expired and one young"
+    );
+    assert_eq!(count(&pool, "select count(*) from outbox").await, 2);
+    assert_eq!(
+        relay::delete_expired_by(&mut conn, Duration::from_secs(3600), 2)
+            .await
+            .unwrap(),
+        0
+    );
+}
+
 #[tokio::test]
 async fn with_zero_retention_acknowledged_rows_are_deleted_and_still_counted() {
     let db = TestDb::new().await;

@@ -221,14 +221,10 @@ async fn script(pool: &PgPool) -> anyhow::Result<String> {
     writeln!(s, "\\set uid random({min_uid}, {max_uid})")?;
     // Commit 1: create.
     s.push_str("BEGIN;\n");
+    // One statement, as `saga::store::create`: the key, the placeholder order and the saga.
     writeln!(
         s,
-        "insert into idempotency_keys (user_id, key, request_hash, saga_id, order_id) values (:uid, 'pgbench-' || gen_random_uuid(), decode('{hex}', 'hex'), gen_random_uuid(), nextval('orders_order_id_seq')::int) on conflict (user_id, key) do nothing returning order_id, saga_id \\gset"
-    )?;
-    s.push_str("insert into orders (order_id, user_id, status, saga_id) values (:order_id, :uid, 'pending', :saga_id) returning order_date \\gset\n");
-    writeln!(
-        s,
-        "insert into sagas (saga_id, saga_type, definition_version, order_id, user_id, state, step, attempt, next_attempt_at, lease_owner, lease_expires_at, fence, input, trace_context, deadline_at, created_at, step_name) values (:saga_id, 'create_order', 1, :order_id, :uid, 'running', 0, 0, :order_date, 'bench-worker', case when 'bench-worker'::text is not null then now() + interval '30 seconds' end, 1, {}::jsonb, {}::jsonb, :order_date::timestamptz + interval '15 minutes', :order_date, 'reserve_inventory');",
+        "with k as (insert into idempotency_keys (user_id, key, request_hash, saga_id, order_id) values (:uid, 'pgbench-' || gen_random_uuid(), decode('{hex}', 'hex'), gen_random_uuid(), nextval('orders_order_id_seq')::int) on conflict (user_id, key) do nothing returning order_id, saga_id), o as (insert into orders (order_id, user_id, status, saga_id) select order_id, :uid, 'pending', saga_id from k returning order_id, order_date, saga_id), s as (insert into sagas (saga_id, saga_type, definition_version, order_id, user_id, state, step, attempt, next_attempt_at, lease_owner, lease_expires_at, fence, input, trace_context, deadline_at, created_at, step_name) select o.saga_id, 'create_order', 1, o.order_id, :uid, 'running', 0, 0, o.order_date, 'bench-worker', case when 'bench-worker'::text is not null then now() + interval '30 seconds' end, 1, {}::jsonb, {}::jsonb, o.order_date + interval '15 minutes', o.order_date, 'reserve_inventory' from o) select order_id, saga_id, order_date from o \\gset",
         lit(&input),
         lit(&trace)
     )?;
@@ -237,13 +233,10 @@ async fn script(pool: &PgPool) -> anyhow::Result<String> {
     // Commit 2: the reservation's outcome and persist_order.
     s.push_str("BEGIN;\n");
     s.push_str(lock);
+    // One statement, as `saga::store::persist_order`: the lines and the total.
     writeln!(
         s,
-        "insert into order_items (order_id, product_id, quantity, price) select :order_id::int, * from unnest('{{{products}}}'::int[], '{{{quantities}}}'::int[], '{{{prices}}}'::numeric[]) returning order_item_id, product_id, quantity, price;"
-    )?;
-    writeln!(
-        s,
-        "update orders set total_amount = {total}, currency = {} where order_id = :order_id;",
+        "with i as (insert into order_items (order_id, product_id, quantity, price) select :order_id::int, * from unnest('{{{products}}}'::int[], '{{{quantities}}}'::int[], '{{{prices}}}'::numeric[]) returning order_item_id, product_id, quantity, price), u as (update orders set total_amount = {total}, currency = {} where order_id = :order_id) select * from i;",
         lit(&currency)
     )?;
     s.push_str(&steps_insert(&st(1)));

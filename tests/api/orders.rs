@@ -843,12 +843,12 @@ async fn a_shipment_whose_answer_was_lost_is_found_and_cancelled_by_the_compensa
 async fn a_retry_after_the_first_request_was_dropped_gets_202_not_409() {
     let app = spawn_app_with(AppOptions {
         // A wait long enough that the early retry lands inside it on a loaded machine.
-        flags: vec!["--order-wait-ms", "1500"],
+        flags: vec!["--order-wait-ms", "5000"],
         ..Default::default()
     })
     .await;
     app.product(1, 10, "1.00");
-    app.catalog_faults(json!({"latencyMs": 8000, "endpoint": "reserve"}))
+    app.catalog_faults(json!({"latencyMs": 15000, "endpoint": "reserve"}))
         .await;
     let (_, token) = app.customer("dropped@example.com").await;
     let impatient = reqwest::Client::builder()
@@ -869,7 +869,7 @@ async fn a_retry_after_the_first_request_was_dropped_gets_202_not_409() {
         .await;
     assert_eq!(early.status(), 409);
     // ...after it, the retry answers in its place, while the saga still runs.
-    tokio::time::sleep(Duration::from_millis(2800)).await;
+    tokio::time::sleep(Duration::from_millis(6500)).await;
     let r = app
         .place(&token, "gone", json!([{"productID": 1, "quantity": 1}]))
         .await;
