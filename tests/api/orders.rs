@@ -2,7 +2,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::helpers::{AppOptions, assert_problem, spawn_app, spawn_app_with};
+use crate::helpers::{AppOptions, TestApp, assert_problem, spawn_app, spawn_app_with};
 
 #[tokio::test]
 async fn an_order_completes_with_catalog_prices_and_a_shipment() {
@@ -550,23 +550,8 @@ async fn cancelling_a_confirmed_order_undoes_shipment_and_reservation_once() {
         10,
     )
     .await;
-    assert_eq!(app.reservations().await[0]["status"], "released");
-    assert_eq!(app.sim_shipments().await[0]["status"], "cancelled");
-    assert_eq!(
-        app.sim_get(&app.catalog_url, "/sim/products/1").await["stock"],
-        10
-    );
-    // Again: the same 200, no second effect.
-    let again = app
-        .post_json(&format!("/orders/{id}/cancel"), &json!({}), Some(&token))
-        .await;
-    assert_eq!(again.status(), 200);
-    assert_eq!(again.json::<Value>().await.unwrap()["status"], "cancelled");
-    assert_eq!(
-        app.count("select count(*) from outbox where event_type = 'OrderCancelled'")
-            .await,
-        1
-    );
+    // Undone once: shipment cancelled, reservation released, stock back; a repeat answers the same.
+    assert_cancel_undone_once(&app, &token, id).await;
     let comp: i64 = app
         .count("select count(*) from saga_steps where kind = 'compensation' and outcome = 'succeeded'")
         .await;
@@ -1149,6 +1134,14 @@ async fn a_cancel_the_shipper_answers_late_is_accepted_and_converges() {
         .await
         .unwrap();
     assert_eq!(got["status"], "cancelled");
+    // Undone once: shipment cancelled, reservation released, stock back; a repeat answers the same.
+    assert_cancel_undone_once(&app, &token, id).await;
+}
+
+/// After a confirmed order's cancel went through: its shipment is cancelled, its reservation
+/// released and product 1's stock back to 10; cancelling again answers the same 200 and publishes
+/// no second `OrderCancelled`.
+async fn assert_cancel_undone_once(app: &TestApp, token: &str, id: i64) {
     assert_eq!(app.sim_shipments().await[0]["status"], "cancelled");
     assert_eq!(app.reservations().await[0]["status"], "released");
     assert_eq!(
@@ -1156,7 +1149,7 @@ async fn a_cancel_the_shipper_answers_late_is_accepted_and_converges() {
         10
     );
     let again = app
-        .post_json(&format!("/orders/{id}/cancel"), &json!({}), Some(&token))
+        .post_json(&format!("/orders/{id}/cancel"), &json!({}), Some(token))
         .await;
     assert_eq!(again.status(), 200);
     assert_eq!(again.json::<Value>().await.unwrap()["status"], "cancelled");
