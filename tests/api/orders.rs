@@ -1,4 +1,4 @@
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
@@ -840,6 +840,7 @@ async fn a_retry_after_the_first_request_was_dropped_gets_202_not_409() {
         .timeout(Duration::from_millis(100))
         .build()
         .unwrap();
+    let sent = Instant::now();
     let first = impatient
         .post(app.url("/orders"))
         .bearer_auth(&token)
@@ -848,11 +849,17 @@ async fn a_retry_after_the_first_request_was_dropped_gets_202_not_409() {
         .send()
         .await;
     assert!(first.is_err(), "the first client gave up before any answer");
-    // Within the first request's wait, a retry is told to come back (409, in flight)...
+    // Within the first request's wait, a retry is told to come back (409, in flight)... (checked
+    // when the retry was answered inside that wait: on a loaded machine it may not be, and then
+    // the first request has answered 202 meanwhile, which is right too)
     let early = app
         .place(&token, "gone", json!([{"productID": 1, "quantity": 1}]))
         .await;
-    assert_eq!(early.status(), 409);
+    if sent.elapsed() < Duration::from_millis(4500) {
+        assert_eq!(early.status(), 409);
+    } else {
+        assert!(matches!(early.status().as_u16(), 409 | 202), "{}", early.status());
+    }
     // ...after it, the retry answers in its place, while the saga still runs.
     tokio::time::sleep(Duration::from_millis(6500)).await;
     let r = app
