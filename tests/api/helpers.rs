@@ -496,6 +496,16 @@ impl TestApp {
             .unwrap()
     }
 
+    /// `POST /orders/{id}/cancel` as the customer holding `token`.
+    pub async fn cancel(&self, token: &str, id: i64) -> reqwest::Response {
+        self.post_json(
+            &format!("/orders/{id}/cancel"),
+            &serde_json::json!({}),
+            Some(token),
+        )
+        .await
+    }
+
     /// Waits until a SQL scalar query returns the expected text (or panics after `secs`).
     pub async fn eventually_eq(&self, sql: &str, expected: &str, secs: u64) {
         let deadline = std::time::Instant::now() + Duration::from_secs(secs);

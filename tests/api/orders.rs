@@ -380,9 +380,7 @@ async fn another_customers_order_is_invisible_and_cannot_be_cancelled() {
     let a = assert_problem(a, 404).await;
     let m = assert_problem(missing, 404).await;
     assert_eq!(a, m, "another user's order must look exactly like a missing one");
-    let c = app
-        .post_json(&format!("/orders/{id}/cancel"), &json!({}), Some(&bob))
-        .await;
+    let c = app.cancel(&bob, id).await;
     assert_problem(c, 404).await;
     let list: Value = app.get("/orders", Some(&bob)).await.json().await.unwrap();
     assert_eq!(list["items"].as_array().unwrap().len(), 0);
@@ -536,9 +534,7 @@ async fn cancelling_a_confirmed_order_undoes_shipment_and_reservation_once() {
         .place(&token, "k", json!([{"productID": 1, "quantity": 3}]))
         .await;
     let id = r.json::<Value>().await.unwrap()["orderID"].as_i64().unwrap();
-    let c = app
-        .post_json(&format!("/orders/{id}/cancel"), &json!({}), Some(&token))
-        .await;
+    let c = app.cancel(&token, id).await;
     assert_eq!(c.status(), 200);
     let body: Value = c.json().await.unwrap();
     assert_eq!(body["status"], "cancelled");
@@ -572,9 +568,7 @@ async fn a_shipped_order_cannot_be_cancelled() {
         .execute(&app.db)
         .await
         .unwrap();
-    let c = app
-        .post_json(&format!("/orders/{id}/cancel"), &json!({}), Some(&token))
-        .await;
+    let c = app.cancel(&token, id).await;
     let p = assert_problem(c, 409).await;
     assert_eq!(p["orderStatus"], "shipped");
     assert_eq!(app.reservations().await[0]["status"], "active");
@@ -596,9 +590,7 @@ async fn cancelling_a_pending_order_compensates_at_the_next_step() {
         .await;
     assert_eq!(r.status(), 202);
     let id = r.json::<Value>().await.unwrap()["orderID"].as_i64().unwrap();
-    let c = app
-        .post_json(&format!("/orders/{id}/cancel"), &json!({}), Some(&token))
-        .await;
+    let c = app.cancel(&token, id).await;
     assert_eq!(c.status(), 200);
     assert_eq!(c.json::<Value>().await.unwrap()["status"], "cancelled");
     app.eventually_eq(
@@ -784,9 +776,7 @@ async fn a_shipment_whose_answer_was_lost_is_found_and_cancelled_by_the_compensa
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(app.sim_shipments().await.len(), 1);
-    let c = app
-        .post_json(&format!("/orders/{id}/cancel"), &json!({}), Some(&token))
-        .await;
+    let c = app.cancel(&token, id).await;
     assert_eq!(c.status(), 200);
     // While the shipper keeps answering badly, the compensation cannot learn the id: it retries
     // rather than give up.
@@ -967,9 +957,7 @@ async fn a_cancel_while_the_shipment_is_created_publishes_no_order_confirmed() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let c = app
-        .post_json(&format!("/orders/{id}/cancel"), &json!({}), Some(&token))
-        .await;
+    let c = app.cancel(&token, id).await;
     assert_eq!(c.status(), 200);
     app.eventually_eq(
         &format!("select state from sagas where order_id = {id}"),
@@ -1027,9 +1015,7 @@ async fn a_cancel_the_shipper_refuses_after_pick_up_leaves_the_order_as_it_is() 
         .unwrap();
     assert!(adv.status().is_success());
 
-    let c = app
-        .post_json(&format!("/orders/{id}/cancel"), &json!({}), Some(&token))
-        .await;
+    let c = app.cancel(&token, id).await;
     let p = assert_problem(c, 409).await;
     assert!(p["type"].as_str().unwrap().ends_with("not-cancellable"), "{p}");
     assert_eq!(p["orderStatus"], "confirmed");
@@ -1072,9 +1058,7 @@ async fn a_cancel_the_shipper_refuses_after_pick_up_leaves_the_order_as_it_is() 
     assert_eq!(app.sim_get(&app.catalog_url, "/sim/products/1").await["stock"], 8);
 
     // Again: the same 409 at once, the shipper is not asked again.
-    let again = app
-        .post_json(&format!("/orders/{id}/cancel"), &json!({}), Some(&token))
-        .await;
+    let again = app.cancel(&token, id).await;
     let p = assert_problem(again, 409).await;
     assert_eq!(p["orderStatus"], "confirmed");
     assert_eq!(
@@ -1088,9 +1072,7 @@ async fn a_cancel_the_shipper_refuses_after_pick_up_leaves_the_order_as_it_is() 
         .execute(&app.db)
         .await
         .unwrap();
-    let late = app
-        .post_json(&format!("/orders/{id}/cancel"), &json!({}), Some(&token))
-        .await;
+    let late = app.cancel(&token, id).await;
     assert_eq!(assert_problem(late, 409).await["orderStatus"], "shipped");
 }
 
@@ -1116,9 +1098,7 @@ async fn a_cancel_the_shipper_answers_late_is_accepted_and_converges() {
     app.shipment_faults(json!({"failNext": 3, "endpoint": "cancel"}))
         .await;
 
-    let c = app
-        .post_json(&format!("/orders/{id}/cancel"), &json!({}), Some(&token))
-        .await;
+    let c = app.cancel(&token, id).await;
     assert_eq!(c.status(), 202);
     assert_eq!(c.headers()["location"].to_str().unwrap(), format!("/orders/{id}"));
     let body: Value = c.json().await.unwrap();
@@ -1155,9 +1135,7 @@ async fn assert_cancel_undone_once(app: &TestApp, token: &str, id: i64) {
         app.sim_get(&app.catalog_url, "/sim/products/1").await["stock"],
         10
     );
-    let again = app
-        .post_json(&format!("/orders/{id}/cancel"), &json!({}), Some(token))
-        .await;
+    let again = app.cancel(token, id).await;
     assert_eq!(again.status(), 200);
     assert_eq!(again.json::<Value>().await.unwrap()["status"], "cancelled");
     assert_eq!(

@@ -345,9 +345,7 @@ async fn a_cancel_racing_the_pick_up_is_refused_and_the_order_keeps_travelling()
         }
     };
     advance("picked_up").await;
-    let c = app
-        .post_json(&format!("/orders/{id}/cancel"), &json!({}), Some(&token))
-        .await;
+    let c = app.cancel(&token, id).await;
     let p = crate::helpers::assert_problem(c, 409).await;
     assert!(
         matches!(p["orderStatus"].as_str(), Some("confirmed" | "shipped")),
