@@ -185,6 +185,18 @@ impl From<sqlx::Error> for ApiError {
                 Self::unavailable("the service is temporarily unavailable; try again shortly")
                     .header(header::RETRY_AFTER, HeaderValue::from_static("1"))
             }
+            // A character PostgreSQL cannot store (NUL in `text`): client text that missed the
+            // check of `api::text`. A client error all the same, never a 500; logged so the
+            // path that missed it is found.
+            sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("22021" | "22P05")) => {
+                tracing::warn!(error = %e, "a value the database refuses reached a query unchecked");
+                Self::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "validation",
+                    "Invalid request",
+                    "the request holds a character the service does not accept",
+                )
+            }
             _ => Self::internal(e),
         }
     }

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use crate::admin::{self, ActionOutcome, AuditItem, SagaDetail, SagaFilter, SagaSummary};
 use crate::api::AppState;
-use crate::api::extract::{AdminUser, ApiJson};
+use crate::api::extract::{AdminUser, ApiJson, ApiQuery};
 use crate::error::ApiError;
 use crate::saga::machine::SagaState;
 
@@ -37,7 +37,7 @@ pub struct AuditPage {
     pub next_cursor: Option<String>,
 }
 
-type Params = Query<HashMap<String, String>>;
+type Params = ApiQuery<HashMap<String, String>>;
 
 /// Longest `olderThanSeconds` (a hundred years): beyond it PostgreSQL's interval and timestamp
 /// arithmetic overflows, which was a 500.
@@ -117,7 +117,7 @@ fn filter_from(params: &HashMap<String, String>) -> Result<SagaFilter, ApiError>
 pub async fn list_sagas(
     State(state): State<AppState>,
     _admin: AdminUser,
-    Query(params): Params,
+    ApiQuery(params): Params,
 ) -> Result<Json<SagaPage>, ApiError> {
     only(
         &params,
@@ -334,7 +334,7 @@ pub async fn bulk_retry(
 pub async fn list_audit(
     State(state): State<AppState>,
     _admin: AdminUser,
-    Query(params): Params,
+    ApiQuery(params): Params,
 ) -> Result<Json<AuditPage>, ApiError> {
     only(&params, &["limit", "cursor"])?;
     let limit = limit_param(&params, 50, 100)?;
@@ -369,7 +369,7 @@ pub async fn list_audit(
 pub async fn list_dead_letters(
     State(state): State<AppState>,
     _admin: AdminUser,
-    Query(params): Params,
+    ApiQuery(params): Params,
 ) -> Result<Json<crate::tracking::dead_letters::DeadLetterPage>, ApiError> {
     only(&params, &["limit", "cursor"])?;
     let limit = limit_param(&params, 50, 100)?;
@@ -463,7 +463,7 @@ fn id_cursor(params: &HashMap<String, String>) -> Result<Option<i64>, ApiError> 
 pub async fn list_outbox_dead_letters(
     State(state): State<AppState>,
     _admin: AdminUser,
-    Query(params): Params,
+    ApiQuery(params): Params,
 ) -> Result<Json<crate::outbox::dead::OutboxDeadLetterPage>, ApiError> {
     only(&params, &["limit", "cursor"])?;
     let limit = limit_param(&params, 50, 100)?;

@@ -7,7 +7,7 @@ use axum::http::header;
 use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
 
-use crate::api::AppState;
+use crate::api::{AppState, text};
 use crate::auth::{Claims, Role};
 use crate::error::ApiError;
 
@@ -60,10 +60,26 @@ where
     }
 }
 
-/// Parses a JSON document into `T`, naming the field at fault.
+/// Parses a JSON document into `T`, strictly: one document and nothing after it but whitespace
+/// (400), no key twice in an object (422), every string through [`text::check`] (422), and any
+/// shape error (a wrong type, a number out of its type's range, an unknown or missing field) 422
+/// naming the field at fault.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let de = &mut serde_json::Deserializer::from_slice(bytes);
-    match serde_path_to_error::deserialize::<_, T>(de) {
+    let parsed = serde_path_to_error::deserialize::<_, T>(&mut *de);
+    if parsed.is_ok() {
+        // Trailing data (`{...}garbage`, a second document) is a syntax error, like in a value.
+        de.end()
+            .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?;
+    }
+    // Strings are checked on the generic form (typed fields may not keep them all: an unknown
+    // key that serde skips, a duplicate). Bodies without an escape or a long string skip this.
+    if text::body_needs_walk(bytes) {
+        if let Ok(doc) = serde_json::from_slice::<serde_json::Value>(bytes) {
+            text::check_json(&doc)?;
+        }
+    }
+    match parsed {
         Ok(v) => Ok(v),
         Err(e) => {
             let path = e.path().to_string();
@@ -76,6 +92,17 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
                 Category::Data => {
                     let msg = strip_position(&inner.to_string());
                     let at_root = path.is_empty() || path == ".";
+                    if let Some(name) = duplicate_field_name(&msg) {
+                        let field = if at_root {
+                            name.to_string()
+                        } else {
+                            format!("{path}.{name}")
+                        };
+                        return Err(ApiError::invalid_field(
+                            &field,
+                            format!("{field}: the key appears more than once"),
+                        ));
+                    }
                     let field = match (unknown_field_name(&msg), missing_field_name(&msg)) {
                         // serde_path_to_error's path already ends with the unknown key.
                         (Some(name), _) if at_root => name.to_string(),
@@ -92,6 +119,42 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     }
 }
 
+/// A query string: every key and value through [`text::check`] (422 naming it), then into `T`
+/// (422 naming the parameter when the shape is wrong, an unknown parameter included).
+pub struct ApiQuery<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for ApiQuery<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        parse_query(parts.uri.query().unwrap_or("")).map(ApiQuery)
+    }
+}
+
+/// Parses a query string into `T` after checking every decoded key and value.
+pub fn parse_query<T: DeserializeOwned>(query: &str) -> Result<T, ApiError> {
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        if let Err(p) = text::check(&k) {
+            let shown: String = k.chars().take_while(|c| !c.is_control()).take(64).collect();
+            return Err(text::refusal(if shown.is_empty() { "query" } else { &shown }, &p));
+        }
+        text::check_field(&k, &v)?;
+    }
+    serde_urlencoded::from_str::<T>(query).map_err(|e| {
+        let msg = e.to_string();
+        let field = unknown_field_name(&msg)
+            .or_else(|| missing_field_name(&msg))
+            .or_else(|| duplicate_field_name(&msg))
+            .unwrap_or("query")
+            .to_string();
+        ApiError::invalid_field(&field, format!("invalid query: {msg}"))
+    })
+}
+
 fn strip_position(msg: &str) -> String {
     match msg.rfind(" at line ") {
         Some(i) => msg[..i].to_string(),
@@ -101,6 +164,10 @@ fn strip_position(msg: &str) -> String {
 
 fn unknown_field_name(msg: &str) -> Option<&str> {
     msg.strip_prefix("unknown field `")?.split('`').next()
+}
+
+fn duplicate_field_name(msg: &str) -> Option<&str> {
+    msg.strip_prefix("duplicate field `")?.split('`').next()
 }
 
 fn missing_field_name(msg: &str) -> Option<&str> {

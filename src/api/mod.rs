@@ -6,6 +6,7 @@ pub mod auth;
 pub mod extract;
 pub mod health;
 pub mod orders;
+pub mod text;
 
 use std::sync::Arc;
 use std::time::Duration;

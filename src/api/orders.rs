@@ -1,7 +1,7 @@
 //! `POST /orders`, `GET /orders/{orderID}`, `GET /orders`, `POST /orders/{orderID}/cancel`.
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::api::AppState;
-use crate::api::extract::{ApiJson, AuthUser};
+use crate::api::extract::{ApiJson, ApiQuery, AuthUser};
 use crate::error::ApiError;
 use crate::orders::OrderStatus;
 use crate::orders::place::{Placed, place};
@@ -208,10 +208,8 @@ fn encode_cursor(order_id: i32) -> String {
 pub async fn list_orders(
     State(state): State<AppState>,
     user: AuthUser,
-    query: Result<Query<PageParams>, axum::extract::rejection::QueryRejection>,
+    ApiQuery(p): ApiQuery<PageParams>,
 ) -> Result<Json<OrderPage>, ApiError> {
-    let Query(p) =
-        query.map_err(|e| ApiError::invalid_field("query", format!("invalid query: {}", e.body_text())))?;
     let limit = match p.limit.as_deref() {
         None => 20,
         Some(s) => s
