@@ -166,6 +166,33 @@ pub struct MigrateArgs {
 pub enum UsersCommand {
     /// Create a user and print its id.
     Create(CreateUserArgs),
+    /// Disable a user: they cannot log in, and every session of theirs (refresh tokens and access
+    /// tokens) is refused at once, on every instance. Audited (actor 0, the command line).
+    Disable(UserRefArgs),
+    /// Enable a disabled user: they may log in again (sessions revoked by disabling stay revoked).
+    Enable(UserRefArgs),
+    /// Delete a user: disabled for good, every session revoked; the row stays so that their orders
+    /// stay readable to admins, and the email may be given to a new account.
+    Delete(UserRefArgs),
+}
+
+/// Which user (`--email` or `--id`) and where.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("user").required(true).args(["email", "id"])))]
+pub struct UserRefArgs {
+    /// The user's email (case-insensitive; deleted users are found by --id only).
+    #[arg(long)]
+    pub email: Option<String>,
+    /// The user's id.
+    #[arg(long)]
+    pub id: Option<i32>,
+    /// PostgreSQL connection string.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/ostore"
+    )]
+    pub database_url: String,
 }
 
 /// `users create` options.
@@ -206,6 +233,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Users(UsersCommand::Create(args)) => create_user(args).await,
+        Command::Users(UsersCommand::Disable(args)) => {
+            change_user(args, users::LifecycleAction::Disable).await
+        }
+        Command::Users(UsersCommand::Enable(args)) => change_user(args, users::LifecycleAction::Enable).await,
+        Command::Users(UsersCommand::Delete(args)) => change_user(args, users::LifecycleAction::Delete).await,
         Command::Bench(args) => {
             let _t = crate::telemetry::init("ostore-orders-bench", args.config.log_format);
             crate::bench::run(args).await
@@ -308,5 +340,42 @@ async fn create_user(args: CreateUserArgs) -> anyhow::Result<()> {
         .context("the database schema is not ready")?;
     let id = create_user_in(&pool, &args.email, &args.password, args.role).await?;
     println!("{id}");
+    Ok(())
+}
+
+/// Disables, enables or deletes a user, audited with actor 0; prints the account's new state.
+pub async fn change_user_in(
+    pool: &sqlx::PgPool,
+    email: Option<&str>,
+    id: Option<i32>,
+    action: users::LifecycleAction,
+) -> anyhow::Result<users::Account> {
+    let mut tx = pool.begin().await?;
+    let user_id = match (id, email) {
+        (Some(id), _) => id,
+        (None, Some(email)) => users::id_by_email(&mut tx, email)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("no user with email {email:?}"))?,
+        (None, None) => anyhow::bail!("give --email or --id"),
+    };
+    match crate::admin::change_account(&mut tx, 0, user_id, action).await? {
+        users::LifecycleOutcome::NotFound => anyhow::bail!("no user with id {user_id}"),
+        users::LifecycleOutcome::Deleted(_) => {
+            anyhow::bail!("user {user_id} is deleted; a deleted user cannot be enabled")
+        }
+        users::LifecycleOutcome::Done { after, .. } => {
+            tx.commit().await?;
+            Ok(after)
+        }
+    }
+}
+
+async fn change_user(args: UserRefArgs, action: users::LifecycleAction) -> anyhow::Result<()> {
+    let pool = crate::db::connect(&args.database_url, 2).await?;
+    crate::db::migrate(&pool)
+        .await
+        .context("the database schema is not ready")?;
+    let account = change_user_in(&pool, args.email.as_deref(), args.id, action).await?;
+    println!("{}", serde_json::to_string(&account)?);
     Ok(())
 }

@@ -34,7 +34,7 @@ pub fn seed_products(sim: &crate::sim::catalog::CatalogSim, out_of_stock: bool) 
 pub async fn seed_users(pool: &sqlx::PgPool) -> anyhow::Result<()> {
     for (email, pw, role) in DEMO_USERS {
         let mut conn = pool.acquire().await?;
-        if users::find_by_email(&mut conn, email).await?.is_none() {
+        if users::id_by_email(&mut conn, email).await?.is_none() {
             drop(conn);
             match crate::cli::create_user_in(pool, email, pw, role).await {
                 Ok(_) => {}

@@ -25,6 +25,9 @@ fn every_subcommand_has_help_naming_its_variables() {
         vec!["dev", "--help"],
         vec!["migrate", "--help"],
         vec!["users", "create", "--help"],
+        vec!["users", "disable", "--help"],
+        vec!["users", "enable", "--help"],
+        vec!["users", "delete", "--help"],
         vec!["sim", "catalog", "--help"],
         vec!["sim", "shipments", "--help"],
         vec!["bench", "--help"],
@@ -110,6 +113,51 @@ fn migrate_and_users_create_work_against_a_new_database() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
+
+    // The account lifecycle, by email or by id; each prints the account's new state.
+    let id_arg = id.to_string();
+    for (args, status) in [
+        (
+            vec!["users", "disable", "--email", "CLI@example.com"],
+            Some("disabled"),
+        ),
+        (vec!["users", "disable", "--id", &id_arg], Some("disabled")),
+        (vec!["users", "enable", "--id", &id_arg], Some("active")),
+        (
+            vec!["users", "delete", "--email", "cli@example.com"],
+            Some("deleted"),
+        ),
+        // Deleted: found by id only, and not enabled again.
+        (vec!["users", "enable", "--id", &id_arg], None),
+        (vec!["users", "disable", "--email", "cli@example.com"], None),
+        (vec!["users", "disable"], None),
+    ] {
+        let out = bin().args(&args).args(["--database-url", &db]).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        match status {
+            Some(status) => {
+                assert!(out.status.success(), "{args:?}: {stderr}");
+                let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+                assert_eq!(v["status"], status, "{args:?}");
+                assert_eq!(v["userID"], id);
+            }
+            None => assert!(!out.status.success() && !stderr.is_empty(), "{args:?} succeeded"),
+        }
+    }
+    // The deleted account's email may be given to a new user.
+    let out = bin()
+        .args([
+            "users",
+            "create",
+            "--email",
+            "cli@example.com",
+            "--password",
+            "long-enough",
+        ])
+        .args(["--database-url", &db])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     drop_db(&db);
 }
 

@@ -453,6 +453,38 @@ pub async fn audit(
     Ok(())
 }
 
+/// Applies an account lifecycle action and audits it (when it changed something) in the caller's
+/// transaction; `actor` is the admin's user id, 0 for the command line.
+pub async fn change_account(
+    conn: &mut PgConnection,
+    actor: i32,
+    user_id: i32,
+    action: crate::auth::users::LifecycleAction,
+) -> Result<crate::auth::users::LifecycleOutcome, sqlx::Error> {
+    use crate::auth::users::{LifecycleOutcome, apply_lifecycle};
+    let outcome = apply_lifecycle(conn, user_id, action).await?;
+    if let LifecycleOutcome::Done {
+        before,
+        after,
+        changed: true,
+        families_revoked,
+    } = &outcome
+    {
+        let mut after = serde_json::to_value(after).unwrap_or_default();
+        after["sessionsRevoked"] = (*families_revoked).into();
+        audit(
+            conn,
+            actor,
+            action.audit_name(),
+            &format!("user:{user_id}"),
+            serde_json::to_value(before).ok(),
+            Some(after),
+        )
+        .await?;
+    }
+    Ok(outcome)
+}
+
 /// An audit row.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct AuditItem {

@@ -1,5 +1,6 @@
 //! The admin API (role `admin`): sagas, their history, re-drives and cancellations (one or in bulk,
-//! with a dry run), and the audit trail. Every action is audited in the transaction that makes it.
+//! with a dry run), user accounts (disable, enable, delete, their orders), and the audit trail.
+//! Every action is audited in the transaction that makes it.
 
 use std::collections::HashMap;
 
@@ -14,6 +15,8 @@ use uuid::Uuid;
 use crate::admin::{self, ActionOutcome, AuditItem, SagaDetail, SagaFilter, SagaSummary};
 use crate::api::AppState;
 use crate::api::extract::{AdminUser, ApiJson, ApiQuery};
+use crate::api::orders::{OrderPage, PageParams, page_of_orders};
+use crate::auth::users::{self, Account, AccountStatus, LifecycleAction, LifecycleOutcome};
 use crate::error::ApiError;
 use crate::saga::machine::SagaState;
 
@@ -541,4 +544,113 @@ pub async fn replay_outbox_dead_letter(
         outcome,
         outbox_id,
     }))
+}
+
+fn user_id_param(raw: &str) -> Result<i32, ApiError> {
+    raw.parse::<i32>()
+        .ok()
+        .filter(|id| *id > 0)
+        .ok_or_else(|| ApiError::not_found("no such user"))
+}
+
+/// A user account: status (`active`, `disabled`, `deleted`) and when it changed.
+#[utoipa::path(get, path = "/admin/users/{userID}", tag = "admin", security(("bearer" = [])),
+    params(("userID" = i32, Path)), responses((status = 200, body = Account), (status = 404)))]
+pub async fn get_user(
+    State(state): State<AppState>,
+    _admin: AdminUser,
+    Path(raw): Path<String>,
+) -> Result<Json<Account>, ApiError> {
+    let id = user_id_param(&raw)?;
+    let mut conn = state.db.acquire().await?;
+    users::account_by_id(&mut conn, id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found("no such user"))
+}
+
+/// A user's orders, newest first, by pages (a deleted user's included).
+#[utoipa::path(get, path = "/admin/users/{userID}/orders", tag = "admin", security(("bearer" = [])),
+    params(("userID" = i32, Path), PageParams), responses((status = 200, body = OrderPage), (status = 404), (status = 422)))]
+pub async fn list_user_orders(
+    State(state): State<AppState>,
+    _admin: AdminUser,
+    Path(raw): Path<String>,
+    ApiQuery(p): ApiQuery<PageParams>,
+) -> Result<Json<OrderPage>, ApiError> {
+    let id = user_id_param(&raw)?;
+    let mut conn = state.db.acquire().await?;
+    if users::account_by_id(&mut conn, id).await?.is_none() {
+        return Err(ApiError::not_found("no such user"));
+    }
+    drop(conn);
+    page_of_orders(&state, id, p).await
+}
+
+async fn change_user(
+    state: &AppState,
+    actor: i32,
+    raw: &str,
+    action: LifecycleAction,
+) -> Result<Json<Account>, ApiError> {
+    let id = user_id_param(raw)?;
+    if id == actor && action != LifecycleAction::Enable {
+        return Err(ApiError::conflict(
+            "own-account",
+            "an admin cannot disable or delete their own account through the API (the command line can)",
+        ));
+    }
+    let mut tx = state.db.begin().await?;
+    match admin::change_account(&mut tx, actor, id, action).await? {
+        LifecycleOutcome::NotFound => Err(ApiError::not_found("no such user")),
+        LifecycleOutcome::Deleted(_) => Err(ApiError::conflict(
+            "user-deleted",
+            "the user is deleted; a deleted user cannot be enabled",
+        )
+        .with("accountStatus", "deleted")),
+        LifecycleOutcome::Done { after, .. } => {
+            tx.commit().await?;
+            // At once on this instance (others learn it from the NOTIFY of the commit).
+            match after.status {
+                AccountStatus::Active => state.auth.revocations.forget_inactive_user(id),
+                _ => state.auth.revocations.remember_inactive_user(id),
+            }
+            Ok(Json(after))
+        }
+    }
+}
+
+/// Disables a user: no login, and every refresh token and access token of theirs is refused at
+/// once. Harmless to repeat; audited.
+#[utoipa::path(post, path = "/admin/users/{userID}/disable", tag = "admin", security(("bearer" = [])),
+    params(("userID" = i32, Path)), responses((status = 200, body = Account), (status = 404), (status = 409, description = "the caller's own account")))]
+pub async fn disable_user(
+    State(state): State<AppState>,
+    AdminUser(claims): AdminUser,
+    Path(raw): Path<String>,
+) -> Result<Json<Account>, ApiError> {
+    change_user(&state, claims.user_id(), &raw, LifecycleAction::Disable).await
+}
+
+/// Enables a disabled user (sessions revoked by disabling stay revoked). 409 for a deleted user.
+#[utoipa::path(post, path = "/admin/users/{userID}/enable", tag = "admin", security(("bearer" = [])),
+    params(("userID" = i32, Path)), responses((status = 200, body = Account), (status = 404), (status = 409, description = "the user is deleted")))]
+pub async fn enable_user(
+    State(state): State<AppState>,
+    AdminUser(claims): AdminUser,
+    Path(raw): Path<String>,
+) -> Result<Json<Account>, ApiError> {
+    change_user(&state, claims.user_id(), &raw, LifecycleAction::Enable).await
+}
+
+/// Deletes a user: disabled for good, every session revoked; the account and its orders stay
+/// readable here. Harmless to repeat; audited.
+#[utoipa::path(delete, path = "/admin/users/{userID}", tag = "admin", security(("bearer" = [])),
+    params(("userID" = i32, Path)), responses((status = 200, body = Account), (status = 404), (status = 409, description = "the caller's own account")))]
+pub async fn delete_user(
+    State(state): State<AppState>,
+    AdminUser(claims): AdminUser,
+    Path(raw): Path<String>,
+) -> Result<Json<Account>, ApiError> {
+    change_user(&state, claims.user_id(), &raw, LifecycleAction::Delete).await
 }

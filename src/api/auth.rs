@@ -92,7 +92,8 @@ pub async fn login(
         return Err(ApiError::invalid_field("email", "email: at most 254 characters"));
     }
     let mut conn = state.db.acquire().await?;
-    let user = users::find_by_email(&mut conn, &req.email).await?;
+    // Disabled and deleted users are not found: the same 401 as an unknown email.
+    let user = users::find_active_by_email(&mut conn, &req.email).await?;
     drop(conn);
     let ok = state
         .auth
@@ -106,6 +107,11 @@ pub async fn login(
     let role = Role::parse(&user.role).ok_or_else(|| ApiError::internal("user has an unknown role"))?;
     let refresh = tokens::new_refresh_token();
     let mut tx = state.db.begin().await?;
+    // Disabled meanwhile? The share lock also makes a concurrent disable wait for this commit, and
+    // then revoke the family started here.
+    if !users::lock_if_active(&mut tx, user.user_id).await? {
+        return Err(bad_credentials());
+    }
     let family =
         tokens::start_family(&mut tx, user.user_id, &refresh, expiry(state.auth.refresh_ttl)).await?;
     tx.commit().await?;

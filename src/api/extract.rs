@@ -74,10 +74,10 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     }
     // Strings are checked on the generic form (typed fields may not keep them all: an unknown
     // key that serde skips, a duplicate). Bodies without an escape or a long string skip this.
-    if text::body_needs_walk(bytes) {
-        if let Ok(doc) = serde_json::from_slice::<serde_json::Value>(bytes) {
-            text::check_json(&doc)?;
-        }
+    if text::body_needs_walk(bytes)
+        && let Ok(doc) = serde_json::from_slice::<serde_json::Value>(bytes)
+    {
+        text::check_json(&doc)?;
     }
     match parsed {
         Ok(v) => Ok(v),

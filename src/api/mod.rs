@@ -101,6 +101,10 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(admin::list_outbox_dead_letters))
         .routes(routes!(admin::get_outbox_dead_letter))
         .routes(routes!(admin::replay_outbox_dead_letter))
+        .routes(routes!(admin::get_user, admin::delete_user))
+        .routes(routes!(admin::list_user_orders))
+        .routes(routes!(admin::disable_user))
+        .routes(routes!(admin::enable_user))
 }
 
 /// The OpenAPI document of the API.

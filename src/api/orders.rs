@@ -210,6 +210,15 @@ pub async fn list_orders(
     user: AuthUser,
     ApiQuery(p): ApiQuery<PageParams>,
 ) -> Result<Json<OrderPage>, ApiError> {
+    page_of_orders(&state, user.user_id(), p).await
+}
+
+/// One page of a user's orders, newest first (the caller's own, or any user's for the admin API).
+pub(crate) async fn page_of_orders(
+    state: &AppState,
+    user_id: i32,
+    p: PageParams,
+) -> Result<Json<OrderPage>, ApiError> {
     let limit = match p.limit.as_deref() {
         None => 20,
         Some(s) => s
@@ -226,7 +235,7 @@ pub async fn list_orders(
         ),
     };
     let mut conn = state.db.acquire().await?;
-    let mut items = store::list(&mut conn, user.user_id(), before, limit + 1).await?;
+    let mut items = store::list(&mut conn, user_id, before, limit + 1).await?;
     let next_cursor = if items.len() as i64 > limit {
         items.truncate(limit as usize);
         items.last().map(|o| encode_cursor(o.order_id))

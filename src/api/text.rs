@@ -135,7 +135,7 @@ mod tests {
         assert!(!e.body()["detail"].as_str().unwrap().contains('\u{0}'));
         let e = check_json(&json!({"ok\u{1}key": 1})).unwrap_err();
         assert_eq!(e.body()["field"], "ok");
-        assert_eq!(check_json(&json!({"email": "a@b.c", "n": [1, 2]})).is_ok(), true);
+        assert!(check_json(&json!({"email": "a@b.c", "n": [1, 2]})).is_ok());
     }
 
     #[test]

@@ -193,13 +193,20 @@ impl AuthService {
         Ok(claims)
     }
 
-    /// Whether the token was denied by logout or its refresh family revoked: from memory while the
-    /// revocation cache is current, else from the database.
+    /// Whether the token was denied by logout, its refresh family revoked, or its user disabled,
+    /// deleted or unknown: from memory while the revocation cache is current and knows the user,
+    /// else from the database in one query.
     pub async fn is_revoked(&self, db: &PgPool, claims: &Claims) -> Result<bool, sqlx::Error> {
-        if self.revocations.is_current() {
-            return Ok(self.revocations.contains(claims.jti, claims.fam));
+        let user_id = claims.user_id();
+        if self.revocations.knows_user(user_id) {
+            return Ok(self.revocations.contains(claims.jti, claims.fam)
+                || self.revocations.user_is_inactive(user_id));
         }
         let mut conn = db.acquire().await?;
-        tokens::is_access_token_revoked(&mut conn, claims.jti, claims.fam).await
+        let check = tokens::access_check(&mut conn, claims.jti, claims.fam, user_id).await?;
+        if check.user_exists {
+            self.revocations.saw_user(user_id);
+        }
+        Ok(check.revoked)
     }
 }

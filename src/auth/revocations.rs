@@ -1,9 +1,13 @@
-//! Revoked access tokens and refresh families, kept in memory so that an authenticated request
-//! costs no query.
+//! Revoked access tokens and refresh families, and users who are no longer active (disabled or
+//! deleted), kept in memory so that an authenticated request costs no query.
 //!
 //! - **Kept current by LISTEN/NOTIFY.** Triggers on `denied_access_tokens` (insert) and
 //!   `refresh_families` (`revoked_at` set) NOTIFY channel [`CHANNEL`] with `jti:<uuid>` or
-//!   `fam:<uuid>` in the writing transaction, whichever instance or tool writes (migration 0010).
+//!   `fam:<uuid>` in the writing transaction, whichever instance or tool writes (migration 0010);
+//!   a trigger on `users.disabled_at` sends `user-off:<id>` and `user-on:<id>` (migration 0011).
+//! - **Users the snapshot did not know** (created after it, on any instance) have ids above the
+//!   highest it saw: their requests ask the database, which also raises that mark. Users are never
+//!   removed (a trigger refuses it), so an id at or below the mark names a row.
 //! - **LISTEN first, then the snapshot.** The task listens before it reads every live revocation,
 //!   so a revocation committed while it reads arrives as a notification: nothing falls in between.
 //!   It reads the snapshot again every [`RELOAD_EVERY`], which also forgets expired entries.
@@ -14,7 +18,7 @@
 
 use std::collections::HashSet;
 use std::sync::RwLock;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::Duration;
 
 use sqlx::PgPool;
@@ -32,6 +36,8 @@ pub const RELOAD_EVERY: Duration = Duration::from_secs(300);
 struct Sets {
     jtis: HashSet<Uuid>,
     families: HashSet<Uuid>,
+    /// Users disabled or deleted.
+    inactive_users: HashSet<i32>,
 }
 
 /// The in-memory revocation sets and whether they are current.
@@ -39,6 +45,8 @@ struct Sets {
 pub struct Revocations {
     sets: RwLock<Sets>,
     current: AtomicBool,
+    /// The highest user id known to exist: the sets answer for users up to it.
+    highest_user: AtomicI32,
 }
 
 impl Revocations {
@@ -51,6 +59,44 @@ impl Revocations {
     pub fn contains(&self, jti: Uuid, family: Uuid) -> bool {
         let s = self.sets.read().expect("revocations");
         s.jtis.contains(&jti) || s.families.contains(&family)
+    }
+
+    /// Whether the sets can answer for this user: they are current and the user is not newer than
+    /// the snapshot (else ask the database).
+    pub fn knows_user(&self, user_id: i32) -> bool {
+        self.is_current() && user_id <= self.highest_user.load(Ordering::Acquire)
+    }
+
+    /// Whether a user is disabled or deleted, by the sets alone.
+    pub fn user_is_inactive(&self, user_id: i32) -> bool {
+        self.sets
+            .read()
+            .expect("revocations")
+            .inactive_users
+            .contains(&user_id)
+    }
+
+    /// Records that a user exists (the database said so): the sets answer for them from now on.
+    pub fn saw_user(&self, user_id: i32) {
+        self.highest_user.fetch_max(user_id, Ordering::AcqRel);
+    }
+
+    /// Counts a user as disabled or deleted (after the transaction committed).
+    pub fn remember_inactive_user(&self, user_id: i32) {
+        self.sets
+            .write()
+            .expect("revocations")
+            .inactive_users
+            .insert(user_id);
+    }
+
+    /// Counts a user as active again (after the enabling transaction committed).
+    pub fn forget_inactive_user(&self, user_id: i32) {
+        self.sets
+            .write()
+            .expect("revocations")
+            .inactive_users
+            .remove(&user_id);
     }
 
     /// Counts an access token as denied (after the denying transaction committed).
@@ -68,6 +114,10 @@ impl Revocations {
             self.remember_jti(id);
         } else if let Some(id) = payload.strip_prefix("fam:").and_then(|s| Uuid::parse_str(s).ok()) {
             self.remember_family(id);
+        } else if let Some(id) = payload.strip_prefix("user-off:").and_then(|s| s.parse().ok()) {
+            self.remember_inactive_user(id);
+        } else if let Some(id) = payload.strip_prefix("user-on:").and_then(|s| s.parse().ok()) {
+            self.forget_inactive_user(id);
         }
     }
 
@@ -80,11 +130,20 @@ impl Revocations {
             sqlx::query_scalar("select family_id from refresh_families where revoked_at is not null")
                 .fetch_all(db)
                 .await?;
+        let inactive: Vec<i32> =
+            sqlx::query_scalar("select user_id from users where disabled_at is not null")
+                .fetch_all(db)
+                .await?;
+        let highest: i32 = sqlx::query_scalar("select coalesce(max(user_id), 0) from users")
+            .fetch_one(db)
+            .await?;
         let mut s = self.sets.write().expect("revocations");
+        self.highest_user.fetch_max(highest, Ordering::AcqRel);
         // Entries added by this instance meanwhile are in the snapshot too (their commits
         // preceded it) or arrive as notifications, which are applied after this.
         s.jtis = jtis.into_iter().collect();
         s.families = families.into_iter().collect();
+        s.inactive_users = inactive.into_iter().collect();
         Ok(())
     }
 

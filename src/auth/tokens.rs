@@ -167,21 +167,36 @@ pub async fn deny_access_token(
     Ok(())
 }
 
-/// Whether an access token was denied or its family revoked.
-pub async fn is_access_token_revoked(
+/// What the database says of an access token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AccessCheck {
+    /// Denied, its family revoked, or its user disabled, deleted or unknown.
+    pub revoked: bool,
+    /// Whether the token's user has a row (active or not).
+    pub user_exists: bool,
+}
+
+/// Whether an access token was denied, its family revoked, or its user is not active, in one query.
+pub async fn access_check(
     conn: &mut PgConnection,
     jti: Uuid,
     family_id: Uuid,
-) -> Result<bool, sqlx::Error> {
-    let r = sqlx::query_scalar!(
-        r#"select (exists (select 1 from denied_access_tokens where jti = $1)
-                or exists (select 1 from refresh_families where family_id = $2 and revoked_at is not null)) as "revoked!""#,
-        jti,
-        family_id
+    user_id: i32,
+) -> Result<AccessCheck, sqlx::Error> {
+    let (denied, user_active): (bool, Option<bool>) = sqlx::query_as(
+        "select (exists (select 1 from denied_access_tokens where jti = $1) \
+                or exists (select 1 from refresh_families where family_id = $2 and revoked_at is not null)), \
+                (select disabled_at is null from users where user_id = $3)",
     )
+    .bind(jti)
+    .bind(family_id)
+    .bind(user_id)
     .fetch_one(&mut *conn)
     .await?;
-    Ok(r)
+    Ok(AccessCheck {
+        revoked: denied || user_active != Some(true),
+        user_exists: user_active.is_some(),
+    })
 }
 
 /// Deletes refresh families nothing can use any more: no refresh token of theirs is left (each is

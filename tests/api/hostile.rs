@@ -4,7 +4,7 @@
 //! is written.
 
 use ostore_orders::auth::Role;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::helpers::{TestApp, assert_problem, spawn_app};
 

@@ -8,3 +8,4 @@ mod hostile;
 mod orders;
 mod pipeline;
 mod saga;
+mod users;
