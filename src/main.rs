@@ -9,11 +9,15 @@ use clap::Parser;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
-    tokio::runtime::Builder::new_multi_thread()
+    let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .expect("tokio runtime")
-        .block_on(run())
+        .expect("tokio runtime");
+    let code = rt.block_on(run());
+    // Dropping the runtime would wait for every blocking task, however long: a stopping process
+    // gives them a moment and leaves (see `app::SHUTDOWN_GRACE`).
+    rt.shutdown_timeout(std::time::Duration::from_millis(500));
+    code
 }
 
 async fn run() -> std::process::ExitCode {

@@ -126,6 +126,9 @@ struct Inner {
     in_flight: Arc<Semaphore>,
     drives: TaskTracker,
     shutdown: CancellationToken,
+    /// Cancelled once the drives have finished at shutdown: the committers close the job queue,
+    /// commit what is left in it, and stop.
+    jobs_closed: CancellationToken,
 }
 
 /// The saga engine (cheap to clone).
@@ -177,6 +180,7 @@ impl Engine {
             wake: Notify::new(),
             drives: TaskTracker::new(),
             shutdown: CancellationToken::new(),
+            jobs_closed: CancellationToken::new(),
         })))
     }
 
@@ -217,7 +221,9 @@ impl Engine {
             {
                 tracing::warn!("some sagas were still being driven at shutdown; their leases will expire");
             }
-            i.job_rx.lock().await.close();
+            // Not `job_rx.lock().close()`: a committer waiting for a job holds that lock, so the
+            // close waited for ever and every shutdown ran into the process's time limit.
+            i.jobs_closed.cancel();
         });
     }
 
@@ -590,7 +596,15 @@ impl Inner {
             let mut batch = Vec::new();
             {
                 let mut rx = self.job_rx.lock().await;
-                match rx.recv().await {
+                let first = tokio::select! {
+                    j = rx.recv() => j,
+                    _ = self.jobs_closed.cancelled() => {
+                        // What is queued is still committed; then recv answers None.
+                        rx.close();
+                        rx.recv().await
+                    }
+                };
+                match first {
                     Some(j) => batch.push(j),
                     None => return,
                 }
