@@ -229,3 +229,106 @@ impl FromRequestParts<AppState> for AdminUser {
         Ok(AdminUser(claims))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Property tests of the body and query parsers: whatever the bytes, the answer is a value
+    //! that passed every rule or a 400/422 problem, never a panic and never a 5xx.
+    use proptest::prelude::*;
+    use serde::Deserialize;
+
+    use super::*;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Login {
+        email: String,
+        password: String,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Page {
+        limit: Option<String>,
+        cursor: Option<String>,
+    }
+
+    /// JSON's whitespace (not Rust's: a vertical tab is trailing data).
+    fn json_blank(s: &str) -> bool {
+        s.chars().all(|c| matches!(c, ' ' | '\t' | '\r' | '\n'))
+    }
+
+    fn client_error(e: &ApiError) -> bool {
+        matches!(e.0.status.as_u16(), 400 | 422)
+    }
+
+    fn json_ish() -> impl Strategy<Value = String> {
+        // Fragments of JSON glued at random, with strings of any characters (control ones
+        // included) written the way a serializer would, and junk after them.
+        let fragment = prop_oneof![
+            Just("{".to_string()),
+            Just("}".to_string()),
+            Just("[".to_string()),
+            Just("]".to_string()),
+            Just(",".to_string()),
+            Just(":".to_string()),
+            Just("\"email\"".to_string()),
+            Just("\"password\"".to_string()),
+            Just("null".to_string()),
+            Just("1e999".to_string()),
+            Just("-0".to_string()),
+            any::<String>().prop_map(|s| serde_json::to_string(&s).unwrap()),
+            any::<i64>().prop_map(|n| n.to_string()),
+            "[ \t\r\n]{0,3}",
+        ];
+        prop::collection::vec(fragment, 0..12).prop_map(|v| v.concat())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn any_bytes_are_a_value_or_a_client_error(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+            if let Err(e) = parse_json::<Login>(&bytes) {
+                prop_assert!(client_error(&e), "{e}");
+            }
+        }
+
+        #[test]
+        fn json_ish_text_is_a_value_or_a_client_error(text in json_ish()) {
+            if let Err(e) = parse_json::<Login>(text.as_bytes()) {
+                prop_assert!(client_error(&e), "{e}");
+            }
+        }
+
+        #[test]
+        fn an_accepted_login_holds_only_checked_strings(email in any::<String>(), password in any::<String>(), tail in "[ \t\r\n]{0,3}|[^ \t\r\n]{1,3}") {
+            let body = format!("{}{tail}", serde_json::json!({"email": email, "password": password}));
+            match parse_json::<Login>(body.as_bytes()) {
+                Ok(l) => {
+                    prop_assert!(text::check(&l.email).is_ok() && text::check(&l.password).is_ok());
+                    prop_assert!(json_blank(&tail), "trailing data accepted: {tail:?}");
+                }
+                Err(e) => {
+                    prop_assert!(client_error(&e), "{e}");
+                    let clean = text::check(&email).is_ok() && text::check(&password).is_ok();
+                    prop_assert!(!(clean && json_blank(&tail)), "a clean body was refused: {e}");
+                }
+            }
+        }
+
+        #[test]
+        fn any_query_is_a_value_or_a_422(query in any::<String>()) {
+            match parse_query::<Page>(&query) {
+                Ok(p) => {
+                    for v in [p.limit, p.cursor].into_iter().flatten() {
+                        prop_assert!(text::check(&v).is_ok());
+                    }
+                }
+                Err(e) => prop_assert_eq!(e.0.status.as_u16(), 422),
+            }
+        }
+    }
+}

@@ -210,3 +210,60 @@ impl AuthService {
         Ok(check.revoked)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Property tests of the token parser: no input makes it panic, and no change to a valid
+    //! token yields other claims.
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn service() -> &'static AuthService {
+        static SERVICE: std::sync::OnceLock<AuthService> = std::sync::OnceLock::new();
+        SERVICE.get_or_init(build)
+    }
+
+    fn build() -> AuthService {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Args {
+            #[command(flatten)]
+            cfg: ServiceConfig,
+        }
+        let args = Args::parse_from(["test", "--jwt-secret", "0123456789abcdef0123456789abcdef-props"]);
+        AuthService::new(&args.cfg)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn any_text_is_refused_without_a_panic(token in any::<String>()) {
+            prop_assert!(service().verify_access_token(&token).is_err());
+        }
+
+        #[test]
+        fn token_shaped_text_is_refused(a in "[A-Za-z0-9_-]{0,60}", b in "[A-Za-z0-9_-]{0,200}", c in "[A-Za-z0-9_-]{0,60}") {
+            let token = format!("{a}.{b}.{c}");
+            prop_assert!(service().verify_access_token(&token).is_err());
+        }
+
+        #[test]
+        fn a_changed_token_is_refused_or_reads_the_same(pos in any::<prop::sample::Index>(), byte in any::<u8>()) {
+            let auth = service();
+            let token = auth.issue_access_token(7, "a@b.c", Role::User, uuid::Uuid::new_v4()).unwrap();
+            let original = auth.verify_access_token(&token).unwrap();
+            let mut bytes = token.into_bytes();
+            let i = pos.index(bytes.len());
+            bytes[i] = byte;
+            let Ok(changed) = String::from_utf8(bytes) else { return Ok(()) };
+            if let Ok(c) = auth.verify_access_token(&changed) {
+                prop_assert_eq!(
+                    (c.sub, c.jti, c.fam, c.exp, c.roles),
+                    (original.sub, original.jti, original.fam, original.exp, original.roles)
+                );
+            }
+        }
+    }
+}
