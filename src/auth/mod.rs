@@ -199,8 +199,7 @@ impl AuthService {
     pub async fn is_revoked(&self, db: &PgPool, claims: &Claims) -> Result<bool, sqlx::Error> {
         let user_id = claims.user_id();
         if self.revocations.knows_user(user_id) {
-            return Ok(self.revocations.contains(claims.jti, claims.fam)
-                || self.revocations.user_is_inactive(user_id));
+            return Ok(self.revocations.refuses(claims.jti, claims.fam, user_id));
         }
         let mut conn = db.acquire().await?;
         let check = tokens::access_check(&mut conn, claims.jti, claims.fam, user_id).await?;

@@ -76,6 +76,13 @@ impl Revocations {
             .contains(&user_id)
     }
 
+    /// Whether a token is refused by the sets alone: denied, its family revoked, or its user
+    /// inactive (one read of the sets).
+    pub fn refuses(&self, jti: Uuid, family: Uuid, user_id: i32) -> bool {
+        let s = self.sets.read().expect("revocations");
+        s.jtis.contains(&jti) || s.families.contains(&family) || s.inactive_users.contains(&user_id)
+    }
+
     /// Records that a user exists (the database said so): the sets answer for them from now on.
     pub fn saw_user(&self, user_id: i32) {
         self.highest_user.fetch_max(user_id, Ordering::AcqRel);
