@@ -47,9 +47,9 @@ impl Service {
 
     /// Sends SIGTERM and waits for the exit (at most 30 s): how long it took, and whether the
     /// process exited successfully.
-    fn terminate(&mut self) -> (Duration, bool) {
+    async fn terminate(&mut self) -> (Duration, bool) {
         let mut c = self.child.take().expect("running");
-        terminate(&mut c)
+        terminate(&mut c).await
     }
 
     fn base(&self) -> String {
@@ -63,8 +63,9 @@ impl Drop for Service {
     }
 }
 
-/// SIGTERM to a child, then its exit: (time taken, success). SIGKILL after 30 s.
-fn terminate(c: &mut Child) -> (Duration, bool) {
+/// SIGTERM to a child, then its exit: (time taken, success). SIGKILL after 30 s. Async: the
+/// simulators of the test run on this runtime and must keep answering meanwhile.
+async fn terminate(c: &mut Child) -> (Duration, bool) {
     let t0 = Instant::now();
     // SAFETY: kill(2) on our own child's pid.
     unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
@@ -77,7 +78,7 @@ fn terminate(c: &mut Child) -> (Duration, bool) {
             let _ = c.wait();
             return (t0.elapsed(), false);
         }
-        std::thread::sleep(Duration::from_millis(20));
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -383,15 +384,17 @@ async fn serve_stops_within_five_seconds_of_sigterm_keeping_its_in_flight_sagas(
     // Idle: stops at once.
     svc.start();
     wait_ready(&http, &svc.base()).await;
-    let (took, ok) = svc.terminate();
+    let (took, ok) = svc.terminate().await;
     assert!(ok, "serve exited with a failure after SIGTERM");
     assert!(took < STOP_BOUND, "an idle serve took {took:?} to stop");
 
-    // Busy: three sagas wait on a slow catalog (and one on a catalog that never answers) when
-    // the signal comes.
+    // Busy: one saga waits on a shipper that never answers, three on a slow catalog, when the
+    // signal comes.
     svc.start();
     wait_ready(&http, &svc.base()).await;
     let token = login(&http, &svc.base()).await;
+    faults(&http, &shipments_url, json!({"hang": true, "endpoint": "create"})).await;
+    assert_eq!(place(&http, &svc.base(), &token, "hanging").await, 202);
     faults(
         &http,
         &catalog_url,
@@ -401,16 +404,30 @@ async fn serve_stops_within_five_seconds_of_sigterm_keeping_its_in_flight_sagas(
     for i in 0..3 {
         assert_eq!(place(&http, &svc.base(), &token, &format!("busy-{i}")).await, 202);
     }
-    faults(&http, &catalog_url, json!({"hang": true, "endpoint": "reserve"})).await;
-    assert_eq!(place(&http, &svc.base(), &token, "hanging").await, 202);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let (took, ok) = svc.terminate();
+    let (took, ok) = svc.terminate().await;
     assert!(ok, "serve exited with a failure after SIGTERM");
     assert!(took < STOP_BOUND, "a busy serve took {took:?} to stop");
+    // The sagas whose catalog call answered committed their step and gave their lease back; only
+    // the one whose call never answered keeps its lease, to expire.
+    let leased: i64 = sqlx::query_scalar("select count(*) from sagas where lease_owner is not null")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let rows: Vec<(String, i32, Option<String>, Option<String>)> =
+        sqlx::query_as("select state, step, last_error, lease_owner from sagas order by created_at")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert!(
+        leased <= 1,
+        "{leased} sagas kept their lease after a graceful stop ({took:?}): {rows:?}"
+    );
 
-    // Nothing lost: after a restart every saga finishes, each with exactly one reservation.
-    faults(&http, &catalog_url, json!([])).await;
+    // Nothing lost: after a restart every saga finishes, each with exactly one reservation and
+    // one shipment.
     let _ = http.delete(format!("{catalog_url}/sim/faults")).send().await;
+    let _ = http.delete(format!("{shipments_url}/sim/faults")).send().await;
     svc.start();
     wait_ready(&http, &svc.base()).await;
     wait_all_finished(&pool, 4).await;
@@ -429,7 +446,17 @@ async fn serve_stops_within_five_seconds_of_sigterm_keeping_its_in_flight_sagas(
         .unwrap();
     let active = reservations.iter().filter(|r| r["status"] == "active").count();
     assert_eq!(active, 4, "one reservation per order: {reservations:?}");
-    let (took, ok) = svc.terminate();
+    let shipped: Vec<Value> = http
+        .get(format!("{shipments_url}/sim/shipments"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let created = shipped.iter().filter(|s| s["status"] == "created").count();
+    assert_eq!(created, 4, "one shipment per order: {shipped:?}");
+    let (took, ok) = svc.terminate().await;
     assert!(ok && took < STOP_BOUND, "serve took {took:?} to stop");
     stop.cancel();
 }
@@ -472,7 +499,7 @@ async fn dev_stops_within_five_seconds_of_sigterm() {
         .unwrap();
     let token = r["token"].as_str().unwrap().to_string();
     assert_eq!(place(&http, &base, &token, "dev-1").await, 201);
-    let (took, ok) = terminate(&mut child);
+    let (took, ok) = terminate(&mut child).await;
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
     let confirmed: i64 = sqlx::query_scalar("select count(*) from orders where status = 'confirmed'")
         .fetch_one(&pool)
