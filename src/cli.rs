@@ -322,6 +322,10 @@ pub async fn create_user_in(pool: &sqlx::PgPool, email: &str, pw: &str, role: Ro
     if pw.chars().count() < password::MIN_PASSWORD_CHARS || pw.len() > password::MAX_PASSWORD_BYTES {
         anyhow::bail!("--password must be 8 to 1024 characters long");
     }
+    if pw.chars().any(char::is_control) {
+        // The API refuses control characters in every string: such a password could never log in.
+        anyhow::bail!("--password must not contain control characters");
+    }
     let hash = password::hash_blocking(pw)?;
     let mut conn = pool.acquire().await?;
     match users::create(&mut conn, email, &hash, role).await {

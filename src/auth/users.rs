@@ -40,10 +40,14 @@ pub enum CreateUserError {
 /// Longest email accepted (RFC 5321 path limit).
 pub const MAX_EMAIL_LEN: usize = 254;
 
-/// A light check of an email's shape: one `@`, non-empty local part and domain, no spaces.
+/// A light check of an email's shape: one `@`, non-empty local part and domain, no spaces and no
+/// control characters.
 pub fn email_is_plausible(email: &str) -> bool {
     let email = email.trim();
-    if email.is_empty() || email.len() > MAX_EMAIL_LEN || email.chars().any(char::is_whitespace) {
+    if email.is_empty()
+        || email.len() > MAX_EMAIL_LEN
+        || email.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
         return false;
     }
     match email.split_once('@') {
@@ -302,4 +306,28 @@ pub async fn find_by_id(conn: &mut PgConnection, user_id: i32) -> Result<Option<
     )
     .fetch_optional(&mut *conn)
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plausible_emails_have_one_at_and_no_spaces_or_control_characters() {
+        assert!(email_is_plausible("ann@example.com"));
+        assert!(email_is_plausible(" ann@example.com "));
+        for bad in [
+            "",
+            "ann",
+            "@example.com",
+            "ann@",
+            "a@b@c",
+            "an n@example.com",
+            "ann\u{1}@example.com",
+            "ann@example.com\u{85}x",
+        ] {
+            assert!(!email_is_plausible(bad), "{bad:?}");
+        }
+        assert!(!email_is_plausible(&format!("{}@example.com", "a".repeat(250))));
+    }
 }
