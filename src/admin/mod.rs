@@ -202,8 +202,11 @@ pub struct HistoryItem {
     pub error: Option<String>,
     /// Idempotency-Key sent downstream.
     pub idempotency_key: Option<String>,
-    /// Downstream HTTP status.
+    /// The HTTP status the downstream answered (successes and failures alike; null for a local
+    /// step or when no answer came).
     pub downstream_status: Option<i32>,
+    /// How long the attempt took, in milliseconds (null for rows written before it was recorded).
+    pub duration_ms: Option<i32>,
     /// The worker that ran it.
     pub worker: Option<String>,
 }
@@ -241,7 +244,7 @@ pub async fn get_saga(conn: &mut PgConnection, saga_id: Uuid) -> Result<Option<S
     };
     let history = sqlx::query!(
         r#"select step, kind, attempt, started_at, finished_at, outcome, error_class, error, idempotency_key,
-                  downstream_status, worker
+                  downstream_status, duration_ms, worker
              from saga_steps where saga_id = $1 order by id"#,
         saga_id
     )
@@ -259,6 +262,7 @@ pub async fn get_saga(conn: &mut PgConnection, saga_id: Uuid) -> Result<Option<S
         error: h.error,
         idempotency_key: h.idempotency_key,
         downstream_status: h.downstream_status,
+        duration_ms: h.duration_ms,
         worker: h.worker,
     })
     .collect();
