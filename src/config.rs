@@ -122,6 +122,20 @@ pub struct ServiceConfig {
     #[arg(long, env = "IDEMPOTENCY_KEY_RETENTION_SECONDS", default_value_t = 7 * 24 * 3600)]
     pub idempotency_key_retention_seconds: u64,
 
+    /// The ops console's link to a saga's trace: `{traceID}` is replaced by the trace id (Jaeger of
+    /// docker-compose by default); empty shows the trace id without a link.
+    #[arg(
+        long,
+        env = "TRACE_UI_URL",
+        default_value = "http://127.0.0.1:16686/trace/{traceID}"
+    )]
+    pub trace_ui_url: String,
+
+    /// Marks the ops console's session cookie `Secure` (set it when the console is served over
+    /// HTTPS, directly or behind a proxy).
+    #[arg(long, env = "CONSOLE_SECURE_COOKIE", default_value_t = false)]
+    pub console_secure_cookie: bool,
+
     /// Kafka topic names.
     #[command(flatten)]
     pub topics: crate::outbox::Topics,
@@ -271,6 +285,8 @@ impl ServiceConfig {
                 "IDEMPOTENCY_KEY_RETENTION_SECONDS",
                 self.idempotency_key_retention_seconds.to_string(),
             ),
+            ("TRACE_UI_URL", self.trace_ui_url.clone()),
+            ("CONSOLE_SECURE_COOKIE", self.console_secure_cookie.to_string()),
             ("TOPIC_ORDER_EVENTS", self.topics.order_events.clone()),
             ("TOPIC_SAGA_EVENTS", self.topics.saga_events.clone()),
             ("TOPIC_TRACKING_EVENTS", self.topics.tracking_events.clone()),

@@ -1,0 +1,309 @@
+//! The ops console (`/console`): sessions, CSRF, escaping, and the stuck-saga drill in a real
+//! browser (headless Chromium driven by `tests/console/drill.mjs`).
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::helpers::{AppOptions, TestApp, spawn_app, spawn_app_with};
+use ostore_orders::auth::Role;
+
+const ADMIN: (&str, &str) = ("ops@example.com", "password-123");
+
+/// A client that shows redirects instead of following them.
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// An `application/x-www-form-urlencoded` body.
+fn form(pairs: &[(&str, &str)]) -> String {
+    use ostore_orders::console::html::url_enc;
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{}={}", url_enc(k), url_enc(v)))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// Signs in through the console's form; returns the session token from the cookie.
+async fn console_login(app: &TestApp, email: &str, password: &str) -> reqwest::Response {
+    client()
+        .post(app.url("/console/login"))
+        .header("origin", &app.base)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(form(&[("email", email), ("password", password)]))
+        .send()
+        .await
+        .unwrap()
+}
+
+fn session_of(resp: &reqwest::Response) -> String {
+    let cookie = resp
+        .headers()
+        .get("set-cookie")
+        .expect("a session cookie")
+        .to_str()
+        .unwrap()
+        .to_string();
+    for attr in ["HttpOnly", "SameSite=Strict", "Path=/console"] {
+        assert!(cookie.contains(attr), "cookie {cookie} lacks {attr}");
+    }
+    cookie
+        .split(';')
+        .next()
+        .unwrap()
+        .strip_prefix("ostore_console=")
+        .unwrap()
+        .to_string()
+}
+
+async fn post_form(
+    app: &TestApp,
+    path: &str,
+    token: &str,
+    origin: &str,
+    form: &[(&str, &str)],
+) -> reqwest::Response {
+    client()
+        .post(app.url(path))
+        .header("cookie", format!("ostore_console={token}"))
+        .header("origin", origin)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(self::form(form))
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn console_pages_need_an_admin_session_and_forms_need_the_session_csrf_token() {
+    let app = spawn_app().await;
+    app.create_user(ADMIN.0, ADMIN.1, Role::Admin).await;
+    app.create_user("cust@example.com", "password-123", Role::User)
+        .await;
+
+    let r = client().get(app.url("/console/sagas")).send().await.unwrap();
+    assert_eq!(r.status(), 303);
+    assert_eq!(r.headers()["location"], "/console/login");
+    assert_eq!(
+        r.headers()["content-security-policy"],
+        ostore_orders::console::CSP
+    );
+
+    // A customer gets no session.
+    let r = console_login(&app, "cust@example.com", "password-123").await;
+    assert_eq!(r.status(), 403);
+    assert!(r.headers().get("set-cookie").is_none());
+    // Wrong password: the API's answer, as a page.
+    let r = console_login(&app, ADMIN.0, "wrong").await;
+    assert_eq!(r.status(), 401);
+    assert!(r.text().await.unwrap().contains("invalid email or password"));
+    // A sign-in posted from another site is refused.
+    let r = client()
+        .post(app.url("/console/login"))
+        .header("origin", "https://evil.example")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(form(&[("email", ADMIN.0), ("password", ADMIN.1)]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert!(r.headers().get("set-cookie").is_none());
+
+    let r = console_login(&app, ADMIN.0, ADMIN.1).await;
+    assert_eq!(r.status(), 303);
+    let token = session_of(&r);
+    let csrf = ostore_orders::console::csrf_of(&token);
+    let r = client()
+        .get(app.url("/console/sagas"))
+        .header("cookie", format!("ostore_console={token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["content-security-policy"],
+        ostore_orders::console::CSP
+    );
+    assert_eq!(r.headers()["x-frame-options"], "DENY");
+    let page = r.text().await.unwrap();
+    assert!(page.contains(&csrf), "forms carry the session's CSRF token");
+    assert!(!page.contains("<script"), "the console runs no script");
+
+    // A stuck-free saga id is enough: refused requests must not reach it.
+    let id = uuid::Uuid::now_v7();
+    let path = format!("/console/sagas/{id}/retry");
+    let reason = ("reason", "drill");
+    let r = post_form(&app, &path, &token, &app.base, &[("csrf", "forged"), reason]).await;
+    assert_eq!(r.status(), 403, "a wrong CSRF token is refused");
+    let r = post_form(&app, &path, &token, &app.base, &[reason]).await;
+    assert_eq!(r.status(), 403, "a missing CSRF token is refused");
+    let r = post_form(
+        &app,
+        &path,
+        &token,
+        "https://evil.example",
+        &[("csrf", &csrf), reason],
+    )
+    .await;
+    assert_eq!(r.status(), 403, "a post from another origin is refused");
+    let r = post_form(
+        &app,
+        &path,
+        &token,
+        &app.base,
+        &[("csrf", &csrf), ("reason", "  ")],
+    )
+    .await;
+    assert_eq!(r.status(), 422, "a reason is required");
+    let r = post_form(&app, &path, &token, &app.base, &[("csrf", &csrf), reason]).await;
+    assert_eq!(r.status(), 404, "checks passed: the saga is looked up");
+    assert_eq!(app.count("select count(*) from audit_log").await, 0);
+
+    // Bad filter input: a clear message, nothing else.
+    let r = client()
+        .get(app.url("/console/sagas?state=lost"))
+        .header("cookie", format!("ostore_console={token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    assert!(r.text().await.unwrap().contains("state must be one of"));
+
+    // Signing out ends the session at once.
+    let r = post_form(&app, "/console/logout", &token, &app.base, &[("csrf", &csrf)]).await;
+    assert_eq!(r.status(), 303);
+    let r = client()
+        .get(app.url("/console/sagas"))
+        .header("cookie", format!("ostore_console={token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        303,
+        "a signed-out session is sent back to the sign-in form"
+    );
+}
+
+#[tokio::test]
+async fn hostile_payloads_and_audit_values_are_shown_escaped() {
+    let app = spawn_app().await;
+    app.create_user(ADMIN.0, ADMIN.1, Role::Admin).await;
+    sqlx::query("insert into audit_log (actor, action, target) values (1, 'x', '<script>alert(1)</script>')")
+        .execute(&app.db)
+        .await
+        .unwrap();
+    sqlx::query(
+        "insert into dead_letters (topic, payload, reason) values ('t', convert_to('<img src=x onerror=alert(2)>', 'UTF8'), '\"><b>r</b>')",
+    )
+    .execute(&app.db)
+    .await
+    .unwrap();
+    let token = session_of(&console_login(&app, ADMIN.0, ADMIN.1).await);
+    for (path, raw, escaped) in [
+        (
+            "/console/audit",
+            "<script>alert(1)",
+            "&lt;script&gt;alert(1)&lt;/script&gt;",
+        ),
+        (
+            "/console/pipeline",
+            "<img src=x",
+            "&lt;img src=x onerror=alert(2)&gt;",
+        ),
+        ("/console/pipeline", "<b>r</b>", "&quot;&gt;&lt;b&gt;r&lt;/b&gt;"),
+    ] {
+        let page = client()
+            .get(app.url(path))
+            .header("cookie", format!("ostore_console={token}"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(!page.contains(raw), "{path} shows {raw} unescaped");
+        assert!(page.contains(escaped), "{path} lacks {escaped}");
+    }
+}
+
+#[tokio::test]
+async fn the_stuck_saga_drill_passes_in_a_real_browser() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/console");
+    assert!(
+        std::path::Path::new(dir)
+            .join("node_modules/playwright-core")
+            .exists(),
+        "playwright-core is not installed in {dir}: run scripts/setup"
+    );
+    let chromium = std::env::var("CHROMIUM_PATH").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    assert!(
+        std::path::Path::new(&chromium).exists(),
+        "no Chromium at {chromium}: run scripts/setup (Debian package chromium)"
+    );
+    let app = spawn_app_with(AppOptions {
+        kafka: true,
+        ..Default::default()
+    })
+    .await;
+    app.product(1, 10, "5.00");
+    app.create_user(ADMIN.0, ADMIN.1, Role::Admin).await;
+    let (_, customer) = app.customer("cust@example.com").await;
+    // The shipper refuses the shipment, and the catalog keeps failing the release: stuck.
+    app.shipment_faults(json!({"failNext": 1, "failStatus": 422, "endpoint": "create"}))
+        .await;
+    app.catalog_faults(json!({"failNext": 1000, "endpoint": "release"}))
+        .await;
+    let r = app
+        .place(&customer, "drill-1", json!([{"productID": 1, "quantity": 1}]))
+        .await;
+    assert!(r.status() == 202 || r.status() == 409);
+    app.eventually_eq("select state from sagas", "stuck", 60).await;
+    let saga_id: uuid::Uuid = sqlx::query_scalar("select saga_id from sagas")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+
+    let out = tokio::process::Command::new("node")
+        .arg("drill.mjs")
+        .current_dir(dir)
+        .env("CONSOLE_BASE", &app.base)
+        .env("ADMIN_EMAIL", ADMIN.0)
+        .env("ADMIN_PASSWORD", ADMIN.1)
+        .env("CATALOG_URL", &app.catalog_url)
+        .env("SAGA_ID", saga_id.to_string())
+        .env("CHROMIUM_PATH", &chromium)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("node runs (Node.js 20 is on the machine)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "the browser drill failed\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("drill: done"));
+
+    // What the browser saw is what the database holds.
+    assert_eq!(
+        app.count("select count(*) from sagas where state = 'failed'")
+            .await,
+        1
+    );
+    let (action, reason): (String, String) =
+        sqlx::query_as("select action, after->>'reason' from audit_log where target = $1")
+            .bind(format!("saga:{saga_id}"))
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    assert_eq!(action, "saga.retry");
+    assert_eq!(reason, "catalog release endpoint back after the outage (drill)");
+    let released: Vec<serde_json::Value> = app.reservations().await;
+    assert_eq!(released[0]["status"], "released");
+}
