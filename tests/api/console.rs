@@ -269,6 +269,17 @@ async fn the_stuck_saga_drill_passes_in_a_real_browser() {
         .await
         .unwrap();
 
+    // A tracking event that could not be applied, with a hostile payload: shown as text, and a
+    // replay is refused with the reason.
+    sqlx::query(
+        r#"insert into dead_letters (topic, partition, "offset", payload, reason)
+           values ('shipments.tracking-events', 0, 7, convert_to('{"eventID": "<script>alert(1)</script>"}', 'UTF8'),
+                   'malformed TrackingEvent: missing field `orderID`')"#,
+    )
+    .execute(&app.db)
+    .await
+    .unwrap();
+
     let out = tokio::process::Command::new("node")
         .arg("drill.mjs")
         .current_dir(dir)

@@ -115,7 +115,14 @@ try {
   await page.getByRole('link', { name: 'Outbox, dead letters, lag' }).click();
   await page.waitForURL(/\/console\/pipeline$/);
   assert.match(await page.locator('main').innerText(), /pending/);
+  const dead = page.locator('h2:has-text("Tracking dead letters") ~ table').first().locator('tbody tr').first();
+  assert.match(await dead.locator('pre.payload').innerText(), /<script>alert\(1\)<\/script>/, 'a hostile payload is shown as text');
   await shot('console-pipeline.png');
+
+  step('a replay of a dead letter that still cannot be applied is refused with the reason');
+  await dead.getByRole('button', { name: 'Replay' }).click();
+  await page.waitForLoadState();
+  assert.match(await page.locator('main').innerText(), /still cannot be applied/);
 
   assert.deepEqual(cspViolations, [], 'no Content-Security-Policy violation');
   step('done');
