@@ -268,6 +268,26 @@ async fn the_stuck_saga_drill_passes_in_a_real_browser() {
         .fetch_one(&app.db)
         .await
         .unwrap();
+    // A second order waits: the shipper answers 503 with Retry-After: 600, so the saga's next
+    // attempt is ten minutes away (this PUT replaces the shipper's faults; the catalog's stay).
+    app.shipment_faults(
+        json!({"failNext": 1, "failStatus": 503, "retryAfterSeconds": 600, "endpoint": "create"}),
+    )
+    .await;
+    let r = app
+        .place(&customer, "drill-2", json!([{"productID": 1, "quantity": 2}]))
+        .await;
+    assert_eq!(r.status(), 202, "the order waits for its shipment");
+    app.eventually_eq(
+        "select count(*)::text from sagas where state = 'running' and next_attempt_at > now() + interval '5 minutes'",
+        "1",
+        30,
+    )
+    .await;
+    let waiting_id: uuid::Uuid = sqlx::query_scalar("select saga_id from sagas where state = 'running'")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
 
     // A tracking event that could not be applied, with a hostile payload: shown as text, and a
     // replay is refused with the reason.
@@ -288,6 +308,8 @@ async fn the_stuck_saga_drill_passes_in_a_real_browser() {
         .env("ADMIN_PASSWORD", ADMIN.1)
         .env("CATALOG_URL", &app.catalog_url)
         .env("SAGA_ID", saga_id.to_string())
+        .env("WAITING_SAGA_ID", waiting_id.to_string())
+        .env("SHIPMENTS_URL", &app.shipments_url)
         .env("CHROMIUM_PATH", &chromium)
         .kill_on_drop(true)
         .output()
@@ -307,14 +329,184 @@ async fn the_stuck_saga_drill_passes_in_a_real_browser() {
             .await,
         1
     );
-    let (action, reason): (String, String) =
-        sqlx::query_as("select action, after->>'reason' from audit_log where target = $1")
-            .bind(format!("saga:{saga_id}"))
-            .fetch_one(&app.db)
+    assert_eq!(
+        app.count("select count(*) from sagas where state = 'completed'")
+            .await,
+        1
+    );
+    for (id, why) in [
+        (saga_id, "catalog release endpoint back after the outage (drill)"),
+        (waiting_id, "shipper back; no need to wait ten minutes (drill)"),
+    ] {
+        let (action, reason): (String, String) =
+            sqlx::query_as("select action, after->>'reason' from audit_log where target = $1")
+                .bind(format!("saga:{id}"))
+                .fetch_one(&app.db)
+                .await
+                .unwrap();
+        assert_eq!(action, "saga.retry");
+        assert_eq!(reason, why);
+    }
+    let reservations: Vec<serde_json::Value> = app.reservations().await;
+    let statuses: Vec<&str> = reservations
+        .iter()
+        .map(|r| r["status"].as_str().unwrap())
+        .collect();
+    assert!(
+        statuses.contains(&"released") && statuses.contains(&"active"),
+        "{statuses:?}"
+    );
+    let shipped: i64 = sqlx::query_scalar("select count(*) from orders where shipment_id is not null")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(shipped, 1);
+}
+
+#[tokio::test]
+async fn bulk_re_drive_shows_its_dry_run_before_the_real_run_and_every_action_keeps_its_reason() {
+    let app = spawn_app().await;
+    app.product(1, 10, "5.00");
+    app.create_user(ADMIN.0, ADMIN.1, Role::Admin).await;
+    let (_, customer) = app.customer("cust@example.com").await;
+    app.shipment_faults(json!({"failNext": 3, "failStatus": 422, "endpoint": "create"}))
+        .await;
+    app.catalog_faults(json!({"failNext": 1000, "endpoint": "release"}))
+        .await;
+    for key in ["b1", "b2", "b3"] {
+        let r = app
+            .place(&customer, key, json!([{"productID": 1, "quantity": 1}]))
+            .await;
+        assert!(r.status() == 202 || r.status() == 409);
+    }
+    app.eventually_eq("select count(*)::text from sagas where state = 'stuck'", "3", 60)
+        .await;
+    let ids: Vec<uuid::Uuid> = sqlx::query_scalar("select saga_id from sagas order by created_at")
+        .fetch_all(&app.db)
+        .await
+        .unwrap();
+    let token = session_of(&console_login(&app, ADMIN.0, ADMIN.1).await);
+    let csrf = ostore_orders::console::csrf_of(&token);
+    let bulk = |mode: &'static str| {
+        vec![
+            ("csrf", csrf.clone()),
+            ("mode", mode.to_string()),
+            ("state", "stuck".to_string()),
+            ("step", String::new()),
+            ("errorClass", "http_5xx".to_string()),
+            ("olderThanSeconds", String::new()),
+            ("limit", "100".to_string()),
+            ("reason", "catalog releases again".to_string()),
+        ]
+    };
+
+    // The dry run lists what would be re-driven, changes nothing, and offers the real run.
+    let form = bulk("dry-run");
+    let pairs: Vec<(&str, &str)> = form.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let r = post_form(&app, "/console/sagas/retry", &token, &app.base, &pairs).await;
+    assert_eq!(r.status(), 200);
+    let page = r.text().await.unwrap();
+    assert!(page.contains("Dry run: nothing was changed"));
+    for id in &ids {
+        assert!(page.contains(&id.to_string()), "the dry run lists {id}");
+    }
+    assert!(
+        page.contains(r#"name="mode" value="run""#),
+        "the real run is offered"
+    );
+    assert!(
+        page.contains("catalog releases again"),
+        "the reason is carried to the real run"
+    );
+    assert_eq!(app.count("select count(*) from audit_log").await, 0);
+    assert_eq!(
+        app.count("select count(*) from sagas where state = 'stuck'")
+            .await,
+        3
+    );
+
+    // The catalog is back. One saga is cancelled (a reason is required), the rest bulk re-driven.
+    let r = app
+        .http
+        .delete(format!("{}/sim/faults", app.catalog_url))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    let cancel = format!("/console/sagas/{}/cancel", ids[0]);
+    let r = post_form(
+        &app,
+        &cancel,
+        &token,
+        &app.base,
+        &[("csrf", &csrf), ("reason", "")],
+    )
+    .await;
+    assert_eq!(r.status(), 422);
+    assert_eq!(app.count("select count(*) from audit_log").await, 0);
+    let r = post_form(
+        &app,
+        &cancel,
+        &token,
+        &app.base,
+        &[("csrf", &csrf), ("reason", "customer asked")],
+    )
+    .await;
+    assert_eq!(r.status(), 303);
+    let to = r.headers()["location"].to_str().unwrap().to_string();
+    assert!(
+        to.starts_with(&format!("/console/sagas/{}?audit=", ids[0])),
+        "{to}"
+    );
+    let page = client()
+        .get(app.url(&to))
+        .header("cookie", format!("ostore_console={token}"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains(r#"id="written""#) && page.contains("customer asked"));
+
+    let form = bulk("run");
+    let pairs: Vec<(&str, &str)> = form.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let r = post_form(&app, "/console/sagas/retry", &token, &app.base, &pairs).await;
+    assert_eq!(r.status(), 200);
+    let page = r.text().await.unwrap();
+    assert!(
+        page.contains("Re-drove <strong>2</strong> of the <strong>2</strong>"),
+        "{page}"
+    );
+    assert!(page.contains("The audit entry written") && page.contains("sagas.bulk_retry"));
+    app.eventually_eq("select count(*)::text from sagas where state = 'failed'", "3", 60)
+        .await;
+    let reasons: Vec<(String, String)> =
+        sqlx::query_as("select action, after->>'reason' from audit_log order by id")
+            .fetch_all(&app.db)
             .await
             .unwrap();
-    assert_eq!(action, "saga.retry");
-    assert_eq!(reason, "catalog release endpoint back after the outage (drill)");
-    let released: Vec<serde_json::Value> = app.reservations().await;
-    assert_eq!(released[0]["status"], "released");
+    assert_eq!(
+        reasons,
+        [
+            ("saga.cancel".to_string(), "customer asked".to_string()),
+            (
+                "sagas.bulk_retry".to_string(),
+                "catalog releases again".to_string()
+            )
+        ]
+    );
+
+    // A finished saga: the console says so and changes nothing.
+    let r = post_form(
+        &app,
+        &cancel,
+        &token,
+        &app.base,
+        &[("csrf", &csrf), ("reason", "again")],
+    )
+    .await;
+    assert_eq!(r.status(), 409);
+    assert!(r.text().await.unwrap().contains("nothing can change it any more"));
+    assert_eq!(app.count("select count(*) from audit_log").await, 2);
 }

@@ -106,7 +106,37 @@ try {
   assert.match(await releases.last().innerText(), /succeeded/);
   await shot('console-saga.png');
 
-  step('the audit page lists the re-drive with its reason');
+  step('a saga waiting ten minutes on the shipper\'s Retry-After: find it among the running ones');
+  const waitingId = env('WAITING_SAGA_ID');
+  await page.getByRole('link', { name: 'Sagas', exact: true }).click();
+  await page.locator('form.filters select[name="state"]').selectOption('running');
+  await page.locator('form.filters input[name="errorClass"]').fill('http_5xx');
+  await page.locator('form.filters').getByRole('button', { name: 'Filter' }).click();
+  await page.waitForURL(/state=running/);
+  await page.getByRole('link', { name: waitingId }).click();
+  await page.waitForURL(new RegExp(`/console/sagas/${waitingId}$`));
+  assert.match(await page.locator('table.timeline').innerText(), /retry_scheduled/);
+
+  step('the shipper is back; run its next attempt now and see it completed');
+  const shipperCleared = await fetch(`${env('SHIPMENTS_URL')}/sim/faults`, { method: 'DELETE' });
+  assert.ok(shipperCleared.ok, `DELETE /sim/faults answered ${shipperCleared.status}`);
+  const runNow = page.locator(`form[action="/console/sagas/${waitingId}/retry"]`);
+  assert.equal(await runNow.getByRole('button').innerText(), 'Run the next attempt now');
+  await runNow.locator('textarea[name="reason"]').fill('shipper back; no need to wait ten minutes (drill)');
+  await runNow.getByRole('button').click();
+  await page.waitForURL(/\?audit=\d+#written$/);
+  assert.match(await page.locator('tr#written').innerText(), /saga\.retry/);
+  let waitingState = '';
+  for (let i = 0; i < 60; i++) {
+    await page.reload();
+    waitingState = await page.locator('main p .badge').first().innerText();
+    if (['failed', 'compensated', 'completed'].includes(waitingState)) break;
+    await page.waitForTimeout(500);
+  }
+  assert.equal(waitingState, 'completed');
+  assert.match(await page.locator('table.audit').innerText(), /shipper back; no need to wait ten minutes/);
+
+  step('the audit page lists the re-drives with their reasons');
   await page.getByRole('link', { name: 'Audit' }).click();
   await page.waitForURL(/\/console\/audit$/);
   assert.match(await page.locator('table.audit tbody tr').first().innerText(), /saga\.retry/);
