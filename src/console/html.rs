@@ -59,14 +59,14 @@ pub fn page(title: &str, who: Option<&Who<'_>>, body: &str) -> String {
         None => String::new(),
     };
     format!(
-        r#"<!doctype html>
+        r##"<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{} · OStore ops console</title><link rel="stylesheet" href="/console/assets/console.css"></head>
-<body><header><a class="brand" href="/console/sagas">OStore ops console</a>{nav}</header>
+<body><a class="skip" href="#main">Skip to the content</a><header><a class="brand" href="/console/sagas">OStore ops console</a>{nav}</header>
 <main id="main">
 <h1>{}</h1>
 {body}
-</main></body></html>"#,
+</main></body></html>"##,
         esc(title),
         esc(title)
     )

@@ -510,3 +510,55 @@ async fn bulk_re_drive_shows_its_dry_run_before_the_real_run_and_every_action_ke
     assert!(r.text().await.unwrap().contains("nothing can change it any more"));
     assert_eq!(app.count("select count(*) from audit_log").await, 2);
 }
+
+#[tokio::test]
+async fn a_saga_page_links_its_trace_to_the_configured_viewer() {
+    let app = spawn_app_with(AppOptions {
+        flags: vec!["--trace-ui-url", "https://traces.example/trace/{traceID}?x=1"],
+        ..Default::default()
+    })
+    .await;
+    app.product(1, 10, "5.00");
+    app.create_user(ADMIN.0, ADMIN.1, Role::Admin).await;
+    let (_, customer) = app.customer("cust@example.com").await;
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let r = app
+        .http
+        .post(app.url("/orders"))
+        .bearer_auth(&customer)
+        .header("Idempotency-Key", "t1")
+        .json(&json!({"orderItems": [{"productID": 1, "quantity": 1}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let saga_id: uuid::Uuid = sqlx::query_scalar("select saga_id from sagas")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    // The context the saga keeps when the service exports traces (tests export none).
+    sqlx::query("update sagas set trace_context = $1")
+        .bind(json!({"traceparent": format!("00-{trace_id}-00f067aa0ba902b7-01")}))
+        .execute(&app.db)
+        .await
+        .unwrap();
+    let token = session_of(&console_login(&app, ADMIN.0, ADMIN.1).await);
+    let page = client()
+        .get(app.url(&format!("/console/sagas/{saga_id}")))
+        .header("cookie", format!("ostore_console={token}"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains(&format!(r#"href="https://traces.example/trace/{trace_id}?x=1""#)),
+        "the trace link is missing:\n{page}"
+    );
+    assert!(page.contains("completed"));
+    assert!(
+        page.contains("OrderCreated"),
+        "the saga's outbox events are listed"
+    );
+}

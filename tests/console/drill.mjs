@@ -42,6 +42,7 @@ try {
   assert.match(page.url(), /\/console\/login$/);
 
   step('sign in as admin (keyboard only)');
+  await page.keyboard.press('Tab');
   await page.getByLabel('Email').fill(env('ADMIN_EMAIL'));
   await page.getByLabel('Password').fill(env('ADMIN_PASSWORD'));
   await page.getByLabel('Password').press('Enter');
@@ -145,6 +146,7 @@ try {
   await page.getByRole('link', { name: 'Outbox, dead letters, lag' }).click();
   await page.waitForURL(/\/console\/pipeline$/);
   assert.match(await page.locator('main').innerText(), /pending/);
+  assert.match(await page.locator('main').innerText(), /Group ostore-orders-tracking on shipments\.tracking-events: \d+ record\(s\) behind/, 'the lag is read from the broker');
   const dead = page.locator('h2:has-text("Tracking dead letters") ~ table').first().locator('tbody tr').first();
   assert.match(await dead.locator('pre.payload').innerText(), /<script>alert\(1\)<\/script>/, 'a hostile payload is shown as text');
   await shot('console-pipeline.png');
