@@ -136,6 +136,20 @@ pub struct ServiceConfig {
     #[arg(long, env = "TRACKING_RETRY_MAX_DELAY_MS", default_value_t = 30_000)]
     pub tracking_retry_max_delay_ms: u64,
 
+    /// The ops console's link to a saga's trace: `{traceID}` is replaced by the trace id (Jaeger of
+    /// docker-compose by default); empty shows the trace id without a link.
+    #[arg(
+        long,
+        env = "TRACE_UI_URL",
+        default_value = "http://127.0.0.1:16686/trace/{traceID}"
+    )]
+    pub trace_ui_url: String,
+
+    /// Marks the ops console's session cookie `Secure` (set it when the console is served over
+    /// HTTPS, directly or behind a proxy).
+    #[arg(long, env = "CONSOLE_SECURE_COOKIE", default_value_t = false)]
+    pub console_secure_cookie: bool,
+
     /// Kafka topic names.
     #[command(flatten)]
     pub topics: crate::outbox::Topics,
@@ -319,6 +333,8 @@ impl ServiceConfig {
                 "TRACKING_RETRY_MAX_DELAY_MS",
                 self.tracking_retry_max_delay_ms.to_string(),
             ),
+            ("TRACE_UI_URL", self.trace_ui_url.clone()),
+            ("CONSOLE_SECURE_COOKIE", self.console_secure_cookie.to_string()),
             ("TOPIC_ORDER_EVENTS", self.topics.order_events.clone()),
             ("TOPIC_SAGA_EVENTS", self.topics.saga_events.clone()),
             ("TOPIC_TRACKING_EVENTS", self.topics.tracking_events.clone()),

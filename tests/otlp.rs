@@ -396,6 +396,11 @@ async fn a_sagas_trace_reaches_an_otlp_receiver_as_one_tree_with_the_conventions
         ]
     );
     assert!(history.iter().all(|(_, _, d)| d.is_some_and(|d| d >= 0)));
+    let backwards: i64 = sqlx::query_scalar("select count(*) from saga_steps where finished_at < started_at")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(backwards, 0, "an attempt finishes after it starts");
 
     // Outbox → relay PRODUCER spans, each under the span that wrote the event.
     let producers: Vec<_> = spans

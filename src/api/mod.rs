@@ -114,6 +114,7 @@ pub fn router(state: AppState) -> Router {
     let (router, spec) = routes().split_for_parts();
     let spec = Arc::new(spec);
     let router = router
+        .merge(crate::console::router())
         .route(
             "/openapi.json",
             axum::routing::get(move || {

@@ -519,9 +519,13 @@ impl Batch {
         sqlx::query(
             r#"with h as (
                    insert into saga_steps (saga_id, step, kind, attempt, started_at, outcome, error_class, error,
-                                           idempotency_key, downstream_status, worker, duration_ms)
-                   select * from unnest($1::uuid[], $2::text[], $3::text[], $4::int[], $5::timestamptz[], $6::text[],
-                                        $7::text[], $8::text[], $9::text[], $10::int[], $11::text[], $20::int[])),
+                                           idempotency_key, downstream_status, worker, duration_ms, finished_at)
+                   -- finished_at from the attempt's own clock when it was timed: now() is the
+                   -- transaction's start, earlier than a local step that ran inside it.
+                   select u.*, coalesce(u.started + make_interval(secs => u.dur / 1000.0), now())
+                     from unnest($1::uuid[], $2::text[], $3::text[], $4::int[], $5::timestamptz[], $6::text[],
+                                 $7::text[], $8::text[], $9::text[], $10::int[], $11::text[], $20::int[])
+                          as u(saga, step, kind, attempt, started, outcome, class, error, key, status, worker, dur)),
                o as (
                    insert into outbox (topic, message_key, event_id, event_type, payload, headers)
                    select t, k, i, e, p::json, h

@@ -2,6 +2,7 @@
 
 mod admin;
 mod auth;
+mod console;
 mod health;
 mod helpers;
 mod orders;
