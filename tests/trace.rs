@@ -170,7 +170,7 @@ async fn one_trace_spans_the_request_the_steps_the_downstream_services_kafka_and
 }
 
 #[tokio::test]
-async fn a_saga_resumed_by_another_worker_stays_in_its_trace() {
+async fn a_saga_resumed_by_another_worker_stays_in_its_trace_and_links_to_the_session_before() {
     let collector = Collector::default();
     let _guard = ostore_orders::telemetry::init_with_span_exporter("ostore-orders-test", collector.clone());
     let app = spawn_app_with(AppOptions {
@@ -181,8 +181,9 @@ async fn a_saga_resumed_by_another_worker_stays_in_its_trace() {
     app.product(1, 10, "1.00");
     let (_, token) = app.customer("resume@example.com").await;
     let trace_id = "0af7651916cd43dd8448eb211c80319c";
-    // The saga's first worker "dies": its lease is left to expire and another claim resumes it.
-    app.catalog_faults(json!({"latencyMs": 400, "endpoint": "reserve"}))
+    // The saga's first worker reserves the stock and persists the order, then "dies" in the middle
+    // of creating the shipment: its lease is taken over and another claim resumes the saga.
+    app.shipment_faults(json!({"latencyMs": 1500, "endpoint": "create"}))
         .await;
     let r = app
         .http
@@ -195,6 +196,8 @@ async fn a_saga_resumed_by_another_worker_stays_in_its_trace() {
         .await
         .unwrap();
     assert_eq!(r.status(), 202);
+    app.eventually_eq("select step_name from sagas", "create_shipment", 10)
+        .await;
     // Resume from the database, as a restarted worker would: the trace context comes from the row.
     sqlx::query("update sagas set lease_owner = null, lease_expires_at = null, fence = fence + 1, next_attempt_at = now()")
         .execute(&app.db)
@@ -204,10 +207,24 @@ async fn a_saga_resumed_by_another_worker_stays_in_its_trace() {
     app.eventually_eq("select state from sagas", "completed", 10)
         .await;
     let spans = collector.in_trace(trace_id);
-    let sagas = spans.iter().filter(|s| s.name == "saga create_order").count();
+    let sessions: Vec<_> = spans.iter().filter(|s| s.name == "saga create_order").collect();
     assert!(
-        sagas >= 2,
+        sessions.len() >= 2,
         "the resumed drive must join the original trace:\n{}",
+        tree(&spans)
+    );
+    // The first session wrote (reservation, order) before it died: the resumed one links to it.
+    let first = sessions
+        .iter()
+        .find(|s| s.links.is_empty())
+        .expect("the first session has no earlier one");
+    let resumed: Vec<_> = sessions.iter().filter(|s| !s.links.is_empty()).collect();
+    assert!(!resumed.is_empty(), "{}", tree(&spans));
+    assert!(
+        resumed
+            .iter()
+            .any(|s| s.links.iter().any(|l| l.span_context.span_id() == first.span_context.span_id())),
+        "the resumed session links to the session that wrote before it:\n{}",
         tree(&spans)
     );
 }
