@@ -221,10 +221,87 @@ async fn a_saga_resumed_by_another_worker_stays_in_its_trace_and_links_to_the_se
     let resumed: Vec<_> = sessions.iter().filter(|s| !s.links.is_empty()).collect();
     assert!(!resumed.is_empty(), "{}", tree(&spans));
     assert!(
-        resumed
+        resumed.iter().any(|s| s
+            .links
             .iter()
-            .any(|s| s.links.iter().any(|l| l.span_context.span_id() == first.span_context.span_id())),
+            .any(|l| l.span_context.span_id() == first.span_context.span_id())),
         "the resumed session links to the session that wrote before it:\n{}",
         tree(&spans)
+    );
+}
+
+#[tokio::test]
+async fn an_event_written_for_a_customers_cancel_is_in_the_orders_trace_linked_to_the_cancel_request() {
+    let collector = Collector::default();
+    let _guard = ostore_orders::telemetry::init_with_span_exporter("ostore-orders-test", collector.clone());
+    let app = spawn_app_with(AppOptions {
+        flags: vec!["--order-wait-ms", "100"],
+        ..Default::default()
+    })
+    .await;
+    app.product(1, 10, "1.00");
+    let (_, token) = app.customer("cancel-trace@example.com").await;
+    let order_trace = "1af7651916cd43dd8448eb211c80319e";
+    let cancel_trace = "2af7651916cd43dd8448eb211c80319f";
+    // The shipment is slow to create: the order is still pending when the customer cancels.
+    app.shipment_faults(json!({"latencyMs": 1500, "endpoint": "create"}))
+        .await;
+    let r = app
+        .http
+        .post(app.url("/orders"))
+        .bearer_auth(&token)
+        .header("Idempotency-Key", "cancel-trace")
+        .header("traceparent", format!("00-{order_trace}-b7ad6b7169203332-01"))
+        .json(&json!({"orderItems": [{"productID": 1, "quantity": 1}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let order_id: i64 = r.json::<serde_json::Value>().await.unwrap()["orderID"]
+        .as_i64()
+        .unwrap();
+    let r = app
+        .http
+        .post(app.url(&format!("/orders/{order_id}/cancel")))
+        .bearer_auth(&token)
+        .header("traceparent", format!("00-{cancel_trace}-c7ad6b7169203333-01"))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    let headers: serde_json::Value =
+        sqlx::query_scalar("select headers from outbox where event_type = 'OrderCancelled'")
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    let traceparent = headers["traceparent"].as_str().unwrap().to_string();
+    assert!(
+        traceparent.contains(order_trace),
+        "OrderCancelled is in the order's trace: {traceparent}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let spans = collector.in_trace(order_trace);
+    let producing = spans
+        .iter()
+        .find(|s| traceparent.contains(&s.span_context.span_id().to_string()))
+        .unwrap_or_else(|| {
+            panic!(
+                "the span that wrote OrderCancelled is exported:\n{}",
+                tree(&spans)
+            )
+        });
+    assert_eq!(producing.name, "cancel order");
+    let request = collector
+        .in_trace(cancel_trace)
+        .into_iter()
+        .find(|s| s.name == "POST /orders/{orderID}/cancel")
+        .expect("the cancel request's span");
+    assert!(
+        producing
+            .links
+            .iter()
+            .any(|l| l.span_context.span_id() == request.span_context.span_id()),
+        "the span links to the cancel request"
     );
 }
