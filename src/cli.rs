@@ -226,6 +226,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_writer(std::io::stderr)
                 .with_env_filter(filter)
                 .try_init();
+            crate::kafka::install_client_properties_from_env()?;
             crate::kafka_tools::run(command).await
         }
         Command::Sim(SimCommand::Catalog(args)) => {
@@ -240,6 +241,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Sim(SimCommand::Shipments(args)) => {
             let _t = crate::telemetry::init("ostore-sim-shipments", args.log_format);
+            crate::kafka::install_client_properties_from_env()?;
             let sim = crate::sim::shipments::ShipmentsSim::new(crate::sim::shipments::ShipmentsSimConfig {
                 kafka_bootstrap_servers: args.kafka_bootstrap_servers.clone(),
                 tracking_topic: args.tracking_topic.clone(),
@@ -267,6 +269,7 @@ async fn run_sim(name: &str, addr: std::net::SocketAddr, router: axum::Router) -
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let cfg = args.config;
     cfg.validate(false)?;
+    crate::kafka::install_client_properties_from_env()?;
     let _telemetry = crate::telemetry::init("ostore-orders", cfg.log_format);
     cfg.print("ostore-orders serve: effective configuration");
     let roles: Vec<AppRole> = if args.roles.is_empty() {

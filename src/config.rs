@@ -247,6 +247,7 @@ impl ServiceConfig {
             ("CATALOG_URL", self.catalog_url.clone()),
             ("SHIPMENTS_URL", self.shipments_url.clone()),
             ("KAFKA_BOOTSTRAP_SERVERS", opt(&self.kafka_bootstrap_servers)),
+            ("KAFKA_CLIENT_*", crate::kafka::client_properties().describe()),
             ("ORDER_WAIT_MS", self.order_wait_ms.to_string()),
             ("SAGA_RETRY_SCALE", self.saga_retry_scale.to_string()),
             (

@@ -67,6 +67,7 @@ async fn bind_sim(url: &str) -> anyhow::Result<(tokio::net::TcpListener, String)
 /// Runs the development stack.
 pub async fn run(mut cfg: ServiceConfig) -> anyhow::Result<()> {
     cfg.validate(true)?;
+    crate::kafka::install_client_properties_from_env()?;
     let _telemetry = crate::telemetry::init("ostore-orders", cfg.log_format);
     crate::db::create_database_if_missing(&cfg.database_url).await?;
     let pool = crate::db::connect(&cfg.database_url, cfg.database_max_connections).await?;

@@ -290,13 +290,17 @@ pub async fn send(
     let key = HeaderValue::from_str(idempotency_key).map_err(|_| {
         DownstreamError::transient(class::REQUEST, "idempotency key is not a valid header value")
     })?;
-    let request = with_trace_context(request)
+    let (client, request) = with_trace_context(request)
         .header(IDEMPOTENCY_KEY_HEADER, key)
         .header(reqwest::header::ACCEPT, "application/json")
-        .timeout(timeout);
+        .timeout(timeout)
+        .build_split();
+    let request = request.map_err(|e| DownstreamError::from_transport(&e))?;
+    let (method, url) = (request.method().clone(), request.url().clone());
+    let started = std::time::Instant::now();
     let exchange = async {
-        let response = request
-            .send()
+        let response = client
+            .execute(request)
             .await
             .map_err(|e| DownstreamError::from_transport(&e))?;
         let status = response.status().as_u16();
@@ -308,10 +312,16 @@ pub async fn send(
             body,
         })
     };
-    match tokio::time::timeout(timeout, exchange).await {
+    let result = match tokio::time::timeout(timeout, exchange).await {
         Ok(result) => result,
         Err(_) => Err(DownstreamError::timeout(timeout)),
-    }
+    };
+    let (status, error) = match &result {
+        Ok(r) => (Some(r.status), None),
+        Err(e) => (e.status, Some(e.class)),
+    };
+    crate::metrics::get().downstream_call(method.as_str(), &url, status, error, started.elapsed());
+    result
 }
 
 /// Percent-encodes one URL path segment (everything but RFC 3986 unreserved characters).

@@ -121,6 +121,7 @@ pub fn router(state: AppState) -> Router {
                 async move { axum::Json(spec.as_ref().clone()) }
             }),
         )
+        .route("/metrics", axum::routing::get(metrics))
         .fallback(|| async { ApiError::not_found("no such resource") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -135,18 +136,12 @@ pub fn router(state: AppState) -> Router {
     router
         .layer(DefaultBodyLimit::max(extract::MAX_BODY_BYTES))
         .layer(axum::middleware::map_response(problem_for_framework_errors))
+        .layer(axum::middleware::from_fn(record_request_metrics))
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(make_request_span)
                 .on_response(|resp: &Response<_>, latency: Duration, span: &Span| {
                     span.record("http.response.status_code", resp.status().as_u16());
-                    crate::metrics::get().http_duration.record(
-                        latency.as_secs_f64(),
-                        &[opentelemetry::KeyValue::new(
-                            "http.response.status_code",
-                            i64::from(resp.status().as_u16()),
-                        )],
-                    );
                     tracing::info!(
                         status = resp.status().as_u16(),
                         latency_ms = latency.as_millis() as u64,
@@ -158,6 +153,43 @@ pub fn router(state: AppState) -> Router {
         )
         .layer(PropagateRequestIdLayer::new(REQUEST_ID.clone()))
         .layer(SetRequestIdLayer::new(REQUEST_ID.clone(), MakeRequestUuid))
+}
+
+/// `GET /metrics`: every instrument in Prometheus text format (the scrape endpoint; unauthenticated
+/// like the health checks, so keep the port off the public internet or filter the path).
+async fn metrics() -> impl axum::response::IntoResponse {
+    // Gathering walks the instruments; off the order path, on a blocking thread.
+    let text = tokio::task::spawn_blocking(crate::metrics::prometheus_text)
+        .await
+        .unwrap_or_default();
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+}
+
+/// Records `http.server.request.duration` with the matched route, method and status.
+async fn record_request_metrics(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let started = std::time::Instant::now();
+    let method = req.method().clone();
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_string());
+    let resp = next.run(req).await;
+    crate::metrics::get().http_request(
+        method.as_str(),
+        route.as_deref(),
+        resp.status().as_u16(),
+        started.elapsed(),
+    );
+    resp
 }
 
 fn make_request_span<B>(req: &Request<B>) -> Span {
