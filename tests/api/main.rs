@@ -4,6 +4,7 @@ mod admin;
 mod auth;
 mod health;
 mod helpers;
+mod metrics;
 mod orders;
 mod pipeline;
 mod saga;
