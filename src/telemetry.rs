@@ -131,10 +131,12 @@ fn install(provider: SdkTracerProvider, default_service: &str, format: LogFormat
         .with_tracer(tracer)
         .with_filter(otel_filter);
     let fmt_layer = match format {
-        LogFormat::Json => tracing_subscriber::fmt::layer()
-            .json()
+        // One JSON object per line; inside a span, `openTelemetry` carries the trace id and span
+        // id of the innermost span (the ids a trace viewer shows), not just on the request span.
+        LogFormat::Json => json_subscriber::fmt::layer()
             .with_current_span(true)
             .with_span_list(false)
+            .with_opentelemetry_ids(true)
             .with_filter(log_filter)
             .boxed(),
         LogFormat::Pretty => tracing_subscriber::fmt::layer()
