@@ -54,9 +54,44 @@ pub struct AppState {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "OStore Order Management Service", description = "Orders placed through a persisted saga; see docs/ for the contracts."),
+    components(schemas(crate::error::ProblemSchema)),
     modifiers(&SecurityAddon)
 )]
 struct ApiDoc;
+
+/// Gives every 4xx and 5xx response of every operation the `application/problem+json` body
+/// (`#/components/schemas/Problem`), which is what the service answers for each of them. Applied
+/// to the finished document ([`openapi`]), once the routes have added their operations.
+struct ProblemResponses;
+
+impl utoipa::Modify for ProblemResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{Content, Ref, RefOr};
+        for item in openapi.paths.paths.values_mut() {
+            let ops = [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+            ];
+            for op in ops.into_iter().flatten() {
+                for (status, response) in op.responses.responses.iter_mut() {
+                    if !(status.starts_with('4') || status.starts_with('5')) {
+                        continue;
+                    }
+                    if let RefOr::T(response) = response {
+                        response.content.clear();
+                        response.content.insert(
+                            crate::error::PROBLEM_JSON.to_string(),
+                            RefOr::T(Content::new(Some(Ref::from_schema_name("Problem")))),
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
 
 struct SecurityAddon;
 
@@ -104,7 +139,13 @@ fn routes() -> OpenApiRouter<AppState> {
 
 /// The OpenAPI document of the API.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    routes().split_for_parts().1
+    finish_spec(routes().split_for_parts().1)
+}
+
+fn finish_spec(mut spec: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
+    use utoipa::Modify as _;
+    ProblemResponses.modify(&mut spec);
+    spec
 }
 
 static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -112,7 +153,7 @@ static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Builds the application router.
 pub fn router(state: AppState) -> Router {
     let (router, spec) = routes().split_for_parts();
-    let spec = Arc::new(spec);
+    let spec = Arc::new(finish_spec(spec));
     let router = router
         .route(
             "/openapi.json",
@@ -122,6 +163,11 @@ pub fn router(state: AppState) -> Router {
             }),
         )
         .route("/metrics", axum::routing::get(metrics))
+        // A browsable page for the document (Swagger UI, its assets compiled into the binary).
+        .merge(
+            utoipa_swagger_ui::SwaggerUi::new("/docs")
+                .config(utoipa_swagger_ui::Config::from("/openapi.json")),
+        )
         .fallback(|| async { ApiError::not_found("no such resource") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(

@@ -1,6 +1,7 @@
 //! Integration tests of the API: real PostgreSQL (a fresh database per test), the real app on port 0.
 
 mod admin;
+mod apidoc;
 mod auth;
 mod health;
 mod helpers;
