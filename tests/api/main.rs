@@ -3,6 +3,7 @@
 mod admin;
 mod apidoc;
 mod auth;
+mod events_contract;
 mod health;
 mod helpers;
 mod metrics;
