@@ -358,3 +358,76 @@ fn json_logs_keep_stdout_json_and_put_trace_and_span_ids_on_lines_inside_spans()
         "the settings are logged as JSON:\n{stdout}"
     );
 }
+
+#[tokio::test]
+async fn otlp_export_retries_a_batch_the_collector_refuses_with_503() {
+    use std::sync::{Arc, Mutex};
+    // A collector that refuses the first two exports with 503 and takes the rest.
+    let received: Arc<Mutex<Vec<(u16, Vec<u8>)>>> = Arc::default();
+    let r = received.clone();
+    let collector = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let r = r.clone();
+            async move {
+                let mut r = r.lock().unwrap();
+                let status = if r.len() < 2 { 503 } else { 200 };
+                r.push((status, body.to_vec()));
+                axum::http::StatusCode::from_u16(status).unwrap()
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, collector).await });
+
+    let port = free_port();
+    let mut child = bin()
+        .args(["sim", "catalog"])
+        .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
+        .env("OTEL_METRICS_EXPORTER", "none")
+        .env("OTEL_BSP_SCHEDULE_DELAY", "200")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // One request: one span, so one batch to export.
+    let client = reqwest::Client::new();
+    let mut answered = false;
+    for _ in 0..100 {
+        let r = client
+            .delete(format!("http://127.0.0.1:{port}/inventory/reservations/none"))
+            .send()
+            .await;
+        if r.is_ok() {
+            answered = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let mut delivered = false;
+    for _ in 0..150 {
+        if received.lock().unwrap().iter().any(|(s, _)| *s == 200) {
+            delivered = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(answered, "the simulator did not start");
+    let received = received.lock().unwrap();
+    assert!(
+        delivered,
+        "no export got through after the 503s: {} attempts",
+        received.len()
+    );
+    let first_ok = received.iter().position(|(s, _)| *s == 200).unwrap();
+    assert_eq!(first_ok, 2, "exports before the first accepted one: {first_ok}");
+    assert_eq!(
+        received[0].1, received[2].1,
+        "the accepted export is the refused batch sent again"
+    );
+    assert!(!received[0].1.is_empty());
+}
