@@ -153,3 +153,91 @@ async fn database_gauges_show_the_outbox_backlog() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn a_process_without_the_api_role_still_refreshes_the_database_gauges() {
+    let db = crate::helpers::TestDb::new().await;
+    let cfg = std::sync::Arc::new(crate::helpers::test_config(&db.url, &[]));
+    let pool = db.pool().await;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let s = shutdown.clone();
+    tokio::spawn(
+        async move { ostore_orders::app::run(cfg, &[ostore_orders::app::Role::Worker], pool, s).await },
+    );
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = ostore_orders::metrics::prometheus_text();
+        if sample(&text, "ostore_sagas_stuck", &[]).is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    shutdown.cancel();
+    // Gauges a worker-only process exports (over OTLP; it serves no /metrics of its own).
+    assert_eq!(sample(&text, "ostore_sagas_stuck", &[]), Some(0.0), "{text}");
+    assert_eq!(sample(&text, "ostore_outbox_pending", &[]), Some(0.0), "{text}");
+    assert_eq!(
+        sample(&text, "ostore_tracking_dead_letters", &[]),
+        Some(0.0),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn the_consumer_lag_gauge_counts_the_messages_past_the_committed_offset() {
+    use rdkafka::Message as _;
+    use rdkafka::consumer::{CommitMode, Consumer as _};
+    let broker = ostore_orders::kafka::EmbeddedBroker::start_with(&["lag"], 1).unwrap();
+    let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap_servers())
+        .create()
+        .unwrap();
+    for i in 0..5 {
+        producer
+            .send(
+                rdkafka::producer::FutureRecord::to("lag")
+                    .key("k")
+                    .payload(&format!("{i}")),
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
+    }
+    let mut settings = ostore_orders::kafka::ConsumerSettings::new("lag-group");
+    settings.session_timeout = Duration::from_secs(6);
+    settings.heartbeat_interval = Duration::from_millis(500);
+    let consumer = ostore_orders::kafka::consumer(broker.bootstrap_servers(), &settings).unwrap();
+    consumer.subscribe(&["lag"]).unwrap();
+    // Handle the first message only, as the tracking consumer does: store, then commit.
+    let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(m.offset(), 0);
+    consumer.store_offset_from_message(&m).unwrap();
+    consumer.commit_consumer_state(CommitMode::Sync).unwrap();
+    drop(m);
+    // Keep polling (statistics arrive with the polls) without storing the other offsets.
+    let consumer = std::sync::Arc::new(consumer);
+    let c = consumer.clone();
+    let polling = tokio::spawn(async move {
+        loop {
+            let _ = c.recv().await;
+        }
+    });
+    // librdkafka reports every 5 s; four messages are past the committed offset.
+    let mut lag = None;
+    for _ in 0..150 {
+        lag = sample(
+            &ostore_orders::metrics::prometheus_text(),
+            "ostore_tracking_consumer_lag",
+            &[],
+        );
+        if lag == Some(4.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    polling.abort();
+    assert_eq!(lag, Some(4.0));
+}
