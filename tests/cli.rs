@@ -363,7 +363,9 @@ fn json_logs_keep_stdout_json_and_put_trace_and_span_ids_on_lines_inside_spans()
 async fn otlp_export_retries_a_batch_the_collector_refuses_with_503() {
     use std::sync::{Arc, Mutex};
     // A collector that refuses the first two exports with 503 and takes the rest.
-    let received: Arc<Mutex<Vec<(u16, Vec<u8>)>>> = Arc::default();
+    // (status answered, request body) of every export.
+    type Exports = Arc<Mutex<Vec<(u16, Vec<u8>)>>>;
+    let received: Exports = Arc::default();
     let r = received.clone();
     let collector = axum::Router::new().route(
         "/v1/traces",
