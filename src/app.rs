@@ -160,14 +160,14 @@ pub async fn run(
                 ));
             }
             if roles.contains(&Role::Consumer) {
-                let (pool, b, topics, s) = (
+                let (pool, b, topics, s, consumer) = (
                     db.clone(),
                     bootstrap.clone(),
                     cfg.topics.clone(),
                     shutdown.clone(),
+                    cfg.consumer(),
                 );
                 tracker.spawn(async move {
-                    let consumer = crate::tracking::ConsumerConfig::default();
                     if let Err(e) = crate::tracking::run(pool, consumer, &b, &topics, s.clone()).await {
                         tracing::error!(error = %format!("{e:#}"), "tracking consumer stopped");
                         s.cancel();

@@ -24,6 +24,18 @@ pub struct TelemetryGuard {
     meter: Option<SdkMeterProvider>,
 }
 
+impl TelemetryGuard {
+    /// Exports every span and metric recorded so far (tests, and before a planned exit).
+    pub fn flush(&self) {
+        if let Some(t) = &self.tracer {
+            let _ = t.force_flush();
+        }
+        if let Some(m) = &self.meter {
+            let _ = m.force_flush();
+        }
+    }
+}
+
 impl Drop for TelemetryGuard {
     fn drop(&mut self) {
         if let Some(t) = self.tracer.take() {
@@ -176,6 +188,36 @@ pub fn set_remote_parent(span: &tracing::Span, headers: &dyn Extractor) {
     let cx = opentelemetry::global::get_text_map_propagator(|p| p.extract(headers));
     if cx.span().span_context().is_valid() {
         let _ = span.set_parent(cx);
+    }
+}
+
+/// Adds to `span` a link to the span of a `traceparent` (an earlier session of the same work);
+/// an unreadable value adds nothing.
+pub fn add_link(span: &tracing::Span, traceparent: &str) {
+    let mut headers = HashMap::new();
+    headers.insert("traceparent".to_string(), traceparent.to_string());
+    let cx = opentelemetry::global::get_text_map_propagator(|p| p.extract(&MapExtractor(&headers)));
+    let linked = cx.span().span_context().clone();
+    if linked.is_valid() {
+        span.add_link(linked);
+    }
+}
+
+/// Puts `span` in the trace of `stored` (an order's or a saga's stored context) with a link to
+/// the span current now (the request that caused it, in a trace of its own), and returns the
+/// context of `span`: what an event written for that order on behalf of this request carries.
+/// Without a valid stored context the span stays where it is.
+pub fn in_stored_trace(span: &tracing::Span, stored: &HashMap<String, String>) -> HashMap<String, String> {
+    let current = tracing::Span::current().context().span().span_context().clone();
+    set_remote_parent(span, &MapExtractor(stored));
+    if current.is_valid() {
+        span.add_link(current);
+    }
+    let headers = context_headers(span);
+    if headers.contains_key("traceparent") {
+        headers
+    } else {
+        stored.clone()
     }
 }
 

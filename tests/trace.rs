@@ -126,9 +126,10 @@ async fn one_trace_spans_the_request_the_steps_the_downstream_services_kafka_and
         "saga create_order",
         "action reserve_inventory",
         "action create_shipment",
-        "catalog.reserve",
-        "shipments.create",
-        "tracking.apply",
+        "action persist_order",
+        "POST /inventory/reservations",
+        "POST /shipments",
+        "process shipments.tracking-events",
     ] {
         assert!(
             names.iter().any(|n| n == expected),
@@ -143,13 +144,17 @@ async fn one_trace_spans_the_request_the_steps_the_downstream_services_kafka_and
     // The simulator's handling of the call is a child of the client call (W3C traceparent injected).
     let sim = spans
         .iter()
-        .filter(|s| s.name == "catalog.reserve" && s.parent_span_is_remote)
+        .filter(|s| {
+            s.name == "POST /inventory/reservations"
+                && s.span_kind == opentelemetry::trace::SpanKind::Server
+                && s.parent_span_is_remote
+        })
         .count();
     assert!(sim >= 1, "the simulator did not continue the trace");
     // The consumer's spans continue the trace from the TrackingEvents' Kafka headers.
     let applied = spans
         .iter()
-        .filter(|s| s.name == "tracking.apply" && s.parent_span_is_remote)
+        .filter(|s| s.name == "process shipments.tracking-events" && s.parent_span_is_remote)
         .count();
     assert!(applied >= 3, "consumer spans in the trace: {applied}");
     // The outbox rows carry the trace into Kafka headers.

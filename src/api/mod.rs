@@ -155,6 +155,7 @@ pub fn router(state: AppState) -> Router {
     let (router, spec) = routes().split_for_parts();
     let spec = Arc::new(finish_spec(spec));
     let router = router
+        .merge(crate::console::router())
         .route(
             "/openapi.json",
             axum::routing::get(move || {

@@ -3,6 +3,7 @@
 mod admin;
 mod apidoc;
 mod auth;
+mod console;
 mod events_contract;
 mod health;
 mod helpers;
