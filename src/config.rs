@@ -297,6 +297,7 @@ impl ServiceConfig {
             ("CATALOG_URL", self.catalog_url.clone()),
             ("SHIPMENTS_URL", self.shipments_url.clone()),
             ("KAFKA_BOOTSTRAP_SERVERS", opt(&self.kafka_bootstrap_servers)),
+            ("KAFKA_CLIENT_*", crate::kafka::client_properties().describe()),
             ("ORDER_WAIT_MS", self.order_wait_ms.to_string()),
             ("SAGA_RETRY_SCALE", self.saga_retry_scale.to_string()),
             (
@@ -347,11 +348,26 @@ impl ServiceConfig {
         ]
     }
 
-    /// Prints the effective settings, one per line, secrets masked.
-    pub fn print(&self, title: &str) {
-        println!("{title}");
-        for (k, v) in self.describe() {
-            println!("  {k:<28} {v}");
+    /// Prints the effective settings, secrets masked: one per line, or with `LOG_FORMAT=json` one
+    /// log event whose `settings` object holds them (standard output then carries JSON only).
+    /// `extra` adds settings of the command (the roles of `serve`).
+    pub fn print(&self, title: &str, extra: &[(&'static str, String)]) {
+        let mut settings = self.describe();
+        settings.extend(extra.iter().cloned());
+        match self.log_format {
+            LogFormat::Json => {
+                let map: serde_json::Map<String, serde_json::Value> = settings
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), serde_json::Value::String(v)))
+                    .collect();
+                tracing::info!(settings = %serde_json::Value::Object(map), "{title}");
+            }
+            LogFormat::Pretty => {
+                println!("{title}");
+                for (k, v) in settings {
+                    println!("  {k:<28} {v}");
+                }
+            }
         }
     }
 }

@@ -287,6 +287,8 @@ pub async fn send(
         .timeout(timeout)
         .build_split();
     let mut request = request.map_err(|e| DownstreamError::from_transport(&e))?;
+    let (method, url) = (request.method().clone(), request.url().clone());
+    let started = std::time::Instant::now();
     let span = client_span(&request, route);
     let cx = span.context();
     opentelemetry::global::get_text_map_propagator(|propagator| {
@@ -325,6 +327,11 @@ pub async fn send(
             span.record("otel.status_code", "error");
         }
     }
+    let (status, error) = match &result {
+        Ok(r) => (Some(r.status), None),
+        Err(e) => (e.status, Some(e.class)),
+    };
+    crate::metrics::get().downstream_call(method.as_str(), &url, status, error, started.elapsed());
     result
 }
 

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 
 use opentelemetry::propagation::{Extractor, Injector};
 use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry_otlp::WithHttpConfig as _;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
@@ -54,6 +55,17 @@ fn export_configured(signal: &str) -> bool {
     !disabled && (set("OTEL_EXPORTER_OTLP_ENDPOINT") || set(&format!("OTEL_EXPORTER_OTLP_{signal}_ENDPOINT")))
 }
 
+/// How an OTLP export that failed with a retryable error (connection refused, 429, 502, 503, 504)
+/// is tried again: up to 5 more times, from 200 ms doubling to at most 5 s, with jitter; the batch
+/// is dropped (and logged by the SDK) only after that.
+fn otlp_retry_policy() -> opentelemetry_otlp::RetryPolicy {
+    opentelemetry_otlp::RetryPolicy::recommended()
+        .with_max_retries(5)
+        .with_initial_delay(std::time::Duration::from_millis(200))
+        .with_max_delay(std::time::Duration::from_secs(5))
+        .with_max_jitter(std::time::Duration::from_millis(100))
+}
+
 fn resource(default_service: &str) -> opentelemetry_sdk::Resource {
     let b = opentelemetry_sdk::Resource::builder();
     if std::env::var("OTEL_SERVICE_NAME").is_ok() {
@@ -67,7 +79,11 @@ fn resource(default_service: &str) -> opentelemetry_sdk::Resource {
 pub fn init(default_service: &str, format: LogFormat) -> TelemetryGuard {
     let mut provider_builder = SdkTracerProvider::builder().with_resource(resource(default_service));
     if export_configured("TRACES") {
-        match opentelemetry_otlp::SpanExporter::builder().with_http().build() {
+        match opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_retry_policy(otlp_retry_policy())
+            .build()
+        {
             Ok(exp) => provider_builder = provider_builder.with_batch_exporter(exp),
             Err(e) => eprintln!("OTLP trace exporter not started: {e}"),
         }
@@ -93,17 +109,15 @@ fn install(provider: SdkTracerProvider, default_service: &str, format: LogFormat
     opentelemetry::global::set_tracer_provider(provider.clone());
     let tracer = provider.tracer("ostore-orders");
 
-    let meter = if export_configured("METRICS") {
-        match opentelemetry_otlp::MetricExporter::builder().with_http().build() {
-            Ok(exp) => {
-                let reader = opentelemetry_sdk::metrics::PeriodicReader::builder(exp).build();
-                let mp = SdkMeterProvider::builder()
-                    .with_reader(reader)
-                    .with_resource(resource(default_service))
-                    .build();
-                opentelemetry::global::set_meter_provider(mp.clone());
-                Some(mp)
-            }
+    // One meter provider: `GET /metrics` reads it in Prometheus format, and OTLP pushes it when
+    // an endpoint is configured.
+    let otlp_reader = if export_configured("METRICS") {
+        match opentelemetry_otlp::MetricExporter::builder()
+            .with_http()
+            .with_retry_policy(otlp_retry_policy())
+            .build()
+        {
+            Ok(exp) => Some(opentelemetry_sdk::metrics::PeriodicReader::builder(exp).build()),
             Err(e) => {
                 eprintln!("OTLP metric exporter not started: {e}");
                 None
@@ -112,6 +126,14 @@ fn install(provider: SdkTracerProvider, default_service: &str, format: LogFormat
     } else {
         None
     };
+    let resource = resource(default_service);
+    let meter = Some(crate::metrics::install(move |b| {
+        let b = b.with_resource(resource);
+        match otlp_reader {
+            Some(r) => b.with_reader(r),
+            None => b,
+        }
+    }));
 
     let log_filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,rdkafka=warn"));
@@ -121,10 +143,12 @@ fn install(provider: SdkTracerProvider, default_service: &str, format: LogFormat
         .with_tracer(tracer)
         .with_filter(otel_filter);
     let fmt_layer = match format {
-        LogFormat::Json => tracing_subscriber::fmt::layer()
-            .json()
+        // One JSON object per line; inside a span, `openTelemetry` carries the trace id and span
+        // id of the innermost span (the ids a trace viewer shows), not just on the request span.
+        LogFormat::Json => json_subscriber::fmt::layer()
             .with_current_span(true)
             .with_span_list(false)
+            .with_opentelemetry_ids(true)
             .with_filter(log_filter)
             .boxed(),
         LogFormat::Pretty => tracing_subscriber::fmt::layer()

@@ -175,8 +175,9 @@ impl ShipmentsSim {
     /// `kafka_bootstrap_servers` is set (the connection itself is made lazily by librdkafka).
     pub fn new(config: ShipmentsSimConfig) -> anyhow::Result<Self> {
         let producer = match &config.kafka_bootstrap_servers {
-            Some(servers) => Some(
-                ClientConfig::new()
+            Some(servers) => Some({
+                let mut config = ClientConfig::new();
+                config
                     .set("bootstrap.servers", servers)
                     .set("client.id", "ostore-shipments-sim")
                     .set("enable.idempotence", "false")
@@ -184,10 +185,13 @@ impl ShipmentsSim {
                     .set("max.in.flight.requests.per.connection", "1")
                     // A shipper keeps trying through a broker outage: 10 minutes before an event
                     // is given up (a shorter limit dropped events during long outages).
-                    .set("message.timeout.ms", "600000")
+                    .set("message.timeout.ms", "600000");
+                // The same KAFKA_CLIENT_* pass-through (TLS, SASL) as the service.
+                crate::kafka::client_properties().apply(&mut config);
+                config
                     .create::<FutureProducer>()
-                    .with_context(|| format!("creating a Kafka producer for {servers}"))?,
-            ),
+                    .with_context(|| format!("creating a Kafka producer for {servers}"))?
+            }),
             None => None,
         };
         if config.tracking_topic.trim().is_empty() {
