@@ -10,11 +10,12 @@
 ############################ builder ############################
 FROM rust:1.95-bookworm AS builder
 
-# librdkafka is built from the sources bundled in rdkafka-sys (./configure + make, no cmake);
-# zlib comes from the system through pkg-config. aws-lc-sys builds with the C compiler alone.
+# librdkafka is built from the sources bundled in rdkafka-sys (./configure + make, no cmake) with
+# TLS and SASL/SCRAM from the system's OpenSSL and zlib, both through pkg-config; zstd is bundled.
+# aws-lc-sys builds with the C compiler alone.
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-      build-essential pkg-config zlib1g-dev \
+      build-essential pkg-config zlib1g-dev libssl-dev \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /src
@@ -46,10 +47,11 @@ LABEL org.opencontainers.image.title="ostore-orders" \
       org.opencontainers.image.description="OStore order management service: saga-orchestrated orders with a Postgres outbox feeding Kafka" \
       org.opencontainers.image.licenses="Apache-2.0"
 
-# ca-certificates: TLS to PostgreSQL / downstream services / an OTLP endpoint over https.
-# The binary links only libc, libm, libgcc_s and libz, all part of the slim base.
+# ca-certificates: TLS to PostgreSQL / downstream services / Kafka / an OTLP endpoint over https.
+# The binary links libc, libm, libgcc_s and libz (part of the slim base) and OpenSSL's libssl3
+# (librdkafka's TLS).
 RUN apt-get update \
- && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ca-certificates \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ca-certificates libssl3 \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --system --gid 10001 ostore \
  && useradd --system --uid 10001 --gid ostore --home-dir /nonexistent --no-create-home \

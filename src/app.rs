@@ -160,14 +160,14 @@ pub async fn run(
                 ));
             }
             if roles.contains(&Role::Consumer) {
-                let (pool, b, topics, s) = (
+                let (pool, b, topics, s, consumer) = (
                     db.clone(),
                     bootstrap.clone(),
                     cfg.topics.clone(),
                     shutdown.clone(),
+                    cfg.consumer(),
                 );
                 tracker.spawn(async move {
-                    let consumer = crate::tracking::ConsumerConfig::default();
                     if let Err(e) = crate::tracking::run(pool, consumer, &b, &topics, s.clone()).await {
                         tracing::error!(error = %format!("{e:#}"), "tracking consumer stopped");
                         s.cancel();
@@ -195,12 +195,13 @@ pub async fn run(
         tracker.spawn(housekeeping(state.clone(), shutdown.clone()));
         let (revocations, db, t) = (state.auth.revocations.clone(), state.db.clone(), shutdown.clone());
         tracker.spawn(async move { revocations.run(db, t).await });
-        tracker.spawn(crate::metrics::refresh_gauges(
-            state.db.clone(),
-            Duration::from_secs(15),
-            shutdown.clone(),
-        ));
     }
+    // Every role's process exports the database-derived gauges.
+    tracker.spawn(crate::metrics::refresh_gauges(
+        state.db.clone(),
+        Duration::from_secs(15),
+        shutdown.clone(),
+    ));
     tracker.close();
     shutdown.cancelled().await;
     tracing::info!("shutting down");

@@ -56,11 +56,6 @@ impl CatalogClient {
     ///
     /// `timeout` bounds the whole call. The returned reservation has been checked against `req`,
     /// and its prices are rescaled to exactly two decimal places.
-    #[tracing::instrument(
-        name = "catalog.reserve",
-        skip_all,
-        fields(reservation_id = %req.reservation_id, idempotency_key = %idempotency_key)
-    )]
     pub async fn reserve(
         &self,
         idempotency_key: &str,
@@ -68,7 +63,13 @@ impl CatalogClient {
         timeout: Duration,
     ) -> Result<Reservation, ReserveError> {
         let url = downstream::join_url(&self.base_url, "/inventory/reservations");
-        let response = downstream::send(self.http.post(url).json(req), idempotency_key, timeout).await?;
+        let response = downstream::send(
+            self.http.post(url).json(req),
+            "/inventory/reservations",
+            idempotency_key,
+            timeout,
+        )
+        .await?;
         match response.status {
             200 | 201 => {
                 let reservation: Reservation = response.json()?;
@@ -86,11 +87,6 @@ impl CatalogClient {
     /// Releases a reservation (`DELETE /inventory/reservations/{reservationID}`).
     ///
     /// 204 and 404 (never made, or already gone) both mean released, as does any other 2xx.
-    #[tracing::instrument(
-        name = "catalog.release",
-        skip_all,
-        fields(reservation_id = %reservation_id, idempotency_key = %idempotency_key)
-    )]
     pub async fn release(
         &self,
         idempotency_key: &str,
@@ -104,7 +100,13 @@ impl CatalogClient {
                 downstream::encode_path_segment(reservation_id)
             ),
         );
-        let response = downstream::send(self.http.delete(url), idempotency_key, timeout).await?;
+        let response = downstream::send(
+            self.http.delete(url),
+            "/inventory/reservations/{reservationID}",
+            idempotency_key,
+            timeout,
+        )
+        .await?;
         if response.is_success() || response.status == 404 {
             Ok(())
         } else {

@@ -229,7 +229,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let pool = crate::db::connect(&args.database_url, 2).await?;
             crate::db::migrate(&pool).await?;
-            println!("migrations applied");
+            match args.log_format {
+                LogFormat::Json => tracing::info!("migrations applied"),
+                LogFormat::Pretty => println!("migrations applied"),
+            }
             Ok(())
         }
         Command::Users(UsersCommand::Create(args)) => create_user(args).await,
@@ -258,6 +261,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_writer(std::io::stderr)
                 .with_env_filter(filter)
                 .try_init();
+            crate::kafka::install_client_properties_from_env()?;
             crate::kafka_tools::run(command).await
         }
         Command::Sim(SimCommand::Catalog(args)) => {
@@ -268,10 +272,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             sim.set_faults(args.faults.specs())
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
-            run_sim("catalog", args.listen_addr, sim.router()).await
+            run_sim("catalog", args.listen_addr, sim.router(), args.log_format).await
         }
         Command::Sim(SimCommand::Shipments(args)) => {
             let _t = crate::telemetry::init("ostore-sim-shipments", args.log_format);
+            crate::kafka::install_client_properties_from_env()?;
             let sim = crate::sim::shipments::ShipmentsSim::new(crate::sim::shipments::ShipmentsSimConfig {
                 kafka_bootstrap_servers: args.kafka_bootstrap_servers.clone(),
                 tracking_topic: args.tracking_topic.clone(),
@@ -279,18 +284,27 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             })?;
             sim.set_faults(args.faults.specs())
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
-            let r = run_sim("shipments", args.listen_addr, sim.router()).await;
+            let r = run_sim("shipments", args.listen_addr, sim.router(), args.log_format).await;
             let _ = sim.flush(std::time::Duration::from_secs(5)).await;
             r
         }
     }
 }
 
-async fn run_sim(name: &str, addr: std::net::SocketAddr, router: axum::Router) -> anyhow::Result<()> {
+async fn run_sim(
+    name: &str,
+    addr: std::net::SocketAddr,
+    router: axum::Router,
+    format: LogFormat,
+) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding LISTEN_ADDR {addr}"))?;
-    println!("{name} simulator listening on http://{}", listener.local_addr()?);
+    let url = format!("http://{}", listener.local_addr()?);
+    match format {
+        LogFormat::Json => tracing::info!(simulator = name, url = %url, "simulator listening"),
+        LogFormat::Pretty => println!("{name} simulator listening on {url}"),
+    }
     let shutdown = CancellationToken::new();
     app::cancel_on_signals(shutdown.clone());
     crate::sim::serve(listener, router, shutdown).await
@@ -299,14 +313,17 @@ async fn run_sim(name: &str, addr: std::net::SocketAddr, router: axum::Router) -
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let cfg = args.config;
     cfg.validate(false)?;
+    crate::kafka::install_client_properties_from_env()?;
     let _telemetry = crate::telemetry::init("ostore-orders", cfg.log_format);
-    cfg.print("ostore-orders serve: effective configuration");
     let roles: Vec<AppRole> = if args.roles.is_empty() {
         ALL_ROLES.to_vec()
     } else {
         args.roles
     };
-    println!("  {:<28} {:?}", "ROLES", roles);
+    cfg.print(
+        "ostore-orders serve: effective configuration",
+        &[("ROLES", format!("{roles:?}"))],
+    );
     let pool = crate::db::connect(&cfg.database_url, cfg.database_max_connections).await?;
     crate::db::migrate(&pool).await?;
     let shutdown = CancellationToken::new();

@@ -122,6 +122,34 @@ pub struct ServiceConfig {
     #[arg(long, env = "IDEMPOTENCY_KEY_RETENTION_SECONDS", default_value_t = 7 * 24 * 3600)]
     pub idempotency_key_retention_seconds: u64,
 
+    /// How long the tracking consumer keeps retrying a TrackingEvent whose order is unknown (or
+    /// still pending) before it dead-letters it, in seconds; 0 dead-letters such an event at once.
+    #[arg(long, env = "TRACKING_UNKNOWN_ORDER_WINDOW_SECONDS", default_value_t = 300)]
+    pub tracking_unknown_order_window_seconds: u64,
+
+    /// First delay before a parked TrackingEvent is retried, in milliseconds (doubling after each
+    /// retry up to `TRACKING_RETRY_MAX_DELAY_MS`).
+    #[arg(long, env = "TRACKING_RETRY_INITIAL_DELAY_MS", default_value_t = 1_000)]
+    pub tracking_retry_initial_delay_ms: u64,
+
+    /// Longest delay between retries of a parked TrackingEvent, in milliseconds.
+    #[arg(long, env = "TRACKING_RETRY_MAX_DELAY_MS", default_value_t = 30_000)]
+    pub tracking_retry_max_delay_ms: u64,
+
+    /// The ops console's link to a saga's trace: `{traceID}` is replaced by the trace id (Jaeger of
+    /// docker-compose by default); empty shows the trace id without a link.
+    #[arg(
+        long,
+        env = "TRACE_UI_URL",
+        default_value = "http://127.0.0.1:16686/trace/{traceID}"
+    )]
+    pub trace_ui_url: String,
+
+    /// Marks the ops console's session cookie `Secure` (set it when the console is served over
+    /// HTTPS, directly or behind a proxy).
+    #[arg(long, env = "CONSOLE_SECURE_COOKIE", default_value_t = false)]
+    pub console_secure_cookie: bool,
+
     /// Kafka topic names.
     #[command(flatten)]
     pub topics: crate::outbox::Topics,
@@ -179,6 +207,18 @@ impl ServiceConfig {
                 why: "token lifetimes must be positive",
             });
         }
+        if self.tracking_retry_initial_delay_ms == 0
+            || self.tracking_retry_max_delay_ms < self.tracking_retry_initial_delay_ms
+        {
+            return Err(ConfigError::Invalid {
+                name: "TRACKING_RETRY_INITIAL_DELAY_MS / TRACKING_RETRY_MAX_DELAY_MS",
+                value: format!(
+                    "{} / {}",
+                    self.tracking_retry_initial_delay_ms, self.tracking_retry_max_delay_ms
+                ),
+                why: "the first delay must be positive and the longest at least as long",
+            });
+        }
         if self.saga_lease_ms < 1000 || self.saga_max_in_flight == 0 || self.saga_committers == 0 {
             return Err(ConfigError::Invalid {
                 name: "SAGA_LEASE_MS / SAGA_MAX_IN_FLIGHT / SAGA_COMMITTERS",
@@ -217,6 +257,16 @@ impl ServiceConfig {
         }
     }
 
+    /// The tracking consumer's settings: the defaults with the `TRACKING_*` windows.
+    pub fn consumer(&self) -> crate::tracking::ConsumerConfig {
+        crate::tracking::ConsumerConfig {
+            unknown_order_window: Duration::from_secs(self.tracking_unknown_order_window_seconds),
+            retry_initial_delay: Duration::from_millis(self.tracking_retry_initial_delay_ms),
+            retry_max_delay: Duration::from_millis(self.tracking_retry_max_delay_ms),
+            ..Default::default()
+        }
+    }
+
     /// The effective settings as `(VARIABLE, value)` pairs with secrets masked.
     pub fn describe(&self) -> Vec<(&'static str, String)> {
         let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "(unset)".into());
@@ -247,6 +297,7 @@ impl ServiceConfig {
             ("CATALOG_URL", self.catalog_url.clone()),
             ("SHIPMENTS_URL", self.shipments_url.clone()),
             ("KAFKA_BOOTSTRAP_SERVERS", opt(&self.kafka_bootstrap_servers)),
+            ("KAFKA_CLIENT_*", crate::kafka::client_properties().describe()),
             ("ORDER_WAIT_MS", self.order_wait_ms.to_string()),
             ("SAGA_RETRY_SCALE", self.saga_retry_scale.to_string()),
             (
@@ -271,6 +322,20 @@ impl ServiceConfig {
                 "IDEMPOTENCY_KEY_RETENTION_SECONDS",
                 self.idempotency_key_retention_seconds.to_string(),
             ),
+            (
+                "TRACKING_UNKNOWN_ORDER_WINDOW_SECONDS",
+                self.tracking_unknown_order_window_seconds.to_string(),
+            ),
+            (
+                "TRACKING_RETRY_INITIAL_DELAY_MS",
+                self.tracking_retry_initial_delay_ms.to_string(),
+            ),
+            (
+                "TRACKING_RETRY_MAX_DELAY_MS",
+                self.tracking_retry_max_delay_ms.to_string(),
+            ),
+            ("TRACE_UI_URL", self.trace_ui_url.clone()),
+            ("CONSOLE_SECURE_COOKIE", self.console_secure_cookie.to_string()),
             ("TOPIC_ORDER_EVENTS", self.topics.order_events.clone()),
             ("TOPIC_SAGA_EVENTS", self.topics.saga_events.clone()),
             ("TOPIC_TRACKING_EVENTS", self.topics.tracking_events.clone()),
@@ -283,11 +348,26 @@ impl ServiceConfig {
         ]
     }
 
-    /// Prints the effective settings, one per line, secrets masked.
-    pub fn print(&self, title: &str) {
-        println!("{title}");
-        for (k, v) in self.describe() {
-            println!("  {k:<28} {v}");
+    /// Prints the effective settings, secrets masked: one per line, or with `LOG_FORMAT=json` one
+    /// log event whose `settings` object holds them (standard output then carries JSON only).
+    /// `extra` adds settings of the command (the roles of `serve`).
+    pub fn print(&self, title: &str, extra: &[(&'static str, String)]) {
+        let mut settings = self.describe();
+        settings.extend(extra.iter().cloned());
+        match self.log_format {
+            LogFormat::Json => {
+                let map: serde_json::Map<String, serde_json::Value> = settings
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), serde_json::Value::String(v)))
+                    .collect();
+                tracing::info!(settings = %serde_json::Value::Object(map), "{title}");
+            }
+            LogFormat::Pretty => {
+                println!("{title}");
+                for (k, v) in settings {
+                    println!("  {k:<28} {v}");
+                }
+            }
         }
     }
 }
@@ -348,6 +428,39 @@ mod tests {
             T::try_parse_from(["t", "--outbox-retention-seconds", "-1"]).is_err(),
             "a negative retention is refused"
         );
+    }
+
+    #[test]
+    fn the_tracking_consumers_windows_are_settings_and_nonsense_is_refused() {
+        let d = cfg(&[]).consumer();
+        assert_eq!(d.unknown_order_window, Duration::from_secs(300));
+        assert_eq!(d.retry_initial_delay, Duration::from_secs(1));
+        assert_eq!(d.retry_max_delay, Duration::from_secs(30));
+        let c = cfg(&[
+            "--tracking-unknown-order-window-seconds",
+            "0",
+            "--tracking-retry-initial-delay-ms",
+            "250",
+            "--tracking-retry-max-delay-ms",
+            "4000",
+        ]);
+        assert!(c.consumer().unknown_order_window.is_zero());
+        assert_eq!(c.consumer().retry_initial_delay, Duration::from_millis(250));
+        assert_eq!(c.consumer().retry_max_delay, Duration::from_secs(4));
+        assert!(format!("{:?}", c.describe()).contains("(\"TRACKING_UNKNOWN_ORDER_WINDOW_SECONDS\", \"0\")"));
+        assert!(c.validate(true).is_ok());
+        let backwards = cfg(&[
+            "--tracking-retry-initial-delay-ms",
+            "5000",
+            "--tracking-retry-max-delay-ms",
+            "10",
+        ]);
+        assert!(matches!(
+            backwards.validate(true),
+            Err(ConfigError::Invalid { .. })
+        ));
+        let zero = cfg(&["--tracking-retry-initial-delay-ms", "0"]);
+        assert!(matches!(zero.validate(true), Err(ConfigError::Invalid { .. })));
     }
 
     #[test]

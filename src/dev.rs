@@ -67,6 +67,7 @@ async fn bind_sim(url: &str) -> anyhow::Result<(tokio::net::TcpListener, String)
 /// Runs the development stack.
 pub async fn run(mut cfg: ServiceConfig) -> anyhow::Result<()> {
     cfg.validate(true)?;
+    crate::kafka::install_client_properties_from_env()?;
     let _telemetry = crate::telemetry::init("ostore-orders", cfg.log_format);
     crate::db::create_database_if_missing(&cfg.database_url).await?;
     let pool = crate::db::connect(&cfg.database_url, cfg.database_max_connections).await?;
@@ -105,9 +106,12 @@ pub async fn run(mut cfg: ServiceConfig) -> anyhow::Result<()> {
     cfg.shipments_url = url;
     tokio::spawn(crate::sim::serve(listener, shipments.router(), shutdown.clone()));
 
-    cfg.print("ostore-orders dev: effective configuration");
+    cfg.print("ostore-orders dev: effective configuration", &[]);
     let base = format!("http://{}", cfg.listen_addr);
-    print_quick_start(&base, &cfg);
+    if cfg.log_format == crate::config::LogFormat::Pretty {
+        // The copy-paste banner is for a terminal; with JSON logs stdout stays JSON.
+        print_quick_start(&base, &cfg);
+    }
     crate::app::run(Arc::new(cfg), &crate::app::ALL_ROLES, pool, shutdown).await
 }
 

@@ -1,9 +1,9 @@
 //! How calls to outside HTTP services are made and how their failures are classified.
 //!
 //! Every downstream client ([`crate::catalog`], [`crate::shipments`]) sends through [`send`], which
-//! adds the `Idempotency-Key` header and the W3C trace context of the current `tracing` span, bounds
-//! the whole exchange (connect, headers and body) by the caller's timeout, and reads at most
-//! [`MAX_RESPONSE_BYTES`] of the answer. Anything that goes wrong becomes a [`DownstreamError`] whose
+//! opens an HTTP CLIENT span (OpenTelemetry conventions), adds the `Idempotency-Key` header and that
+//! span's W3C trace context, bounds the whole exchange (connect, headers and body) by the caller's
+//! timeout, and reads at most [`MAX_RESPONSE_BYTES`] of the answer. Anything that goes wrong becomes a [`DownstreamError`] whose
 //! [`FailureKind`] tells the saga engine whether to retry:
 //!
 //! | cause | kind | class |
@@ -25,6 +25,7 @@ use std::time::Duration;
 use opentelemetry_http::HeaderInjector;
 use reqwest::header::{HeaderMap, HeaderValue};
 use serde::de::DeserializeOwned;
+use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// Largest answer body read from a downstream service; a larger one is a contract violation.
@@ -198,23 +199,6 @@ pub fn parse_retry_after(value: &str) -> Option<Duration> {
     )
 }
 
-/// Writes the W3C trace context (`traceparent`, `tracestate`) of the current `tracing` span into
-/// `headers`, through the global OpenTelemetry propagator. Writes nothing when the span has no
-/// OpenTelemetry context.
-pub fn inject_trace_context(headers: &mut HeaderMap) {
-    let cx = tracing::Span::current().context();
-    opentelemetry::global::get_text_map_propagator(|propagator| {
-        propagator.inject_context(&cx, &mut HeaderInjector(headers));
-    });
-}
-
-/// Adds the current span's trace context headers to a request (see [`inject_trace_context`]).
-pub fn with_trace_context(request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
-    let mut headers = HeaderMap::new();
-    inject_trace_context(&mut headers);
-    request.headers(headers)
-}
-
 /// Reads an answer's body, refusing to hold more than `cap` bytes: a larger body (announced or
 /// actual) is a `contract_violation`, and reading stops as soon as the cap is passed.
 pub async fn read_body_capped(
@@ -277,29 +261,47 @@ impl DownstreamResponse {
     }
 }
 
-/// Sends `request` with the `Idempotency-Key` header and the current trace context, and reads the
-/// whole answer within `timeout` (connect, headers and body together).
+/// Sends `request` with the `Idempotency-Key` header and the trace context of its own CLIENT span,
+/// and reads the whole answer within `timeout` (connect, headers and body together).
+///
+/// `route` is the URL template of the call (`/inventory/reservations/{reservationID}`): the span is
+/// named `{method} {route}` and carries the OpenTelemetry HTTP client attributes
+/// (`http.request.method`, `url.full`, `url.template`, `server.address`, `server.port`,
+/// `http.response.status_code`, `error.type`), so a trace viewer draws the dependency and the
+/// downstream's SERVER span hangs under it. The status is also left for [`observed`].
 ///
 /// Only transport failures are errors here; every HTTP answer, whatever its status, is returned
 /// for the caller to interpret.
 pub async fn send(
     request: reqwest::RequestBuilder,
+    route: &'static str,
     idempotency_key: &str,
     timeout: Duration,
 ) -> Result<DownstreamResponse, DownstreamError> {
     let key = HeaderValue::from_str(idempotency_key).map_err(|_| {
         DownstreamError::transient(class::REQUEST, "idempotency key is not a valid header value")
     })?;
-    let request = with_trace_context(request)
+    let (client, request) = request
         .header(IDEMPOTENCY_KEY_HEADER, key)
         .header(reqwest::header::ACCEPT, "application/json")
-        .timeout(timeout);
+        .timeout(timeout)
+        .build_split();
+    let mut request = request.map_err(|e| DownstreamError::from_transport(&e))?;
+    let (method, url) = (request.method().clone(), request.url().clone());
+    let started = std::time::Instant::now();
+    let span = client_span(&request, route);
+    let cx = span.context();
+    opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.inject_context(&cx, &mut HeaderInjector(request.headers_mut()));
+    });
     let exchange = async {
-        let response = request
-            .send()
+        let response = client
+            .execute(request)
             .await
             .map_err(|e| DownstreamError::from_transport(&e))?;
         let status = response.status().as_u16();
+        tracing::Span::current().record("http.response.status_code", status);
+        let _ = LAST_STATUS.try_with(|s| s.set(Some(status)));
         let headers = response.headers().clone();
         let body = read_body_capped(response, MAX_RESPONSE_BYTES).await?;
         Ok(DownstreamResponse {
@@ -308,10 +310,65 @@ pub async fn send(
             body,
         })
     };
-    match tokio::time::timeout(timeout, exchange).await {
+    let result = match tokio::time::timeout(timeout, exchange.instrument(span.clone())).await {
         Ok(result) => result,
         Err(_) => Err(DownstreamError::timeout(timeout)),
+    };
+    // `error.type`: the status code for an error answer (the conventions' choice), the failure
+    // class when no answer came.
+    match &result {
+        Ok(r) if r.status >= 400 => {
+            span.record("error.type", r.status.to_string());
+            span.record("otel.status_code", "error");
+        }
+        Ok(_) => {}
+        Err(e) => {
+            span.record("error.type", e.class);
+            span.record("otel.status_code", "error");
+        }
     }
+    let (status, error) = match &result {
+        Ok(r) => (Some(r.status), None),
+        Err(e) => (e.status, Some(e.class)),
+    };
+    crate::metrics::get().downstream_call(method.as_str(), &url, status, error, started.elapsed());
+    result
+}
+
+/// The CLIENT span of one downstream call.
+fn client_span(request: &reqwest::Request, route: &'static str) -> tracing::Span {
+    let url = request.url();
+    let method = request.method().as_str();
+    let port = url.port_or_known_default();
+    tracing::info_span!(
+        "http.client",
+        otel.name = format!("{method} {route}"),
+        otel.kind = "client",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = method,
+        url.full = %url,
+        url.template = route,
+        server.address = url.host_str().unwrap_or(""),
+        server.port = port,
+        http.response.status_code = tracing::field::Empty,
+        error.r#type = tracing::field::Empty,
+    )
+}
+
+tokio::task_local! {
+    /// The status of the last downstream answer within an [`observed`] future.
+    static LAST_STATUS: std::cell::Cell<Option<u16>>;
+}
+
+/// Runs `call` and returns its output with the HTTP status of the last downstream answer it got
+/// (None when no answer came): the saga history records it for successes and failures alike.
+pub async fn observed<F: std::future::Future>(call: F) -> (F::Output, Option<u16>) {
+    LAST_STATUS
+        .scope(std::cell::Cell::new(None), async {
+            let out = call.await;
+            (out, LAST_STATUS.with(|s| s.get()))
+        })
+        .await
 }
 
 /// Percent-encodes one URL path segment (everything but RFC 3986 unreserved characters).

@@ -10,6 +10,41 @@ use serde_json::{Map, Value, json};
 /// Media type of every error body.
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
+/// The shape of every error body, for the OpenAPI document (`components.schemas.Problem`); the
+/// answers themselves are built by [`ApiError::body`].
+#[derive(utoipa::ToSchema)]
+#[schema(as = Problem)]
+#[allow(dead_code)]
+pub struct ProblemSchema {
+    /// `/problems/{slug}`: a stable identifier of the problem type (docs/errors.md lists them).
+    #[schema(example = "/problems/validation")]
+    r#type: String,
+    /// Short, fixed summary of the problem type.
+    title: String,
+    /// The HTTP status, repeated.
+    #[schema(minimum = 400, maximum = 599)]
+    status: u16,
+    /// What went wrong in this occurrence.
+    detail: String,
+    /// The same text as `detail` (the seed's member, kept for its clients).
+    error: String,
+    /// 422: the JSON path of the offending field (`orderItems[2].quantity`).
+    field: Option<String>,
+    /// 429: seconds until the limit lets a request through (also in `Retry-After`).
+    #[schema(rename = "retryAfterSeconds")]
+    retry_after_seconds: Option<u64>,
+    /// 409 from `POST /orders`: the products out of stock, with what was asked and what is left.
+    unavailable: Option<Vec<serde_json::Value>>,
+    /// 409 from `POST /orders`: the order the request's saga cancelled.
+    #[schema(rename = "orderID")]
+    order_id: Option<i64>,
+    /// 409 from a cancel: the order's status that forbids it.
+    #[schema(rename = "orderStatus")]
+    order_status: Option<String>,
+    /// 503 from `/readyz`: each failed check and why.
+    checks: Option<serde_json::Value>,
+}
+
 /// An error answer (boxed: it travels in every handler's `Result`).
 #[derive(Debug)]
 pub struct ApiError(pub Box<Problem>);
@@ -233,7 +268,13 @@ pub async fn problem_for_framework_errors(resp: Response) -> Response {
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with(PROBLEM_JSON));
-    if is_problem {
+    // The ops console's own error pages are HTML and stay so.
+    let is_html = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/html"));
+    if is_problem || is_html {
         return resp;
     }
     let (slug, title, detail) = match status {

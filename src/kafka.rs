@@ -7,9 +7,9 @@
 //! API, so [`EmbeddedBroker`] creates them itself and [`ensure_topics`] only logs when creation is
 //! impossible.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -24,6 +24,204 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::FutureProducer;
 use rdkafka::statistics::Statistics;
+
+/// Prefix of the environment variables that pass librdkafka properties through to every Kafka
+/// client of the service: `KAFKA_CLIENT_SECURITY_PROTOCOL=SASL_SSL` sets `security.protocol`.
+pub const CLIENT_PROPERTY_PREFIX: &str = "KAFKA_CLIENT_";
+
+/// Properties the service sets itself and a pass-through may not change, with the reason.
+const RESERVED_PROPERTIES: &[(&str, &str)] = &[
+    ("bootstrap.servers", "set KAFKA_BOOTSTRAP_SERVERS instead"),
+    (
+        "group.id",
+        "the tracking consumer's group is part of its contract",
+    ),
+    (
+        "enable.idempotence",
+        "the relay's no-duplicate, in-order delivery depends on the idempotent producer",
+    ),
+    ("acks", "the relay deletes outbox rows only after acks=all"),
+    (
+        "enable.auto.commit",
+        "the consumer commits an offset only after the event is applied",
+    ),
+    (
+        "enable.auto.offset.store",
+        "the consumer stores an offset only after the event is applied",
+    ),
+];
+
+/// librdkafka properties passed through from the environment (`KAFKA_CLIENT_*`) to every Kafka
+/// client the service builds (producer, consumer group members, admin client, `kafka dump`, the
+/// shipments simulator): TLS (`security.protocol`, `ssl.*`), SASL (`sasl.mechanism`,
+/// `sasl.username`, `sasl.password`), compression and any other client property. A pass-through
+/// value wins over the service's own default for the same property (`compression.type`,
+/// `client.id`, …) except for the [reserved](RESERVED_PROPERTIES) ones, which are refused.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientProperties(Vec<(String, String)>);
+
+/// Why a pass-through property cannot be used.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ClientPropertyError {
+    #[error("{var}: the service sets `{property}` itself ({why})")]
+    Reserved {
+        var: String,
+        property: String,
+        why: &'static str,
+    },
+    #[error("{var}: {reason}")]
+    Rejected { var: String, reason: String },
+    #[error("{0}: the property name is empty")]
+    Empty(String),
+}
+
+impl ClientProperties {
+    /// The properties named by `KAFKA_CLIENT_*` variables of this process, checked.
+    pub fn from_env() -> Result<Self, ClientPropertyError> {
+        Self::from_vars(std::env::vars())
+    }
+
+    /// The properties named by the `KAFKA_CLIENT_*` entries of `vars` (others are ignored),
+    /// checked: each name is lower-cased with `_` turned into `.`, and librdkafka itself must accept
+    /// every name and value (`KAFKA_CLIENT_SASL_MECHANISM=SCRAM-SHA-512` → `sasl.mechanism`).
+    pub fn from_vars<I, K, V>(vars: I) -> Result<Self, ClientPropertyError>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: AsRef<str>,
+        V: Into<String>,
+    {
+        let mut props = Vec::new();
+        for (k, v) in vars {
+            let var = k.as_ref();
+            let Some(rest) = var.strip_prefix(CLIENT_PROPERTY_PREFIX) else {
+                continue;
+            };
+            if rest.is_empty() {
+                return Err(ClientPropertyError::Empty(var.to_string()));
+            }
+            let name = rest.to_ascii_lowercase().replace('_', ".");
+            props.push((var.to_string(), name, v.into()));
+        }
+        props.sort();
+        let mut checked = Vec::new();
+        for (var, name, value) in props {
+            if let Some((_, why)) = RESERVED_PROPERTIES.iter().find(|(r, _)| *r == name) {
+                return Err(ClientPropertyError::Reserved {
+                    var,
+                    property: name,
+                    why,
+                });
+            }
+            // librdkafka checks the name and the value when the native configuration is built.
+            let mut one = ClientConfig::new();
+            one.set(&name, &value);
+            if let Err(e) = one.create_native_config() {
+                return Err(ClientPropertyError::Rejected {
+                    var,
+                    reason: e.to_string(),
+                });
+            }
+            checked.push((name, value));
+        }
+        let props = ClientProperties(checked);
+        if !props.is_empty() {
+            // Some properties only fail together (SASL_SSL without a compiled-in mechanism, a
+            // certificate file that cannot be read): librdkafka checks them when a client is made.
+            let mut config = base_config("127.0.0.1:9", "ostore-orders-config-check");
+            props.apply(&mut config);
+            if let Err(e) = config.create::<rdkafka::producer::BaseProducer>() {
+                return Err(ClientPropertyError::Rejected {
+                    var: format!("{CLIENT_PROPERTY_PREFIX}*"),
+                    reason: e.to_string(),
+                });
+            }
+        }
+        Ok(props)
+    }
+
+    /// True when no property is passed through.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Sets every property on `config` (over the values already there).
+    pub fn apply(&self, config: &mut ClientConfig) {
+        for (k, v) in &self.0 {
+            config.set(k, v);
+        }
+    }
+
+    /// `name=value` pairs for the startup print, with the value of every password, secret, key,
+    /// token or JAAS configuration replaced by `*****`.
+    pub fn describe(&self) -> String {
+        if self.0.is_empty() {
+            return "(none)".into();
+        }
+        self.0
+            .iter()
+            .map(|(k, v)| {
+                if is_secret_property(k) {
+                    format!("{k}=*****")
+                } else {
+                    format!("{k}={v}")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+fn is_secret_property(name: &str) -> bool {
+    [
+        "password",
+        "secret",
+        "key",
+        "token",
+        "jaas",
+        "sasl.oauthbearer.config",
+    ]
+    .iter()
+    .any(|w| name.contains(w))
+        && !name.ends_with(".location")
+}
+
+static CLIENT_PROPERTIES: OnceLock<ClientProperties> = OnceLock::new();
+
+/// Makes `props` the pass-through of every Kafka client this process builds from now on. Called
+/// once at startup (a later call is ignored and returns false).
+pub fn set_client_properties(props: ClientProperties) -> bool {
+    CLIENT_PROPERTIES.set(props).is_ok()
+}
+
+/// Reads, checks and installs the `KAFKA_CLIENT_*` pass-through of this process (startup of every
+/// command that talks to Kafka). A bad variable is an error naming it.
+pub fn install_client_properties_from_env() -> anyhow::Result<()> {
+    let props = ClientProperties::from_env()?;
+    set_client_properties(props);
+    Ok(())
+}
+
+/// The pass-through in effect (none unless [`set_client_properties`] was called).
+pub fn client_properties() -> &'static ClientProperties {
+    static NONE: ClientProperties = ClientProperties(Vec::new());
+    CLIENT_PROPERTIES.get().unwrap_or(&NONE)
+}
+
+/// A client configuration for `bootstrap` with the pass-through properties applied last by
+/// [`finish`]: the service's clients start from this.
+pub fn base_config(bootstrap: &str, client_id: &str) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", bootstrap)
+        .set("client.id", client_id);
+    config
+}
+
+/// Applies the pass-through properties to a configuration built by the service.
+pub fn finish(mut config: ClientConfig) -> ClientConfig {
+    client_properties().apply(&mut config);
+    config
+}
 
 /// How many partitions the service's topics get when it creates them.
 pub const DEFAULT_PARTITIONS: i32 = 6;
@@ -41,8 +239,9 @@ pub struct ProducerSettings {
     pub batch_num_messages: u32,
     /// Most bytes in one batch (`batch.size`).
     pub batch_size_bytes: u32,
-    /// `compression.type` (`none`, `gzip`, `lz4`, `zstd`; not `snappy`, which some Kafka-protocol
-    /// brokers accept and then cannot serve).
+    /// `compression.type` (`none`, `gzip`, `lz4`, `zstd`, all compiled in; not `snappy`, which some
+    /// Kafka-protocol brokers accept and then cannot serve). `KAFKA_CLIENT_COMPRESSION_TYPE`
+    /// overrides it.
     pub compression: String,
     /// How often librdkafka reports broker states, which keeps the connected flag current.
     pub statistics_interval: Duration,
@@ -128,18 +327,17 @@ pub fn producer(bootstrap: &str, settings: &ProducerSettings) -> anyhow::Result<
     let context = KafkaContext {
         connectivity: connectivity.clone(),
     };
-    let producer = producer_config(bootstrap, settings)
+    let producer = finish(producer_config(bootstrap, settings))
         .create_with_context(context)
         .with_context(|| format!("creating a Kafka producer for {bootstrap}"))?;
     Ok((producer, connectivity))
 }
 
-/// The configuration [`producer`] uses, for callers that need another client context.
+/// The configuration [`producer`] uses (before the pass-through properties, which [`finish`]
+/// adds), for callers that need another client context.
 pub fn producer_config(bootstrap: &str, settings: &ProducerSettings) -> ClientConfig {
-    let mut config = ClientConfig::new();
+    let mut config = base_config(bootstrap, "ostore-orders");
     config
-        .set("bootstrap.servers", bootstrap)
-        .set("client.id", "ostore-orders")
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("max.in.flight.requests.per.connection", "5")
@@ -184,6 +382,19 @@ impl ConsumerSettings {
 pub struct GroupContext;
 
 impl ClientContext for GroupContext {
+    fn stats(&self, statistics: Statistics) {
+        // The group member's lag: messages on the broker beyond its position, summed over the
+        // partitions it consumes (librdkafka reports -1 where it does not know yet).
+        let lag: i64 = statistics
+            .topics
+            .values()
+            .flat_map(|t| t.partitions.values())
+            .filter(|p| p.partition >= 0 && p.consumer_lag >= 0)
+            .map(|p| p.consumer_lag)
+            .sum();
+        crate::metrics::get().set_consumer_lag(lag);
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
         tracing::warn!(target: "rdkafka", error = %error, "librdkafka: {reason}");
     }
@@ -211,9 +422,8 @@ pub type GroupConsumer = StreamConsumer<GroupContext>;
 /// fully handled and commits stored offsets itself (they are also committed before a rebalance
 /// takes partitions away).
 pub fn consumer(bootstrap: &str, settings: &ConsumerSettings) -> anyhow::Result<GroupConsumer> {
-    ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("client.id", "ostore-orders")
+    let mut config = base_config(bootstrap, "ostore-orders");
+    config
         .set("group.id", &settings.group_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
@@ -221,13 +431,14 @@ pub fn consumer(bootstrap: &str, settings: &ConsumerSettings) -> anyhow::Result<
         .set("session.timeout.ms", millis(settings.session_timeout))
         .set("heartbeat.interval.ms", millis(settings.heartbeat_interval))
         .set("enable.partition.eof", "false")
-        .create_with_context(GroupContext)
-        .with_context(|| {
-            format!(
-                "creating a Kafka consumer in group {} for {bootstrap}",
-                settings.group_id
-            )
-        })
+        // Feeds the consumer-lag gauge.
+        .set("statistics.interval.ms", "5000");
+    finish(config).create_with_context(GroupContext).with_context(|| {
+        format!(
+            "creating a Kafka consumer in group {} for {bootstrap}",
+            settings.group_id
+        )
+    })
 }
 
 /// Creates the topics in `topics` that the cluster does not have yet, with [`DEFAULT_PARTITIONS`]
@@ -259,9 +470,7 @@ async fn try_ensure_topics(
     partitions: i32,
     timeout: Duration,
 ) -> anyhow::Result<Vec<String>> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("client.id", "ostore-orders-admin")
+    let admin: AdminClient<DefaultClientContext> = finish(base_config(bootstrap, "ostore-orders-admin"))
         .create()
         .context("creating a Kafka admin client")?;
     let admin = Arc::new(admin);
@@ -445,5 +654,102 @@ impl std::fmt::Debug for EmbeddedBroker {
         f.debug_struct("EmbeddedBroker")
             .field("bootstrap", &self.bootstrap)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod client_property_tests {
+    use super::*;
+
+    fn parse(vars: &[(&str, &str)]) -> Result<ClientProperties, ClientPropertyError> {
+        ClientProperties::from_vars(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    #[test]
+    fn kafka_client_variables_become_librdkafka_properties_and_others_are_ignored() {
+        let p = parse(&[
+            ("KAFKA_CLIENT_SECURITY_PROTOCOL", "SASL_SSL"),
+            ("KAFKA_CLIENT_SASL_MECHANISM", "SCRAM-SHA-512"),
+            ("KAFKA_CLIENT_SASL_USERNAME", "orders"),
+            ("KAFKA_CLIENT_SASL_PASSWORD", "hunter2-very-secret"),
+            ("KAFKA_CLIENT_COMPRESSION_TYPE", "zstd"),
+            ("KAFKA_BOOTSTRAP_SERVERS", "b:9092"),
+            ("KAFKA_HEAP_OPTS", "-Xmx1g"),
+            ("PATH", "/bin"),
+        ])
+        .unwrap();
+        let mut config = ClientConfig::new();
+        p.apply(&mut config);
+        assert_eq!(config.get("security.protocol"), Some("SASL_SSL"));
+        assert_eq!(config.get("sasl.mechanism"), Some("SCRAM-SHA-512"));
+        assert_eq!(config.get("compression.type"), Some("zstd"));
+        assert_eq!(config.get("heap.opts"), None);
+        let shown = p.describe();
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("sasl.password=*****"), "{shown}");
+        assert!(shown.contains("sasl.username=orders"), "{shown}");
+    }
+
+    #[test]
+    fn every_compression_and_security_feature_is_compiled_in() {
+        for set in [
+            &[("KAFKA_CLIENT_COMPRESSION_TYPE", "zstd")][..],
+            &[("KAFKA_CLIENT_COMPRESSION_TYPE", "lz4")],
+            &[("KAFKA_CLIENT_COMPRESSION_TYPE", "gzip")],
+            &[("KAFKA_CLIENT_SECURITY_PROTOCOL", "SSL")],
+            &[
+                ("KAFKA_CLIENT_SECURITY_PROTOCOL", "SASL_SSL"),
+                ("KAFKA_CLIENT_SASL_MECHANISM", "PLAIN"),
+                ("KAFKA_CLIENT_SASL_USERNAME", "u"),
+                ("KAFKA_CLIENT_SASL_PASSWORD", "p"),
+            ],
+            &[
+                ("KAFKA_CLIENT_SECURITY_PROTOCOL", "SASL_SSL"),
+                ("KAFKA_CLIENT_SASL_MECHANISM", "SCRAM-SHA-256"),
+                ("KAFKA_CLIENT_SASL_USERNAME", "u"),
+                ("KAFKA_CLIENT_SASL_PASSWORD", "p"),
+            ],
+            &[
+                ("KAFKA_CLIENT_SECURITY_PROTOCOL", "SASL_SSL"),
+                ("KAFKA_CLIENT_SASL_MECHANISM", "SCRAM-SHA-512"),
+                ("KAFKA_CLIENT_SASL_USERNAME", "u"),
+                ("KAFKA_CLIENT_SASL_PASSWORD", "p"),
+            ],
+        ] {
+            // Parsing creates a client with the set: librdkafka refuses what is not compiled in.
+            parse(set).unwrap_or_else(|e| panic!("{set:?}: {e}"));
+        }
+    }
+
+    #[test]
+    fn a_combination_librdkafka_cannot_serve_is_refused_at_startup() {
+        // SASL without a mechanism means GSSAPI (Kerberos), which is not compiled in.
+        let e = parse(&[("KAFKA_CLIENT_SECURITY_PROTOCOL", "SASL_SSL")]).unwrap_err();
+        assert!(e.to_string().contains("GSSAPI"), "{e}");
+        let e = parse(&[
+            ("KAFKA_CLIENT_SECURITY_PROTOCOL", "SSL"),
+            ("KAFKA_CLIENT_SSL_CA_LOCATION", "/nonexistent/ca.pem"),
+        ])
+        .unwrap_err();
+        assert!(e.to_string().starts_with("KAFKA_CLIENT_*"), "{e}");
+    }
+
+    #[test]
+    fn unknown_reserved_and_invalid_properties_are_refused_with_the_variable_named() {
+        let e = parse(&[("KAFKA_CLIENT_SASL_MECHANISMS_TYPO_X", "PLAIN")]).unwrap_err();
+        assert!(
+            e.to_string().starts_with("KAFKA_CLIENT_SASL_MECHANISMS_TYPO_X:"),
+            "{e}"
+        );
+        let e = parse(&[("KAFKA_CLIENT_ENABLE_IDEMPOTENCE", "false")]).unwrap_err();
+        assert!(matches!(e, ClientPropertyError::Reserved { .. }), "{e}");
+        let e = parse(&[("KAFKA_CLIENT_BOOTSTRAP_SERVERS", "x:1")]).unwrap_err();
+        assert!(e.to_string().contains("KAFKA_BOOTSTRAP_SERVERS"), "{e}");
+        let e = parse(&[("KAFKA_CLIENT_SECURITY_PROTOCOL", "CARRIER_PIGEON")]).unwrap_err();
+        assert!(matches!(e, ClientPropertyError::Rejected { .. }), "{e}");
+        assert!(matches!(
+            parse(&[("KAFKA_CLIENT_", "x")]),
+            Err(ClientPropertyError::Empty(_))
+        ));
     }
 }

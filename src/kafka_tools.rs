@@ -20,7 +20,7 @@ use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::message::{Headers as _, Message as _};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{Map, Value, json};
 
 use crate::kafka::{DEFAULT_PARTITIONS, EmbeddedBroker};
@@ -140,14 +140,14 @@ pub fn dump(
     out: &mut impl Write,
 ) -> anyhow::Result<u64> {
     let deadline = Instant::now() + timeout;
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("client.id", "ostore-orders-dump")
+    let mut config = crate::kafka::base_config(bootstrap, "ostore-orders-dump");
+    config
         // Required by librdkafka for a consumer; with `assign` no group is joined.
         .set("group.id", "ostore-orders-dump")
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
-        .set("enable.partition.eof", "false")
+        .set("enable.partition.eof", "false");
+    let consumer: BaseConsumer = crate::kafka::finish(config)
         .create()
         .with_context(|| format!("creating a Kafka consumer for {bootstrap}"))?;
     let metadata = consumer
@@ -245,6 +245,7 @@ pub fn dump(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rdkafka::ClientConfig;
     use rdkafka::message::{Header, OwnedHeaders};
     use rdkafka::producer::{FutureProducer, FutureRecord};
 

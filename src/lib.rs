@@ -12,6 +12,7 @@ pub mod bench_kafka;
 pub mod catalog;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod contract;
 pub mod db;
 pub mod dev;

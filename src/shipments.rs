@@ -34,11 +34,6 @@ impl ShipmentsClient {
     ///
     /// The answer must carry a non-empty `shipmentID` of at most 200 characters without control
     /// characters; anything else is a transient `contract_violation`.
-    #[tracing::instrument(
-        name = "shipments.create",
-        skip_all,
-        fields(order_id = req.order_id, idempotency_key = %idempotency_key)
-    )]
     pub async fn create(
         &self,
         idempotency_key: &str,
@@ -46,7 +41,13 @@ impl ShipmentsClient {
         timeout: Duration,
     ) -> Result<Shipment, DownstreamError> {
         let url = downstream::join_url(&self.base_url, "/shipments");
-        let response = downstream::send(self.http.post(url).json(req), idempotency_key, timeout).await?;
+        let response = downstream::send(
+            self.http.post(url).json(req),
+            "/shipments",
+            idempotency_key,
+            timeout,
+        )
+        .await?;
         if !matches!(response.status, 200 | 201) {
             return Err(response.into_error());
         }
@@ -58,11 +59,6 @@ impl ShipmentsClient {
     /// Cancels a shipment (`POST /shipments/{shipmentID}/cancel`).
     ///
     /// 200, 204 (and any other 2xx) and 404 all mean there is no live shipment any more.
-    #[tracing::instrument(
-        name = "shipments.cancel",
-        skip_all,
-        fields(shipment_id = %shipment_id, idempotency_key = %idempotency_key)
-    )]
     pub async fn cancel(
         &self,
         idempotency_key: &str,
@@ -76,7 +72,13 @@ impl ShipmentsClient {
                 downstream::encode_path_segment(shipment_id)
             ),
         );
-        let response = downstream::send(self.http.post(url), idempotency_key, timeout).await?;
+        let response = downstream::send(
+            self.http.post(url),
+            "/shipments/{shipmentID}/cancel",
+            idempotency_key,
+            timeout,
+        )
+        .await?;
         if response.is_success() || response.status == 404 {
             Ok(())
         } else {

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 
 use opentelemetry::propagation::{Extractor, Injector};
 use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry_otlp::WithHttpConfig as _;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
@@ -21,6 +22,18 @@ use crate::config::LogFormat;
 pub struct TelemetryGuard {
     tracer: Option<SdkTracerProvider>,
     meter: Option<SdkMeterProvider>,
+}
+
+impl TelemetryGuard {
+    /// Exports every span and metric recorded so far (tests, and before a planned exit).
+    pub fn flush(&self) {
+        if let Some(t) = &self.tracer {
+            let _ = t.force_flush();
+        }
+        if let Some(m) = &self.meter {
+            let _ = m.force_flush();
+        }
+    }
 }
 
 impl Drop for TelemetryGuard {
@@ -42,6 +55,17 @@ fn export_configured(signal: &str) -> bool {
     !disabled && (set("OTEL_EXPORTER_OTLP_ENDPOINT") || set(&format!("OTEL_EXPORTER_OTLP_{signal}_ENDPOINT")))
 }
 
+/// How an OTLP export that failed with a retryable error (connection refused, 429, 502, 503, 504)
+/// is tried again: up to 5 more times, from 200 ms doubling to at most 5 s, with jitter; the batch
+/// is dropped (and logged by the SDK) only after that.
+fn otlp_retry_policy() -> opentelemetry_otlp::RetryPolicy {
+    opentelemetry_otlp::RetryPolicy::recommended()
+        .with_max_retries(5)
+        .with_initial_delay(std::time::Duration::from_millis(200))
+        .with_max_delay(std::time::Duration::from_secs(5))
+        .with_max_jitter(std::time::Duration::from_millis(100))
+}
+
 fn resource(default_service: &str) -> opentelemetry_sdk::Resource {
     let b = opentelemetry_sdk::Resource::builder();
     if std::env::var("OTEL_SERVICE_NAME").is_ok() {
@@ -55,7 +79,11 @@ fn resource(default_service: &str) -> opentelemetry_sdk::Resource {
 pub fn init(default_service: &str, format: LogFormat) -> TelemetryGuard {
     let mut provider_builder = SdkTracerProvider::builder().with_resource(resource(default_service));
     if export_configured("TRACES") {
-        match opentelemetry_otlp::SpanExporter::builder().with_http().build() {
+        match opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_retry_policy(otlp_retry_policy())
+            .build()
+        {
             Ok(exp) => provider_builder = provider_builder.with_batch_exporter(exp),
             Err(e) => eprintln!("OTLP trace exporter not started: {e}"),
         }
@@ -81,17 +109,15 @@ fn install(provider: SdkTracerProvider, default_service: &str, format: LogFormat
     opentelemetry::global::set_tracer_provider(provider.clone());
     let tracer = provider.tracer("ostore-orders");
 
-    let meter = if export_configured("METRICS") {
-        match opentelemetry_otlp::MetricExporter::builder().with_http().build() {
-            Ok(exp) => {
-                let reader = opentelemetry_sdk::metrics::PeriodicReader::builder(exp).build();
-                let mp = SdkMeterProvider::builder()
-                    .with_reader(reader)
-                    .with_resource(resource(default_service))
-                    .build();
-                opentelemetry::global::set_meter_provider(mp.clone());
-                Some(mp)
-            }
+    // One meter provider: `GET /metrics` reads it in Prometheus format, and OTLP pushes it when
+    // an endpoint is configured.
+    let otlp_reader = if export_configured("METRICS") {
+        match opentelemetry_otlp::MetricExporter::builder()
+            .with_http()
+            .with_retry_policy(otlp_retry_policy())
+            .build()
+        {
+            Ok(exp) => Some(opentelemetry_sdk::metrics::PeriodicReader::builder(exp).build()),
             Err(e) => {
                 eprintln!("OTLP metric exporter not started: {e}");
                 None
@@ -100,6 +126,14 @@ fn install(provider: SdkTracerProvider, default_service: &str, format: LogFormat
     } else {
         None
     };
+    let resource = resource(default_service);
+    let meter = Some(crate::metrics::install(move |b| {
+        let b = b.with_resource(resource);
+        match otlp_reader {
+            Some(r) => b.with_reader(r),
+            None => b,
+        }
+    }));
 
     let log_filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,rdkafka=warn"));
@@ -109,10 +143,12 @@ fn install(provider: SdkTracerProvider, default_service: &str, format: LogFormat
         .with_tracer(tracer)
         .with_filter(otel_filter);
     let fmt_layer = match format {
-        LogFormat::Json => tracing_subscriber::fmt::layer()
-            .json()
+        // One JSON object per line; inside a span, `openTelemetry` carries the trace id and span
+        // id of the innermost span (the ids a trace viewer shows), not just on the request span.
+        LogFormat::Json => json_subscriber::fmt::layer()
             .with_current_span(true)
             .with_span_list(false)
+            .with_opentelemetry_ids(true)
             .with_filter(log_filter)
             .boxed(),
         LogFormat::Pretty => tracing_subscriber::fmt::layer()
@@ -152,6 +188,36 @@ pub fn set_remote_parent(span: &tracing::Span, headers: &dyn Extractor) {
     let cx = opentelemetry::global::get_text_map_propagator(|p| p.extract(headers));
     if cx.span().span_context().is_valid() {
         let _ = span.set_parent(cx);
+    }
+}
+
+/// Adds to `span` a link to the span of a `traceparent` (an earlier session of the same work);
+/// an unreadable value adds nothing.
+pub fn add_link(span: &tracing::Span, traceparent: &str) {
+    let mut headers = HashMap::new();
+    headers.insert("traceparent".to_string(), traceparent.to_string());
+    let cx = opentelemetry::global::get_text_map_propagator(|p| p.extract(&MapExtractor(&headers)));
+    let linked = cx.span().span_context().clone();
+    if linked.is_valid() {
+        span.add_link(linked);
+    }
+}
+
+/// Puts `span` in the trace of `stored` (an order's or a saga's stored context) with a link to
+/// the span current now (the request that caused it, in a trace of its own), and returns the
+/// context of `span`: what an event written for that order on behalf of this request carries.
+/// Without a valid stored context the span stays where it is.
+pub fn in_stored_trace(span: &tracing::Span, stored: &HashMap<String, String>) -> HashMap<String, String> {
+    let current = tracing::Span::current().context().span().span_context().clone();
+    set_remote_parent(span, &MapExtractor(stored));
+    if current.is_valid() {
+        span.add_link(current);
+    }
+    let headers = context_headers(span);
+    if headers.contains_key("traceparent") {
+        headers
+    } else {
+        stored.clone()
     }
 }
 

@@ -326,3 +326,158 @@ async fn kafka_mock_goes_down_and_up_on_signals_keeping_its_records_and_kafka_du
     let status = mock.wait().unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+/// A free loopback port (bound, read, released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn json_logs_keep_stdout_json_and_put_trace_and_span_ids_on_lines_inside_spans() {
+    let db = format!("{}/cli_{}", server_url(), uuid::Uuid::new_v4().simple());
+    let out = bin()
+        .args(["migrate", "--create-database", "--database-url", &db])
+        .env("LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let migrate_out = String::from_utf8(out.stdout).unwrap();
+    let port = free_port();
+    let child = bin()
+        .args(["serve", "--roles", "api", "--database-url", &db])
+        .env("LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .env("JWT_SECRET", "a-test-secret-that-is-long-enough-for-hs256")
+        .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let client = reqwest::blocking::Client::new();
+    let mut answered = false;
+    for _ in 0..100 {
+        let r = client
+            .get(format!("http://127.0.0.1:{port}/livez"))
+            .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
+            .send();
+        if r.is_ok_and(|r| r.status() == 200) {
+            answered = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // SIGTERM: a clean shutdown, which closes stdout.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    drop_db(&db);
+    assert!(answered, "serve did not answer /livez");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let mut in_span = 0;
+    for line in migrate_out.lines().chain(stdout.lines()) {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        if v.get("span").is_some() {
+            in_span += 1;
+            let ids = &v["openTelemetry"];
+            let span_id = ids["spanId"]
+                .as_str()
+                .unwrap_or_else(|| panic!("no span id: {line}"));
+            assert_eq!(span_id.len(), 16, "{line}");
+            assert_ne!(span_id, "0000000000000000", "{line}");
+            assert_eq!(ids["traceId"].as_str().unwrap().len(), 32, "{line}");
+        }
+    }
+    let finished = stdout
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|v| v["fields"]["message"] == "request finished")
+        .unwrap_or_else(|| panic!("no request log line in\n{stdout}"));
+    assert_eq!(finished["openTelemetry"]["traceId"], trace_id, "{finished}");
+    assert!(in_span >= 1);
+    assert!(
+        stdout.contains("effective configuration"),
+        "the settings are logged as JSON:\n{stdout}"
+    );
+}
+
+#[tokio::test]
+async fn otlp_export_retries_a_batch_the_collector_refuses_with_503() {
+    use std::sync::{Arc, Mutex};
+    // A collector that refuses the first two exports with 503 and takes the rest.
+    // (status answered, request body) of every export.
+    type Exports = Arc<Mutex<Vec<(u16, Vec<u8>)>>>;
+    let received: Exports = Arc::default();
+    let r = received.clone();
+    let collector = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let r = r.clone();
+            async move {
+                let mut r = r.lock().unwrap();
+                let status = if r.len() < 2 { 503 } else { 200 };
+                r.push((status, body.to_vec()));
+                axum::http::StatusCode::from_u16(status).unwrap()
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, collector).await });
+
+    let port = free_port();
+    let mut child = bin()
+        .args(["sim", "catalog"])
+        .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
+        .env("OTEL_METRICS_EXPORTER", "none")
+        .env("OTEL_BSP_SCHEDULE_DELAY", "200")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // One request: one span, so one batch to export.
+    let client = reqwest::Client::new();
+    let mut answered = false;
+    for _ in 0..100 {
+        let r = client
+            .delete(format!("http://127.0.0.1:{port}/inventory/reservations/none"))
+            .send()
+            .await;
+        if r.is_ok() {
+            answered = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let mut delivered = false;
+    for _ in 0..150 {
+        if received.lock().unwrap().iter().any(|(s, _)| *s == 200) {
+            delivered = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(answered, "the simulator did not start");
+    let received = received.lock().unwrap();
+    assert!(
+        delivered,
+        "no export got through after the 503s: {} attempts",
+        received.len()
+    );
+    let first_ok = received.iter().position(|(s, _)| *s == 200).unwrap();
+    assert_eq!(first_ok, 2, "exports before the first accepted one: {first_ok}");
+    assert_eq!(
+        received[0].1, received[2].1,
+        "the accepted export is the refused batch sent again"
+    );
+    assert!(!received[0].1.is_empty());
+}

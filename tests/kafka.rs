@@ -864,6 +864,78 @@ async fn two_relays_at_once_keep_each_orders_events_in_order() {
     }
 }
 
+/// The relay keeps a floor under its scan (rows known to be published); a row whose transaction
+/// drew its id before later rows were published, and committed after them, is still published,
+/// and before the later rows of its own order.
+#[tokio::test]
+async fn a_row_committed_late_below_published_rows_is_still_published_in_its_orders_order() {
+    let db = TestDb::new().await;
+    let pool = db.pool_of(6).await;
+    let broker = broker();
+    let t = topics();
+    let shutdown = CancellationToken::new();
+    let relay_task = tokio::spawn(relay::run(
+        pool.clone(),
+        producer(&broker),
+        relay_config(),
+        shutdown.clone(),
+    ));
+    let published = || async {
+        count(
+            &pool,
+            "select count(*) from outbox where published_at is not null",
+        )
+        .await
+    };
+    for order in 1..=20 {
+        write_event(&pool, &t.order_events, "OrderCreated", order, &HashMap::new()).await;
+    }
+    eventually(
+        Duration::from_secs(20),
+        "the first rows to be published",
+        || async { published().await == 20 },
+    )
+    .await;
+    // A transaction draws its outbox id and stays open…
+    let mut late = pool.begin().await.unwrap();
+    let event = NewEvent::new(
+        &t.order_events,
+        "OrderCreated",
+        99,
+        Some(Uuid::now_v7()),
+        json!({"n": "late"}),
+        &HashMap::new(),
+    );
+    let late_id = event.envelope.event_id.to_string();
+    enqueue(&mut late, &[event]).await.unwrap();
+    // …while other orders' rows are written and published, over many passes of the relay.
+    for order in 21..=60 {
+        write_event(&pool, &t.order_events, "OrderCreated", order, &HashMap::new()).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eventually(
+        Duration::from_secs(20),
+        "the later rows to be published",
+        || async { published().await == 60 },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    late.commit().await.unwrap();
+    let confirmed = write_event(&pool, &t.order_events, "OrderConfirmed", 99, &HashMap::new()).await;
+    // Well inside the relay's safety-net rescan (RelayConfig::cleanup_interval, 60 s).
+    eventually(
+        Duration::from_secs(15),
+        "the late row to be published",
+        || async { count(&pool, "select count(*) from outbox where published_at is null").await == 0 },
+    )
+    .await;
+    shutdown.cancel();
+    relay_task.await.unwrap();
+    let messages = read_topic(broker.bootstrap_servers(), &t.order_events, 62).await;
+    let by_key = first_occurrences_by_key(&messages);
+    assert_eq!(by_key["99"], vec![late_id, confirmed.to_string()]);
+}
+
 #[tokio::test]
 async fn published_rows_past_retention_are_deleted_and_pending_rows_kept() {
     let db = TestDb::new().await;

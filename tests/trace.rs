@@ -126,9 +126,10 @@ async fn one_trace_spans_the_request_the_steps_the_downstream_services_kafka_and
         "saga create_order",
         "action reserve_inventory",
         "action create_shipment",
-        "catalog.reserve",
-        "shipments.create",
-        "tracking.apply",
+        "action persist_order",
+        "POST /inventory/reservations",
+        "POST /shipments",
+        "process shipments.tracking-events",
     ] {
         assert!(
             names.iter().any(|n| n == expected),
@@ -143,13 +144,17 @@ async fn one_trace_spans_the_request_the_steps_the_downstream_services_kafka_and
     // The simulator's handling of the call is a child of the client call (W3C traceparent injected).
     let sim = spans
         .iter()
-        .filter(|s| s.name == "catalog.reserve" && s.parent_span_is_remote)
+        .filter(|s| {
+            s.name == "POST /inventory/reservations"
+                && s.span_kind == opentelemetry::trace::SpanKind::Server
+                && s.parent_span_is_remote
+        })
         .count();
     assert!(sim >= 1, "the simulator did not continue the trace");
     // The consumer's spans continue the trace from the TrackingEvents' Kafka headers.
     let applied = spans
         .iter()
-        .filter(|s| s.name == "tracking.apply" && s.parent_span_is_remote)
+        .filter(|s| s.name == "process shipments.tracking-events" && s.parent_span_is_remote)
         .count();
     assert!(applied >= 3, "consumer spans in the trace: {applied}");
     // The outbox rows carry the trace into Kafka headers.
@@ -165,7 +170,7 @@ async fn one_trace_spans_the_request_the_steps_the_downstream_services_kafka_and
 }
 
 #[tokio::test]
-async fn a_saga_resumed_by_another_worker_stays_in_its_trace() {
+async fn a_saga_resumed_by_another_worker_stays_in_its_trace_and_links_to_the_session_before() {
     let collector = Collector::default();
     let _guard = ostore_orders::telemetry::init_with_span_exporter("ostore-orders-test", collector.clone());
     let app = spawn_app_with(AppOptions {
@@ -176,8 +181,9 @@ async fn a_saga_resumed_by_another_worker_stays_in_its_trace() {
     app.product(1, 10, "1.00");
     let (_, token) = app.customer("resume@example.com").await;
     let trace_id = "0af7651916cd43dd8448eb211c80319c";
-    // The saga's first worker "dies": its lease is left to expire and another claim resumes it.
-    app.catalog_faults(json!({"latencyMs": 400, "endpoint": "reserve"}))
+    // The saga's first worker reserves the stock and persists the order, then "dies" in the middle
+    // of creating the shipment: its lease is taken over and another claim resumes the saga.
+    app.shipment_faults(json!({"latencyMs": 1500, "endpoint": "create"}))
         .await;
     let r = app
         .http
@@ -190,6 +196,8 @@ async fn a_saga_resumed_by_another_worker_stays_in_its_trace() {
         .await
         .unwrap();
     assert_eq!(r.status(), 202);
+    app.eventually_eq("select step_name from sagas", "create_shipment", 10)
+        .await;
     // Resume from the database, as a restarted worker would: the trace context comes from the row.
     sqlx::query("update sagas set lease_owner = null, lease_expires_at = null, fence = fence + 1, next_attempt_at = now()")
         .execute(&app.db)
@@ -199,10 +207,101 @@ async fn a_saga_resumed_by_another_worker_stays_in_its_trace() {
     app.eventually_eq("select state from sagas", "completed", 10)
         .await;
     let spans = collector.in_trace(trace_id);
-    let sagas = spans.iter().filter(|s| s.name == "saga create_order").count();
+    let sessions: Vec<_> = spans.iter().filter(|s| s.name == "saga create_order").collect();
     assert!(
-        sagas >= 2,
+        sessions.len() >= 2,
         "the resumed drive must join the original trace:\n{}",
         tree(&spans)
+    );
+    // The first session wrote (reservation, order) before it died: the resumed one links to it.
+    let first = sessions
+        .iter()
+        .find(|s| s.links.is_empty())
+        .expect("the first session has no earlier one");
+    let resumed: Vec<_> = sessions.iter().filter(|s| !s.links.is_empty()).collect();
+    assert!(!resumed.is_empty(), "{}", tree(&spans));
+    assert!(
+        resumed.iter().any(|s| s
+            .links
+            .iter()
+            .any(|l| l.span_context.span_id() == first.span_context.span_id())),
+        "the resumed session links to the session that wrote before it:\n{}",
+        tree(&spans)
+    );
+}
+
+#[tokio::test]
+async fn an_event_written_for_a_customers_cancel_is_in_the_orders_trace_linked_to_the_cancel_request() {
+    let collector = Collector::default();
+    let _guard = ostore_orders::telemetry::init_with_span_exporter("ostore-orders-test", collector.clone());
+    let app = spawn_app_with(AppOptions {
+        flags: vec!["--order-wait-ms", "100"],
+        ..Default::default()
+    })
+    .await;
+    app.product(1, 10, "1.00");
+    let (_, token) = app.customer("cancel-trace@example.com").await;
+    let order_trace = "1af7651916cd43dd8448eb211c80319e";
+    let cancel_trace = "2af7651916cd43dd8448eb211c80319f";
+    // The shipment is slow to create: the order is still pending when the customer cancels.
+    app.shipment_faults(json!({"latencyMs": 1500, "endpoint": "create"}))
+        .await;
+    let r = app
+        .http
+        .post(app.url("/orders"))
+        .bearer_auth(&token)
+        .header("Idempotency-Key", "cancel-trace")
+        .header("traceparent", format!("00-{order_trace}-b7ad6b7169203332-01"))
+        .json(&json!({"orderItems": [{"productID": 1, "quantity": 1}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let order_id: i64 = r.json::<serde_json::Value>().await.unwrap()["orderID"]
+        .as_i64()
+        .unwrap();
+    let r = app
+        .http
+        .post(app.url(&format!("/orders/{order_id}/cancel")))
+        .bearer_auth(&token)
+        .header("traceparent", format!("00-{cancel_trace}-c7ad6b7169203333-01"))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    let headers: serde_json::Value =
+        sqlx::query_scalar("select headers from outbox where event_type = 'OrderCancelled'")
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    let traceparent = headers["traceparent"].as_str().unwrap().to_string();
+    assert!(
+        traceparent.contains(order_trace),
+        "OrderCancelled is in the order's trace: {traceparent}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let spans = collector.in_trace(order_trace);
+    let producing = spans
+        .iter()
+        .find(|s| traceparent.contains(&s.span_context.span_id().to_string()))
+        .unwrap_or_else(|| {
+            panic!(
+                "the span that wrote OrderCancelled is exported:\n{}",
+                tree(&spans)
+            )
+        });
+    assert_eq!(producing.name, "cancel order");
+    let request = collector
+        .in_trace(cancel_trace)
+        .into_iter()
+        .find(|s| s.name == "POST /orders/{orderID}/cancel")
+        .expect("the cancel request's span");
+    assert!(
+        producing
+            .links
+            .iter()
+            .any(|l| l.span_context.span_id() == request.span_context.span_id()),
+        "the span links to the cancel request"
     );
 }

@@ -202,8 +202,11 @@ pub struct HistoryItem {
     pub error: Option<String>,
     /// Idempotency-Key sent downstream.
     pub idempotency_key: Option<String>,
-    /// Downstream HTTP status.
+    /// The HTTP status the downstream answered (successes and failures alike; null for a local
+    /// step or when no answer came).
     pub downstream_status: Option<i32>,
+    /// How long the attempt took, in milliseconds (null for rows written before it was recorded).
+    pub duration_ms: Option<i32>,
     /// The worker that ran it.
     pub worker: Option<String>,
 }
@@ -241,7 +244,7 @@ pub async fn get_saga(conn: &mut PgConnection, saga_id: Uuid) -> Result<Option<S
     };
     let history = sqlx::query!(
         r#"select step, kind, attempt, started_at, finished_at, outcome, error_class, error, idempotency_key,
-                  downstream_status, worker
+                  downstream_status, duration_ms, worker
              from saga_steps where saga_id = $1 order by id"#,
         saga_id
     )
@@ -259,6 +262,7 @@ pub async fn get_saga(conn: &mut PgConnection, saga_id: Uuid) -> Result<Option<S
         error: h.error,
         idempotency_key: h.idempotency_key,
         downstream_status: h.downstream_status,
+        duration_ms: h.duration_ms,
         worker: h.worker,
     })
     .collect();
@@ -431,7 +435,7 @@ pub async fn cancel(
     Ok(ActionOutcome::Done { before, after })
 }
 
-/// Writes an audit row.
+/// Writes an audit row; returns its id.
 pub async fn audit(
     conn: &mut PgConnection,
     actor: i32,
@@ -439,18 +443,17 @@ pub async fn audit(
     target: &str,
     before: Option<Value>,
     after: Option<Value>,
-) -> Result<(), sqlx::Error> {
-    sqlx::query!(
-        "insert into audit_log (actor, action, target, before, after) values ($1, $2, $3, $4, $5)",
-        actor,
-        action,
-        target,
-        before,
-        after
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "insert into audit_log (actor, action, target, before, after) values ($1, $2, $3, $4, $5) returning id",
     )
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
+    .bind(actor)
+    .bind(action)
+    .bind(target)
+    .bind(before)
+    .bind(after)
+    .fetch_one(&mut *conn)
+    .await
 }
 
 /// Applies an account lifecycle action and audits it (when it changed something) in the caller's
@@ -531,4 +534,59 @@ pub async fn list_audit(
             after: r.after,
         })
         .collect())
+}
+
+#[derive(sqlx::FromRow)]
+struct AuditRow {
+    id: i64,
+    at: OffsetDateTime,
+    actor: i32,
+    action: String,
+    target: String,
+    before: Option<Value>,
+    after: Option<Value>,
+}
+
+impl From<AuditRow> for AuditItem {
+    fn from(r: AuditRow) -> Self {
+        AuditItem {
+            id: r.id,
+            at: rfc3339(r.at),
+            actor: r.actor,
+            action: r.action,
+            target: r.target,
+            before: r.before,
+            after: r.after,
+        }
+    }
+}
+
+/// One audit row by id.
+pub async fn audit_entry(conn: &mut PgConnection, id: i64) -> Result<Option<AuditItem>, sqlx::Error> {
+    let row: Option<AuditRow> =
+        sqlx::query_as("select id, at, actor, action, target, before, after from audit_log where id = $1")
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    Ok(row.map(AuditItem::from))
+}
+
+/// The audit rows about one saga, newest first: its own actions (`target` = `saga:{id}`) and the
+/// bulk re-drives that re-drove it.
+pub async fn audit_of_saga(
+    conn: &mut PgConnection,
+    saga_id: Uuid,
+    limit: i64,
+) -> Result<Vec<AuditItem>, sqlx::Error> {
+    let rows: Vec<AuditRow> = sqlx::query_as(
+        r#"select id, at, actor, action, target, before, after from audit_log
+            where target = $1 or (action = 'sagas.bulk_retry' and after -> 'retried' ? $2)
+            order by id desc limit $3"#,
+    )
+    .bind(format!("saga:{saga_id}"))
+    .bind(saga_id.to_string())
+    .bind(limit)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows.into_iter().map(AuditItem::from).collect())
 }

@@ -91,7 +91,7 @@ fn state_param(v: Option<&String>) -> Result<Option<String>, ApiError> {
     }
 }
 
-fn filter_from(params: &HashMap<String, String>) -> Result<SagaFilter, ApiError> {
+pub(crate) fn filter_from(params: &HashMap<String, String>) -> Result<SagaFilter, ApiError> {
     Ok(SagaFilter {
         state: state_param(params.get("state"))?,
         step: params.get("step").cloned(),
@@ -174,18 +174,22 @@ pub async fn get_saga(
         .ok_or_else(|| ApiError::not_found("no such saga"))
 }
 
-async fn act(
+/// Retries (`saga.retry`) or cancels (`saga.cancel`) one saga and audits it in the same
+/// transaction; `reason` (the console asks for one) is kept in the audit row's `after.reason`.
+/// Returns the saga as it is now and the audit row's id.
+pub(crate) async fn act(
     state: &AppState,
     actor: i32,
     id: Uuid,
     action: &'static str,
-) -> Result<Json<SagaDetail>, ApiError> {
+    reason: Option<&str>,
+) -> Result<(SagaDetail, i64), ApiError> {
     let mut tx = state.db.begin().await?;
     let outcome = match action {
         "saga.retry" => admin::retry(&mut tx, id).await?,
         _ => admin::cancel(&mut tx, id, actor).await?,
     };
-    match outcome {
+    let audit_id = match outcome {
         ActionOutcome::NotFound => return Err(ApiError::not_found("no such saga")),
         ActionOutcome::Terminal(s) => {
             return Err(ApiError::conflict(
@@ -194,7 +198,10 @@ async fn act(
             )
             .with("state", s));
         }
-        ActionOutcome::Done { before, after } => {
+        ActionOutcome::Done { before, mut after } => {
+            if let (Some(r), Some(obj)) = (reason, after.as_object_mut()) {
+                obj.insert("reason".into(), json!(r));
+            }
             admin::audit(
                 &mut tx,
                 actor,
@@ -203,16 +210,16 @@ async fn act(
                 Some(before),
                 Some(after),
             )
-            .await?;
+            .await?
         }
-    }
+    };
     tx.commit().await?;
     state.engine.nudge();
     let mut conn = state.db.acquire().await?;
-    admin::get_saga(&mut conn, id)
+    let detail = admin::get_saga(&mut conn, id)
         .await?
-        .map(Json)
-        .ok_or_else(|| ApiError::not_found("no such saga"))
+        .ok_or_else(|| ApiError::not_found("no such saga"))?;
+    Ok((detail, audit_id))
 }
 
 /// Re-drives a stuck saga from where it stopped (a compensating saga continues its compensation), or
@@ -224,7 +231,9 @@ pub async fn retry_saga(
     AdminUser(claims): AdminUser,
     Path(raw): Path<String>,
 ) -> Result<Json<SagaDetail>, ApiError> {
-    act(&state, claims.user_id(), saga_id(&raw)?, "saga.retry").await
+    act(&state, claims.user_id(), saga_id(&raw)?, "saga.retry", None)
+        .await
+        .map(|(d, _)| Json(d))
 }
 
 /// Compensates a running or stuck saga. 409 once it is terminal.
@@ -235,7 +244,9 @@ pub async fn cancel_saga(
     AdminUser(claims): AdminUser,
     Path(raw): Path<String>,
 ) -> Result<Json<SagaDetail>, ApiError> {
-    act(&state, claims.user_id(), saga_id(&raw)?, "saga.cancel").await
+    act(&state, claims.user_id(), saga_id(&raw)?, "saga.cancel", None)
+        .await
+        .map(|(d, _)| Json(d))
 }
 
 /// Bulk re-drive request.
@@ -277,6 +288,20 @@ pub async fn bulk_retry(
     AdminUser(claims): AdminUser,
     ApiJson(req): ApiJson<BulkRetryRequest>,
 ) -> Result<Json<BulkRetryAnswer>, ApiError> {
+    run_bulk_retry(&state, claims.user_id(), &req, None)
+        .await
+        .map(|(a, _)| Json(a))
+}
+
+/// The bulk re-drive: validates the request, re-drives (or on a dry run only lists) the sagas it
+/// selects and audits a real run in the same transaction, with `reason` in the audit row's
+/// `after.reason` when given. Returns the answer and, for a real run, the audit row's id.
+pub(crate) async fn run_bulk_retry(
+    state: &AppState,
+    actor: i32,
+    req: &BulkRetryRequest,
+    reason: Option<&str>,
+) -> Result<(BulkRetryAnswer, Option<i64>), ApiError> {
     let filter = SagaFilter {
         state: state_param(Some(&req.state))?,
         step: req.step.clone(),
@@ -300,11 +325,12 @@ pub async fn bulk_retry(
         .collect();
     if req.dry_run {
         tx.rollback().await?;
-        return Ok(Json(BulkRetryAnswer {
+        let answer = BulkRetryAnswer {
             matched,
             retried: candidates,
             dry_run: true,
-        }));
+        };
+        return Ok((answer, None));
     }
     let mut retried = Vec::with_capacity(candidates.len());
     for id in candidates {
@@ -313,22 +339,27 @@ pub async fn bulk_retry(
         }
     }
     let target = json!({"state": req.state, "step": req.step, "errorClass": req.error_class, "olderThanSeconds": req.older_than_seconds, "limit": req.limit});
-    admin::audit(
+    let mut after = json!({"retried": retried});
+    if let Some(r) = reason {
+        after["reason"] = json!(r);
+    }
+    let audit_id = admin::audit(
         &mut tx,
-        claims.user_id(),
+        actor,
         "sagas.bulk_retry",
         &target.to_string(),
         Some(json!({"matched": matched})),
-        Some(json!({"retried": retried})),
+        Some(after),
     )
     .await?;
     tx.commit().await?;
     state.engine.nudge();
-    Ok(Json(BulkRetryAnswer {
+    let answer = BulkRetryAnswer {
         matched,
         retried,
         dry_run: false,
-    }))
+    };
+    Ok((answer, Some(audit_id)))
 }
 
 /// The audit trail, newest first.

@@ -55,9 +55,44 @@ pub struct AppState {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "OStore Order Management Service", description = "Orders placed through a persisted saga; see docs/ for the contracts."),
+    components(schemas(crate::error::ProblemSchema)),
     modifiers(&SecurityAddon)
 )]
 struct ApiDoc;
+
+/// Gives every 4xx and 5xx response of every operation the `application/problem+json` body
+/// (`#/components/schemas/Problem`), which is what the service answers for each of them. Applied
+/// to the finished document ([`openapi`]), once the routes have added their operations.
+struct ProblemResponses;
+
+impl utoipa::Modify for ProblemResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{Content, Ref, RefOr};
+        for item in openapi.paths.paths.values_mut() {
+            let ops = [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+            ];
+            for op in ops.into_iter().flatten() {
+                for (status, response) in op.responses.responses.iter_mut() {
+                    if !(status.starts_with('4') || status.starts_with('5')) {
+                        continue;
+                    }
+                    if let RefOr::T(response) = response {
+                        response.content.clear();
+                        response.content.insert(
+                            crate::error::PROBLEM_JSON.to_string(),
+                            RefOr::T(Content::new(Some(Ref::from_schema_name("Problem")))),
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
 
 struct SecurityAddon;
 
@@ -109,7 +144,13 @@ fn routes() -> OpenApiRouter<AppState> {
 
 /// The OpenAPI document of the API.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    routes().split_for_parts().1
+    finish_spec(routes().split_for_parts().1)
+}
+
+fn finish_spec(mut spec: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
+    use utoipa::Modify as _;
+    ProblemResponses.modify(&mut spec);
+    spec
 }
 
 static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -117,14 +158,21 @@ static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Builds the application router.
 pub fn router(state: AppState) -> Router {
     let (router, spec) = routes().split_for_parts();
-    let spec = Arc::new(spec);
+    let spec = Arc::new(finish_spec(spec));
     let router = router
+        .merge(crate::console::router())
         .route(
             "/openapi.json",
             axum::routing::get(move || {
                 let spec = spec.clone();
                 async move { axum::Json(spec.as_ref().clone()) }
             }),
+        )
+        .route("/metrics", axum::routing::get(metrics))
+        // A browsable page for the document (Swagger UI, its assets compiled into the binary).
+        .merge(
+            utoipa_swagger_ui::SwaggerUi::new("/docs")
+                .config(utoipa_swagger_ui::Config::from("/openapi.json")),
         )
         .fallback(|| async { ApiError::not_found("no such resource") })
         .method_not_allowed_fallback(|| async {
@@ -140,18 +188,12 @@ pub fn router(state: AppState) -> Router {
     router
         .layer(DefaultBodyLimit::max(extract::MAX_BODY_BYTES))
         .layer(axum::middleware::map_response(problem_for_framework_errors))
+        .layer(axum::middleware::from_fn(record_request_metrics))
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(make_request_span)
                 .on_response(|resp: &Response<_>, latency: Duration, span: &Span| {
                     span.record("http.response.status_code", resp.status().as_u16());
-                    crate::metrics::get().http_duration.record(
-                        latency.as_secs_f64(),
-                        &[opentelemetry::KeyValue::new(
-                            "http.response.status_code",
-                            i64::from(resp.status().as_u16()),
-                        )],
-                    );
                     tracing::info!(
                         status = resp.status().as_u16(),
                         latency_ms = latency.as_millis() as u64,
@@ -163,6 +205,43 @@ pub fn router(state: AppState) -> Router {
         )
         .layer(PropagateRequestIdLayer::new(REQUEST_ID.clone()))
         .layer(SetRequestIdLayer::new(REQUEST_ID.clone(), MakeRequestUuid))
+}
+
+/// `GET /metrics`: every instrument in Prometheus text format (the scrape endpoint; unauthenticated
+/// like the health checks, so keep the port off the public internet or filter the path).
+async fn metrics() -> impl axum::response::IntoResponse {
+    // Gathering walks the instruments; off the order path, on a blocking thread.
+    let text = tokio::task::spawn_blocking(crate::metrics::prometheus_text)
+        .await
+        .unwrap_or_default();
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+}
+
+/// Records `http.server.request.duration` with the matched route, method and status.
+async fn record_request_metrics(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let started = std::time::Instant::now();
+    let method = req.method().clone();
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_string());
+    let resp = next.run(req).await;
+    crate::metrics::get().http_request(
+        method.as_str(),
+        route.as_deref(),
+        resp.status().as_u16(),
+        started.elapsed(),
+    );
+    resp
 }
 
 fn make_request_span<B>(req: &Request<B>) -> Span {

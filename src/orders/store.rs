@@ -312,8 +312,11 @@ pub async fn cancel(
         Some(&format!("cancelled: {reason}")),
     )
     .await?;
-    let trace: std::collections::HashMap<String, String> =
+    let stored: std::collections::HashMap<String, String> =
         serde_json::from_value(row.trace_context).unwrap_or_default();
+    // The event is produced in the order's trace, linked to the cancelling request.
+    let span = tracing::info_span!("order.cancel", otel.name = "cancel order", order.id = order_id);
+    let trace = crate::telemetry::in_stored_trace(&span, &stored);
     crate::outbox::enqueue(
         conn,
         &[crate::outbox::NewEvent::new(

@@ -30,7 +30,19 @@
 //!   the leader every [`RelayConfig::cleanup_interval`]; with a zero retention, rows are deleted as
 //!   soon as they are acknowledged instead of being marked. Each batch also adds to a per-second
 //!   count (`outbox_relay_stats`) that [`backlog`] reads.
+//! - **A floor under the scan.** Marked (or deleted) rows leave dead entries in the index of
+//!   unpublished rows until VACUUM removes them, and on a large table VACUUM may skip that index
+//!   for a long time; a pass that read from id 0 would walk all of them, every pass. So the leader
+//!   keeps a [`Floor`]: the id through which every row is known to be published. A row can only
+//!   show up late below what a pass saw if its transaction was still running at that pass's
+//!   snapshot (ids are drawn in order, and migration 0015 makes a transaction take its xid before
+//!   its outbox id); once every transaction running then has ended, the next pass that publishes
+//!   everything it sees raises the floor past what the earlier pass saw. A long-running writing
+//!   transaction anywhere in the database only holds the floor where it is (the scan walks more);
+//!   it never skips a row. As a safety net the floor goes back to 0 every
+//!   [`RelayConfig::cleanup_interval`] (a warning is logged if a row is ever found below it).
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder as _, ExponentialBackoff, ExponentialBuilder};
@@ -119,6 +131,69 @@ pub enum RelayError {
     Kafka(#[from] KafkaError),
 }
 
+/// The leader's knowledge of which rows are certainly published (see the module's "A floor under
+/// the scan").
+#[derive(Debug, Default)]
+pub struct Floor {
+    /// Every row with an id up to this one is published (or will never be visible).
+    done_through: i64,
+    /// Passes that published every row they saw, up to `max_id`: those ids are done once every
+    /// transaction that was running at the pass's snapshot has ended (its `xmax` is at most a
+    /// later snapshot's `xmin`). Oldest first.
+    checkpoints: VecDeque<Checkpoint>,
+    /// After a reset, the floor the leader had: a row found at or below it is reported.
+    audit_below: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Checkpoint {
+    max_id: i64,
+    xmax: i64,
+}
+
+/// Most checkpoints kept; older ones are merged (conservatively) when a writing transaction
+/// holds the floor for long.
+const MAX_CHECKPOINTS: usize = 64;
+
+impl Floor {
+    /// The id a pass starts after.
+    pub fn start(&self) -> i64 {
+        self.done_through
+    }
+
+    /// Forgets everything: the next pass reads from the first row (the safety net).
+    pub fn reset(&mut self) {
+        *self = Floor {
+            audit_below: self.done_through.max(self.audit_below),
+            ..Floor::default()
+        };
+    }
+
+    /// After a pass in a snapshot with `xmin`/`xmax` published every row it saw (it read ids
+    /// above `start()` up to `max_read`, none left behind): raises the floor past every checkpoint
+    /// whose transactions have all ended, and records this pass as a checkpoint.
+    fn passed(&mut self, xmin: i64, xmax: i64, max_read: Option<i64>) {
+        self.audit_below = 0;
+        while let Some(c) = self.checkpoints.front().copied() {
+            if c.xmax > xmin {
+                break;
+            }
+            self.checkpoints.pop_front();
+            self.done_through = self.done_through.max(c.max_id);
+        }
+        if let Some(max_id) = max_read.filter(|m| *m > self.done_through) {
+            if self.checkpoints.len() == MAX_CHECKPOINTS {
+                // Merge the two oldest: waiting for the later one's transactions covers both.
+                let first = self.checkpoints.pop_front().expect("full");
+                if let Some(second) = self.checkpoints.front_mut() {
+                    second.max_id = second.max_id.max(first.max_id);
+                }
+            }
+            self.checkpoints.push_back(Checkpoint { max_id, xmax });
+        }
+    }
+}
+
 /// Runs the relay until `shutdown` is cancelled: stands by until it holds the leadership lock, then
 /// publishes on every notification and poll. Never returns an error: failures are logged and
 /// retried with backoff, and every row stays in the outbox until it was acknowledged.
@@ -131,12 +206,14 @@ where
     let mut listener: Option<PgListener> = None;
     let mut backoff = cfg.backoff();
     let mut last_cleanup: Option<Instant> = None;
+    let mut floor = Floor::default();
     tracing::info!(batch_size = cfg.batch_size, "outbox relay started");
     while !shutdown.is_cancelled() {
         if !leading {
             match try_lead(&pool, &mut session).await {
                 Ok(true) => {
                     leading = true;
+                    floor.reset();
                     tracing::info!("outbox relay: leading (holds the relay lock)");
                 }
                 Ok(false) => {
@@ -164,7 +241,7 @@ where
         };
         let pass = tokio::select! {
             _ = shutdown.cancelled() => break,
-            r = publish_pending(conn, &pool, &producer, &cfg, Some(&shutdown)) => r,
+            r = publish_pending(conn, &pool, &producer, &cfg, Some(&shutdown), &mut floor) => r,
         };
         match pass {
             Ok(n) => {
@@ -184,6 +261,7 @@ where
                 // Dropping the session closes it, which releases the lock for another instance.
                 session = None;
                 leading = false;
+                floor.reset();
                 let delay = backoff.next().unwrap_or(cfg.backoff_max);
                 tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64,
                     "outbox relay: database error; leadership released");
@@ -193,6 +271,7 @@ where
         }
         if last_cleanup.is_none_or(|t| t.elapsed() >= cfg.cleanup_interval) {
             last_cleanup = Some(Instant::now());
+            floor.reset();
             if let Some(conn) = session.as_mut() {
                 match delete_expired(conn, cfg.retention).await {
                     Ok(0) => {}
@@ -227,7 +306,7 @@ where
         return Ok(0);
     }
     let Some(mut conn) = session else { return Ok(0) };
-    let result = publish_pending(&mut conn, pool, producer, cfg, None).await;
+    let result = publish_pending(&mut conn, pool, producer, cfg, None, &mut Floor::default()).await;
     let _ = conn.close().await;
     Ok(result?)
 }
@@ -353,19 +432,40 @@ pub struct Delivered {
 }
 
 struct Flight {
-    sent: Vec<(i64, DeliveryFuture)>,
+    sent: Vec<(i64, DeliveryFuture, tracing::Span)>,
     refused: Vec<(i64, KafkaError)>,
     enqueue_error: Option<KafkaError>,
 }
 
 impl Flight {
     async fn wait(self) -> Delivered {
-        let (ids, futures): (Vec<i64>, Vec<DeliveryFuture>) = self.sent.into_iter().unzip();
+        let mut ids = Vec::with_capacity(self.sent.len());
+        let mut futures = Vec::with_capacity(self.sent.len());
+        let mut spans = Vec::with_capacity(self.sent.len());
+        for (id, future, span) in self.sent {
+            ids.push(id);
+            futures.push(future);
+            spans.push(span);
+        }
         let mut out = Delivered {
             refused: self.refused,
             ..Delivered::default()
         };
-        for (id, result) in ids.into_iter().zip(join_all(futures).await) {
+        for ((id, result), span) in ids.into_iter().zip(join_all(futures).await).zip(spans) {
+            match &result {
+                Ok(Ok(d)) => {
+                    span.record("messaging.destination.partition.id", d.partition.to_string());
+                    span.record("messaging.kafka.offset", d.offset);
+                }
+                Ok(Err((e, _))) => {
+                    span.record("error.type", error_type(e));
+                    span.record("otel.status_code", "error");
+                }
+                Err(_) => {
+                    span.record("error.type", "canceled");
+                    span.record("otel.status_code", "error");
+                }
+            }
             match result {
                 Ok(Ok(_)) => out.ids.push(id),
                 Ok(Err((e, _))) if dead::is_permanent(&e) => out.refused.push((id, e)),
@@ -396,15 +496,16 @@ where
         enqueue_error: None,
     };
     for row in rows {
+        let span = publish_span(row);
         let mut record = FutureRecord::to(&row.topic)
             .key(row.message_key.as_bytes())
             .payload(row.payload.as_bytes())
-            .headers(kafka_headers(&row.headers));
+            .headers(kafka_headers(&row.headers, &span));
         let mut waited = Duration::ZERO;
         loop {
             match producer.send_result(record) {
                 Ok(delivery) => {
-                    flight.sent.push((row.id, delivery));
+                    flight.sent.push((row.id, delivery, span));
                     break;
                 }
                 // The local queue is full: give librdkafka a moment to drain it.
@@ -416,10 +517,14 @@ where
                     waited += Duration::from_millis(10);
                 }
                 Err((e, _)) if dead::is_permanent(&e) => {
+                    span.record("error.type", error_type(&e));
+                    span.record("otel.status_code", "error");
                     flight.refused.push((row.id, e));
                     break;
                 }
                 Err((e, _)) => {
+                    span.record("error.type", error_type(&e));
+                    span.record("otel.status_code", "error");
                     flight.enqueue_error = Some(e);
                     return flight;
                 }
@@ -450,6 +555,7 @@ async fn publish_pending<C>(
     producer: &FutureProducer<C>,
     cfg: &RelayConfig,
     shutdown: Option<&CancellationToken>,
+    floor: &mut Floor,
 ) -> Result<usize, RelayError>
 where
     C: ClientContext + 'static,
@@ -463,7 +569,7 @@ where
     sqlx::query("begin isolation level repeatable read read only")
         .execute(&mut *conn)
         .await?;
-    let pass = publish_in_snapshot(conn, pool, producer, cfg, shutdown).await;
+    let pass = publish_in_snapshot(conn, pool, producer, cfg, shutdown, floor).await;
     // Ends the snapshot whatever happened (after a failed statement too).
     let end = sqlx::query("rollback").execute(&mut *conn).await;
     let n = pass?;
@@ -477,14 +583,25 @@ async fn publish_in_snapshot<C>(
     producer: &FutureProducer<C>,
     cfg: &RelayConfig,
     shutdown: Option<&CancellationToken>,
+    floor: &mut Floor,
 ) -> Result<usize, RelayError>
 where
     C: ClientContext + 'static,
 {
     let batch_size = cfg.batch_size.max(1);
     let delete = cfg.retention.is_zero();
+    // The snapshot's transaction horizon, for the floor (xid8 as bigint: exact below 2^63).
+    let (xmin, xmax): (i64, i64) = sqlx::query_as(
+        "select pg_snapshot_xmin(s)::text::bigint, pg_snapshot_xmax(s)::text::bigint from pg_current_snapshot() s",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    let start = floor.start();
     let mut total = 0;
-    let mut after = 0;
+    let mut after = start;
+    let mut max_read: Option<i64> = None;
+    // True once a read came back short: every row the snapshot shows above the floor was read.
+    let mut drained = false;
     let mut exhausted = false;
     let mut in_flight: Option<Flight> = None;
     let mut marking: Option<JoinHandle<Result<u64, sqlx::Error>>> = None;
@@ -494,11 +611,25 @@ where
         } else {
             pending_rows(conn, after, batch_size).await?
         };
+        if !exhausted && rows.len() < batch_size {
+            drained = true;
+        }
         if rows.len() < batch_size || shutdown.is_some_and(|s| s.is_cancelled()) {
             exhausted = true;
         }
         if let Some(last) = rows.last() {
             after = last.id;
+            max_read = Some(last.id);
+        }
+        if let Some(row) = rows.first().filter(|r| r.id <= floor.audit_below) {
+            // The safety net's pass found a row under the floor the leader had: it is published
+            // now, but possibly after later rows of its order.
+            tracing::warn!(
+                outbox_id = row.id,
+                floor = floor.audit_below,
+                "outbox relay: an unpublished row was found below the relay's floor; publishing it now"
+            );
+            floor.audit_below = 0;
         }
         let next = if rows.is_empty() {
             None
@@ -507,6 +638,9 @@ where
         };
         let Some(current) = std::mem::replace(&mut in_flight, next) else {
             if in_flight.is_none() {
+                if drained {
+                    floor.passed(xmin, xmax, max_read);
+                }
                 return Ok(total);
             }
             continue;
@@ -532,6 +666,11 @@ where
         }));
         if in_flight.is_none() {
             finish(&mut marking).await?;
+            // Every row this snapshot showed above the floor is published (a refused one is set
+            // aside, which is as final).
+            if drained {
+                floor.passed(xmin, xmax, max_read);
+            }
             return Ok(total);
         }
     }
@@ -612,10 +751,70 @@ async fn count_published(conn: &mut PgConnection, n: u64) -> Result<(), sqlx::Er
     Ok(())
 }
 
-fn kafka_headers(headers: &Value) -> OwnedHeaders {
+/// The PRODUCER span of one row's publication (OpenTelemetry messaging conventions), a child of
+/// the span that wrote the row (its `traceparent`); it ends with the broker's acknowledgement.
+fn publish_span(row: &OutboxRow) -> tracing::Span {
+    let span = tracing::info_span!(
+        "outbox.publish",
+        otel.name = format!("send {}", row.topic),
+        otel.kind = "producer",
+        otel.status_code = tracing::field::Empty,
+        messaging.system = "kafka",
+        messaging.operation.type = "send",
+        messaging.operation.name = "send",
+        messaging.destination.name = %row.topic,
+        messaging.message.id = row.headers.get("event-id").and_then(serde_json::Value::as_str).unwrap_or(""),
+        messaging.kafka.message.key = %row.message_key,
+        messaging.destination.partition.id = tracing::field::Empty,
+        messaging.kafka.offset = tracing::field::Empty,
+        error.r#type = tracing::field::Empty,
+        outbox.id = row.id,
+    );
+    crate::telemetry::set_remote_parent(&span, &JsonHeaders(&row.headers));
+    span
+}
+
+/// Reads `traceparent`/`tracestate` out of a row's JSON headers.
+struct JsonHeaders<'a>(&'a Value);
+
+impl opentelemetry::propagation::Extractor for JsonHeaders<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(Value::as_str)
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0
+            .as_object()
+            .map(|m| m.keys().map(String::as_str).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// `error.type` of a failed publication: librdkafka's error code name.
+fn error_type(e: &KafkaError) -> String {
+    match e.rdkafka_error_code() {
+        Some(code) => format!("{code:?}"),
+        None => "kafka_error".to_string(),
+    }
+}
+
+/// The Kafka headers of a row: its stored headers, with the trace context of `span` (the PRODUCER
+/// span) in place of the row's, so the consumer's span hangs under the publication.
+fn kafka_headers(headers: &Value, span: &tracing::Span) -> OwnedHeaders {
     let mut out = OwnedHeaders::new();
+    let trace = crate::telemetry::context_headers(span);
+    let traced = trace.contains_key("traceparent");
+    for (key, value) in &trace {
+        out = out.insert(Header {
+            key,
+            value: Some(value.as_bytes()),
+        });
+    }
     if let Value::Object(map) = headers {
         for (key, value) in map {
+            if traced && (key == "traceparent" || key == "tracestate") {
+                continue;
+            }
             let text = match value {
                 Value::String(s) => s.clone(),
                 Value::Null => continue,
@@ -706,4 +905,47 @@ pub async fn backlog(conn: &mut PgConnection) -> Result<Backlog, sqlx::Error> {
         oldest_pending_age_seconds: r.oldest_age.map(|s| (s.max(0.0) * 1000.0).round() / 1000.0),
         published_last_minute: r.published_last_minute,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_floor_rises_only_once_every_transaction_running_at_a_pass_has_ended() {
+        let mut f = Floor::default();
+        assert_eq!(f.start(), 0);
+        // Pass 1 (xmin 100, xmax 105) published up to id 50: done once xid 104 and older ended.
+        f.passed(100, 105, Some(50));
+        assert_eq!(f.start(), 0);
+        // Pass 2: a transaction older than 105 still runs (xmin 103): the floor stays.
+        f.passed(103, 110, Some(80));
+        assert_eq!(f.start(), 0);
+        // Pass 3: every transaction below 106 ended: ids up to 50 are done, not yet up to 80.
+        f.passed(106, 112, None);
+        assert_eq!(f.start(), 50);
+        // Pass 4: past 110: up to 80.
+        f.passed(110, 115, Some(90));
+        assert_eq!(f.start(), 80);
+        // The safety net starts over from the first row and remembers the floor it had.
+        f.reset();
+        assert_eq!((f.start(), f.audit_below), (0, 80));
+        f.passed(120, 121, Some(95));
+        assert_eq!(f.audit_below, 0);
+    }
+
+    #[test]
+    fn a_long_transaction_holds_the_floor_and_the_checkpoints_stay_bounded() {
+        let mut f = Floor::default();
+        for i in 0..1000 {
+            // xmin stuck at 7 (a transaction that never ends), the passes go on.
+            f.passed(7, 8 + i, Some(10 + i));
+        }
+        assert_eq!(f.start(), 0);
+        assert!(f.checkpoints.len() <= MAX_CHECKPOINTS);
+        // Once it ends, everything seen is done: merging lost nothing.
+        f.passed(2000, 2001, None);
+        assert_eq!(f.start(), 1009);
+        assert!(f.checkpoints.is_empty());
+    }
 }

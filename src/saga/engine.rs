@@ -101,13 +101,51 @@ enum Job {
     Create {
         new: Box<NewSaga>,
         lease: bool,
+        /// The span asking (the request's): the shared commit's span hangs under it.
+        span: tracing::Span,
         reply: oneshot::Sender<Result<Created, sqlx::Error>>,
     },
     Step {
         saga: Box<Saga>,
         attempt: Option<Box<Attempt>>,
+        /// Who is writing: the session's span, the attempt's trace context, and (on the session's
+        /// first write) the session's own context to persist for the next session's link.
+        trace: Box<StepTrace>,
         reply: oneshot::Sender<Result<Applied, sqlx::Error>>,
     },
+}
+
+/// W3C trace context entries (`traceparent`, `tracestate`).
+type Trace = HashMap<String, String>;
+
+/// The tracing side of a step job.
+struct StepTrace {
+    /// The saga session's span (parent of the local steps' spans).
+    session: tracing::Span,
+    /// The context of the span that produced the attempt (its events carry it).
+    attempt: Option<Arc<Trace>>,
+    /// Set on a session's first write: its `traceparent`, stored in the saga row.
+    persist_session: Option<String>,
+}
+
+impl StepTrace {
+    fn none() -> Self {
+        StepTrace {
+            session: tracing::Span::none(),
+            attempt: None,
+            persist_session: None,
+        }
+    }
+}
+
+/// The trace context of `span`, or `fallback` when the span has none (tracing off).
+fn trace_of(span: &tracing::Span, fallback: &Trace) -> Arc<Trace> {
+    let t = crate::telemetry::context_headers(span);
+    Arc::new(if t.contains_key("traceparent") {
+        t
+    } else {
+        fallback.clone()
+    })
 }
 
 type Waiters = HashMap<Uuid, Vec<oneshot::Sender<Finished>>>;
@@ -239,6 +277,7 @@ impl Engine {
         let job = Job::Create {
             new: Box::new(new),
             lease: permit.is_some(),
+            span: tracing::Span::current(),
             reply,
         };
         if self.0.jobs.send(job).await.is_err() {
@@ -309,13 +348,13 @@ impl Engine {
 
     /// Records an attempt's outcome through the committers (tests use it to play a stalled worker).
     pub async fn apply(&self, saga: Saga, attempt: Option<Attempt>) -> Result<Applied, sqlx::Error> {
-        self.0.submit(saga, attempt).await
+        self.0.submit(saga, attempt, StepTrace::none()).await
     }
 
     /// Runs one attempt of whatever is due for a claimed saga, without recording it.
     pub async fn attempt(&self, saga: &Saga) -> Option<Attempt> {
         match self.0.machine().next(saga, OffsetDateTime::now_utc()) {
-            Next::Remote(step, kind) => Some(self.0.run_remote(saga, step, kind, saga.attempt + 1).await),
+            Next::Remote(step, kind) => Some(self.0.run_remote(saga, step, kind, saga.attempt + 1).await.0),
             _ => None,
         }
     }
@@ -343,11 +382,17 @@ impl Inner {
         });
     }
 
-    async fn submit(&self, saga: Saga, attempt: Option<Attempt>) -> Result<Applied, sqlx::Error> {
+    async fn submit(
+        &self,
+        saga: Saga,
+        attempt: Option<Attempt>,
+        trace: StepTrace,
+    ) -> Result<Applied, sqlx::Error> {
         let (reply, rx) = oneshot::channel();
         let job = Job::Step {
             saga: Box::new(saga),
             attempt: attempt.map(Box::new),
+            trace: Box::new(trace),
             reply,
         };
         if self.jobs.send(job).await.is_err() {
@@ -364,20 +409,29 @@ impl Inner {
             saga.r#type = "create_order",
             order.id = saga.order_id,
             saga.state = tracing::field::Empty,
+            saga.session.previous = tracing::field::Empty,
         );
+        // Every session is a child of the request that started the saga (one tree), and a later
+        // session (a retry picked up by the poller, a saga resumed after a crash) links to the
+        // session that wrote before it.
         crate::telemetry::set_remote_parent(&span, &crate::telemetry::MapExtractor(&saga.trace));
+        if let Some(previous) = saga.trace.get(store::SESSION_TRACE_KEY) {
+            span.record("saga.session.previous", previous.as_str());
+            crate::telemetry::add_link(&span, previous);
+        }
+        let mut persist_session = crate::telemetry::context_headers(&span).remove("traceparent");
         let this = self.clone();
         async move {
             loop {
                 let now = OffsetDateTime::now_utc();
                 let next = this.machine().next(&saga, now);
-                let attempt = match next {
+                let (attempt, attempt_trace) = match next {
                     Next::Done => break,
                     Next::WaitUntil(at) => {
                         this.wake_at(at);
                         break;
                     }
-                    Next::Local(..) => None,
+                    Next::Local(..) => (None, None),
                     Next::Remote(step, kind) => {
                         if this.shutdown.is_cancelled() {
                             this.give_back(&saga).await;
@@ -386,13 +440,19 @@ impl Inner {
                         let boundary = saga.state == SagaState::Running
                             && (saga.cancel_requested.is_some() || now > saga.deadline_at);
                         if boundary {
-                            None
+                            (None, None)
                         } else {
-                            Some(this.run_remote(&saga, step, kind, saga.attempt + 1).await)
+                            let (a, t) = this.run_remote(&saga, step, kind, saga.attempt + 1).await;
+                            (Some(a), Some(t))
                         }
                     }
                 };
-                match this.submit(saga.clone(), attempt).await {
+                let trace = StepTrace {
+                    session: tracing::Span::current(),
+                    attempt: attempt_trace,
+                    persist_session: persist_session.take(),
+                };
+                match this.submit(saga.clone(), attempt, trace).await {
                     Ok(Applied::Written(s)) => saga = *s,
                     Ok(Applied::Fenced) => {
                         tracing::warn!(saga_id = %saga.id, "lease lost to another worker; stopping");
@@ -428,7 +488,8 @@ impl Inner {
         });
     }
 
-    async fn run_remote(&self, saga: &Saga, step: usize, kind: Kind, number: u32) -> Attempt {
+    /// Runs one attempt of a remote step in its own span; returns it with that span's context.
+    async fn run_remote(&self, saga: &Saga, step: usize, kind: Kind, number: u32) -> (Attempt, Arc<Trace>) {
         let shape = CREATE_ORDER[step];
         let name = match kind {
             Kind::Action => shape.action,
@@ -447,6 +508,7 @@ impl Inner {
             saga.attempt = number,
             saga.outcome = tracing::field::Empty,
             error.r#type = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
         );
         let fut = async {
             match (shape.action, kind) {
@@ -467,7 +529,8 @@ impl Inner {
         };
         let started = std::time::Instant::now();
         let started_at = OffsetDateTime::now_utc();
-        let outcome = fut.instrument(span.clone()).await;
+        let (outcome, downstream_status) = crate::downstream::observed(fut.instrument(span.clone())).await;
+        let duration = started.elapsed();
         // Every attempt of a step carries the same key; a skipped compensation called nothing.
         let key = (!matches!(outcome, Outcome::Skipped(_))).then(|| steps::idempotency_key(saga.id, name));
         let attempt = Attempt {
@@ -476,6 +539,8 @@ impl Inner {
             number,
             started_at,
             idempotency_key: key,
+            downstream_status,
+            duration: Some(duration),
             outcome,
         };
         let (outcome, class) = outcome_label(&attempt);
@@ -485,38 +550,81 @@ impl Inner {
             opentelemetry::KeyValue::new("kind", kind.as_str()),
             opentelemetry::KeyValue::new("outcome", outcome),
         ];
-        m.step_duration.record(started.elapsed().as_secs_f64(), &attrs);
+        m.step_duration.record(duration.as_secs_f64(), &attrs);
         if outcome == "transient" || (outcome == "refused" && kind == Kind::Compensation) {
             m.retries.add(1, &attrs[..2]);
         }
         span.record("saga.outcome", outcome);
         if let Some(c) = class {
             span.record("error.type", c);
+            span.record("otel.status_code", "error");
         }
-        attempt
+        let trace = trace_of(&span, &saga.trace);
+        (attempt, trace)
     }
 
+    /// Runs a local step in the shared commit's transaction, in a span of its own under the
+    /// saga's session; returns the attempt with that span's context.
     async fn run_local(
         &self,
         conn: &mut sqlx::PgConnection,
         saga: &Saga,
         step: usize,
         kind: Kind,
-    ) -> Result<Attempt, sqlx::Error> {
-        let started_at = OffsetDateTime::now_utc();
-        let outcome = match (CREATE_ORDER[step].action, kind) {
-            (persist_order::ACTION, Kind::Action) => persist_order::action(conn, saga).await?,
-            (persist_order::ACTION, Kind::Compensation) => persist_order::compensation(conn, saga).await?,
-            (other, _) => unreachable!("step {other} is not local"),
+        session: &tracing::Span,
+    ) -> Result<(Attempt, Arc<Trace>), sqlx::Error> {
+        let shape = CREATE_ORDER[step];
+        let name = match kind {
+            Kind::Action => shape.action,
+            Kind::Compensation => shape.compensation,
         };
-        Ok(Attempt {
+        let number = saga.attempt + 1;
+        let span = tracing::info_span!(
+            parent: session,
+            "saga.step",
+            otel.name = format!("{} {}", kind.as_str(), name),
+            saga.step = name,
+            saga.step.kind = kind.as_str(),
+            saga.step.local = true,
+            saga.attempt = number,
+            saga.outcome = tracing::field::Empty,
+            error.r#type = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        let started = std::time::Instant::now();
+        let started_at = OffsetDateTime::now_utc();
+        let work = async {
+            match (shape.action, kind) {
+                (persist_order::ACTION, Kind::Action) => persist_order::action(conn, saga).await,
+                (persist_order::ACTION, Kind::Compensation) => persist_order::compensation(conn, saga).await,
+                (other, _) => unreachable!("step {other} is not local"),
+            }
+        };
+        let outcome = match work.instrument(span.clone()).await {
+            Ok(o) => o,
+            Err(e) => {
+                span.record("error.type", "database");
+                span.record("otel.status_code", "error");
+                return Err(e);
+            }
+        };
+        let attempt = Attempt {
             step,
             kind,
-            number: saga.attempt + 1,
+            number,
             started_at,
             idempotency_key: None,
+            downstream_status: None,
+            duration: Some(started.elapsed()),
             outcome,
-        })
+        };
+        let (label, class) = outcome_label(&attempt);
+        span.record("saga.outcome", label);
+        if let Some(c) = class {
+            span.record("error.type", c);
+            span.record("otel.status_code", "error");
+        }
+        Ok((attempt, trace_of(&span, &saga.trace)))
     }
 
     /// Applies one step job in `conn`'s transaction (the saga row is locked: `locked`).
@@ -526,6 +634,7 @@ impl Inner {
         batch: &mut store::Batch,
         saga: &Saga,
         attempt: Option<&Attempt>,
+        trace: &StepTrace,
         locked: Option<&store::Locked>,
     ) -> Result<(Applied, bool, Option<Value>), sqlx::Error> {
         let Some(locked) = locked.filter(|l| l.fence == saga.fence) else {
@@ -542,16 +651,35 @@ impl Inner {
         saga.answered_pending = locked.answered_pending;
         let machine = self.machine();
         let now = OffsetDateTime::now_utc();
-        let mut fx: Vec<Effect> = Vec::new();
+        // Each effect with the context of the span that produced it (its events carry it): the
+        // attempt's, a local step's, or the session's for what the engine decides on its own.
+        let session = trace_of(&trace.session, &saga.trace);
+        let mut fx: Vec<(Effect, Arc<Trace>)> = Vec::new();
         if let Some(a) = attempt {
-            fx.extend(machine.record(&mut saga, a, now, rand::random()));
+            let by = trace.attempt.clone().unwrap_or_else(|| session.clone());
+            fx.extend(
+                machine
+                    .record(&mut saga, a, now, rand::random())
+                    .into_iter()
+                    .map(|e| (e, by.clone())),
+            );
         }
         loop {
-            fx.extend(machine.check_boundary(&mut saga, now));
+            fx.extend(
+                machine
+                    .check_boundary(&mut saga, now)
+                    .into_iter()
+                    .map(|e| (e, session.clone())),
+            );
             match machine.next(&saga, now) {
                 Next::Local(step, kind) => {
-                    let a = self.run_local(conn, &saga, step, kind).await?;
-                    fx.extend(machine.record(&mut saga, &a, now, rand::random()));
+                    let (a, by) = self.run_local(conn, &saga, step, kind, &trace.session).await?;
+                    fx.extend(
+                        machine
+                            .record(&mut saga, &a, now, rand::random())
+                            .into_iter()
+                            .map(|e| (e, by.clone())),
+                    );
                 }
                 _ => break,
             }
@@ -564,11 +692,12 @@ impl Inner {
             machine.step_name(&saga),
             &fx,
             keep,
+            trace.persist_session.as_deref(),
             &self.topics,
             &self.cfg.worker_id,
         )
         .await?;
-        let answer = fx.iter().find_map(|e| match e {
+        let answer = fx.iter().find_map(|(e, _)| match e {
             Effect::Finished { answer } => Some(answer.clone()),
             _ => None,
         });
@@ -646,6 +775,27 @@ impl Inner {
     /// writes what is its own (idempotency key, order rows), and what every job writes alike (saga
     /// rows, history, outbox, NOTIFY) goes out in one statement each before the commit.
     async fn try_batch(&self, jobs: &[Job]) -> Result<Vec<JobResult>, sqlx::Error> {
+        // A CLIENT span for the shared commit in the trace of every saga riding in it.
+        let spans: Vec<tracing::Span> = jobs
+            .iter()
+            .map(|j| match j {
+                Job::Create { span, .. } => span,
+                Job::Step { trace, .. } => &trace.session,
+            })
+            .filter(|parent| !parent.is_none())
+            .map(|parent| commit_span(parent, jobs.len()))
+            .collect();
+        let result = self.try_batch_in(jobs).await;
+        if let Err(e) = &result {
+            for span in &spans {
+                span.record("error.type", db_error_type(e));
+                span.record("otel.status_code", "error");
+            }
+        }
+        result
+    }
+
+    async fn try_batch_in(&self, jobs: &[Job]) -> Result<Vec<JobResult>, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
         let ids: Vec<Uuid> = jobs
             .iter()
@@ -662,13 +812,16 @@ impl Inner {
                 Job::Create { new, lease, .. } => {
                     JobResult::Created(self.apply_create(&mut tx, &mut batch, new, *lease).await?)
                 }
-                Job::Step { saga, attempt, .. } => {
+                Job::Step {
+                    saga, attempt, trace, ..
+                } => {
                     let (applied, finished, answer) = self
                         .apply_step(
                             &mut tx,
                             &mut batch,
                             saga,
                             attempt.as_deref(),
+                            trace,
                             locked.get(&saga.id),
                         )
                         .await?;
@@ -806,6 +959,35 @@ impl Inner {
                 }
             }
         }
+    }
+}
+
+/// The span of one shared commit as one saga sees it (OpenTelemetry database conventions): it
+/// lasts from `BEGIN` to `COMMIT`, and says how many jobs shared it.
+fn commit_span(parent: &tracing::Span, jobs: usize) -> tracing::Span {
+    tracing::info_span!(
+        parent: parent,
+        "saga.commit",
+        otel.name = "COMMIT",
+        otel.kind = "client",
+        otel.status_code = tracing::field::Empty,
+        db.system.name = "postgresql",
+        db.operation.name = "COMMIT",
+        db.operation.batch.size = jobs,
+        error.r#type = tracing::field::Empty,
+    )
+}
+
+/// `error.type` of a failed commit: the SQLSTATE when the database answered, else the error kind.
+fn db_error_type(e: &sqlx::Error) -> String {
+    match e {
+        sqlx::Error::Database(d) => d
+            .code()
+            .map(|c| c.into_owned())
+            .unwrap_or_else(|| "database".into()),
+        sqlx::Error::PoolTimedOut => "pool_timed_out".into(),
+        sqlx::Error::Io(_) => "io".into(),
+        _ => "database".into(),
     }
 }
 

@@ -305,6 +305,11 @@ pub struct Attempt {
     pub started_at: OffsetDateTime,
     /// The Idempotency-Key sent downstream.
     pub idempotency_key: Option<String>,
+    /// The HTTP status of the downstream's last answer (None for a local step, or when no answer
+    /// came).
+    pub downstream_status: Option<u16>,
+    /// How long the attempt took.
+    pub duration: Option<Duration>,
     /// What happened.
     pub outcome: Outcome,
 }
@@ -330,6 +335,8 @@ pub struct HistoryRow {
     pub idempotency_key: Option<String>,
     /// Downstream HTTP status.
     pub downstream_status: Option<u16>,
+    /// How long the attempt took, in milliseconds.
+    pub duration_ms: Option<i32>,
 }
 
 /// A change to the order row that a transition makes.
@@ -529,7 +536,10 @@ impl Machine<'_> {
             error_class: None,
             error: None,
             idempotency_key: a.idempotency_key.clone(),
-            downstream_status: None,
+            downstream_status: a.downstream_status,
+            duration_ms: a
+                .duration
+                .map(|d| i32::try_from(d.as_millis()).unwrap_or(i32::MAX)),
         };
         s.attempt = a.number;
         match (&a.outcome, a.kind) {
@@ -1002,6 +1012,8 @@ mod tests {
             number,
             started_at: OffsetDateTime::now_utc(),
             idempotency_key: Some("k".into()),
+            downstream_status: None,
+            duration: None,
             outcome,
         }
     }
@@ -1034,6 +1046,42 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    fn history(fx: &[Effect]) -> Vec<&HistoryRow> {
+        fx.iter()
+            .filter_map(|e| match e {
+                Effect::History(h) => Some(h),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_attempt_records_its_downstream_status_and_duration_successes_included() {
+        let d = def();
+        let m = machine(&d);
+        let mut s = saga();
+        let now = OffsetDateTime::now_utc();
+        let mut failed = attempt(0, Kind::Action, 1, transient());
+        failed.downstream_status = Some(503);
+        failed.duration = Some(Duration::from_millis(7));
+        let fx = m.record(&mut s, &failed, now, 0.5);
+        let rows = history(&fx);
+        assert_eq!(
+            (rows[0].downstream_status, rows[0].duration_ms),
+            (Some(503), Some(7))
+        );
+        let mut ok = attempt(0, Kind::Action, 2, reservation());
+        ok.downstream_status = Some(201);
+        ok.duration = Some(Duration::from_micros(12_400));
+        let fx = m.record(&mut s, &ok, now, 0.5);
+        let rows = history(&fx);
+        assert_eq!(rows[0].outcome, "succeeded");
+        assert_eq!(
+            (rows[0].downstream_status, rows[0].duration_ms),
+            (Some(201), Some(12))
+        );
     }
 
     #[test]

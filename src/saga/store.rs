@@ -4,6 +4,7 @@
 //! (usually a transaction) so a state change and its outbox rows commit together.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rust_decimal::Decimal;
@@ -445,6 +446,7 @@ pub struct Batch {
     h_error: Vec<Option<String>>,
     h_key: Vec<Option<String>>,
     h_status: Vec<Option<i32>>,
+    h_duration: Vec<Option<i32>>,
     h_worker: Vec<String>,
     s_id: Vec<Uuid>,
     s_state: Vec<String>,
@@ -459,6 +461,7 @@ pub struct Batch {
     s_answer: Vec<Option<Value>>,
     s_finished: Vec<bool>,
     s_step_name: Vec<String>,
+    s_session: Vec<Option<Value>>,
     events: Vec<NewEvent>,
     notify: Vec<String>,
 }
@@ -475,12 +478,14 @@ impl Batch {
                           lease_owner = case when u.keep then s.lease_owner end,
                           lease_expires_at = case when u.keep then now() + $14 end,
                           answer = coalesce(s.answer, u.answer), updated_at = now(),
-                          finished_at = case when u.finished then now() end, step_name = u.step_name
+                          finished_at = case when u.finished then now() end, step_name = u.step_name,
+                          trace_context = case when u.session is null then s.trace_context
+                                               else s.trace_context || u.session end
                      from unnest($1::uuid[], $2::text[], $3::int[], $4::int[], $5::timestamptz[], $6::jsonb[],
                                  $7::jsonb[], $8::text[], $9::text[], $10::bool[], $11::jsonb[], $12::bool[],
-                                 $13::text[])
+                                 $13::text[], $15::jsonb[])
                           as u(saga_id, state, step, attempt, next_attempt_at, data, failure, last_error,
-                               last_error_class, keep, answer, finished, step_name)
+                               last_error_class, keep, answer, finished, step_name, session)
                     where s.saga_id = u.saga_id"#,
                 &self.s_id,
                 &self.s_state,
@@ -495,7 +500,8 @@ impl Batch {
                 &self.s_answer as &[Option<Value>],
                 &self.s_finished,
                 &self.s_step_name,
-                interval(lease)
+                interval(lease),
+                &self.s_session as &[Option<Value>]
             )
             // Planned for each commit with the arrays at hand (the unnamed statement): a plan cached
             // while the table was small joins by a sequential scan of it, a cost that grows with
@@ -513,9 +519,13 @@ impl Batch {
         sqlx::query(
             r#"with h as (
                    insert into saga_steps (saga_id, step, kind, attempt, started_at, outcome, error_class, error,
-                                           idempotency_key, downstream_status, worker)
-                   select * from unnest($1::uuid[], $2::text[], $3::text[], $4::int[], $5::timestamptz[], $6::text[],
-                                        $7::text[], $8::text[], $9::text[], $10::int[], $11::text[])),
+                                           idempotency_key, downstream_status, worker, duration_ms, finished_at)
+                   -- finished_at from the attempt's own clock when it was timed: now() is the
+                   -- transaction's start, earlier than a local step that ran inside it.
+                   select u.*, coalesce(u.started + make_interval(secs => u.dur / 1000.0), now())
+                     from unnest($1::uuid[], $2::text[], $3::text[], $4::int[], $5::timestamptz[], $6::text[],
+                                 $7::text[], $8::text[], $9::text[], $10::int[], $11::text[], $20::int[])
+                          as u(saga, step, kind, attempt, started, outcome, class, error, key, status, worker, dur)),
                o as (
                    insert into outbox (topic, message_key, event_id, event_type, payload, headers)
                    select t, k, i, e, p::json, h
@@ -542,6 +552,7 @@ impl Batch {
         .bind(&c.headers)
         .bind(CHANNEL)
         .bind(&self.notify)
+        .bind(&self.h_duration)
         .execute(&mut *conn)
         .await?;
         *self = Batch::default();
@@ -580,6 +591,10 @@ pub async fn lock_many(conn: &mut PgConnection, ids: &[Uuid]) -> Result<HashMap<
         .collect())
 }
 
+/// Key of the saga row's `trace_context` entry that holds the `traceparent` of the last session
+/// (drive) that wrote to the saga; the next session links to it.
+pub const SESSION_TRACE_KEY: &str = "session-traceparent";
+
 /// Stages a transition: order changes are written now (in the caller's transaction); the saga row,
 /// history rows, outbox events and, for a finished saga, its answer and a wake-up for waiters on
 /// other instances go to `batch`. `keep_lease` keeps the lease when the worker continues at once.
@@ -589,15 +604,16 @@ pub async fn stage_transition(
     batch: &mut Batch,
     saga: &Saga,
     step_name: &str,
-    effects: &[Effect],
+    effects: &[(Effect, Arc<HashMap<String, String>>)],
     keep_lease: bool,
+    session: Option<&str>,
     topics: &Topics,
     worker: &str,
 ) -> Result<(), sqlx::Error> {
     let mut answer: Option<Value> = None;
     let mut finished = false;
     let mut order_changed = true;
-    for fx in effects {
+    for (fx, trace) in effects {
         match fx {
             Effect::History(h) => {
                 batch.h_saga.push(saga.id);
@@ -610,6 +626,7 @@ pub async fn stage_transition(
                 batch.h_error.push(h.error.as_ref().map(|e| truncate(e, 2000)));
                 batch.h_key.push(h.idempotency_key.clone());
                 batch.h_status.push(h.downstream_status.map(i32::from));
+                batch.h_duration.push(h.duration_ms);
                 batch.h_worker.push(worker.to_string());
             }
             Effect::Order(change) => {
@@ -672,7 +689,7 @@ pub async fn stage_transition(
                     saga.order_id,
                     Some(saga.id),
                     data,
-                    &saga.trace,
+                    trace,
                 ));
             }
             Effect::ClearCancelRequest => {
@@ -710,6 +727,14 @@ pub async fn stage_transition(
     batch.s_answer.push(answer);
     batch.s_finished.push(saga.state.is_finished());
     batch.s_step_name.push(step_name.to_string());
+    batch.s_session.push(session.map(|traceparent| {
+        let mut entry = serde_json::Map::new();
+        entry.insert(
+            SESSION_TRACE_KEY.to_string(),
+            Value::String(traceparent.to_string()),
+        );
+        Value::Object(entry)
+    }));
     if finished {
         batch.notify.push(format!("finished:{} {worker}", saga.id));
     }

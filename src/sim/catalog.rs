@@ -415,7 +415,7 @@ fn product_id(raw: &str) -> Result<i32, Rejection> {
 }
 
 async fn reserve(State(sim): State<CatalogSim>, headers: HeaderMap, body: Bytes) -> Response {
-    let span = request_span("catalog.reserve", &headers);
+    let span = request_span("catalog.reserve", "POST", "/inventory/reservations", &headers);
     sim.reserve(headers, body).instrument(span).await
 }
 
@@ -424,7 +424,12 @@ async fn release(
     Path(reservation_id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let span = request_span("catalog.release", &headers);
+    let span = request_span(
+        "catalog.release",
+        "DELETE",
+        "/inventory/reservations/{reservationID}",
+        &headers,
+    );
     sim.release(headers, reservation_id).instrument(span).await
 }
 

@@ -55,14 +55,22 @@ pub async fn serve(
     }
 }
 
-/// A span for one simulator call, whose parent is the caller's trace when the request carried a
-/// `traceparent`.
-pub(crate) fn request_span(endpoint: &'static str, headers: &HeaderMap) -> tracing::Span {
+/// The SERVER span of one simulator call (`endpoint` names it in logs; `method` and `route` name it
+/// in traces, as the OpenTelemetry HTTP conventions do), whose parent is the caller's trace when
+/// the request carried a `traceparent`.
+pub(crate) fn request_span(
+    endpoint: &'static str,
+    method: &'static str,
+    route: &'static str,
+    headers: &HeaderMap,
+) -> tracing::Span {
     let span = tracing::info_span!(
         "sim.call",
-        otel.name = endpoint,
+        otel.name = format!("{method} {route}"),
         otel.kind = "server",
         endpoint,
+        http.request.method = method,
+        http.route = route,
         idempotency_key = tracing::field::Empty,
     );
     if let Some(key) = idempotency_key(headers) {

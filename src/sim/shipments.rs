@@ -175,8 +175,9 @@ impl ShipmentsSim {
     /// `kafka_bootstrap_servers` is set (the connection itself is made lazily by librdkafka).
     pub fn new(config: ShipmentsSimConfig) -> anyhow::Result<Self> {
         let producer = match &config.kafka_bootstrap_servers {
-            Some(servers) => Some(
-                ClientConfig::new()
+            Some(servers) => Some({
+                let mut config = ClientConfig::new();
+                config
                     .set("bootstrap.servers", servers)
                     .set("client.id", "ostore-shipments-sim")
                     .set("enable.idempotence", "false")
@@ -184,10 +185,13 @@ impl ShipmentsSim {
                     .set("max.in.flight.requests.per.connection", "1")
                     // A shipper keeps trying through a broker outage: 10 minutes before an event
                     // is given up (a shorter limit dropped events during long outages).
-                    .set("message.timeout.ms", "600000")
+                    .set("message.timeout.ms", "600000");
+                // The same KAFKA_CLIENT_* pass-through (TLS, SASL) as the service.
+                crate::kafka::client_properties().apply(&mut config);
+                config
                     .create::<FutureProducer>()
-                    .with_context(|| format!("creating a Kafka producer for {servers}"))?,
-            ),
+                    .with_context(|| format!("creating a Kafka producer for {servers}"))?
+            }),
             None => None,
         };
         if config.tracking_topic.trim().is_empty() {
@@ -392,7 +396,22 @@ impl Inner {
                 key: "event-id",
                 value: Some(event_id.as_str()),
             });
-        for (name, value) in current_trace_headers() {
+        // A PRODUCER span per event (OpenTelemetry messaging conventions); the consumer's span
+        // continues from it through the message's `traceparent`.
+        let span = tracing::info_span!(
+            "sim.publish",
+            otel.name = format!("send {}", self.config.tracking_topic),
+            otel.kind = "producer",
+            messaging.system = "kafka",
+            messaging.operation.type = "send",
+            messaging.operation.name = "send",
+            messaging.destination.name = %self.config.tracking_topic,
+            messaging.message.id = %event_id,
+            messaging.kafka.message.key = %key,
+            messaging.destination.partition.id = tracing::field::Empty,
+            messaging.kafka.offset = tracing::field::Empty,
+        );
+        for (name, value) in span.in_scope(current_trace_headers) {
             headers = headers.insert(Header {
                 key: name.as_str(),
                 value: Some(value.as_str()),
@@ -405,11 +424,14 @@ impl Inner {
         match producer.send_result(record) {
             Ok(delivery) => {
                 let event_id = event.event_id;
-                let span = tracing::Span::current();
                 tokio::spawn(
                     async move {
                         match delivery.await {
-                            Ok(Ok(_)) => {}
+                            Ok(Ok(d)) => {
+                                let span = tracing::Span::current();
+                                span.record("messaging.destination.partition.id", d.partition.to_string());
+                                span.record("messaging.kafka.offset", d.offset);
+                            }
                             Ok(Err((error, _))) => {
                                 tracing::warn!(%event_id, %error, "tracking event not delivered")
                             }
@@ -482,7 +504,7 @@ async fn auto_advance(inner: Weak<Inner>, shipment_id: String, every: Duration) 
 }
 
 async fn create(State(sim): State<ShipmentsSim>, headers: HeaderMap, body: Bytes) -> Response {
-    let span = request_span("shipments.create", &headers);
+    let span = request_span("shipments.create", "POST", "/shipments", &headers);
     sim.create(headers, body).instrument(span).await
 }
 
@@ -491,7 +513,12 @@ async fn cancel(
     Path(shipment_id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let span = request_span("shipments.cancel", &headers);
+    let span = request_span(
+        "shipments.cancel",
+        "POST",
+        "/shipments/{shipmentID}/cancel",
+        &headers,
+    );
     sim.cancel(headers, shipment_id).instrument(span).await
 }
 
@@ -501,7 +528,12 @@ async fn advance(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let span = request_span("sim.shipments.advance", &headers);
+    let span = request_span(
+        "sim.shipments.advance",
+        "POST",
+        "/sim/shipments/{shipmentID}/advance",
+        &headers,
+    );
     let _entered = span.enter();
     let request: AdvanceBody = match parse_body(&body) {
         Ok(request) => request,

@@ -297,10 +297,13 @@ async fn dead_letter_in_turn(
 pub(crate) fn event_span(record: &Record) -> tracing::Span {
     let span = tracing::info_span!(
         "tracking.apply",
+        otel.name = format!("process {}", record.topic),
         otel.kind = "consumer",
         messaging.system = "kafka",
+        messaging.operation.type = "process",
+        messaging.operation.name = "process",
         messaging.destination.name = %record.topic,
-        messaging.kafka.partition = record.partition,
+        messaging.destination.partition.id = record.partition.map(|p| p.to_string()),
         messaging.kafka.offset = record.offset,
         messaging.batch.message_count = Empty,
         event_id = Empty,
