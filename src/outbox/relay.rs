@@ -35,7 +35,7 @@
 //!   for a long time; a pass that read from id 0 would walk all of them, every pass. So the leader
 //!   keeps a [`Floor`]: the id through which every row is known to be published. A row can only
 //!   show up late below what a pass saw if its transaction was still running at that pass's
-//!   snapshot (ids are drawn in order, and migration 0015 makes a transaction take its xid before
+//!   snapshot (ids are drawn in order, and migration 0013 makes a transaction take its xid before
 //!   its outbox id); once every transaction running then has ended, the next pass that publishes
 //!   everything it sees raises the floor past what the earlier pass saw. A long-running writing
 //!   transaction anywhere in the database only holds the floor where it is (the scan walks more);

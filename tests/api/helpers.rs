@@ -31,7 +31,8 @@ fn url_for(db: &str) -> String {
 fn template_name() -> String {
     let mut h: u64 = 1469598103934665603;
     for m in ostore_orders::db::MIGRATOR.iter() {
-        for b in m.checksum.iter() {
+        // The version too: a migration renumbered with the same text is another template.
+        for b in m.version.to_le_bytes().iter().chain(m.checksum.iter()) {
             h = (h ^ u64::from(*b)).wrapping_mul(1099511628211);
         }
     }
