@@ -8,14 +8,12 @@
 //! broker the test starts and crashes itself (`TEST_KAFKA_BROKER_SCRIPT`), so the shared one never
 //! stops under the other tests.
 
-#[path = "api/helpers.rs"]
-mod helpers;
+mod support;
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use helpers::TestDb;
 use ostore_orders::contract::{TrackingEvent, TrackingStatus};
 use ostore_orders::kafka::{self, EmbeddedBroker, ProducerSettings};
 use ostore_orders::outbox::relay::{self, RelayConfig};
@@ -27,6 +25,7 @@ use rdkafka::producer::FutureRecord;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::{Value, json};
 use sqlx::PgPool;
+use support::TestDb;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
