@@ -11,8 +11,7 @@ use ostore_orders::tracking::{self, Outcome, Record};
 #[tokio::test]
 async fn the_same_event_twice_makes_one_notification() {
     let f = Fixture::database(4).await;
-    let pool = f.pool.clone();
-    let t = f.topics();
+    let (pool, t) = (f.pool.clone(), f.topics());
     let cfg = consumer_config(Duration::from_secs(30));
     let order = insert_order(&pool, "confirmed").await;
     let event = body(&tracking_event(order, TrackingStatus::PickedUp));
@@ -28,8 +27,7 @@ async fn the_same_event_twice_makes_one_notification() {
 #[tokio::test]
 async fn a_late_in_transit_after_delivered_leaves_the_order_delivered() {
     let f = Fixture::database(4).await;
-    let pool = f.pool.clone();
-    let t = f.topics();
+    let (pool, t) = (f.pool.clone(), f.topics());
     let cfg = consumer_config(Duration::from_secs(30));
     let order = insert_order(&pool, "confirmed").await;
 
@@ -51,8 +49,7 @@ async fn a_late_in_transit_after_delivered_leaves_the_order_delivered() {
 #[tokio::test]
 async fn an_exception_changes_no_status_but_notifies_the_customer() {
     let f = Fixture::database(4).await;
-    let pool = f.pool.clone();
-    let t = f.topics();
+    let (pool, t) = (f.pool.clone(), f.topics());
     let cfg = consumer_config(Duration::from_secs(30));
     let order = insert_order(&pool, "shipped").await;
     let outcome = apply(
@@ -82,8 +79,7 @@ async fn an_exception_changes_no_status_but_notifies_the_customer() {
 #[tokio::test]
 async fn an_event_whose_order_never_appears_is_dead_lettered_after_the_window_and_can_be_replayed() {
     let f = Fixture::database(4).await;
-    let pool = f.pool.clone();
-    let t = f.topics();
+    let (pool, t) = (f.pool.clone(), f.topics());
     let cfg = consumer_config(Duration::from_secs(2));
     let unknown = 900_002;
     let event = body(&tracking_event(unknown, TrackingStatus::Delivered));

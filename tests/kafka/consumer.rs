@@ -14,9 +14,7 @@ async fn picked_up_and_in_transit_then_delivered_ship_and_deliver_the_order_with
     let _telemetry =
         ostore_orders::telemetry::init("ostore-orders-test", ostore_orders::config::LogFormat::Pretty);
     let f = Fixture::new(6).await;
-    let pool = f.pool.clone();
-    let producer = f.producer();
-    let t = f.topics();
+    let (pool, producer, t) = (f.pool.clone(), f.producer(), f.topics());
     let order = insert_order(&pool, "confirmed").await;
     let consumer = f.start_consumer(Duration::from_secs(30));
 
@@ -36,10 +34,7 @@ async fn picked_up_and_in_transit_then_delivered_ship_and_deliver_the_order_with
         )
         .await;
     }
-    eventually(Duration::from_secs(30), "the order to ship", || async {
-        order_status(&pool, order).await == "shipped"
-    })
-    .await;
+    wait_status(&pool, order, "shipped", "the order to ship").await;
     publish_tracking(
         &producer,
         1,
@@ -48,10 +43,7 @@ async fn picked_up_and_in_transit_then_delivered_ship_and_deliver_the_order_with
         Some(traceparent),
     )
     .await;
-    eventually(Duration::from_secs(30), "the order to be delivered", || async {
-        order_status(&pool, order).await == "delivered"
-    })
-    .await;
+    wait_status(&pool, order, "delivered", "the order to be delivered").await;
     consumer.stop().await;
 
     let notifications = outbox_events(&pool, &t.notifications, order).await;
@@ -102,19 +94,18 @@ async fn picked_up_and_in_transit_then_delivered_ship_and_deliver_the_order_with
 #[tokio::test]
 async fn a_malformed_event_is_dead_lettered_and_the_next_event_on_its_partition_is_applied() {
     let f = Fixture::new(6).await;
-    let pool = f.pool.clone();
-    let producer = f.producer();
-    let t = f.topics();
+    let (pool, producer, t) = (f.pool.clone(), f.producer(), f.topics());
     let order = insert_order(&pool, "confirmed").await;
     let consumer = f.start_consumer(Duration::from_secs(30));
 
     let garbage = b"{\"eventID\": not json at all \xff";
     publish_tracking(&producer, 0, &order.to_string(), garbage, None).await;
     publish_status(&producer, 0, order, TrackingStatus::PickedUp).await;
-    eventually(
-        Duration::from_secs(30),
+    wait_status(
+        &pool,
+        order,
+        "shipped",
         "the event after the malformed one to apply",
-        || async { order_status(&pool, order).await == "shipped" },
     )
     .await;
     consumer.stop().await;
@@ -157,8 +148,7 @@ async fn a_malformed_event_is_dead_lettered_and_the_next_event_on_its_partition_
 #[tokio::test]
 async fn an_event_the_database_refuses_is_dead_lettered_instead_of_blocking_its_partition() {
     let f = Fixture::new(6).await;
-    let pool = f.pool.clone();
-    let producer = f.producer();
+    let (pool, producer) = (f.pool.clone(), f.producer());
     let (first, second) = (
         insert_order(&pool, "confirmed").await,
         insert_order(&pool, "confirmed").await,
@@ -169,10 +159,11 @@ async fn an_event_the_database_refuses_is_dead_lettered_instead_of_blocking_its_
     let refused = tracking_event(first, TrackingStatus::PickedUp);
     publish_tracking(&producer, 1, &first.to_string(), &body(&refused), None).await;
     publish_status(&producer, 1, second, TrackingStatus::PickedUp).await;
-    eventually(
-        Duration::from_secs(30),
+    wait_status(
+        &pool,
+        second,
+        "shipped",
         "the event behind the refused one to apply",
-        || async { order_status(&pool, second).await == "shipped" },
     )
     .await;
     consumer.stop().await;
@@ -191,18 +182,18 @@ async fn an_event_the_database_refuses_is_dead_lettered_instead_of_blocking_its_
 #[tokio::test]
 async fn an_event_for_an_unknown_order_is_applied_once_the_order_appears_and_holds_up_nothing() {
     let f = Fixture::new(6).await;
-    let pool = f.pool.clone();
-    let producer = f.producer();
+    let (pool, producer) = (f.pool.clone(), f.producer());
     let known = insert_order(&pool, "confirmed").await;
     let unknown = 900_001;
     let consumer = f.start_consumer(Duration::from_secs(60));
 
     publish_status(&producer, 2, unknown, TrackingStatus::PickedUp).await;
     publish_status(&producer, 2, known, TrackingStatus::PickedUp).await;
-    eventually(
-        Duration::from_secs(30),
+    wait_status(
+        &pool,
+        known,
+        "shipped",
         "the event behind the unknown order's to apply",
-        || async { order_status(&pool, known).await == "shipped" },
     )
     .await;
     assert_eq!(
@@ -212,10 +203,7 @@ async fn an_event_for_an_unknown_order_is_applied_once_the_order_appears_and_hol
     );
 
     insert_order_with_id(&pool, unknown, "confirmed").await;
-    eventually(Duration::from_secs(30), "the parked event to apply", || async {
-        order_status(&pool, unknown).await == "shipped"
-    })
-    .await;
+    wait_status(&pool, unknown, "shipped", "the parked event to apply").await;
     consumer.stop().await;
     assert_eq!(count(&pool, "select count(*) from tracking_retries").await, 0);
     assert_eq!(count(&pool, "select count(*) from dead_letters").await, 0);
@@ -228,8 +216,7 @@ async fn an_event_for_an_unknown_order_is_applied_once_the_order_appears_and_hol
 #[tokio::test]
 async fn an_event_for_an_order_another_transaction_holds_waits_without_blocking_and_applies_after() {
     let f = Fixture::new(6).await;
-    let pool = f.pool.clone();
-    let producer = f.producer();
+    let (pool, producer) = (f.pool.clone(), f.producer());
     let held = insert_order(&pool, "confirmed").await;
     let free = insert_order(&pool, "confirmed").await;
     // A saga's transaction holds the order row (as when it confirms the order).
@@ -244,12 +231,7 @@ async fn an_event_for_an_order_another_transaction_holds_waits_without_blocking_
         publish_status(&producer, 2, order, TrackingStatus::PickedUp).await;
     }
     // The other order's event is applied while the row is held: the consumer did not wait on it.
-    eventually(
-        Duration::from_secs(30),
-        "the free order's event to apply",
-        || async { order_status(&pool, free).await == "shipped" },
-    )
-    .await;
+    wait_status(&pool, free, "shipped", "the free order's event to apply").await;
     eventually(
         Duration::from_secs(30),
         "the held order's event to be parked",
@@ -257,10 +239,7 @@ async fn an_event_for_an_order_another_transaction_holds_waits_without_blocking_
     )
     .await;
     holder.rollback().await.unwrap();
-    eventually(Duration::from_secs(30), "the parked event to apply", || async {
-        order_status(&pool, held).await == "shipped"
-    })
-    .await;
+    wait_status(&pool, held, "shipped", "the parked event to apply").await;
     consumer.stop().await;
     assert_eq!(count(&pool, "select count(*) from tracking_retries").await, 0);
     assert_eq!(count(&pool, "select count(*) from dead_letters").await, 0);
@@ -270,9 +249,7 @@ async fn an_event_for_an_order_another_transaction_holds_waits_without_blocking_
 #[tokio::test]
 async fn a_backlog_with_a_refused_event_duplicates_and_an_unknown_order_is_applied_in_batches() {
     let f = Fixture::new(6).await;
-    let pool = f.pool.clone();
-    let producer = f.producer();
-    let t = f.topics();
+    let (pool, producer, t) = (f.pool.clone(), f.producer(), f.topics());
     let mut orders = Vec::new();
     for _ in 0..30 {
         orders.push(insert_order(&pool, "confirmed").await);

@@ -318,6 +318,28 @@ where
     }
 }
 
+/// Waits until `order` has `status` (or fails the test after 30 s).
+pub async fn wait_status(pool: &PgPool, order: i32, status: &str, what: &str) {
+    eventually(Duration::from_secs(30), what, || async {
+        order_status(pool, order).await == status
+    })
+    .await;
+}
+
+/// A message's headers, their values as text.
+pub fn headers_of(m: &impl Message) -> HashMap<String, String> {
+    let mut headers = HashMap::new();
+    if let Some(h) = m.headers() {
+        for header in h.iter() {
+            headers.insert(
+                header.key.to_string(),
+                String::from_utf8_lossy(header.value.unwrap_or_default()).into_owned(),
+            );
+        }
+    }
+    headers
+}
+
 /// A message as read back from a topic.
 #[derive(Debug, Clone)]
 pub struct Received {
@@ -363,15 +385,7 @@ pub async fn read_topic(bootstrap: &str, topic: &str, at_least: usize) -> Vec<Re
         let until = settle.unwrap_or(deadline);
         match tokio::time::timeout(until - now, consumer.recv()).await {
             Ok(Ok(m)) => {
-                let mut headers = HashMap::new();
-                if let Some(h) = m.headers() {
-                    for header in h.iter() {
-                        headers.insert(
-                            header.key.to_string(),
-                            String::from_utf8_lossy(header.value.unwrap_or_default()).into_owned(),
-                        );
-                    }
-                }
+                let headers = headers_of(&m);
                 out.push(Received {
                     partition: m.partition(),
                     key: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),

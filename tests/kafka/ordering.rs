@@ -13,8 +13,7 @@ use uuid::Uuid;
 #[tokio::test]
 async fn two_relays_at_once_keep_each_orders_events_in_order() {
     let f = Fixture::new(12).await;
-    let pool = f.pool.clone();
-    let t = f.topics();
+    let (pool, t) = (f.pool.clone(), f.topics());
     let (shutdown_a, shutdown_b) = (CancellationToken::new(), CancellationToken::new());
 
     // 500 orders, 3 events each, written by 5 concurrent writers in transactions of their own.
@@ -99,8 +98,7 @@ async fn two_relays_at_once_keep_each_orders_events_in_order() {
 #[tokio::test]
 async fn a_row_committed_late_below_published_rows_is_still_published_in_its_orders_order() {
     let f = Fixture::new(6).await;
-    let pool = f.pool.clone();
-    let t = f.topics();
+    let (pool, t) = (f.pool.clone(), f.topics());
     let shutdown = CancellationToken::new();
     let relay_task = tokio::spawn(relay::run(
         pool.clone(),
@@ -172,8 +170,7 @@ async fn a_row_committed_late_below_published_rows_is_still_published_in_its_ord
 #[tokio::test]
 async fn late_commits_never_let_a_later_event_of_an_order_overtake_an_earlier_one() {
     let f = Fixture::new(40).await;
-    let pool = f.pool.clone();
-    let t = f.topics();
+    let (pool, t) = (f.pool.clone(), f.topics());
     let mut orders = Vec::new();
     for _ in 0..24 {
         orders.push(insert_order(&pool, "confirmed").await);

@@ -10,7 +10,7 @@ use ostore_orders::kafka::{self, ProducerSettings};
 use ostore_orders::outbox::relay::{self};
 use ostore_orders::tracking::{self, Outcome, Record};
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::Message;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -27,9 +27,7 @@ async fn a_relay_killed_between_producing_and_marking_republishes_and_loses_noth
 
 async fn relay_killed_between_producing_and_marking(bus: Bus) {
     let f = Fixture::on(bus, 4).await;
-    let pool = f.pool.clone();
-    let producer = f.producer();
-    let t = f.topics();
+    let (pool, producer, t) = (f.pool.clone(), f.producer(), f.topics());
     let mut written = Vec::new();
     for i in 0..5 {
         written.push(
@@ -92,9 +90,7 @@ async fn rows_added_while_kafka_is_down_are_all_published_once_it_is_back_on_apa
 
 async fn rows_added_while_the_broker_is_down(bus: Bus) {
     let f = Fixture::on(bus, 6).await;
-    let pool = f.pool.clone();
-    let producer = f.producer();
-    let t = f.topics();
+    let (pool, producer, t) = (f.pool.clone(), f.producer(), f.topics());
     let shutdown = CancellationToken::new();
     let relay_task = tokio::spawn(relay::run(
         pool.clone(),
@@ -172,9 +168,7 @@ async fn a_consumer_killed_after_the_database_commit_and_before_the_offset_commi
 
 async fn consumer_killed_after_the_database_commit(bus: Bus) {
     let f = Fixture::on(bus, 6).await;
-    let pool = f.pool.clone();
-    let producer = f.producer();
-    let t = f.topics();
+    let (pool, producer, t) = (f.pool.clone(), f.producer(), f.topics());
     let cfg = consumer_config(Duration::from_secs(30));
     let order = insert_order(&pool, "confirmed").await;
     let event = body(&tracking_event(order, TrackingStatus::PickedUp));
@@ -192,15 +186,7 @@ async fn consumer_killed_after_the_database_commit(bus: Bus) {
             .await
             .unwrap()
             .unwrap();
-        let mut headers = HashMap::new();
-        if let Some(h) = m.headers() {
-            for header in h.iter() {
-                headers.insert(
-                    header.key.to_string(),
-                    String::from_utf8_lossy(header.value.unwrap_or_default()).into_owned(),
-                );
-            }
-        }
+        let headers = headers_of(&m);
         let record = Record {
             topic: m.topic().to_string(),
             partition: Some(m.partition()),

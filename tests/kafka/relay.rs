@@ -11,9 +11,7 @@ use uuid::Uuid;
 #[tokio::test]
 async fn an_orders_outbox_rows_arrive_in_commit_order_keyed_by_order_id_with_envelope_and_headers() {
     let f = Fixture::new(4).await;
-    let pool = f.pool.clone();
-    let producer = f.producer();
-    let t = f.topics();
+    let (pool, producer, t) = (f.pool.clone(), f.producer(), f.topics());
     let trace = HashMap::from([(
         "traceparent".to_string(),
         "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_string(),
@@ -57,8 +55,7 @@ async fn an_orders_outbox_rows_arrive_in_commit_order_keyed_by_order_id_with_env
 #[tokio::test]
 async fn published_rows_past_retention_are_deleted_and_pending_rows_kept() {
     let f = Fixture::database(4).await;
-    let pool = f.pool.clone();
-    let t = f.topics();
+    let (pool, t) = (f.pool.clone(), f.topics());
     for i in 0..3 {
         write_event(&pool, &t.order_events, "OrderCreated", i, &HashMap::new()).await;
     }
@@ -92,8 +89,7 @@ async fn published_rows_past_retention_are_deleted_and_pending_rows_kept() {
 #[tokio::test]
 async fn the_retention_cleanup_goes_chunk_by_chunk_from_the_oldest_and_stops_at_young_rows() {
     let f = Fixture::database(4).await;
-    let pool = f.pool.clone();
-    let t = f.topics();
+    let (pool, t) = (f.pool.clone(), f.topics());
     for i in 0..7 {
         write_event(&pool, &t.order_events, "OrderCreated", i, &HashMap::new()).await;
     }
@@ -130,9 +126,7 @@ async fn the_retention_cleanup_goes_chunk_by_chunk_from_the_oldest_and_stops_at_
 #[tokio::test]
 async fn with_zero_retention_acknowledged_rows_are_deleted_and_still_counted() {
     let f = Fixture::new(4).await;
-    let pool = f.pool.clone();
-    let producer = f.producer();
-    let t = f.topics();
+    let (pool, producer, t) = (f.pool.clone(), f.producer(), f.topics());
     let mut written = Vec::new();
     for i in 0..30 {
         written.push(write_event(&pool, &t.order_events, "OrderCreated", i % 3, &HashMap::new()).await);
