@@ -1,7 +1,11 @@
 //! The binary's subcommands, run as a user would: `--help` everywhere, `users create`, `migrate`,
 //! the refusal of insecure settings, and a short `bench` run.
 
+mod support;
+
 use std::process::Command;
+
+use support::{free_port, server_url};
 
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_ostore-orders"));
@@ -9,12 +13,6 @@ fn bin() -> Command {
         .env_remove("JWT_SECRET")
         .env("RUST_LOG", "warn");
     c
-}
-
-fn server_url() -> String {
-    let admin = std::env::var("TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    admin.rsplit_once('/').unwrap().0.to_string()
 }
 
 #[test]
@@ -325,15 +323,6 @@ async fn kafka_mock_goes_down_and_up_on_signals_keeping_its_records_and_kafka_du
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
     let status = mock.wait().unwrap();
     assert!(status.success(), "{status:?}");
-}
-
-/// A free loopback port (bound, read, released).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[test]

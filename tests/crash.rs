@@ -3,17 +3,17 @@
 //! must then finish with exactly one reservation and at most one shipment. And graceful shutdown:
 //! `serve` and `dev` stop within 5 s of a SIGTERM, with in-flight sagas kept.
 
-#[path = "api/helpers.rs"]
-mod helpers;
+mod support;
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use helpers::{TestDb, serve_router};
 use ostore_orders::auth::Role;
 use ostore_orders::sim::catalog::CatalogSim;
 use ostore_orders::sim::shipments::{ShipmentsSim, ShipmentsSimConfig};
 use serde_json::{Value, json};
+use support::client::{self, put_faults as faults, wait_ready};
+use support::{TestDb, free_port, serve_router};
 use tokio_util::sync::CancellationToken;
 
 struct Service {
@@ -86,59 +86,18 @@ async fn terminate(c: &mut Child) -> (Duration, bool) {
 /// machine (this is a bound, not a speed measurement).
 const STOP_BOUND: Duration = Duration::from_secs(7);
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn wait_ready(http: &reqwest::Client, base: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if let Ok(r) = http.get(format!("{base}/readyz")).send().await
-            && r.status() == 200
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("the service did not become ready");
-}
-
+/// The crash tests' customer (created with `users create` before the service starts).
 async fn login(http: &reqwest::Client, base: &str) -> String {
-    let r: Value = http
-        .post(format!("{base}/auth/login"))
-        .json(&json!({"email": "crash@example.com", "password": "password-123"}))
-        .send()
+    client::login(http, base, "crash@example.com", "password-123")
         .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    r["token"].as_str().unwrap().to_string()
+        .0
 }
 
+/// Places an order of one unit of product 1; returns the answer's status.
 async fn place(http: &reqwest::Client, base: &str, token: &str, key: &str) -> reqwest::StatusCode {
-    http.post(format!("{base}/orders"))
-        .bearer_auth(token)
-        .header("Idempotency-Key", key)
-        .json(&json!({"orderItems": [{"productID": 1, "quantity": 1}]}))
-        .send()
+    client::place(http, base, token, key, json!([{"productID": 1, "quantity": 1}]))
         .await
-        .unwrap()
         .status()
-}
-
-async fn faults(http: &reqwest::Client, base: &str, f: Value) {
-    let r = http
-        .put(format!("{base}/sim/faults"))
-        .json(&f)
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success());
 }
 
 async fn wait_all_finished(pool: &sqlx::PgPool, n: i64) {
@@ -186,7 +145,7 @@ async fn a_service_killed_mid_saga_resumes_every_saga_without_duplicates() {
         env: vec![
             ("DATABASE_URL".into(), db.url.clone()),
             ("LISTEN_ADDR".into(), format!("127.0.0.1:{port}")),
-            ("JWT_SECRET".into(), helpers::TEST_JWT_SECRET.into()),
+            ("JWT_SECRET".into(), support::TEST_JWT_SECRET.into()),
             ("CATALOG_URL".into(), catalog_url.clone()),
             ("SHIPMENTS_URL".into(), shipments_url.clone()),
             ("SAGA_LEASE_MS".into(), "6000".into()),
@@ -368,7 +327,7 @@ async fn serve_stops_within_five_seconds_of_sigterm_keeping_its_in_flight_sagas(
         env: vec![
             ("DATABASE_URL".into(), db.url.clone()),
             ("LISTEN_ADDR".into(), format!("127.0.0.1:{port}")),
-            ("JWT_SECRET".into(), helpers::TEST_JWT_SECRET.into()),
+            ("JWT_SECRET".into(), support::TEST_JWT_SECRET.into()),
             ("CATALOG_URL".into(), catalog_url.clone()),
             ("SHIPMENTS_URL".into(), shipments_url.clone()),
             ("SAGA_LEASE_MS".into(), "6000".into()),
@@ -488,16 +447,7 @@ async fn dev_stops_within_five_seconds_of_sigterm() {
         .unwrap();
     wait_ready(&http, &base).await;
     // An order through the whole stack (its events go through the relay to the embedded broker).
-    let r: Value = http
-        .post(format!("{base}/auth/login"))
-        .json(&json!({"email": "alice@ostore.dev", "password": "alice-password"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let token = r["token"].as_str().unwrap().to_string();
+    let (token, _) = client::login(&http, &base, "alice@ostore.dev", "alice-password").await;
     assert_eq!(place(&http, &base, &token, "dev-1").await, 201);
     let (took, ok) = terminate(&mut child).await;
     let pool = sqlx::PgPool::connect(&url).await.unwrap();

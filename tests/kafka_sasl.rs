@@ -3,6 +3,8 @@
 //! with a throwaway CA, TLS on loopback and SCRAM/PLAIN users. The clients get their settings the
 //! way an operator gives them, as `KAFKA_CLIENT_*` variables.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -10,6 +12,7 @@ use ostore_orders::kafka::{self, ClientProperties, ConsumerSettings, ProducerSet
 use rdkafka::Message as _;
 use rdkafka::consumer::Consumer as _;
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use support::free_port;
 use uuid::Uuid;
 
 struct SaslKafka {
@@ -17,14 +20,6 @@ struct SaslKafka {
     port: u16,
     sasl_port: u16,
     dir: PathBuf,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 impl SaslKafka {

@@ -4,8 +4,7 @@
 //! semantic-convention attributes of every hop. (Its own binary: it installs the global
 //! subscriber and sets the exporter's environment.)
 
-#[path = "api/helpers.rs"]
-mod helpers;
+mod support;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -22,7 +21,8 @@ use prost::Message as _;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use helpers::{AppOptions, serve_router, spawn_app_with};
+use support::spans::SpanLine;
+use support::{AppOptions, serve_router, spawn_app_with};
 
 /// One span as received, flattened.
 #[derive(Debug, Clone)]
@@ -103,44 +103,26 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The trace as an indented tree: name [KIND].
+/// The trace as an indented tree: name [KIND], siblings by name.
 fn tree(spans: &[Received]) -> String {
-    let ids: BTreeSet<&str> = spans.iter().map(|s| s.span_id.as_str()).collect();
-    let mut children: HashMap<&str, Vec<&Received>> = HashMap::new();
-    for s in spans {
-        children.entry(s.parent.as_str()).or_default().push(s);
-    }
-    fn walk(out: &mut String, children: &HashMap<&str, Vec<&Received>>, id: &str, depth: usize) {
-        let mut kids: Vec<&&Received> = children.get(id).into_iter().flatten().collect();
-        kids.sort_by(|a, b| a.name.cmp(&b.name));
-        for s in kids {
+    let mut sorted: Vec<&Received> = spans.iter().collect();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    let lines: Vec<SpanLine> = sorted
+        .into_iter()
+        .map(|s| {
             let links = if s.links.is_empty() {
                 String::new()
             } else {
                 format!(" (link → {})", s.links.join(", "))
             };
-            out.push_str(&format!(
-                "{}{} [{}] {}{}\n",
-                "  ".repeat(depth),
-                s.name,
-                s.kind,
-                s.span_id,
-                links
-            ));
-            walk(out, children, &s.span_id, depth + 1);
-        }
-    }
-    let mut out = String::new();
-    let roots: BTreeSet<&str> = spans
-        .iter()
-        .map(|s| s.parent.as_str())
-        .filter(|p| !ids.contains(p))
+            SpanLine {
+                id: s.span_id.clone(),
+                parent: s.parent.clone(),
+                label: format!("{} [{}] {}{links}", s.name, s.kind, s.span_id),
+            }
+        })
         .collect();
-    for r in roots {
-        out.push_str(&format!("(remote parent {r})\n"));
-        walk(&mut out, &children, r, 1);
-    }
-    out
+    support::spans::tree(&lines)
 }
 
 async fn otlp_receiver(receiver: Receiver, shutdown: CancellationToken) -> String {
@@ -193,15 +175,13 @@ async fn a_sagas_trace_reaches_an_otlp_receiver_as_one_tree_with_the_conventions
     let trace_id = "5af7651916cd43dd8448eb211c80319d";
     let caller = "00f067aa0ba902b8";
     let r = app
-        .http
-        .post(app.url("/orders"))
-        .bearer_auth(&token)
-        .header("Idempotency-Key", "otlp")
-        .header("traceparent", format!("00-{trace_id}-{caller}-01"))
-        .json(&json!({"orderItems": [{"productID": 1, "quantity": 1}]}))
-        .send()
-        .await
-        .unwrap();
+        .place_traced(
+            &token,
+            "otlp",
+            &format!("00-{trace_id}-{caller}-01"),
+            json!([{"productID": 1, "quantity": 1}]),
+        )
+        .await;
     assert!(r.status().is_success(), "{}", r.status());
     app.eventually_eq("select status from orders", "delivered", 30)
         .await;

@@ -4,6 +4,8 @@
 //! `CatalogClient` / `ShipmentsClient` (and plain HTTP for the `/sim` control API). Kafka
 //! publishing is checked against librdkafka's mock cluster.
 
+mod support;
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::str::FromStr;
@@ -20,7 +22,6 @@ use ostore_orders::contract::{
 use ostore_orders::downstream::{DownstreamError, FailureKind, class};
 use ostore_orders::shipments::ShipmentsClient;
 use ostore_orders::sim::catalog::CatalogSim;
-use ostore_orders::sim::serve;
 use ostore_orders::sim::shipments::{ShipmentsSim, ShipmentsSimConfig};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -28,7 +29,7 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::mocking::MockCluster;
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
+use support::{free_port, serve_router};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -48,10 +49,8 @@ impl Drop for Running {
 }
 
 async fn start(router: Router) -> Running {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
     let shutdown = CancellationToken::new();
-    tokio::spawn(serve(listener, router, shutdown.clone()));
+    let base = serve_router(router, shutdown.clone()).await;
     Running { base, shutdown }
 }
 
@@ -181,13 +180,7 @@ async fn list(url: &str) -> Vec<Value> {
 }
 
 async fn put_faults(base: &str, faults: Value) {
-    let response = http()
-        .put(format!("{base}/sim/faults"))
-        .json(&faults)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    support::client::put_faults(&http(), base, faults).await;
 }
 
 async fn clear_faults(base: &str) {
@@ -586,9 +579,7 @@ async fn a_reservation_that_does_not_echo_our_request_is_a_contract_violation() 
 
 #[tokio::test]
 async fn a_refused_connection_is_a_transient_connect_failure() {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    drop(listener);
+    let base = format!("http://127.0.0.1:{}", free_port());
     let error = failed(
         CatalogClient::new(&base, http())
             .reserve(&key(), &reservation(&[(1, 1)]), TIMEOUT)

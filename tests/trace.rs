@@ -2,10 +2,8 @@
 //! every step attempt, the downstream calls and the simulators' handling of them; a saga resumed by
 //! another worker stays in its original trace. (Its own binary: it installs the global subscriber.)
 
-#[path = "api/helpers.rs"]
-mod helpers;
+mod support;
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -13,7 +11,8 @@ use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{SpanData, SpanExporter};
 use serde_json::json;
 
-use helpers::{AppOptions, spawn_app_with};
+use support::spans::SpanLine;
+use support::{AppOptions, spawn_app_with};
 
 #[derive(Debug, Clone, Default)]
 struct Collector(Arc<Mutex<Vec<SpanData>>>);
@@ -37,46 +36,23 @@ impl Collector {
     }
 }
 
-/// The spans of a trace as an indented tree (name, span id, parent id).
+/// The spans of a trace as an indented tree (name, span id, parent id), siblings by start time.
 fn tree(spans: &[SpanData]) -> String {
-    let mut children: HashMap<String, Vec<&SpanData>> = HashMap::new();
-    let ids: Vec<String> = spans
-        .iter()
-        .map(|s| s.span_context.span_id().to_string())
-        .collect();
-    for s in spans {
-        children.entry(s.parent_span_id.to_string()).or_default().push(s);
-    }
-    for v in children.values_mut() {
-        v.sort_by_key(|s| s.start_time);
-    }
-    let mut out = String::new();
-    fn walk(out: &mut String, children: &HashMap<String, Vec<&SpanData>>, id: &str, depth: usize) {
-        for s in children.get(id).into_iter().flatten() {
-            let sid = s.span_context.span_id().to_string();
-            out.push_str(&format!(
-                "{}{} [{} ← {}]\n",
-                "  ".repeat(depth),
-                s.name,
-                sid,
-                s.parent_span_id
-            ));
-            walk(out, children, &sid, depth + 1);
-        }
-    }
-    // Roots: spans whose parent is not in the trace's collected spans.
-    let roots: Vec<String> = spans
-        .iter()
-        .map(|s| s.parent_span_id.to_string())
-        .filter(|p| !ids.contains(p))
-        .collect::<std::collections::BTreeSet<_>>()
+    let mut sorted: Vec<&SpanData> = spans.iter().collect();
+    sorted.sort_by_key(|s| s.start_time);
+    let lines: Vec<SpanLine> = sorted
         .into_iter()
+        .map(|s| {
+            let id = s.span_context.span_id().to_string();
+            let parent = s.parent_span_id.to_string();
+            SpanLine {
+                label: format!("{} [{id} ← {parent}]", s.name),
+                id,
+                parent,
+            }
+        })
         .collect();
-    for r in roots {
-        out.push_str(&format!("(remote parent {r})\n"));
-        walk(&mut out, &children, &r, 1);
-    }
-    out
+    support::spans::tree(&lines)
 }
 
 #[tokio::test]
@@ -96,15 +72,13 @@ async fn one_trace_spans_the_request_the_steps_the_downstream_services_kafka_and
     let (_, token) = app.customer("trace@example.com").await;
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let r = app
-        .http
-        .post(app.url("/orders"))
-        .bearer_auth(&token)
-        .header("Idempotency-Key", "traced")
-        .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
-        .json(&json!({"orderItems": [{"productID": 1, "quantity": 1}]}))
-        .send()
-        .await
-        .unwrap();
+        .place_traced(
+            &token,
+            "traced",
+            &format!("00-{trace_id}-00f067aa0ba902b7-01"),
+            json!([{"productID": 1, "quantity": 1}]),
+        )
+        .await;
     assert_eq!(r.status(), 201);
     app.eventually_eq("select state from sagas", "completed", 10)
         .await;
@@ -186,15 +160,13 @@ async fn a_saga_resumed_by_another_worker_stays_in_its_trace_and_links_to_the_se
     app.shipment_faults(json!({"latencyMs": 1500, "endpoint": "create"}))
         .await;
     let r = app
-        .http
-        .post(app.url("/orders"))
-        .bearer_auth(&token)
-        .header("Idempotency-Key", "resumed")
-        .header("traceparent", format!("00-{trace_id}-b7ad6b7169203331-01"))
-        .json(&json!({"orderItems": [{"productID": 1, "quantity": 1}]}))
-        .send()
-        .await
-        .unwrap();
+        .place_traced(
+            &token,
+            "resumed",
+            &format!("00-{trace_id}-b7ad6b7169203331-01"),
+            json!([{"productID": 1, "quantity": 1}]),
+        )
+        .await;
     assert_eq!(r.status(), 202);
     app.eventually_eq("select step_name from sagas", "create_shipment", 10)
         .await;
@@ -247,15 +219,13 @@ async fn an_event_written_for_a_customers_cancel_is_in_the_orders_trace_linked_t
     app.shipment_faults(json!({"latencyMs": 1500, "endpoint": "create"}))
         .await;
     let r = app
-        .http
-        .post(app.url("/orders"))
-        .bearer_auth(&token)
-        .header("Idempotency-Key", "cancel-trace")
-        .header("traceparent", format!("00-{order_trace}-b7ad6b7169203332-01"))
-        .json(&json!({"orderItems": [{"productID": 1, "quantity": 1}]}))
-        .send()
-        .await
-        .unwrap();
+        .place_traced(
+            &token,
+            "cancel-trace",
+            &format!("00-{order_trace}-b7ad6b7169203332-01"),
+            json!([{"productID": 1, "quantity": 1}]),
+        )
+        .await;
     assert_eq!(r.status(), 202);
     let order_id: i64 = r.json::<serde_json::Value>().await.unwrap()["orderID"]
         .as_i64()

@@ -1,14 +1,6 @@
 use serde_json::{Value, json};
 
-use crate::helpers::{AppOptions, TestApp, assert_problem, spawn_app, spawn_app_with};
-use ostore_orders::auth::Role;
-
-async fn admin_token(app: &TestApp) -> (i32, String) {
-    let id = app
-        .create_user("ops@example.com", "password-123", Role::Admin)
-        .await;
-    (id, app.login("ops@example.com", "password-123").await.0)
-}
+use crate::support::{AppOptions, TestApp, assert_problem, spawn_app, spawn_app_with};
 
 /// Makes one saga stuck: the shipment is refused and the release keeps failing.
 async fn stuck_saga(app: &TestApp, token: &str, key: &str) {
@@ -26,7 +18,7 @@ async fn stuck_saga(app: &TestApp, token: &str, key: &str) {
 async fn admin_endpoints_need_the_admin_role() {
     let app = spawn_app().await;
     let (_, customer) = app.customer("cust@example.com").await;
-    let (_, admin) = admin_token(&app).await;
+    let (_, admin) = app.admin().await;
     for path in [
         "/admin/sagas",
         "/admin/audit",
@@ -61,7 +53,7 @@ async fn a_stuck_saga_is_found_re_driven_after_recovery_and_finishes() {
     let app = spawn_app().await;
     app.product(1, 10, "1.00");
     let (_, customer) = app.customer("cust@example.com").await;
-    let (admin_id, admin) = admin_token(&app).await;
+    let (admin_id, admin) = app.admin().await;
     stuck_saga(&app, &customer, "k1").await;
     app.eventually_eq("select state from sagas", "stuck", 30).await;
 
@@ -147,7 +139,7 @@ async fn a_bulk_dry_run_changes_nothing_and_the_real_run_re_drives_each_match() 
     let app = spawn_app().await;
     app.product(1, 10, "1.00");
     let (_, customer) = app.customer("cust@example.com").await;
-    let (_, admin) = admin_token(&app).await;
+    let (_, admin) = app.admin().await;
     stuck_saga(&app, &customer, "k1").await;
     stuck_saga(&app, &customer, "k2").await;
     app.eventually_eq("select count(*)::text from sagas where state = 'stuck'", "2", 40)
@@ -218,7 +210,7 @@ async fn an_admin_cancel_compensates_a_running_saga() {
     app.catalog_faults(json!({"latencyMs": 500, "endpoint": "reserve"}))
         .await;
     let (_, customer) = app.customer("cust@example.com").await;
-    let (_, admin) = admin_token(&app).await;
+    let (_, admin) = app.admin().await;
     let r = app
         .place(&customer, "k", json!([{"productID": 1, "quantity": 2}]))
         .await;
@@ -251,7 +243,7 @@ async fn an_admin_cancel_compensates_a_running_saga() {
 #[tokio::test]
 async fn overflowing_filters_and_cursors_are_refused_not_500() {
     let app = spawn_app().await;
-    let (_, token) = admin_token(&app).await;
+    let (_, token) = app.admin().await;
     for value in ["1e300", "1e12", "3155760001", "-1", "NaN", "inf"] {
         let r = app
             .get(&format!("/admin/sagas?olderThanSeconds={value}"), Some(&token))

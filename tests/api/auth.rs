@@ -5,7 +5,7 @@ use jsonwebtoken::{EncodingKey, Header};
 use ostore_orders::auth::Role;
 use serde_json::{Value, json};
 
-use crate::helpers::{AppOptions, TEST_JWT_SECRET, TestApp, assert_problem, spawn_app, spawn_app_with};
+use crate::support::{AppOptions, TEST_JWT_SECRET, TestApp, assert_problem, spawn_app, spawn_app_with};
 
 fn b64(v: &Value) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(serde_json::to_vec(v).unwrap())

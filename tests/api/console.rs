@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::helpers::{AppOptions, TestApp, spawn_app, spawn_app_with};
+use crate::support::{AppOptions, TestApp, spawn_app, spawn_app_with};
 use ostore_orders::auth::Role;
 
 const ADMIN: (&str, &str) = ("ops@example.com", "password-123");

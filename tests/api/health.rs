@@ -5,7 +5,7 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use crate::helpers::{AppOptions, TestDb, assert_problem, spawn_app, spawn_app_with};
+use crate::support::{AppOptions, TestDb, assert_problem, spawn_app, spawn_app_with};
 
 /// A TCP proxy to PostgreSQL that can cut every connection and refuse new ones.
 struct Proxy {

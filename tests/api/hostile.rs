@@ -6,7 +6,7 @@
 use ostore_orders::auth::Role;
 use serde_json::Value;
 
-use crate::helpers::{TestApp, assert_problem, spawn_app};
+use crate::support::{TestApp, assert_problem, spawn_app};
 
 async fn post_raw(app: &TestApp, path: &str, body: &str, token: Option<&str>) -> reqwest::Response {
     let mut rb = app
@@ -42,10 +42,7 @@ async fn control_characters_and_overlong_strings_in_a_body_get_422_naming_the_fi
     let app = spawn_app().await;
     app.create_user("ann@example.com", "password-123", Role::User)
         .await;
-    let admin_id = app
-        .create_user("ops@example.com", "password-123", Role::Admin)
-        .await;
-    let (admin, _) = app.login("ops@example.com", "password-123").await;
+    let (admin_id, admin) = app.admin().await;
     assert!(admin_id > 0);
     let before = rows(&app).await;
 
@@ -124,9 +121,7 @@ async fn control_characters_and_overlong_strings_in_a_body_get_422_naming_the_fi
 #[tokio::test]
 async fn control_characters_in_a_query_string_get_422_naming_the_parameter() {
     let app = spawn_app().await;
-    app.create_user("ops@example.com", "password-123", Role::Admin)
-        .await;
-    let (admin, _) = app.login("ops@example.com", "password-123").await;
+    let (_, admin) = app.admin().await;
     for (query, field) in [
         ("/admin/sagas?step=reserve%00", "step"),
         ("/admin/sagas?errorClass=%1b", "errorClass"),
@@ -271,9 +266,7 @@ async fn generated_requests_to_every_route_never_get_a_server_error() {
     let app = spawn_app().await;
     app.product(1, 1000, "1.00");
     let (_, user) = app.customer("ann@example.com").await;
-    app.create_user("ops@example.com", "password-123", Role::Admin)
-        .await;
-    let (admin, _) = app.login("ops@example.com", "password-123").await;
+    let (_, admin) = app.admin().await;
 
     let segment = prop_oneof![
         Just("1".to_string()),

@@ -6,10 +6,11 @@ mod auth;
 mod console;
 mod events_contract;
 mod health;
-mod helpers;
 mod hostile;
 mod metrics;
 mod orders;
 mod pipeline;
 mod saga;
+#[path = "../support/mod.rs"]
+mod support;
 mod users;

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::helpers::spawn_app;
+use crate::support::spawn_app;
 
 /// The value of the sample `name{labels…}` whose labels include every one of `want`.
 fn sample(text: &str, name: &str, want: &[(&str, &str)]) -> Option<f64> {
@@ -23,7 +23,7 @@ fn sample(text: &str, name: &str, want: &[(&str, &str)]) -> Option<f64> {
         .map(|(_, v)| v.parse().unwrap())
 }
 
-async fn scrape(app: &crate::helpers::TestApp) -> String {
+async fn scrape(app: &crate::support::TestApp) -> String {
     let resp = app.get("/metrics", None).await;
     assert_eq!(resp.status(), 200);
     let ct = resp.headers()["content-type"].to_str().unwrap().to_string();
@@ -156,8 +156,8 @@ async fn database_gauges_show_the_outbox_backlog() {
 
 #[tokio::test]
 async fn a_process_without_the_api_role_still_refreshes_the_database_gauges() {
-    let db = crate::helpers::TestDb::new().await;
-    let cfg = std::sync::Arc::new(crate::helpers::test_config(&db.url, &[]));
+    let db = crate::support::TestDb::new().await;
+    let cfg = std::sync::Arc::new(crate::support::test_config(&db.url, &[]));
     let pool = db.pool().await;
     let shutdown = tokio_util::sync::CancellationToken::new();
     let s = shutdown.clone();

@@ -2,7 +2,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::helpers::{AppOptions, TestApp, assert_problem, spawn_app, spawn_app_with};
+use crate::support::{AppOptions, TestApp, assert_problem, spawn_app, spawn_app_with};
 
 #[tokio::test]
 async fn an_order_completes_with_catalog_prices_and_a_shipment() {

@@ -8,7 +8,7 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Headers;
 use serde_json::{Value, json};
 
-use crate::helpers::{AppOptions, spawn_app, spawn_app_with};
+use crate::support::{AppOptions, spawn_app, spawn_app_with};
 
 /// Reads every message of a topic from the beginning until `pred` holds (or panics after `secs`).
 async fn read_until(
@@ -137,14 +137,7 @@ async fn a_row_kafka_refuses_is_set_aside_and_every_other_event_is_still_publish
     })
     .await;
     let bootstrap = app.broker.as_ref().unwrap().bootstrap_servers().to_string();
-    let admin = app
-        .create_user(
-            "ops@example.com",
-            "password-123",
-            ostore_orders::auth::Role::Admin,
-        )
-        .await;
-    let (admin_token, _) = app.login("ops@example.com", "password-123").await;
+    let (admin, admin_token) = app.admin().await;
     assert!(admin > 0);
 
     // The poison as found: 780 KB that are not a TrackingEvent, on the tracking topic.
@@ -346,7 +339,7 @@ async fn a_cancel_racing_the_pick_up_is_refused_and_the_order_keeps_travelling()
     };
     advance("picked_up").await;
     let c = app.cancel(&token, id).await;
-    let p = crate::helpers::assert_problem(c, 409).await;
+    let p = crate::support::assert_problem(c, 409).await;
     assert!(
         matches!(p["orderStatus"].as_str(), Some("confirmed" | "shipped")),
         "{p}"

@@ -7,13 +7,13 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
-use crate::helpers::{AppOptions, spawn_app_with, test_config};
+use crate::support::{AppOptions, spawn_app_with, test_config};
 use ostore_orders::orders::validate::Line;
 use ostore_orders::saga::engine::{Applied, Engine};
 use ostore_orders::saga::store::NewSaga;
 
 async fn second_engine(
-    app: &crate::helpers::TestApp,
+    app: &crate::support::TestApp,
     drive: bool,
     extra: &[&str],
 ) -> (Engine, tokio_util::sync::CancellationToken) {

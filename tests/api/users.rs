@@ -8,14 +8,7 @@ use ostore_orders::auth::Role;
 use ostore_orders::auth::users::LifecycleAction;
 use serde_json::{Value, json};
 
-use crate::helpers::{TEST_JWT_SECRET, TestApp, assert_problem, spawn_app};
-
-async fn admin(app: &TestApp) -> (i32, String) {
-    let id = app
-        .create_user("ops@example.com", "password-123", Role::Admin)
-        .await;
-    (id, app.login("ops@example.com", "password-123").await.0)
-}
+use crate::support::{TEST_JWT_SECRET, TestApp, assert_problem, spawn_app};
 
 async fn refresh_status(app: &TestApp, refresh: &str) -> u16 {
     app.post_json("/auth/refresh", &json!({"token": refresh}), None)
@@ -43,7 +36,7 @@ async fn me_becomes(app: &TestApp, token: &str, status: u16) -> u16 {
 #[tokio::test]
 async fn disabling_a_user_refuses_every_session_at_once_and_enabling_lets_them_log_in_again() {
     let app = spawn_app().await;
-    let (_, ops) = admin(&app).await;
+    let (_, ops) = app.admin().await;
     let id = app
         .create_user("ann@example.com", "password-123", Role::User)
         .await;
@@ -123,7 +116,7 @@ async fn disabling_a_user_refuses_every_session_at_once_and_enabling_lets_them_l
 #[tokio::test]
 async fn account_actions_need_the_admin_role_and_spare_the_callers_own_account() {
     let app = spawn_app().await;
-    let (ops_id, ops) = admin(&app).await;
+    let (ops_id, ops) = app.admin().await;
     let (ann_id, ann) = app.customer("ann@example.com").await;
     for path in [
         format!("/admin/users/{ops_id}/disable"),
@@ -169,7 +162,7 @@ async fn account_actions_need_the_admin_role_and_spare_the_callers_own_account()
 async fn a_deleted_users_orders_stay_readable_to_admins() {
     let app = spawn_app().await;
     app.product(1, 10, "5.00");
-    let (_, ops) = admin(&app).await;
+    let (_, ops) = app.admin().await;
     let (ann_id, ann) = app.customer("ann@example.com").await;
     let r = app
         .place(&ann, "k-1", json!([{"productID": 1, "quantity": 2}]))

@@ -1,7 +1,5 @@
-#![allow(dead_code)] // Shared by several test binaries; each uses a part of it.
-
-//! Test harness: a fresh database per test (copied from a migrated template), the real app on
-//! 127.0.0.1 port 0, and an HTTP client.
+//! The real app on 127.0.0.1 port 0 with both simulators (and, on request, an embedded Kafka
+//! broker, the outbox relay and the tracking consumer), and an HTTP client on it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,159 +8,12 @@ use clap::Parser;
 use ostore_orders::config::ServiceConfig;
 use ostore_orders::sim::catalog::CatalogSim;
 use ostore_orders::sim::shipments::{ShipmentsSim, ShipmentsSimConfig};
-use sqlx::postgres::PgPoolOptions;
-use sqlx::{Connection, PgConnection, PgPool};
+use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-/// The server tests connect to (override with TEST_DATABASE_URL; any database on it works).
-pub fn admin_url() -> String {
-    std::env::var("TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
-
-fn url_for(db: &str) -> String {
-    let base = admin_url();
-    match base.rsplit_once('/') {
-        Some((prefix, _)) => format!("{prefix}/{db}"),
-        None => format!("{base}/{db}"),
-    }
-}
-
-fn template_name() -> String {
-    let mut h: u64 = 1469598103934665603;
-    for m in ostore_orders::db::MIGRATOR.iter() {
-        // The version too: a migration renumbered with the same text is another template.
-        for b in m.version.to_le_bytes().iter().chain(m.checksum.iter()) {
-            h = (h ^ u64::from(*b)).wrapping_mul(1099511628211);
-        }
-    }
-    format!("ostore_test_tmpl_{h:016x}")
-}
-
-async fn ensure_template() -> String {
-    let name = template_name();
-    let mut conn = PgConnection::connect(&admin_url())
-        .await
-        .expect("connect to the test PostgreSQL");
-    sqlx::query("select pg_advisory_lock(727274)")
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    let exists: bool = sqlx::query_scalar("select exists (select 1 from pg_database where datname = $1)")
-        .bind(&name)
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
-    if !exists {
-        let building = format!("{name}_building");
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "drop database if exists {building} with (force)"
-        )))
-        .execute(&mut conn)
-        .await
-        .unwrap();
-        sqlx::query(sqlx::AssertSqlSafe(format!("create database {building}")))
-            .execute(&mut conn)
-            .await
-            .unwrap();
-        {
-            let pool = PgPoolOptions::new()
-                .max_connections(1)
-                .connect(&url_for(&building))
-                .await
-                .unwrap();
-            ostore_orders::db::migrate(&pool).await.unwrap();
-            pool.close().await;
-        }
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "alter database {building} rename to {name}"
-        )))
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    }
-    sqlx::query("select pg_advisory_unlock(727274)")
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    let _ = conn.close().await;
-    name
-}
-
-/// A database of its own for one test, dropped when the value is dropped.
-pub struct TestDb {
-    /// Database name.
-    pub name: String,
-    /// Connection string.
-    pub url: String,
-}
-
-impl TestDb {
-    /// Creates a migrated database.
-    pub async fn new() -> Self {
-        let template = ensure_template().await;
-        let name = format!("t_{}", uuid::Uuid::new_v4().simple());
-        let mut conn = PgConnection::connect(&admin_url()).await.unwrap();
-        let mut tries = 0;
-        loop {
-            let r = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "create database {name} template {template}"
-            )))
-            .execute(&mut conn)
-            .await;
-            match r {
-                Ok(_) => break,
-                Err(e) if tries < 20 => {
-                    tries += 1;
-                    eprintln!("create database retry: {e}");
-                    tokio::time::sleep(Duration::from_millis(100 * tries)).await;
-                }
-                Err(e) => panic!("create test database: {e}"),
-            }
-        }
-        let _ = conn.close().await;
-        TestDb {
-            url: url_for(&name),
-            name,
-        }
-    }
-
-    /// A small pool on this database.
-    pub async fn pool(&self) -> PgPool {
-        self.pool_of(4).await
-    }
-
-    /// A pool of `max_connections` on this database.
-    pub async fn pool_of(&self, max_connections: u32) -> PgPool {
-        PgPoolOptions::new()
-            .max_connections(max_connections)
-            .connect(&self.url)
-            .await
-            .unwrap()
-    }
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        let name = self.name.clone();
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                if let Ok(mut conn) = PgConnection::connect(&admin_url()).await {
-                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-                        "drop database if exists {name} with (force)"
-                    )))
-                    .execute(&mut conn)
-                    .await;
-                }
-            });
-        })
-        .join();
-    }
-}
+use super::client;
+use super::db::TestDb;
+use super::net::serve_router;
 
 #[derive(Parser)]
 struct ConfigOnly {
@@ -237,14 +88,6 @@ pub struct AppOptions<'a> {
 /// Starts the app with default options.
 pub async fn spawn_app() -> TestApp {
     spawn_app_with(AppOptions::default()).await
-}
-
-/// Serves a router on 127.0.0.1:0 until `shutdown`; returns its base URL.
-pub async fn serve_router(router: axum::Router, shutdown: CancellationToken) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(ostore_orders::sim::serve(listener, router, shutdown));
-    format!("http://{addr}")
 }
 
 /// Starts the app (and both simulators) on a fresh database.
@@ -378,19 +221,20 @@ impl TestApp {
 
     /// Logs in and returns `(access, refresh)`.
     pub async fn login(&self, email: &str, password: &str) -> (String, String) {
-        let r = self
-            .post_json(
-                "/auth/login",
-                &serde_json::json!({"email": email, "password": password}),
-                None,
+        client::login(&self.http, &self.base, email, password).await
+    }
+
+    /// Creates the admin `ops@example.com` and logs in: `(user_id, access token)`.
+    pub async fn admin(&self) -> (i32, String) {
+        let id = self
+            .create_user(
+                "ops@example.com",
+                "password-123",
+                ostore_orders::auth::Role::Admin,
             )
             .await;
-        assert_eq!(r.status(), 200, "login of {email} failed");
-        let v: serde_json::Value = r.json().await.unwrap();
-        (
-            v["token"].as_str().unwrap().to_string(),
-            v["refreshToken"].as_str().unwrap().to_string(),
-        )
+        let (t, _) = self.login("ops@example.com", "password-123").await;
+        (id, t)
     }
 
     /// Creates a customer and logs in: `(user_id, access token)`.
@@ -433,34 +277,12 @@ impl TestApp {
 
     /// `PUT /sim/faults` on the catalog simulator.
     pub async fn catalog_faults(&self, faults: serde_json::Value) {
-        let r = self
-            .http
-            .put(format!("{}/sim/faults", self.catalog_url))
-            .json(&faults)
-            .send()
-            .await
-            .unwrap();
-        assert!(
-            r.status().is_success(),
-            "catalog faults refused: {}",
-            r.text().await.unwrap()
-        );
+        client::put_faults(&self.http, &self.catalog_url, faults).await;
     }
 
     /// `PUT /sim/faults` on the shipments simulator.
     pub async fn shipment_faults(&self, faults: serde_json::Value) {
-        let r = self
-            .http
-            .put(format!("{}/sim/faults", self.shipments_url))
-            .json(&faults)
-            .send()
-            .await
-            .unwrap();
-        assert!(
-            r.status().is_success(),
-            "shipment faults refused: {}",
-            r.text().await.unwrap()
-        );
+        client::put_faults(&self.http, &self.shipments_url, faults).await;
     }
 
     /// GETs a simulator path as JSON.
@@ -487,14 +309,18 @@ impl TestApp {
 
     /// Places an order with a key.
     pub async fn place(&self, token: &str, key: &str, items: serde_json::Value) -> reqwest::Response {
-        self.http
-            .post(self.url("/orders"))
-            .bearer_auth(token)
-            .header("Idempotency-Key", key)
-            .json(&serde_json::json!({"orderItems": items}))
-            .send()
-            .await
-            .unwrap()
+        client::place(&self.http, &self.base, token, key, items).await
+    }
+
+    /// Places an order with a key, in the trace of `traceparent`.
+    pub async fn place_traced(
+        &self,
+        token: &str,
+        key: &str,
+        traceparent: &str,
+        items: serde_json::Value,
+    ) -> reqwest::Response {
+        client::place_traced(&self.http, &self.base, token, key, Some(traceparent), items).await
     }
 
     /// `POST /orders/{id}/cancel` as the customer holding `token`.
