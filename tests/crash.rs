@@ -125,38 +125,77 @@ async fn wait_all_finished(pool: &sqlx::PgPool, n: i64) {
     }
 }
 
+/// A database with one customer, both simulators (product 1 in stock), and a service (not started
+/// yet) pointed at them, with a short lease and fast retries.
+struct Stack {
+    db: TestDb,
+    pool: sqlx::PgPool,
+    stop: CancellationToken,
+    /// The simulators, kept for the test's whole run (their servers serve their state).
+    _sims: (CatalogSim, ShipmentsSim),
+    catalog_url: String,
+    shipments_url: String,
+    svc: Service,
+    http: reqwest::Client,
+}
+
+impl Stack {
+    async fn new() -> Stack {
+        let db = TestDb::new().await;
+        let pool = db.pool().await;
+        ostore_orders::cli::create_user_in(&pool, "crash@example.com", "password-123", Role::User)
+            .await
+            .unwrap();
+        let stop = CancellationToken::new();
+        let catalog = CatalogSim::new();
+        catalog.put_product(1, 1000, "2.00".parse().unwrap(), "USD");
+        let catalog_url = serve_router(catalog.router(), stop.clone()).await;
+        let shipments = ShipmentsSim::new(ShipmentsSimConfig::default()).unwrap();
+        let shipments_url = serve_router(shipments.router(), stop.clone()).await;
+        let port = free_port();
+        let svc = Service {
+            child: None,
+            port,
+            env: vec![
+                ("DATABASE_URL".into(), db.url.clone()),
+                ("LISTEN_ADDR".into(), format!("127.0.0.1:{port}")),
+                ("JWT_SECRET".into(), support::TEST_JWT_SECRET.into()),
+                ("CATALOG_URL".into(), catalog_url.clone()),
+                ("SHIPMENTS_URL".into(), shipments_url.clone()),
+                ("SAGA_LEASE_MS".into(), "6000".into()),
+                ("SAGA_RETRY_SCALE".into(), "0.01".into()),
+                ("ORDER_WAIT_MS".into(), "100".into()),
+            ],
+        };
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(20))
+            .build()
+            .unwrap();
+        Stack {
+            db,
+            pool,
+            stop,
+            _sims: (catalog, shipments),
+            catalog_url,
+            shipments_url,
+            svc,
+            http,
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_service_killed_mid_saga_resumes_every_saga_without_duplicates() {
-    let db = TestDb::new().await;
-    let pool = db.pool().await;
-    ostore_orders::cli::create_user_in(&pool, "crash@example.com", "password-123", Role::User)
-        .await
-        .unwrap();
-    let stop = CancellationToken::new();
-    let catalog = CatalogSim::new();
-    catalog.put_product(1, 1000, "2.00".parse().unwrap(), "USD");
-    let catalog_url = serve_router(catalog.router(), stop.clone()).await;
-    let shipments = ShipmentsSim::new(ShipmentsSimConfig::default()).unwrap();
-    let shipments_url = serve_router(shipments.router(), stop.clone()).await;
-    let port = free_port();
-    let mut svc = Service {
-        child: None,
-        port,
-        env: vec![
-            ("DATABASE_URL".into(), db.url.clone()),
-            ("LISTEN_ADDR".into(), format!("127.0.0.1:{port}")),
-            ("JWT_SECRET".into(), support::TEST_JWT_SECRET.into()),
-            ("CATALOG_URL".into(), catalog_url.clone()),
-            ("SHIPMENTS_URL".into(), shipments_url.clone()),
-            ("SAGA_LEASE_MS".into(), "6000".into()),
-            ("SAGA_RETRY_SCALE".into(), "0.01".into()),
-            ("ORDER_WAIT_MS".into(), "100".into()),
-        ],
-    };
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(20))
-        .build()
-        .unwrap();
+    let Stack {
+        db: _db,
+        pool,
+        stop,
+        _sims,
+        catalog_url,
+        shipments_url,
+        mut svc,
+        http,
+    } = Stack::new().await;
     svc.start();
     wait_ready(&http, &svc.base()).await;
     let token = login(&http, &svc.base()).await;
@@ -309,36 +348,16 @@ async fn a_service_killed_mid_saga_resumes_every_saga_without_duplicates() {
 
 #[tokio::test]
 async fn serve_stops_within_five_seconds_of_sigterm_keeping_its_in_flight_sagas() {
-    let db = TestDb::new().await;
-    let pool = db.pool().await;
-    ostore_orders::cli::create_user_in(&pool, "crash@example.com", "password-123", Role::User)
-        .await
-        .unwrap();
-    let stop = CancellationToken::new();
-    let catalog = CatalogSim::new();
-    catalog.put_product(1, 1000, "2.00".parse().unwrap(), "USD");
-    let catalog_url = serve_router(catalog.router(), stop.clone()).await;
-    let shipments = ShipmentsSim::new(ShipmentsSimConfig::default()).unwrap();
-    let shipments_url = serve_router(shipments.router(), stop.clone()).await;
-    let port = free_port();
-    let mut svc = Service {
-        child: None,
-        port,
-        env: vec![
-            ("DATABASE_URL".into(), db.url.clone()),
-            ("LISTEN_ADDR".into(), format!("127.0.0.1:{port}")),
-            ("JWT_SECRET".into(), support::TEST_JWT_SECRET.into()),
-            ("CATALOG_URL".into(), catalog_url.clone()),
-            ("SHIPMENTS_URL".into(), shipments_url.clone()),
-            ("SAGA_LEASE_MS".into(), "6000".into()),
-            ("SAGA_RETRY_SCALE".into(), "0.01".into()),
-            ("ORDER_WAIT_MS".into(), "100".into()),
-        ],
-    };
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(20))
-        .build()
-        .unwrap();
+    let Stack {
+        db: _db,
+        pool,
+        stop,
+        _sims,
+        catalog_url,
+        shipments_url,
+        mut svc,
+        http,
+    } = Stack::new().await;
 
     // Idle: stops at once.
     svc.start();
