@@ -50,14 +50,12 @@ pub fn build_engine(cfg: &ServiceConfig, db: PgPool, drive: bool) -> anyhow::Res
     ecfg.max_in_flight = cfg.saga_max_in_flight;
     ecfg.committers = cfg.saga_committers;
     ecfg.drive = drive;
-    Engine::new(
-        db,
+    let saga = crate::saga::steps::create_order(
         def,
-        ecfg,
-        cfg.topics.clone(),
         CatalogClient::new(&cfg.catalog_url, http.clone()),
         ShipmentsClient::new(&cfg.shipments_url, http),
-    )
+    );
+    Engine::new(db, saga, ecfg, cfg.topics.clone())
 }
 
 /// Builds the handlers' shared state (the engine is built, not started).

@@ -28,3 +28,4 @@ pub mod shipments;
 pub mod sim;
 pub mod telemetry;
 pub mod tracking;
+pub mod wake;

@@ -10,7 +10,8 @@ use sqlx::PgConnection;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::saga::machine::{CLASS_CANCELLED, rfc3339};
+use crate::saga::machine::{FailureClass, SagaState, rfc3339};
+use crate::wake;
 
 /// Filter of a saga listing (every field optional).
 #[derive(Debug, Clone, Default)]
@@ -294,7 +295,7 @@ pub enum ActionOutcome {
     /// No such saga.
     NotFound,
     /// Refused: the saga is terminal (its state).
-    Terminal(String),
+    Terminal(SagaState),
     /// Done (or nothing to do): the state before and after.
     Done {
         /// Before.
@@ -305,7 +306,7 @@ pub enum ActionOutcome {
 }
 
 struct Locked {
-    state: String,
+    state: SagaState,
     step_name: String,
     attempt: i32,
     next_attempt_at: Option<OffsetDateTime>,
@@ -321,17 +322,21 @@ async fn lock(conn: &mut PgConnection, saga_id: Uuid) -> Result<Option<Locked>, 
     )
     .fetch_optional(&mut *conn)
     .await?;
-    Ok(r.map(|r| Locked {
-        state: r.state,
-        step_name: r.step_name,
-        attempt: r.attempt,
-        next_attempt_at: r.next_attempt_at,
-        leased: r.leased,
-    }))
+    r.map(|r| {
+        Ok(Locked {
+            state: SagaState::parse(&r.state)
+                .ok_or_else(|| sqlx::Error::Decode(format!("unknown saga state {}", r.state).into()))?,
+            step_name: r.step_name,
+            attempt: r.attempt,
+            next_attempt_at: r.next_attempt_at,
+            leased: r.leased,
+        })
+    })
+    .transpose()
 }
 
 fn snapshot(l: &Locked) -> Value {
-    json!({"state": l.state, "step": l.step_name, "attempt": l.attempt, "nextAttemptAt": l.next_attempt_at.map(rfc3339)})
+    json!({"state": l.state.as_str(), "step": l.step_name, "attempt": l.attempt, "nextAttemptAt": l.next_attempt_at.map(rfc3339)})
 }
 
 async fn snapshot_of(conn: &mut PgConnection, saga_id: Uuid) -> Result<Value, sqlx::Error> {
@@ -341,12 +346,10 @@ async fn snapshot_of(conn: &mut PgConnection, saga_id: Uuid) -> Result<Value, sq
         .unwrap_or(Value::Null))
 }
 
-fn is_terminal(state: &str) -> bool {
-    matches!(state, "completed" | "compensated" | "failed")
-}
-
 async fn wake_workers(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-    sqlx::query!("select pg_notify($1, 'due')", crate::saga::store::CHANNEL)
+    sqlx::query("select pg_notify($1, $2)")
+        .bind(wake::CHANNEL)
+        .bind(wake::Wake::Due.payload())
         .execute(&mut *conn)
         .await?;
     Ok(())
@@ -358,11 +361,11 @@ pub async fn retry(conn: &mut PgConnection, saga_id: Uuid) -> Result<ActionOutco
     let Some(l) = lock(conn, saga_id).await? else {
         return Ok(ActionOutcome::NotFound);
     };
-    if is_terminal(&l.state) {
+    if l.state.is_terminal() {
         return Ok(ActionOutcome::Terminal(l.state));
     }
     let before = snapshot(&l);
-    if l.state == "stuck" {
+    if l.state == SagaState::Stuck {
         sqlx::query!(
             r#"update sagas set state = 'compensating', attempt = 0, next_attempt_at = now(), lease_owner = null,
                       lease_expires_at = null, finished_at = null, updated_at = now()
@@ -394,13 +397,13 @@ pub async fn cancel(
     let Some(l) = lock(conn, saga_id).await? else {
         return Ok(ActionOutcome::NotFound);
     };
-    if is_terminal(&l.state) {
+    if l.state.is_terminal() {
         return Ok(ActionOutcome::Terminal(l.state));
     }
     let before = snapshot(&l);
     let reason = format!("by admin {actor}");
-    match l.state.as_str() {
-        "running" => {
+    match l.state {
+        SagaState::Running => {
             sqlx::query!(
                 r#"update sagas set cancel_requested = coalesce(cancel_requested, $2), updated_at = now(),
                           next_attempt_at = case when lease_expires_at is null or lease_expires_at < now()
@@ -413,7 +416,7 @@ pub async fn cancel(
             .await?;
         }
         // Stuck: it is compensating already; continue with fresh attempts.
-        "stuck" => {
+        SagaState::Stuck => {
             sqlx::query!(
                 r#"update sagas set state = 'compensating', attempt = 0, next_attempt_at = now(), lease_owner = null,
                           lease_expires_at = null, finished_at = null, updated_at = now(),
@@ -422,7 +425,7 @@ pub async fn cancel(
                     where saga_id = $1"#,
                 saga_id,
                 reason,
-                json!({"class": CLASS_CANCELLED, "detail": format!("cancelled: {reason}"), "step": l.step_name})
+                json!({"class": FailureClass::Cancelled, "detail": format!("cancelled: {reason}"), "step": l.step_name})
             )
             .execute(&mut *conn)
             .await?;

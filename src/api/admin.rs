@@ -194,9 +194,9 @@ pub(crate) async fn act(
         ActionOutcome::Terminal(s) => {
             return Err(ApiError::conflict(
                 "saga-terminal",
-                format!("the saga is {s}; nothing can change it any more"),
+                format!("the saga is {}; nothing can change it any more", s.as_str()),
             )
-            .with("state", s));
+            .with("state", s.as_str()));
         }
         ActionOutcome::Done { before, mut after } => {
             if let (Some(r), Some(obj)) = (reason, after.as_object_mut()) {

@@ -6,13 +6,14 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::json;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::api::AppState;
 use crate::api::extract::{ApiJson, ApiQuery, AuthUser};
 use crate::error::ApiError;
 use crate::orders::OrderStatus;
+use crate::orders::answer::Answer;
 use crate::orders::place::{Placed, place};
 use crate::orders::store::{self, CancelOutcome, OrderView};
 use crate::orders::validate::{CreateOrderBody, idempotency_key_is_valid, validate_lines};
@@ -44,32 +45,40 @@ fn location(order_id: i32) -> HeaderValue {
     HeaderValue::from_str(&format!("/orders/{order_id}")).expect("ascii")
 }
 
-fn problem_from_answer(status: u16, p: &Value) -> ApiError {
-    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::CONFLICT);
-    let slug = match p["slug"].as_str() {
-        Some("insufficient-stock") => "insufficient-stock",
-        Some("validation") => "validation",
-        _ => "order-cancelled",
-    };
-    let title = if status == StatusCode::UNPROCESSABLE_ENTITY {
-        "Invalid request"
-    } else {
-        "Conflict"
-    };
-    let mut e = ApiError::new(
-        status,
-        slug,
-        title,
-        p["detail"].as_str().unwrap_or("the order failed"),
-    );
-    if let Some(obj) = p.as_object() {
-        for (k, v) in obj {
-            if !matches!(k.as_str(), "slug" | "title" | "detail") {
-                e = e.with(k, v.clone());
-            }
+/// The response to a finished saga's answer: 201 with the order, or its problem.
+fn answer_response(a: Answer) -> Result<Response, ApiError> {
+    match a {
+        Answer::Created(body) => {
+            let id = body["orderID"].as_i64().unwrap_or(0) as i32;
+            Ok((
+                StatusCode::CREATED,
+                [(header::LOCATION, location(id))],
+                Json(body),
+            )
+                .into_response())
+        }
+        Answer::InsufficientStock { unavailable } => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "insufficient-stock",
+            "Conflict",
+            crate::orders::answer::STOCK_DETAIL,
+        )
+        .with("unavailable", json!(unavailable))),
+        Answer::TotalTooLarge { detail } => Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation",
+            "Invalid request",
+            detail,
+        )
+        .with("field", "totalAmount")),
+        Answer::Cancelled { detail, order_id } => {
+            Err(
+                ApiError::new(StatusCode::CONFLICT, "order-cancelled", "Conflict", detail)
+                    .with("orderID", order_id)
+                    .with("orderStatus", OrderStatus::Cancelled.as_str()),
+            )
         }
     }
-    e
 }
 
 /// Places an order. Waits for the saga up to `ORDER_WAIT_MS`: 201 when it completed, 409 when stock
@@ -125,21 +134,7 @@ pub async fn create_order(
     )
     .await?;
     match placed {
-        Placed::Answer(a) => {
-            let status = a["status"].as_u64().unwrap_or(500) as u16;
-            if status == 201 {
-                let body = a["body"].clone();
-                let id = body["orderID"].as_i64().unwrap_or(0) as i32;
-                Ok((
-                    StatusCode::CREATED,
-                    [(header::LOCATION, location(id))],
-                    Json(body),
-                )
-                    .into_response())
-            } else {
-                Err(problem_from_answer(status, &a["problem"]))
-            }
-        }
+        Placed::Answer(a) => answer_response(a),
         Placed::Pending(order_id) => {
             let mut conn = state.db.acquire().await?;
             let view = store::get(&mut conn, order_id, user.user_id()).await?;

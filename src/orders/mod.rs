@@ -1,6 +1,7 @@
 //! Orders: statuses and their transition table, validation of new orders, and the SQL of orders
 //! and order items.
 
+pub mod answer;
 pub mod place;
 pub mod status;
 pub mod store;

@@ -7,6 +7,7 @@ use serde_json::Value;
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use crate::orders::answer::Answer;
 use crate::orders::store;
 use crate::orders::validate::{Line, request_hash};
 use crate::saga::engine::Engine;
@@ -15,8 +16,8 @@ use crate::saga::store::{Created, NewSaga};
 /// What `POST /orders` answers.
 #[derive(Debug)]
 pub enum Placed {
-    /// The saga finished: the stored answer `{status, body}` or `{status, problem}`.
-    Answer(Value),
+    /// The saga finished: its answer.
+    Answer(Answer),
     /// Still running (or first answered 202): 202 with the order id.
     Pending(i32),
     /// The key's first request is still being answered.
@@ -76,7 +77,7 @@ pub async fn place(
             // Finished meanwhile (or learnt from another instance, or stuck): read the row.
             match store::replay_state(&mut conn, saga_id).await? {
                 Some(st) => match st.answer {
-                    Some(a) if !st.answered_pending => Ok(Placed::Answer(a)),
+                    Some(a) if !st.answered_pending => Ok(Placed::Answer(stored(&a)?)),
                     _ => {
                         store::mark_answered_pending(&mut conn, saga_id).await?;
                         Ok(Placed::Pending(st.order_id))
@@ -93,7 +94,7 @@ pub async fn place(
             let mut conn = pool.acquire().await?;
             match store::replay_state(&mut conn, existing.saga_id).await? {
                 Some(st) if st.answered_pending => Ok(Placed::Pending(st.order_id)),
-                Some(store::ReplayState { answer: Some(a), .. }) => Ok(Placed::Answer(a)),
+                Some(store::ReplayState { answer: Some(a), .. }) => Ok(Placed::Answer(stored(&a)?)),
                 Some(st) if first_request_gone(&mut conn, existing.saga_id, wait).await? => {
                     // The first request waits at most `wait`, then answers 202 and records it; past
                     // that, with nothing recorded, its client went away before any answer. This
@@ -108,7 +109,7 @@ pub async fn place(
                             answer: Some(a),
                             answered_pending: false,
                             ..
-                        }) => Ok(Placed::Answer(a)),
+                        }) => Ok(Placed::Answer(stored(&a)?)),
                         Some(st) => Ok(Placed::Pending(st.order_id)),
                         None => Ok(Placed::InFlight),
                     }
@@ -117,6 +118,11 @@ pub async fn place(
             }
         }
     }
+}
+
+/// An answer as stored with the saga (the database edge).
+fn stored(v: &Value) -> Result<Answer, sqlx::Error> {
+    Answer::from_stored(v).ok_or_else(|| sqlx::Error::Decode(format!("unreadable stored answer {v}").into()))
 }
 
 /// Whether the first request for a saga has waited longer than it ever does (`wait`, and a second

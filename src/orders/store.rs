@@ -9,7 +9,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::orders::OrderStatus;
-use crate::saga::machine::{CLASS_CANCEL_REFUSED, CLASS_CANCELLED, money, rfc3339};
+use crate::saga::machine::{FailureClass, SagaState, money, rfc3339};
 
 /// One line of an order as clients see it.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -259,9 +259,9 @@ pub async fn cancel(
     let intent_pending = row
         .failure
         .as_ref()
-        .is_some_and(|f| f["class"] == CLASS_CANCELLED && f["afterCompletion"] == true);
-    match row.state.as_str() {
-        "running" => {
+        .is_some_and(|f| f["class"] == FailureClass::Cancelled.as_str() && f["afterCompletion"] == true);
+    match SagaState::parse(&row.state) {
+        Some(SagaState::Running) => {
             sqlx::query!(
                 r#"update sagas set cancel_requested = $2, updated_at = now(),
                           next_attempt_at = case when lease_expires_at is null or lease_expires_at < now()
@@ -273,12 +273,12 @@ pub async fn cancel(
             .execute(&mut *conn)
             .await?;
         }
-        "completed" => {
-            if row.last_error_class.as_deref() == Some(CLASS_CANCEL_REFUSED) {
+        Some(SagaState::Completed) => {
+            if row.last_error_class.as_deref() == Some(FailureClass::CancelRefused.as_str()) {
                 // The shipper refused a cancellation before: the parcel is on its way for good.
                 return Ok(CancelOutcome::RefusedByShipper(status));
             }
-            let failure = json!({"class": CLASS_CANCELLED, "detail": format!("cancelled: {reason}"),
+            let failure = json!({"class": FailureClass::Cancelled, "detail": format!("cancelled: {reason}"),
                                  "step": "create_shipment", "afterCompletion": true});
             sqlx::query!(
                 r#"update sagas set state = 'compensating', step = $2, attempt = 0, next_attempt_at = now(),
@@ -292,14 +292,12 @@ pub async fn cancel(
             )
             .execute(&mut *conn)
             .await?;
-            sqlx::query!("select pg_notify($1, 'due')", crate::saga::store::CHANNEL)
-                .execute(&mut *conn)
-                .await?;
+            wake_workers(conn).await?;
             return Ok(CancelOutcome::Requested { saga_id: row.saga_id });
         }
         // A cancellation of the completed saga is under way (or stuck, for ops): the order follows
         // when the shipment is cancelled.
-        "compensating" | "stuck" if intent_pending => {
+        Some(SagaState::Compensating | SagaState::Stuck) if intent_pending => {
             return Ok(CancelOutcome::Requested { saga_id: row.saga_id });
         }
         // Already compensating (or finished compensating): the order just follows.
@@ -329,9 +327,7 @@ pub async fn cancel(
         )],
     )
     .await?;
-    sqlx::query!("select pg_notify($1, 'due')", crate::saga::store::CHANNEL)
-        .execute(&mut *conn)
-        .await?;
+    wake_workers(conn).await?;
     Ok(CancelOutcome::Cancelled {
         saga_id: row.saga_id,
         already: false,
@@ -386,4 +382,14 @@ pub async fn mark_answered_pending(conn: &mut PgConnection, saga_id: Uuid) -> Re
     .execute(&mut *conn)
     .await?;
     Ok(r.rows_affected() == 1)
+}
+
+/// Tells the saga workers that a saga is due now.
+async fn wake_workers(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("select pg_notify($1, $2)")
+        .bind(crate::wake::CHANNEL)
+        .bind(crate::wake::Wake::Due.payload())
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
 }

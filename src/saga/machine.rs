@@ -1,6 +1,8 @@
 //! The saga state machine, pure: given a saga and the outcome of one attempt, it decides the next
-//! state and lists the effects to write in the same transaction (history rows, outbox events, order
-//! changes, the answer for `POST /orders`). No I/O here, so every rule is unit-tested.
+//! state and lists the effects to write in the same transaction (history rows, outbox events, and
+//! what the saga's [`SagaHooks`] add: order changes, the answer for `POST /orders`). No I/O here,
+//! so every rule is unit-tested. The rules are the same for every saga; what one saga type does
+//! at its ends is its hooks' business (`saga/create_order.rs` for CreateOrder).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -13,8 +15,10 @@ use uuid::Uuid;
 
 use crate::contract::{Reservation, Shipment, Unavailable};
 use crate::orders::OrderStatus;
+use crate::orders::answer::Answer;
 use crate::orders::validate::Line;
 use crate::saga::definition::SagaDef;
+pub use crate::saga::failure::FailureClass;
 
 /// A saga's lifecycle state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -136,7 +140,7 @@ pub struct SagaData {
 pub struct Failure {
     /// Error class (`insufficient_stock`, `total_overflow`, `cancelled`, `deadline_exceeded`,
     /// `http_4xx`, a transient class when retries ran out, ...).
-    pub class: String,
+    pub class: FailureClass,
     /// Human-readable reason.
     pub detail: String,
     /// The step that failed (or the step at which the saga was cancelled).
@@ -161,21 +165,25 @@ impl Failure {
     /// error text, URL or body, which stay in `detail` for operators (the saga, its history, the
     /// saga events).
     pub fn customer_text(&self) -> String {
-        match self.class.as_str() {
+        match self.class {
             // Our own words: "cancelled: by the customer" / "cancelled: by admin 7" / a reason the
             // API checked.
-            CLASS_CANCELLED if self.detail.starts_with("cancelled: by admin") => "cancelled by OStore".into(),
-            CLASS_CANCELLED => self.detail.clone(),
-            CLASS_INSUFFICIENT_STOCK => "some products are not available in the requested quantity".into(),
-            CLASS_TOTAL_OVERFLOW => "the order's total is larger than an order may be".into(),
-            CLASS_DEADLINE => "the order could not be completed in time".into(),
+            FailureClass::Cancelled if self.detail.starts_with("cancelled: by admin") => {
+                "cancelled by OStore".into()
+            }
+            FailureClass::Cancelled => self.detail.clone(),
+            FailureClass::InsufficientStock => {
+                "some products are not available in the requested quantity".into()
+            }
+            FailureClass::TotalOverflow => "the order's total is larger than an order may be".into(),
+            FailureClass::DeadlineExceeded => "the order could not be completed in time".into(),
             _ => {
                 let what = match self.step.as_str() {
                     "reserve_inventory" => "the products could not be reserved",
                     "create_shipment" => "the shipment could not be arranged",
                     _ => "the order could not be completed",
                 };
-                let why = if self.class == crate::downstream::class::HTTP_4XX {
+                let why = if self.class == FailureClass::Http4xx {
                     "it was refused"
                 } else {
                     "a service it needs was unavailable"
@@ -185,18 +193,6 @@ impl Failure {
         }
     }
 }
-
-/// Error class of a cancellation.
-pub const CLASS_CANCELLED: &str = "cancelled";
-/// Error class of a stock refusal.
-pub const CLASS_INSUFFICIENT_STOCK: &str = "insufficient_stock";
-/// Error class of a total beyond NUMERIC(10,2).
-pub const CLASS_TOTAL_OVERFLOW: &str = "total_overflow";
-/// Error class of a saga past its deadline.
-pub const CLASS_DEADLINE: &str = "deadline_exceeded";
-/// `lastErrorClass` of a saga back at `completed` because the shipper refused to cancel its
-/// shipment (already picked up): a later cancellation is refused at once.
-pub const CLASS_CANCEL_REFUSED: &str = "cancel_refused";
 
 /// A saga as a worker holds it.
 #[derive(Debug, Clone)]
@@ -236,7 +232,7 @@ pub struct Saga {
     /// Last error text.
     pub last_error: Option<String>,
     /// Last error class.
-    pub last_error_class: Option<String>,
+    pub last_error_class: Option<FailureClass>,
 }
 
 /// What a step produced.
@@ -261,17 +257,18 @@ pub enum StepOutput {
     Done,
 }
 
-/// The outcome of one attempt.
+/// The outcome of one attempt, classified by the step where the cause is known.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     /// It worked.
     Succeeded(StepOutput),
     /// A compensation had nothing to undo (for example no shipment was ever created).
     Skipped(String),
-    /// A business refusal: not retried.
+    /// A business refusal by a downstream service: an action is not retried (the saga
+    /// compensates); a compensation is retried (compensations must eventually succeed).
     Refused {
         /// Error class.
-        class: String,
+        class: FailureClass,
         /// Reason.
         detail: String,
         /// HTTP status of the downstream answer.
@@ -279,10 +276,18 @@ pub enum Outcome {
         /// Unavailable products (stock refusal).
         unavailable: Option<Vec<Unavailable>>,
     },
+    /// Our own failure that no retry can mend (the saga's data does not allow the step): an
+    /// action compensates at once; a compensation leaves the saga stuck for an operator.
+    Fatal {
+        /// Error class.
+        class: FailureClass,
+        /// Reason.
+        detail: String,
+    },
     /// A transient failure: retried with backoff.
     Transient {
         /// Error class.
-        class: String,
+        class: FailureClass,
         /// Reason.
         detail: String,
         /// HTTP status of the downstream answer.
@@ -328,7 +333,7 @@ pub struct HistoryRow {
     /// `succeeded`, `retry_scheduled`, `failed`, `skipped`, `interrupted`.
     pub outcome: &'static str,
     /// Error class.
-    pub error_class: Option<String>,
+    pub error_class: Option<FailureClass>,
     /// Error text.
     pub error: Option<String>,
     /// Idempotency key used.
@@ -389,8 +394,8 @@ pub enum Effect {
     ClearCancelRequest,
     /// The saga finished (terminal or stuck): store the answer (if any) and wake waiters.
     Finished {
-        /// The answer `POST /orders` gives: `{status, body}`.
-        answer: Option<Value>,
+        /// The answer the saga's creator gives (its hooks decide it).
+        answer: Option<Answer>,
     },
 }
 
@@ -420,12 +425,33 @@ pub enum Next {
     Done,
 }
 
+/// What one saga type adds to the engine's rules at its ends: how a step's output is kept, what a
+/// completed or compensated saga writes besides its own row and saga events (order changes, order
+/// events) and answers, and when a refused compensation ends a cancellation. The engine and the
+/// machine know nothing else of a saga type.
+pub trait SagaHooks: Send + Sync {
+    /// Keeps what a successful action produced in the saga's data.
+    fn keep_output(&self, s: &mut Saga, out: &StepOutput);
+    /// A compensation succeeded with `out`: effects it adds (after `CompensationSucceeded`).
+    fn compensated(&self, s: &Saga, out: &StepOutput, fx: &mut Vec<Effect>);
+    /// Every step succeeded: effects it adds (before `SagaCompleted`), and the answer.
+    fn completed(&self, s: &Saga, fx: &mut Vec<Effect>) -> Option<Answer>;
+    /// Compensation finished (`s.state` is `compensated` or `failed`): effects it adds (before
+    /// `SagaCompensated` / `SagaFailed`), and the answer.
+    fn compensation_finished(&self, s: &Saga, failure: &Failure, fx: &mut Vec<Effect>) -> Option<Answer>;
+    /// Whether this refused compensation attempt ends a cancellation for good: the saga returns to
+    /// `completed` instead of retrying.
+    fn refuses_cancellation(&self, s: &Saga, a: &Attempt, last_step: bool) -> bool;
+}
+
 /// The rules of one saga type.
 pub struct Machine<'a> {
     /// The definition (policies, names).
     pub def: &'a SagaDef,
     /// The step implementations' shapes, in order.
     pub shapes: &'a [StepShape],
+    /// What the saga type adds at its ends.
+    pub hooks: &'a dyn SagaHooks,
     /// SAGA_RETRY_SCALE.
     pub retry_scale: f64,
 }
@@ -467,7 +493,7 @@ impl Machine<'_> {
                 let mut fx = Vec::new();
                 let last = self.shapes.len() - 1;
                 s.failure = Some(Failure {
-                    class: CLASS_CANCELLED.into(),
+                    class: FailureClass::Cancelled,
                     detail: format!("cancelled: {reason}"),
                     step: self.shapes[last].action.into(),
                     unavailable: None,
@@ -481,10 +507,10 @@ impl Machine<'_> {
             return Vec::new();
         }
         let (class, detail) = if let Some(reason) = &s.cancel_requested {
-            (CLASS_CANCELLED, format!("cancelled: {reason}"))
+            (FailureClass::Cancelled, format!("cancelled: {reason}"))
         } else if now > s.deadline_at {
             (
-                CLASS_DEADLINE,
+                FailureClass::DeadlineExceeded,
                 "the saga did not finish before its deadline".to_string(),
             )
         } else {
@@ -492,14 +518,14 @@ impl Machine<'_> {
         };
         let mut fx = Vec::new();
         s.failure = Some(Failure {
-            class: class.into(),
+            class,
             detail: detail.clone(),
             step: self.shapes[s.step].action.into(),
             unavailable: None,
             after_completion: false,
         });
         s.last_error = Some(detail);
-        s.last_error_class = Some(class.into());
+        s.last_error_class = Some(class);
         // A remote action may have taken effect even with no attempt recorded (the process died,
         // or its commit failed, after the call): undo it too. Remote compensations are safe when
         // the action never happened (a release of an unknown reservation answers 204; a shipment
@@ -545,7 +571,7 @@ impl Machine<'_> {
         match (&a.outcome, a.kind) {
             (Outcome::Succeeded(out), Kind::Action) => {
                 fx.push(Effect::History(row));
-                self.apply_output(s, out);
+                self.hooks.keep_output(s, out);
                 fx.push(saga_event(
                     "StepSucceeded",
                     json!({"step": name, "attempt": a.number}),
@@ -567,10 +593,8 @@ impl Machine<'_> {
                     "CompensationSucceeded",
                     json!({"step": name, "attempt": a.number}),
                 ));
-                if a.outcome == Outcome::Succeeded(StepOutput::OrderCancelled(true)) {
-                    let mut data = self.order_data(s, OrderStatus::Cancelled);
-                    data["reason"] = json!(s.failure.as_ref().map(Failure::customer_text));
-                    fx.push(order_event("OrderCancelled", data));
+                if let Outcome::Succeeded(out) = &a.outcome {
+                    self.hooks.compensated(s, out, &mut fx);
                 }
                 s.attempt = 0;
                 s.next_attempt_at = Some(now);
@@ -584,7 +608,7 @@ impl Machine<'_> {
                 row.outcome = "failed";
                 row.error = Some(why.clone());
                 fx.push(Effect::History(row));
-                self.fail_forward(s, a.step, "skipped", why, None, false, now, &mut fx);
+                self.fail_forward(s, a.step, FailureClass::Skipped, why, None, false, now, &mut fx);
             }
             (
                 Outcome::Refused {
@@ -596,7 +620,7 @@ impl Machine<'_> {
                 Kind::Action,
             ) => {
                 row.outcome = "failed";
-                row.error_class = Some(class.clone());
+                row.error_class = Some(*class);
                 row.error = Some(detail.clone());
                 row.downstream_status = *status;
                 fx.push(Effect::History(row));
@@ -604,28 +628,56 @@ impl Machine<'_> {
                     "StepFailed",
                     json!({"step": name, "attempt": a.number, "errorClass": class, "error": detail}),
                 ));
-                self.fail_forward(s, a.step, class, detail, unavailable.clone(), false, now, &mut fx);
+                self.fail_forward(
+                    s,
+                    a.step,
+                    *class,
+                    detail,
+                    unavailable.clone(),
+                    false,
+                    now,
+                    &mut fx,
+                );
+            }
+            (Outcome::Fatal { class, detail }, Kind::Action) => {
+                row.outcome = "failed";
+                row.error_class = Some(*class);
+                row.error = Some(detail.clone());
+                fx.push(Effect::History(row));
+                fx.push(saga_event(
+                    "StepFailed",
+                    json!({"step": name, "attempt": a.number, "errorClass": class, "error": detail}),
+                ));
+                self.fail_forward(s, a.step, *class, detail, None, false, now, &mut fx);
+            }
+            (Outcome::Fatal { class, detail }, Kind::Compensation) => {
+                row.outcome = "failed";
+                row.error_class = Some(*class);
+                row.error = Some(detail.clone());
+                fx.push(Effect::History(row));
+                let why = format!("{name} failed: {detail}");
+                self.get_stuck(s, *class, &why, &mut fx);
             }
             (
                 Outcome::Refused {
                     class,
                     detail,
-                    status: Some(409),
+                    status,
                     ..
                 },
                 Kind::Compensation,
-            ) if a.step + 1 == self.shapes.len()
-                && s.data.shipment.is_some()
-                && s.failure.as_ref().is_some_and(|f| f.after_completion) =>
+            ) if self
+                .hooks
+                .refuses_cancellation(s, a, a.step + 1 == self.shapes.len()) =>
             {
-                // The shipper will not cancel the shipment (the parcel was picked up): a customer's
-                // cancellation of a completed saga loses, the order keeps its status.
+                // The cancellation cannot happen any more (for CreateOrder: the parcel was picked
+                // up): a cancellation of a completed saga loses, the order keeps its status.
                 row.outcome = "failed";
-                row.error_class = Some(class.clone());
+                row.error_class = Some(*class);
                 row.error = Some(detail.clone());
-                row.downstream_status = Some(409);
+                row.downstream_status = *status;
                 fx.push(Effect::History(row));
-                self.refuse_cancellation(s, name, class, detail, &mut fx);
+                self.refuse_cancellation(s, name, *class, detail, &mut fx);
             }
             (Outcome::Transient { .. }, _) | (Outcome::Refused { .. }, Kind::Compensation) => {
                 let (class, detail, status, retry_after) = match &a.outcome {
@@ -634,21 +686,21 @@ impl Machine<'_> {
                         detail,
                         status,
                         retry_after,
-                    } => (class, detail, status, *retry_after),
+                    } => (*class, detail, status, *retry_after),
                     // Compensations must eventually succeed: a refusal is retried like a transient error.
                     Outcome::Refused {
                         class,
                         detail,
                         status,
                         ..
-                    } => (class, detail, status, None),
+                    } => (*class, detail, status, None),
                     _ => unreachable!("matched above"),
                 };
-                row.error_class = Some(class.clone());
+                row.error_class = Some(class);
                 row.error = Some(detail.clone());
                 row.downstream_status = *status;
                 s.last_error = Some(detail.clone());
-                s.last_error_class = Some(class.clone());
+                s.last_error_class = Some(class);
                 if a.number < policy.max_attempts {
                     row.outcome = "retry_scheduled";
                     fx.push(Effect::History(row));
@@ -685,29 +737,12 @@ impl Machine<'_> {
         fx
     }
 
-    fn apply_output(&self, s: &mut Saga, out: &StepOutput) {
-        match out {
-            StepOutput::Reservation(r) => s.data.reservation = Some(r.clone()),
-            StepOutput::Persisted {
-                items,
-                total,
-                currency,
-            } => {
-                s.data.items = Some(items.clone());
-                s.data.total = Some(*total);
-                s.data.currency = Some(currency.clone());
-            }
-            StepOutput::Shipment(sh) => s.data.shipment = Some(sh.clone()),
-            StepOutput::OrderCancelled(_) | StepOutput::Done => {}
-        }
-    }
-
     #[allow(clippy::too_many_arguments)]
     fn fail_forward(
         &self,
         s: &mut Saga,
         step: usize,
-        class: &str,
+        class: FailureClass,
         detail: &str,
         unavailable: Option<Vec<Unavailable>>,
         may_have_effect: bool,
@@ -715,14 +750,14 @@ impl Machine<'_> {
         fx: &mut Vec<Effect>,
     ) {
         s.failure = Some(Failure {
-            class: class.into(),
+            class,
             detail: detail.into(),
             step: self.shapes[step].action.into(),
             unavailable,
             after_completion: false,
         });
         s.last_error = Some(detail.into());
-        s.last_error_class = Some(class.into());
+        s.last_error_class = Some(class);
         let undo_this = may_have_effect && !self.shapes[step].local_action;
         let from = if undo_this {
             Some(step)
@@ -742,7 +777,7 @@ impl Machine<'_> {
         let f = s.failure.clone();
         fx.push(saga_event(
             "CompensationStarted",
-            json!({"fromStep": from.map(|i| self.shapes[i].compensation), "errorClass": f.as_ref().map(|f| f.class.clone()), "reason": f.as_ref().map(|f| f.detail.clone())}),
+            json!({"fromStep": from.map(|i| self.shapes[i].compensation), "errorClass": f.as_ref().map(|f| f.class), "reason": f.as_ref().map(|f| f.detail.clone())}),
         ));
         s.state = SagaState::Compensating;
         s.attempt = 0;
@@ -760,34 +795,20 @@ impl Machine<'_> {
         s.state = SagaState::Completed;
         s.next_attempt_at = None;
         s.step = self.shapes.len();
-        let shipment_id = s
-            .data
-            .shipment
-            .as_ref()
-            .map(|x| x.shipment_id.clone())
-            .unwrap_or_default();
-        fx.push(Effect::Order(OrderChange::Confirm {
-            shipment_id: shipment_id.clone(),
-        }));
-        fx.push(order_event(
-            "OrderConfirmed",
-            self.order_data(s, OrderStatus::Confirmed),
-        ));
+        let answer = self.hooks.completed(s, fx);
         fx.push(saga_event("SagaCompleted", json!({})));
-        fx.push(Effect::Finished {
-            answer: Some(json!({"status": 201, "body": self.order_data(s, OrderStatus::Confirmed)})),
-        });
+        fx.push(Effect::Finished { answer });
     }
 
     fn finish_compensation(&self, s: &mut Saga, fx: &mut Vec<Effect>) {
         let failure = s.failure.clone().unwrap_or(Failure {
-            class: "unknown".into(),
+            class: FailureClass::Unknown,
             detail: "compensated".into(),
             step: String::new(),
             unavailable: None,
             after_completion: false,
         });
-        let cancelled = failure.class == CLASS_CANCELLED;
+        let cancelled = failure.class == FailureClass::Cancelled;
         s.state = if cancelled {
             SagaState::Compensated
         } else {
@@ -795,49 +816,7 @@ impl Machine<'_> {
         };
         s.next_attempt_at = None;
         s.step = 0;
-        let persisted = s.data.items.is_some();
-        let no_order_placed = !persisted
-            && !s.answered_pending
-            && (failure.class == CLASS_INSUFFICIENT_STOCK || failure.class == CLASS_TOTAL_OVERFLOW);
-        let answer = if failure.class == CLASS_INSUFFICIENT_STOCK {
-            json!({"status": 409, "problem": {
-                "slug": "insufficient-stock", "title": "Conflict",
-                "detail": "some products are not available in the requested quantity; no order was placed",
-                "unavailable": failure.unavailable.clone().unwrap_or_default(),
-            }})
-        } else if failure.class == CLASS_TOTAL_OVERFLOW {
-            json!({"status": 422, "problem": {
-                "slug": "validation", "title": "Invalid request", "field": "totalAmount",
-                "detail": failure.detail.clone(),
-            }})
-        } else {
-            json!({"status": 409, "problem": {
-                "slug": "order-cancelled", "title": "Conflict",
-                "detail": failure.customer_text(), "orderID": s.order_id, "orderStatus": "cancelled",
-            }})
-        };
-        if no_order_placed {
-            fx.push(Effect::Order(OrderChange::Delete));
-        } else if !persisted {
-            // persist_order never ran, so cancel_order did not either: settle the order here.
-            let to = if failure.class == CLASS_INSUFFICIENT_STOCK {
-                OrderStatus::Rejected
-            } else {
-                OrderStatus::Cancelled
-            };
-            fx.push(Effect::Order(OrderChange::Status {
-                to,
-                reason: Some(failure.customer_text()),
-            }));
-            let ev = if to == OrderStatus::Rejected {
-                "OrderRejected"
-            } else {
-                "OrderCancelled"
-            };
-            let mut data = self.order_data(s, to);
-            data["reason"] = json!(failure.customer_text());
-            fx.push(order_event(ev, data));
-        }
+        let answer = self.hooks.compensation_finished(s, &failure, fx);
         fx.push(saga_event(
             if cancelled {
                 "SagaCompensated"
@@ -846,13 +825,20 @@ impl Machine<'_> {
             },
             json!({"errorClass": failure.class, "reason": failure.detail}),
         ));
-        fx.push(Effect::Finished { answer: Some(answer) });
+        fx.push(Effect::Finished { answer });
     }
 
-    /// A customer's cancellation of a completed saga refused by the shipper: back to `completed`
-    /// with the order as it is (confirmed, or whatever the tracking events made it), no
-    /// `OrderCancelled`; waiters learn it (the cancel answers 409).
-    fn refuse_cancellation(&self, s: &mut Saga, name: &str, class: &str, detail: &str, fx: &mut Vec<Effect>) {
+    /// A cancellation of a completed saga refused downstream (for CreateOrder: by the shipper):
+    /// back to `completed` with the order as it is (confirmed, or whatever the tracking events made
+    /// it), no `OrderCancelled`; waiters learn it (the cancel answers 409).
+    fn refuse_cancellation(
+        &self,
+        s: &mut Saga,
+        name: &str,
+        class: FailureClass,
+        detail: &str,
+        fx: &mut Vec<Effect>,
+    ) {
         let reason = s.failure.as_ref().map(|f| f.detail.clone());
         s.state = SagaState::Completed;
         s.step = self.shapes.len();
@@ -861,7 +847,7 @@ impl Machine<'_> {
         s.failure = None;
         s.cancel_requested = None;
         s.last_error = Some(format!("the cancellation was refused by the shipper: {detail}"));
-        s.last_error_class = Some(CLASS_CANCEL_REFUSED.into());
+        s.last_error_class = Some(FailureClass::CancelRefused);
         fx.push(Effect::ClearCancelRequest);
         fx.push(saga_event(
             "CancellationRefused",
@@ -870,11 +856,11 @@ impl Machine<'_> {
         fx.push(Effect::Finished { answer: None });
     }
 
-    fn get_stuck(&self, s: &mut Saga, class: &str, why: &str, fx: &mut Vec<Effect>) {
+    fn get_stuck(&self, s: &mut Saga, class: FailureClass, why: &str, fx: &mut Vec<Effect>) {
         s.state = SagaState::Stuck;
         s.next_attempt_at = None;
         s.last_error = Some(why.into());
-        s.last_error_class = Some(class.into());
+        s.last_error_class = Some(class);
         fx.push(saga_event(
             "SagaStuck",
             json!({"step": self.shapes[s.step].compensation, "errorClass": class, "reason": why}),
@@ -896,31 +882,6 @@ impl Machine<'_> {
                 .and_then(|f| self.shapes.iter().find(|sh| sh.action == f.step))
                 .map_or(self.shapes[0].action, |sh| sh.action),
         }
-    }
-
-    /// The order as events and the 201 answer show it.
-    pub fn order_data(&self, s: &Saga, status: OrderStatus) -> Value {
-        let items: Vec<Value> = match &s.data.items {
-            Some(items) => items
-                .iter()
-                .map(|i| json!({"orderItemID": i.order_item_id, "productID": i.product_id, "quantity": i.quantity, "price": money(i.price)}))
-                .collect(),
-            None => s
-                .input
-                .iter()
-                .map(|l| json!({"orderItemID": null, "productID": l.product_id, "quantity": l.quantity, "price": null}))
-                .collect(),
-        };
-        json!({
-            "orderID": s.order_id,
-            "userID": s.user_id,
-            "orderDate": rfc3339(s.created_at),
-            "status": status.as_str(),
-            "totalAmount": s.data.total.map(money),
-            "currency": s.data.currency,
-            "shipmentID": s.data.shipment.as_ref().map(|x| x.shipment_id.clone()),
-            "orderItems": items,
-        })
     }
 }
 
@@ -945,7 +906,8 @@ fn saga_event(event_type: &'static str, data: Value) -> Effect {
     }
 }
 
-fn order_event(event_type: &'static str, data: Value) -> Effect {
+/// An event for the order's topic.
+pub fn order_event(event_type: &'static str, data: Value) -> Effect {
     Effect::Event {
         stream: Stream::Order,
         event_type,
@@ -957,6 +919,7 @@ fn order_event(event_type: &'static str, data: Value) -> Effect {
 mod tests {
     use super::*;
     use crate::contract::{ReservedItem, Shipment};
+    use crate::saga::create_order::CreateOrder;
     use crate::saga::definition::SagaDef;
     use crate::saga::steps::{CREATE_ORDER, create_order_impls};
 
@@ -974,6 +937,7 @@ mod tests {
         Machine {
             def: d,
             shapes: &CREATE_ORDER,
+            hooks: &CreateOrder,
             retry_scale: 1.0,
         }
     }
@@ -1020,7 +984,7 @@ mod tests {
 
     fn transient() -> Outcome {
         Outcome::Transient {
-            class: "http_5xx".into(),
+            class: FailureClass::Http5xx,
             detail: "503".into(),
             status: Some(503),
             retry_after: None,
@@ -1118,7 +1082,7 @@ mod tests {
 
         let mut s = saga();
         let refused = Outcome::Refused {
-            class: CLASS_INSUFFICIENT_STOCK.into(),
+            class: FailureClass::InsufficientStock,
             detail: "no".into(),
             status: Some(409),
             unavailable: Some(vec![]),
@@ -1133,7 +1097,7 @@ mod tests {
             Effect::Finished { answer } => answer.clone(),
             _ => None,
         });
-        assert_eq!(answer.unwrap()["status"], 409);
+        assert_eq!(answer.unwrap().to_stored()["status"], 409);
     }
 
     #[test]
@@ -1143,7 +1107,7 @@ mod tests {
         let mut s = saga();
         s.answered_pending = true;
         let refused = Outcome::Refused {
-            class: CLASS_INSUFFICIENT_STOCK.into(),
+            class: FailureClass::InsufficientStock,
             detail: "no".into(),
             status: Some(409),
             unavailable: None,
@@ -1170,7 +1134,7 @@ mod tests {
         s.step = 2;
         s.data.items = Some(vec![]);
         let refused = Outcome::Refused {
-            class: "http_4xx".into(),
+            class: FailureClass::Http4xx,
             detail: "422".into(),
             status: Some(422),
             unavailable: None,
@@ -1249,7 +1213,7 @@ mod tests {
         );
         // Then the boundary check compensates.
         m.check_boundary(&mut s, next);
-        assert_eq!(s.failure.as_ref().unwrap().class, CLASS_DEADLINE);
+        assert_eq!(s.failure.as_ref().unwrap().class, FailureClass::DeadlineExceeded);
     }
 
     #[test]
@@ -1264,12 +1228,12 @@ mod tests {
         // The remote step in progress may have taken effect with no attempt recorded (its commit
         // lost): its compensation runs too.
         assert_eq!((s.state, s.step), (SagaState::Compensating, 2));
-        assert_eq!(s.failure.as_ref().unwrap().class, CLASS_CANCELLED);
+        assert_eq!(s.failure.as_ref().unwrap().class, FailureClass::Cancelled);
 
         let mut s = saga();
         s.deadline_at = now - Duration::from_secs(1);
         m.check_boundary(&mut s, now);
-        assert_eq!(s.failure.as_ref().unwrap().class, CLASS_DEADLINE);
+        assert_eq!(s.failure.as_ref().unwrap().class, FailureClass::DeadlineExceeded);
         assert_eq!(
             (s.state, s.step),
             (SagaState::Compensating, 0),
@@ -1314,7 +1278,7 @@ mod tests {
         });
         s.cancel_requested = Some("by the customer".into());
         s.failure = Some(Failure {
-            class: CLASS_CANCELLED.into(),
+            class: FailureClass::Cancelled,
             detail: "cancelled: by the customer".into(),
             step: "create_shipment".into(),
             unavailable: None,
@@ -1325,7 +1289,7 @@ mod tests {
 
     fn picked_up() -> Outcome {
         Outcome::Refused {
-            class: "http_4xx".into(),
+            class: FailureClass::Http4xx,
             detail: "HTTP 409 Conflict: shipment is already picked_up".into(),
             status: Some(409),
             unavailable: None,
@@ -1344,7 +1308,7 @@ mod tests {
         assert_eq!(s.failure, None);
         assert_eq!(s.cancel_requested, None);
         assert_eq!(s.next_attempt_at, None);
-        assert_eq!(s.last_error_class.as_deref(), Some(CLASS_CANCEL_REFUSED));
+        assert_eq!(s.last_error_class, Some(FailureClass::CancelRefused));
         assert_eq!(events(&fx), ["CancellationRefused"]);
         assert!(fx.contains(&Effect::ClearCancelRequest));
         assert!(fx.contains(&Effect::Finished { answer: None }));
@@ -1371,7 +1335,7 @@ mod tests {
         // A refusal that is not "can no longer be cancelled" (422) is retried.
         let mut s = cancelling_a_completed_saga();
         let refused = Outcome::Refused {
-            class: "http_4xx".into(),
+            class: FailureClass::Http4xx,
             detail: "422".into(),
             status: Some(422),
             unavailable: None,

@@ -17,11 +17,8 @@ use uuid::Uuid;
 use crate::orders::OrderStatus;
 use crate::orders::validate::Line;
 use crate::outbox::{self, NewEvent, Topics};
-use crate::saga::machine::{Effect, Failure, OrderChange, Saga, SagaData, SagaState, Stream};
-
-/// The `pg_notify` channel for saga wake-ups across instances (`finished:<saga uuid> <worker id>` or
-/// `due`).
-pub const CHANNEL: &str = "saga_events";
+use crate::saga::machine::{Effect, Failure, FailureClass, OrderChange, Saga, SagaData, SagaState, Stream};
+use crate::wake::{self, Wake};
 
 fn interval(d: Duration) -> PgInterval {
     PgInterval {
@@ -232,7 +229,12 @@ fn to_saga(r: SagaRow) -> Result<Saga, sqlx::Error> {
         next_attempt_at: r.next_attempt_at,
         created_at: r.created_at,
         last_error: r.last_error,
-        last_error_class: r.last_error_class,
+        last_error_class: match r.last_error_class.as_deref() {
+            None => None,
+            Some(c) => Some(FailureClass::parse(c).ok_or_else(|| {
+                sqlx::Error::Decode(format!("saga {}: unknown error class {c}", r.saga_id).into())
+            })?),
+        },
     })
 }
 
@@ -550,7 +552,7 @@ impl Batch {
         .bind(&c.types)
         .bind(&c.payloads)
         .bind(&c.headers)
-        .bind(CHANNEL)
+        .bind(wake::CHANNEL)
         .bind(&self.notify)
         .bind(&self.h_duration)
         .execute(&mut *conn)
@@ -622,7 +624,7 @@ pub async fn stage_transition(
                 batch.h_attempt.push(h.attempt as i32);
                 batch.h_started.push(h.started_at);
                 batch.h_outcome.push(h.outcome.to_string());
-                batch.h_class.push(h.error_class.clone());
+                batch.h_class.push(h.error_class.map(|c| c.as_str().to_string()));
                 batch.h_error.push(h.error.as_ref().map(|e| truncate(e, 2000)));
                 batch.h_key.push(h.idempotency_key.clone());
                 batch.h_status.push(h.downstream_status.map(i32::from));
@@ -700,8 +702,8 @@ pub async fn stage_transition(
             }
             Effect::Finished { answer: a } => {
                 finished = true;
-                if a.is_some() {
-                    answer = a.clone();
+                if let Some(a) = a {
+                    answer = Some(a.to_stored());
                 }
             }
         }
@@ -722,7 +724,9 @@ pub async fn stage_transition(
     batch
         .s_error
         .push(saga.last_error.as_ref().map(|e| truncate(e, 2000)));
-    batch.s_class.push(saga.last_error_class.clone());
+    batch
+        .s_class
+        .push(saga.last_error_class.map(|c| c.as_str().to_string()));
     batch.s_keep.push(keep_lease && !saga.state.is_finished());
     batch.s_answer.push(answer);
     batch.s_finished.push(saga.state.is_finished());
@@ -736,7 +740,13 @@ pub async fn stage_transition(
         Value::Object(entry)
     }));
     if finished {
-        batch.notify.push(format!("finished:{} {worker}", saga.id));
+        batch.notify.push(
+            Wake::Finished {
+                saga_id: saga.id,
+                worker,
+            }
+            .payload(),
+        );
     }
     Ok(())
 }

@@ -13,4 +13,5 @@ mod pipeline;
 mod saga;
 #[path = "../support/mod.rs"]
 mod support;
+mod toy_saga;
 mod users;

@@ -6,8 +6,11 @@
 use std::time::Duration;
 
 use crate::contract::CreateShipmentRequest;
-use crate::downstream::{FailureKind, class};
-use crate::saga::machine::{Outcome, Saga, StepOutput};
+use futures::future::BoxFuture;
+
+use crate::downstream::FailureKind;
+use crate::saga::machine::{FailureClass, Outcome, Saga, StepOutput};
+use crate::saga::registry::{Registry, RemoteStep};
 use crate::saga::steps::idempotency_key;
 use crate::shipments::ShipmentsClient;
 
@@ -47,7 +50,7 @@ pub async fn compensation(client: &ShipmentsClient, saga: &Saga, timeout: Durati
             let refused = saga
                 .failure
                 .as_ref()
-                .is_some_and(|f| f.step == ACTION && f.class == class::HTTP_4XX);
+                .is_some_and(|f| f.step == ACTION && f.class == FailureClass::Http4xx);
             if refused {
                 return Outcome::Skipped("the shipper refused the shipment: none was created".into());
             }
@@ -73,4 +76,26 @@ pub async fn compensation(client: &ShipmentsClient, saga: &Saga, timeout: Durati
         Ok(()) => Outcome::Succeeded(StepOutput::Done),
         Err(e) => e.into(),
     }
+}
+
+struct Create(ShipmentsClient);
+
+impl RemoteStep for Create {
+    fn run<'a>(&'a self, saga: &'a Saga, timeout: Duration) -> BoxFuture<'a, Outcome> {
+        Box::pin(action(&self.0, saga, timeout))
+    }
+}
+
+struct Cancel(ShipmentsClient);
+
+impl RemoteStep for Cancel {
+    fn run<'a>(&'a self, saga: &'a Saga, timeout: Duration) -> BoxFuture<'a, Outcome> {
+        Box::pin(compensation(&self.0, saga, timeout))
+    }
+}
+
+/// Registers the action and the compensation.
+pub fn register(r: &mut Registry, shipments: &ShipmentsClient) {
+    r.remote(ACTION, Create(shipments.clone()))
+        .remote(COMPENSATION, Cancel(shipments.clone()));
 }

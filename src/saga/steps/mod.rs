@@ -7,9 +7,16 @@ pub mod create_shipment;
 pub mod persist_order;
 pub mod reserve_inventory;
 
+use std::sync::Arc;
+
+use crate::catalog::CatalogClient;
 use crate::downstream::{DownstreamError, FailureKind};
-use crate::saga::definition::StepImpl;
-use crate::saga::machine::{Outcome, StepShape};
+use crate::saga::create_order::CreateOrder;
+use crate::saga::definition::{CREATE_ORDER_FILE, SagaDef, StepImpl};
+use crate::saga::engine::SagaType;
+use crate::saga::machine::{FailureClass, Outcome, StepShape};
+use crate::saga::registry::Registry;
+use crate::shipments::ShipmentsClient;
 
 /// The CreateOrder saga's steps, in order.
 pub const CREATE_ORDER: [StepShape; 3] = [
@@ -32,6 +39,21 @@ pub const CREATE_ORDER: [StepShape; 3] = [
         local_compensation: false,
     },
 ];
+
+/// The CreateOrder saga as the engine runs it: `def` (from [`crate::saga::engine::load_create_order`]),
+/// its steps registered with the downstream clients they call, and its hooks.
+pub fn create_order(def: SagaDef, catalog: CatalogClient, shipments: ShipmentsClient) -> SagaType {
+    let mut registry = Registry::new();
+    reserve_inventory::register(&mut registry, &catalog);
+    persist_order::register(&mut registry);
+    create_shipment::register(&mut registry, &shipments);
+    SagaType {
+        file: CREATE_ORDER_FILE.to_string(),
+        def,
+        registry,
+        hooks: Arc::new(CreateOrder),
+    }
+}
 
 /// The names the definition loader validates `sagas/create_order.toml` against.
 pub fn create_order_impls() -> Vec<StepImpl> {
@@ -66,17 +88,69 @@ impl From<DownstreamError> for Outcome {
     fn from(e: DownstreamError) -> Self {
         match e.kind {
             FailureKind::Transient => Outcome::Transient {
-                class: e.class.to_string(),
+                class: FailureClass::of_downstream(e.class),
                 detail: e.message,
                 status: e.status,
                 retry_after: e.retry_after,
             },
             FailureKind::Refused => Outcome::Refused {
-                class: e.class.to_string(),
+                class: FailureClass::of_downstream(e.class),
                 detail: e.message,
                 status: e.status,
                 unavailable: None,
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::saga::engine::load_create_order;
+
+    #[test]
+    fn the_registry_resolves_create_order_to_its_steps_in_order() {
+        let http = reqwest::Client::new();
+        let saga = create_order(
+            load_create_order().unwrap(),
+            CatalogClient::new("http://127.0.0.1:1", http.clone()),
+            ShipmentsClient::new("http://127.0.0.1:1", http),
+        );
+        let resolved = saga.registry.resolve(&saga.def, &saga.file).unwrap();
+        let shapes: Vec<_> = resolved
+            .iter()
+            .map(|r| {
+                (
+                    r.shape.action,
+                    r.shape.compensation,
+                    r.shape.local_action,
+                    r.shape.local_compensation,
+                )
+            })
+            .collect();
+        let expected: Vec<_> = CREATE_ORDER
+            .iter()
+            .map(|s| (s.action, s.compensation, s.local_action, s.local_compensation))
+            .collect();
+        assert_eq!(shapes, expected);
+    }
+
+    #[test]
+    fn a_definition_naming_an_unregistered_step_cannot_run() {
+        let mut def = load_create_order().unwrap();
+        def.steps[1].compensation = "forget_order".into();
+        let err = Registry::new().resolve(&def, "x.toml").unwrap_err();
+        assert!(err.message.contains("steps[0].name"), "{err}");
+        let http = reqwest::Client::new();
+        let saga = create_order(
+            def,
+            CatalogClient::new("http://127.0.0.1:1", http.clone()),
+            ShipmentsClient::new("http://127.0.0.1:1", http),
+        );
+        let err = saga.registry.resolve(&saga.def, &saga.file).unwrap_err();
+        assert!(
+            err.message.contains("steps[1].compensation is \"forget_order\""),
+            "{err}"
+        );
     }
 }

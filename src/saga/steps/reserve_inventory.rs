@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use crate::catalog::{CatalogClient, ReserveError};
 use crate::contract::ReservationRequest;
-use crate::saga::machine::{CLASS_INSUFFICIENT_STOCK, Outcome, Saga, StepOutput};
+use futures::future::BoxFuture;
+
+use crate::saga::machine::{FailureClass, Outcome, Saga, StepOutput};
+use crate::saga::registry::{Registry, RemoteStep};
 use crate::saga::steps::idempotency_key;
 
 /// Persisted action name.
@@ -26,7 +29,7 @@ pub async fn action(catalog: &CatalogClient, saga: &Saga, timeout: Duration) -> 
     {
         Ok(res) => Outcome::Succeeded(StepOutput::Reservation(res)),
         Err(ReserveError::Unavailable(list)) => Outcome::Refused {
-            class: CLASS_INSUFFICIENT_STOCK.into(),
+            class: FailureClass::InsufficientStock,
             detail: format!(
                 "{} product(s) not available in the requested quantity",
                 list.len()
@@ -45,4 +48,26 @@ pub async fn compensation(catalog: &CatalogClient, saga: &Saga, timeout: Duratio
         Ok(()) => Outcome::Succeeded(StepOutput::Done),
         Err(e) => e.into(),
     }
+}
+
+struct Reserve(CatalogClient);
+
+impl RemoteStep for Reserve {
+    fn run<'a>(&'a self, saga: &'a Saga, timeout: Duration) -> BoxFuture<'a, Outcome> {
+        Box::pin(action(&self.0, saga, timeout))
+    }
+}
+
+struct Release(CatalogClient);
+
+impl RemoteStep for Release {
+    fn run<'a>(&'a self, saga: &'a Saga, timeout: Duration) -> BoxFuture<'a, Outcome> {
+        Box::pin(compensation(&self.0, saga, timeout))
+    }
+}
+
+/// Registers the action and the compensation.
+pub fn register(r: &mut Registry, catalog: &CatalogClient) {
+    r.remote(ACTION, Reserve(catalog.clone()))
+        .remote(COMPENSATION, Release(catalog.clone()));
 }

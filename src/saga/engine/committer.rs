@@ -1,0 +1,280 @@
+//! Group commit: every state change (a new saga, the outcome of an attempt) is a job sent to a
+//! few committer tasks; each takes every job waiting and applies them in one transaction (local
+//! steps run inside it), writing what all jobs write alike in one statement each (see
+//! `store::Batch`). A failing batch is retried job by job, so one bad job never sinks the others.
+
+use std::sync::Arc;
+
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::{Applied, Inner, Job, StepTrace, Trace, trace_of};
+use crate::orders::answer::Answer;
+use crate::saga::machine::{Attempt, Effect, Next, Saga};
+use crate::saga::store::{self, Created, NewSaga};
+
+impl Inner {
+    /// Applies one step job in `conn`'s transaction (the saga row is locked: `locked`).
+    async fn apply_step(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        batch: &mut store::Batch,
+        saga: &Saga,
+        attempt: Option<&Attempt>,
+        trace: &StepTrace,
+        locked: Option<&store::Locked>,
+    ) -> Result<(Applied, bool, Option<Answer>), sqlx::Error> {
+        let Some(locked) = locked.filter(|l| l.fence == saga.fence) else {
+            return Ok((Applied::Fenced, false, None));
+        };
+        if locked.state != saga.state.as_str()
+            || locked.step != saga.step as i32
+            || locked.attempt != saga.attempt as i32
+        {
+            return Ok((Applied::Fenced, false, None));
+        }
+        let mut saga = saga.clone();
+        saga.cancel_requested = locked.cancel_requested.clone();
+        saga.answered_pending = locked.answered_pending;
+        let machine = self.machine();
+        let now = OffsetDateTime::now_utc();
+        // Each effect with the context of the span that produced it (its events carry it): the
+        // attempt's, a local step's, or the session's for what the engine decides on its own.
+        let session = trace_of(&trace.session, &saga.trace);
+        let mut fx: Vec<(Effect, Arc<Trace>)> = Vec::new();
+        if let Some(a) = attempt {
+            let by = trace.attempt.clone().unwrap_or_else(|| session.clone());
+            fx.extend(
+                machine
+                    .record(&mut saga, a, now, rand::random())
+                    .into_iter()
+                    .map(|e| (e, by.clone())),
+            );
+        }
+        loop {
+            fx.extend(
+                machine
+                    .check_boundary(&mut saga, now)
+                    .into_iter()
+                    .map(|e| (e, session.clone())),
+            );
+            match machine.next(&saga, now) {
+                Next::Local(step, kind) => {
+                    let (a, by) = self.run_local(conn, &saga, step, kind, &trace.session).await?;
+                    fx.extend(
+                        machine
+                            .record(&mut saga, &a, now, rand::random())
+                            .into_iter()
+                            .map(|e| (e, by.clone())),
+                    );
+                }
+                _ => break,
+            }
+        }
+        let keep = matches!(machine.next(&saga, now), Next::Remote(..));
+        store::stage_transition(
+            conn,
+            batch,
+            &saga,
+            machine.step_name(&saga),
+            &fx,
+            keep,
+            trace.persist_session.as_deref(),
+            &self.topics,
+            &self.cfg.worker_id,
+        )
+        .await?;
+        let answer = fx.iter().find_map(|(e, _)| match e {
+            Effect::Finished { answer } => Some(answer.clone()),
+            _ => None,
+        });
+        let finished = answer.is_some();
+        Ok((Applied::Written(Box::new(saga)), finished, answer.flatten()))
+    }
+
+    async fn apply_create(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        batch: &mut store::Batch,
+        new: &NewSaga,
+        lease: bool,
+    ) -> Result<Created, sqlx::Error> {
+        let worker = if lease {
+            Some(self.cfg.worker_id.as_str())
+        } else {
+            None
+        };
+        store::create(conn, batch, new, worker, self.cfg.lease, &self.topics).await
+    }
+
+    pub(super) async fn committer(self: Arc<Self>) {
+        loop {
+            let mut batch = Vec::new();
+            {
+                let mut rx = self.job_rx.lock().await;
+                let first = tokio::select! {
+                    j = rx.recv() => j,
+                    _ = self.jobs_closed.cancelled() => {
+                        // What is queued is still committed; then recv answers None.
+                        rx.close();
+                        rx.recv().await
+                    }
+                };
+                match first {
+                    Some(j) => batch.push(j),
+                    None => return,
+                }
+                while batch.len() < self.cfg.batch_max {
+                    match rx.try_recv() {
+                        Ok(j) => batch.push(j),
+                        Err(_) => break,
+                    }
+                }
+            }
+            self.commit_batch(batch).await;
+        }
+    }
+
+    async fn commit_batch(&self, batch: Vec<Job>) {
+        if batch.len() > 1 {
+            match self.try_batch(&batch).await {
+                Ok(results) => {
+                    for (job, r) in batch.into_iter().zip(results) {
+                        self.deliver(job, Ok(r));
+                    }
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, jobs = batch.len(), "shared commit failed; committing jobs one by one")
+                }
+            }
+        }
+        for job in batch {
+            let r = self
+                .try_batch(std::slice::from_ref(&job))
+                .await
+                .map(|mut v| v.remove(0));
+            self.deliver(job, r);
+        }
+    }
+
+    /// One transaction for `jobs`: the saga rows they advance are locked in one statement, each job
+    /// writes what is its own (idempotency key, order rows), and what every job writes alike (saga
+    /// rows, history, outbox, NOTIFY) goes out in one statement each before the commit.
+    async fn try_batch(&self, jobs: &[Job]) -> Result<Vec<JobResult>, sqlx::Error> {
+        // A CLIENT span for the shared commit in the trace of every saga riding in it.
+        let spans: Vec<tracing::Span> = jobs
+            .iter()
+            .map(|j| match j {
+                Job::Create { span, .. } => span,
+                Job::Step { trace, .. } => &trace.session,
+            })
+            .filter(|parent| !parent.is_none())
+            .map(|parent| commit_span(parent, jobs.len()))
+            .collect();
+        let result = self.try_batch_in(jobs).await;
+        if let Err(e) = &result {
+            for span in &spans {
+                span.record("error.type", db_error_type(e));
+                span.record("otel.status_code", "error");
+            }
+        }
+        result
+    }
+
+    async fn try_batch_in(&self, jobs: &[Job]) -> Result<Vec<JobResult>, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let ids: Vec<Uuid> = jobs
+            .iter()
+            .filter_map(|j| match j {
+                Job::Step { saga, .. } => Some(saga.id),
+                Job::Create { .. } => None,
+            })
+            .collect();
+        let locked = store::lock_many(&mut tx, &ids).await?;
+        let mut batch = store::Batch::default();
+        let mut out = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let r = match job {
+                Job::Create { new, lease, .. } => {
+                    JobResult::Created(self.apply_create(&mut tx, &mut batch, new, *lease).await?)
+                }
+                Job::Step {
+                    saga, attempt, trace, ..
+                } => {
+                    let (applied, finished, answer) = self
+                        .apply_step(
+                            &mut tx,
+                            &mut batch,
+                            saga,
+                            attempt.as_deref(),
+                            trace,
+                            locked.get(&saga.id),
+                        )
+                        .await?;
+                    JobResult::Step(applied, finished, answer)
+                }
+            };
+            out.push(r);
+        }
+        batch.flush(&mut tx, self.cfg.lease).await?;
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    fn deliver(&self, job: Job, r: Result<JobResult, sqlx::Error>) {
+        match (job, r) {
+            (Job::Create { reply, .. }, Ok(JobResult::Created(c))) => {
+                let _ = reply.send(Ok(c));
+            }
+            (Job::Step { reply, .. }, Ok(JobResult::Step(applied, finished, answer))) => {
+                if finished && let Applied::Written(s) = &applied {
+                    crate::metrics::get().saga_finished(s.state.as_str());
+                    self.waiters.finished(s.id, s.state, answer);
+                }
+                let _ = reply.send(Ok(applied));
+            }
+            (Job::Create { reply, .. }, Err(e)) => {
+                let _ = reply.send(Err(e));
+            }
+            (Job::Step { reply, .. }, Err(e)) => {
+                let _ = reply.send(Err(e));
+            }
+            _ => unreachable!("job and result kinds always match"),
+        }
+    }
+}
+
+/// The span of one shared commit as one saga sees it (OpenTelemetry database conventions): it
+/// lasts from `BEGIN` to `COMMIT`, and says how many jobs shared it.
+fn commit_span(parent: &tracing::Span, jobs: usize) -> tracing::Span {
+    tracing::info_span!(
+        parent: parent,
+        "saga.commit",
+        otel.name = "COMMIT",
+        otel.kind = "client",
+        otel.status_code = tracing::field::Empty,
+        db.system.name = "postgresql",
+        db.operation.name = "COMMIT",
+        db.operation.batch.size = jobs,
+        error.r#type = tracing::field::Empty,
+    )
+}
+
+/// `error.type` of a failed commit: the SQLSTATE when the database answered, else the error kind.
+fn db_error_type(e: &sqlx::Error) -> String {
+    match e {
+        sqlx::Error::Database(d) => d
+            .code()
+            .map(|c| c.into_owned())
+            .unwrap_or_else(|| "database".into()),
+        sqlx::Error::PoolTimedOut => "pool_timed_out".into(),
+        sqlx::Error::Io(_) => "io".into(),
+        _ => "database".into(),
+    }
+}
+
+enum JobResult {
+    Created(Created),
+    Step(Applied, bool, Option<Answer>),
+}
