@@ -11,7 +11,6 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::saga::machine::{FailureClass, SagaState, rfc3339};
-use crate::wake;
 
 /// Filter of a saga listing (every field optional).
 #[derive(Debug, Clone, Default)]
@@ -346,15 +345,6 @@ async fn snapshot_of(conn: &mut PgConnection, saga_id: Uuid) -> Result<Value, sq
         .unwrap_or(Value::Null))
 }
 
-async fn wake_workers(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-    sqlx::query("select pg_notify($1, $2)")
-        .bind(wake::CHANNEL)
-        .bind(wake::Wake::Due.payload())
-        .execute(&mut *conn)
-        .await?;
-    Ok(())
-}
-
 /// Re-drives a saga: a stuck one continues its compensation with fresh attempts; a waiting one runs
 /// its next attempt now. Terminal sagas are refused. Harmless to repeat.
 pub async fn retry(conn: &mut PgConnection, saga_id: Uuid) -> Result<ActionOutcome, sqlx::Error> {
@@ -382,7 +372,7 @@ pub async fn retry(conn: &mut PgConnection, saga_id: Uuid) -> Result<ActionOutco
         .execute(&mut *conn)
         .await?;
     }
-    wake_workers(conn).await?;
+    crate::saga::store::wake_due(conn).await?;
     let after = snapshot_of(conn, saga_id).await?;
     Ok(ActionOutcome::Done { before, after })
 }
@@ -433,7 +423,7 @@ pub async fn cancel(
         // Compensating already: nothing more to do.
         _ => {}
     }
-    wake_workers(conn).await?;
+    crate::saga::store::wake_due(conn).await?;
     let after = snapshot_of(conn, saga_id).await?;
     Ok(ActionOutcome::Done { before, after })
 }

@@ -14,9 +14,12 @@ use crate::api::extract::{ApiJson, ApiQuery, AuthUser};
 use crate::error::ApiError;
 use crate::orders::OrderStatus;
 use crate::orders::answer::Answer;
+use crate::orders::cancel::{CancelOutcome, cancel};
 use crate::orders::place::{Placed, place};
-use crate::orders::store::{self, CancelOutcome, OrderView};
+use crate::orders::store::{self, OrderView};
 use crate::orders::validate::{CreateOrderBody, idempotency_key_is_valid, validate_lines};
+use crate::saga::machine::SagaState;
+use crate::saga::store as saga_store;
 
 /// The header that makes `POST /orders` safe to retry.
 pub const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
@@ -261,7 +264,7 @@ pub async fn cancel_order(
     let id = parse_order_id(&raw).ok_or_else(not_found)?;
     let last_step = state.engine.definition().steps.len() as i32 - 1;
     let mut tx = state.db.begin().await?;
-    let outcome = store::cancel(
+    let outcome = cancel(
         &mut tx,
         id,
         Some(user.user_id()),
@@ -289,9 +292,9 @@ pub async fn cancel_order(
     if let Some((saga_id, rx)) = waiter {
         let mut conn = state.db.acquire().await?;
         // A stuck saga (a repeated request) will not finish by itself: no point waiting.
-        let waits = store::saga_state(&mut conn, saga_id)
+        let waits = saga_store::state(&mut conn, saga_id)
             .await?
-            .is_some_and(|s| matches!(s.as_str(), "running" | "compensating"));
+            .is_some_and(|s| !s.is_finished());
         drop(conn);
         if waits {
             state.engine.nudge();
@@ -310,7 +313,7 @@ pub async fn cancel_order(
     if view.status == OrderStatus::Cancelled {
         return Ok(Json(view).into_response());
     }
-    if store::saga_state(&mut conn, saga_id).await?.as_deref() == Some("completed") {
+    if saga_store::state(&mut conn, saga_id).await? == Some(SagaState::Completed) {
         // The saga went back to `completed`: the shipper refused (the parcel was picked up).
         return Err(refused_by_shipper(view.status));
     }

@@ -2,6 +2,7 @@
 //! and order items.
 
 pub mod answer;
+pub mod cancel;
 pub mod place;
 pub mod status;
 pub mod store;

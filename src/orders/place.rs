@@ -3,15 +3,13 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use serde_json::Value;
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::orders::answer::Answer;
-use crate::orders::store;
 use crate::orders::validate::{Line, request_hash};
 use crate::saga::engine::Engine;
-use crate::saga::store::{Created, NewSaga};
+use crate::saga::store::{self as saga_store, Created, NewSaga, ReplayState};
 
 /// What `POST /orders` answers.
 #[derive(Debug)]
@@ -71,15 +69,15 @@ pub async fn place(
             }
             engine.forget_waiters(saga_id);
             let mut conn = pool.acquire().await?;
-            if finished.is_err() && store::mark_answered_pending(&mut conn, saga_id).await? {
+            if finished.is_err() && saga_store::mark_answered_pending(&mut conn, saga_id).await? {
                 return Ok(Placed::Pending(saga.order_id));
             }
             // Finished meanwhile (or learnt from another instance, or stuck): read the row.
-            match store::replay_state(&mut conn, saga_id).await? {
+            match saga_store::replay_state(&mut conn, saga_id).await? {
                 Some(st) => match st.answer {
-                    Some(a) if !st.answered_pending => Ok(Placed::Answer(stored(&a)?)),
+                    Some(a) if !st.answered_pending => Ok(Placed::Answer(a)),
                     _ => {
-                        store::mark_answered_pending(&mut conn, saga_id).await?;
+                        saga_store::mark_answered_pending(&mut conn, saga_id).await?;
                         Ok(Placed::Pending(st.order_id))
                     }
                 },
@@ -92,24 +90,24 @@ pub async fn place(
                 return Ok(Placed::KeyReused);
             }
             let mut conn = pool.acquire().await?;
-            match store::replay_state(&mut conn, existing.saga_id).await? {
+            match saga_store::replay_state(&mut conn, existing.saga_id).await? {
                 Some(st) if st.answered_pending => Ok(Placed::Pending(st.order_id)),
-                Some(store::ReplayState { answer: Some(a), .. }) => Ok(Placed::Answer(stored(&a)?)),
+                Some(ReplayState { answer: Some(a), .. }) => Ok(Placed::Answer(a)),
                 Some(st) if first_request_gone(&mut conn, existing.saga_id, wait).await? => {
                     // The first request waits at most `wait`, then answers 202 and records it; past
                     // that, with nothing recorded, its client went away before any answer. This
                     // request answers in its place (else the key would answer 409 until the saga
                     // ends, for good if it is stuck).
-                    if store::mark_answered_pending(&mut conn, existing.saga_id).await? {
+                    if saga_store::mark_answered_pending(&mut conn, existing.saga_id).await? {
                         return Ok(Placed::Pending(st.order_id));
                     }
                     // It finished meanwhile.
-                    match store::replay_state(&mut conn, existing.saga_id).await? {
-                        Some(store::ReplayState {
+                    match saga_store::replay_state(&mut conn, existing.saga_id).await? {
+                        Some(ReplayState {
                             answer: Some(a),
                             answered_pending: false,
                             ..
-                        }) => Ok(Placed::Answer(stored(&a)?)),
+                        }) => Ok(Placed::Answer(a)),
                         Some(st) => Ok(Placed::Pending(st.order_id)),
                         None => Ok(Placed::InFlight),
                     }
@@ -120,11 +118,6 @@ pub async fn place(
     }
 }
 
-/// An answer as stored with the saga (the database edge).
-fn stored(v: &Value) -> Result<Answer, sqlx::Error> {
-    Answer::from_stored(v).ok_or_else(|| sqlx::Error::Decode(format!("unreadable stored answer {v}").into()))
-}
-
 /// Whether the first request for a saga has waited longer than it ever does (`wait`, and a second
 /// for its own way out): with no answer recorded, its client is gone.
 async fn first_request_gone(
@@ -132,14 +125,7 @@ async fn first_request_gone(
     saga_id: Uuid,
     wait: Duration,
 ) -> Result<bool, sqlx::Error> {
-    let gone: Option<bool> = sqlx::query_scalar(
-        "select created_at < now() - make_interval(secs => $2) from sagas where saga_id = $1",
-    )
-    .bind(saga_id)
-    .bind(wait.as_secs_f64() + 1.0)
-    .fetch_optional(conn)
-    .await?;
-    Ok(gone.unwrap_or(false))
+    saga_store::created_before(conn, saga_id, wait + Duration::from_secs(1)).await
 }
 
 /// Deletes the Idempotency-Keys of finished orders older than `retention` (a repeated request

@@ -1,15 +1,17 @@
-//! Orders SQL: the order view (one query with its lines), the caller's orders newest first with a
-//! cursor, and the cancellation of an order with its saga.
+//! The SQL of the `orders` and `order_items` tables (their one owner): the order view (one query
+//! with its lines), the caller's orders newest first with a cursor, and the writes of the saga's
+//! order steps and of a cancellation (in the caller's transaction). The placeholder order of a new
+//! saga is written by the saga store's one-statement insert (see `saga::store::create`).
 
 use rust_decimal::Decimal;
 use serde::Serialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 use sqlx::PgConnection;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::orders::OrderStatus;
-use crate::saga::machine::{FailureClass, SagaState, money, rfc3339};
+use crate::saga::machine::{PersistedItem, money, rfc3339};
 
 /// One line of an order as clients see it.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -163,233 +165,128 @@ pub async fn list(
     Ok(rows.into_iter().map(to_view).collect())
 }
 
-/// Result of a cancellation request.
-#[derive(Debug)]
-pub enum CancelOutcome {
-    /// No such order for this user.
-    NotFound,
-    /// Cancelled now (or already); the saga compensates.
-    Cancelled {
-        /// The saga to wait for.
-        saga_id: Uuid,
-        /// It was already cancelled before this request.
-        already: bool,
-    },
-    /// The order's shipment exists (its saga completed): the cancellation is stored as an intent and
-    /// the saga compensates; the order is cancelled only once the shipper cancelled the shipment,
-    /// and stays as it is if the shipper refuses (the parcel was picked up).
-    Requested {
-        /// The saga to wait for.
-        saga_id: Uuid,
-    },
-    /// Too late: the order's status does not allow it.
-    NotCancellable(OrderStatus),
-    /// Too late: the shipper already refused to cancel the shipment (picked up).
-    RefusedByShipper(OrderStatus),
-}
-
-struct CancelRow {
-    status: String,
-    user_id: i32,
-    saga_id: Uuid,
-    state: String,
-    trace_context: Value,
-    failure: Option<Value>,
-    last_error_class: Option<String>,
-}
-
-/// Cancels an order before it ships. A pending order becomes `cancelled` at once and its saga
-/// compensates at its next step boundary. A confirmed order (its saga completed, the shipment
-/// exists) keeps its status: the cancellation is stored on the saga, which compensates from its
-/// last step; the order is cancelled when the shipper has cancelled the shipment, and a shipper's
-/// refusal returns the saga to `completed`. Idempotent.
-pub async fn cancel(
+/// The saga of an order (the caller's when `user_id` is given).
+pub async fn saga_of(
     conn: &mut PgConnection,
     order_id: i32,
     user_id: Option<i32>,
-    reason: &str,
-    last_step: i32,
-    topics: &crate::outbox::Topics,
-) -> Result<CancelOutcome, sqlx::Error> {
-    // One lock order everywhere: the saga's row, then its order's (the saga committer locks the
-    // sagas of a shared commit, then writes their orders). Locking the order first, as a join
-    // `for update of o, s` does, could deadlock with a commit of the same saga: PostgreSQL would
-    // then abort one of the two (a 500 here, or a whole shared commit rolled back).
-    let Some(saga_id) = sqlx::query_scalar::<_, Uuid>(
-        "select saga_id from orders where order_id = $1 and ($2::int is null or user_id = $2)",
-    )
-    .bind(order_id)
-    .bind(user_id)
-    .fetch_optional(&mut *conn)
-    .await?
-    else {
-        return Ok(CancelOutcome::NotFound);
-    };
-    let (state, trace_context, failure, last_error_class): (String, Value, Option<Value>, Option<String>) =
-        sqlx::query_as(
-            "select state, trace_context, failure, last_error_class from sagas where saga_id = $1 for update",
-        )
-        .bind(saga_id)
-        .fetch_one(&mut *conn)
-        .await?;
+) -> Result<Option<Uuid>, sqlx::Error> {
+    sqlx::query_scalar("select saga_id from orders where order_id = $1 and ($2::int is null or user_id = $2)")
+        .bind(order_id)
+        .bind(user_id)
+        .fetch_optional(&mut *conn)
+        .await
+}
+
+/// Locks an order's row; returns its status and owner.
+pub async fn lock(conn: &mut PgConnection, order_id: i32) -> Result<(OrderStatus, i32), sqlx::Error> {
     let (status, owner): (String, i32) =
         sqlx::query_as("select status, user_id from orders where order_id = $1 for update")
             .bind(order_id)
             .fetch_one(&mut *conn)
             .await?;
-    let row = CancelRow {
-        status,
-        user_id: owner,
-        saga_id,
-        state,
-        trace_context,
-        failure,
-        last_error_class,
-    };
-    let status = OrderStatus::parse(&row.status).unwrap_or(OrderStatus::Pending);
-    if status == OrderStatus::Cancelled {
-        return Ok(CancelOutcome::Cancelled {
-            saga_id: row.saga_id,
-            already: true,
-        });
-    }
-    if !status.is_cancellable() {
-        return Ok(CancelOutcome::NotCancellable(status));
-    }
-    let intent_pending = row
-        .failure
-        .as_ref()
-        .is_some_and(|f| f["class"] == FailureClass::Cancelled.as_str() && f["afterCompletion"] == true);
-    match SagaState::parse(&row.state) {
-        Some(SagaState::Running) => {
-            sqlx::query!(
-                r#"update sagas set cancel_requested = $2, updated_at = now(),
-                          next_attempt_at = case when lease_expires_at is null or lease_expires_at < now()
-                                                 then now() else next_attempt_at end
-                    where saga_id = $1"#,
-                row.saga_id,
-                reason
-            )
-            .execute(&mut *conn)
-            .await?;
-        }
-        Some(SagaState::Completed) => {
-            if row.last_error_class.as_deref() == Some(FailureClass::CancelRefused.as_str()) {
-                // The shipper refused a cancellation before: the parcel is on its way for good.
-                return Ok(CancelOutcome::RefusedByShipper(status));
-            }
-            let failure = json!({"class": FailureClass::Cancelled, "detail": format!("cancelled: {reason}"),
-                                 "step": "create_shipment", "afterCompletion": true});
-            sqlx::query!(
-                r#"update sagas set state = 'compensating', step = $2, attempt = 0, next_attempt_at = now(),
-                          cancel_requested = $3, failure = $4, lease_owner = null, lease_expires_at = null,
-                          finished_at = null, updated_at = now()
-                    where saga_id = $1"#,
-                row.saga_id,
-                last_step,
-                reason,
-                failure
-            )
-            .execute(&mut *conn)
-            .await?;
-            wake_workers(conn).await?;
-            return Ok(CancelOutcome::Requested { saga_id: row.saga_id });
-        }
-        // A cancellation of the completed saga is under way (or stuck, for ops): the order follows
-        // when the shipment is cancelled.
-        Some(SagaState::Compensating | SagaState::Stuck) if intent_pending => {
-            return Ok(CancelOutcome::Requested { saga_id: row.saga_id });
-        }
-        // Already compensating (or finished compensating): the order just follows.
-        _ => {}
-    }
-    crate::saga::store::set_order_status(
-        conn,
-        order_id,
-        OrderStatus::Cancelled,
-        Some(&format!("cancelled: {reason}")),
-    )
-    .await?;
-    let stored: std::collections::HashMap<String, String> =
-        serde_json::from_value(row.trace_context).unwrap_or_default();
-    // The event is produced in the order's trace, linked to the cancelling request.
-    let span = tracing::info_span!("order.cancel", otel.name = "cancel order", order.id = order_id);
-    let trace = crate::telemetry::in_stored_trace(&span, &stored);
-    crate::outbox::enqueue(
-        conn,
-        &[crate::outbox::NewEvent::new(
-            &topics.order_events,
-            "OrderCancelled",
-            order_id,
-            Some(row.saga_id),
-            json!({"userID": row.user_id, "status": "cancelled", "previousStatus": status.as_str(), "reason": format!("cancelled: {reason}")}),
-            &trace,
-        )],
-    )
-    .await?;
-    wake_workers(conn).await?;
-    Ok(CancelOutcome::Cancelled {
-        saga_id: row.saga_id,
-        already: false,
-    })
+    Ok((OrderStatus::parse(&status).unwrap_or(OrderStatus::Pending), owner))
 }
 
-/// The state of an order's saga (after a cancellation's wait: `completed` again means the shipper
-/// refused it).
-pub async fn saga_state(conn: &mut PgConnection, saga_id: Uuid) -> Result<Option<String>, sqlx::Error> {
-    sqlx::query_scalar("select state from sagas where saga_id = $1")
-        .bind(saga_id)
-        .fetch_optional(&mut *conn)
-        .await
+/// Largest total an order can hold (NUMERIC(10,2)).
+pub fn max_total() -> Decimal {
+    Decimal::new(9_999_999_999, 2)
 }
 
-/// What a saga's row says for an idempotent replay.
-#[derive(Debug)]
-pub struct ReplayState {
-    /// The stored answer, once finished.
-    pub answer: Option<Value>,
-    /// The first request answered 202.
-    pub answered_pending: bool,
-    /// The order.
-    pub order_id: i32,
-}
-
-/// Reads what a replay needs.
-pub async fn replay_state(
+/// Writes an order's priced lines and its total (the `persist_order` step) in the caller's
+/// transaction; returns the lines with their ids, in id order.
+pub async fn insert_lines(
     conn: &mut PgConnection,
-    saga_id: Uuid,
-) -> Result<Option<ReplayState>, sqlx::Error> {
-    let r = sqlx::query!(
-        "select answer, answered_pending, order_id from sagas where saga_id = $1",
-        saga_id
+    order_id: i32,
+    products: &[i32],
+    quantities: &[i32],
+    prices: &[Decimal],
+    total: Decimal,
+    currency: &str,
+) -> Result<Vec<PersistedItem>, sqlx::Error> {
+    // One statement: the lines and the order's total.
+    let rows: Vec<(i32, i32, i32, Decimal)> = sqlx::query_as(
+        r#"with i as (
+               insert into order_items (order_id, product_id, quantity, price)
+               select $1, * from unnest($2::int[], $3::int[], $4::numeric[])
+               returning order_item_id, product_id, quantity, price),
+           u as (update orders set total_amount = $5, currency = $6 where order_id = $1)
+           select order_item_id, product_id, quantity, price from i"#,
     )
-    .fetch_optional(&mut *conn)
+    .bind(order_id)
+    .bind(products)
+    .bind(quantities)
+    .bind(prices)
+    .bind(total)
+    .bind(currency)
+    .fetch_all(&mut *conn)
     .await?;
-    Ok(r.map(|r| ReplayState {
-        answer: r.answer,
-        answered_pending: r.answered_pending,
-        order_id: r.order_id,
-    }))
+    let mut items: Vec<_> = rows
+        .into_iter()
+        .map(|(order_item_id, product_id, quantity, price)| PersistedItem {
+            order_item_id,
+            product_id,
+            quantity,
+            price,
+        })
+        .collect();
+    items.sort_by_key(|i| i.order_item_id);
+    Ok(items)
 }
 
-/// Records that the creating request answers 202, if the saga has not finished with an answer;
-/// returns false when it has (the caller then answers the outcome instead).
-pub async fn mark_answered_pending(conn: &mut PgConnection, saga_id: Uuid) -> Result<bool, sqlx::Error> {
+/// Moves an order to `to` if the transition table allows it from its current status; returns
+/// whether it moved.
+pub async fn set_status(
+    conn: &mut PgConnection,
+    order_id: i32,
+    to: OrderStatus,
+    reason: Option<&str>,
+) -> Result<bool, sqlx::Error> {
+    let from: Vec<String> = OrderStatus::ALL
+        .into_iter()
+        .filter(|s| s.can_move_to(to))
+        .map(|s| s.as_str().to_string())
+        .collect();
     let r = sqlx::query!(
-        "update sagas set answered_pending = true where saga_id = $1 and answer is null",
-        saga_id
+        "update orders set status = $2, status_reason = coalesce($3, status_reason) where order_id = $1 and status = any($4)",
+        order_id,
+        to.as_str(),
+        reason,
+        &from
     )
     .execute(&mut *conn)
     .await?;
     Ok(r.rows_affected() == 1)
 }
 
-/// Tells the saga workers that a saga is due now.
-async fn wake_workers(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-    sqlx::query("select pg_notify($1, $2)")
-        .bind(crate::wake::CHANNEL)
-        .bind(crate::wake::Wake::Due.payload())
-        .execute(&mut *conn)
-        .await?;
+/// Stores the shipment of an order and confirms it; returns whether it was confirmed now. Only an
+/// order really going from pending to confirmed changes: a customer who cancelled while the
+/// shipment was being created keeps a cancelled order, and no OrderConfirmed may follow its
+/// OrderCancelled.
+pub async fn confirm(conn: &mut PgConnection, order_id: i32, shipment_id: &str) -> Result<bool, sqlx::Error> {
+    let confirmed: Option<bool> = sqlx::query_scalar(
+        "with before as (select status from orders where order_id = $1 for update)
+                             update orders o
+                                set shipment_id = $2,
+                                    status = case when o.status = 'pending' then 'confirmed' else o.status end
+                               from before
+                              where o.order_id = $1
+                          returning before.status = 'pending'",
+    )
+    .bind(order_id)
+    .bind(shipment_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(confirmed.unwrap_or(false))
+}
+
+/// Removes the placeholder of an order that was never placed (still `pending`).
+pub async fn delete_placeholder(conn: &mut PgConnection, order_id: i32) -> Result<(), sqlx::Error> {
+    sqlx::query!(
+        "delete from orders where order_id = $1 and status = 'pending'",
+        order_id
+    )
+    .execute(&mut *conn)
+    .await?;
     Ok(())
 }

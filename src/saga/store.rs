@@ -1,20 +1,27 @@
-//! The saga engine's SQL: creating a saga with its order placeholder and idempotency record, claiming
-//! due sagas under a lease, locking a saga for a fenced write, the local steps, and writing a
-//! transition with its history, outbox events and order changes. Every function takes a connection
-//! (usually a transaction) so a state change and its outbox rows commit together.
+//! The SQL of the `sagas` and `saga_steps` tables (their one owner): creating a saga, claiming due
+//! sagas under a lease, locking a saga for a fenced write, writing a transition with its history
+//! and outbox events, what `POST /orders` and a cancellation read and write of a saga, and the
+//! wake-up NOTIFY (its protocol: `crate::wake`). Every function takes a connection (usually a
+//! transaction) so a state change and its outbox rows commit together.
+//!
+//! This store is also the unit-of-work writer of the shared commit: where one statement writes
+//! several tables for speed it is here, and says so (the new-saga insert writes the idempotency
+//! record and the order placeholder with the saga; the batch's history statement writes the
+//! outbox and sends the NOTIFY). Order changes of a transition are the orders store's SQL, run in
+//! the same transaction.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rust_decimal::Decimal;
 use serde_json::{Value, json};
 use sqlx::PgConnection;
 use sqlx::postgres::types::PgInterval;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::orders::OrderStatus;
+use crate::orders::answer::Answer;
+use crate::orders::store as order_store;
 use crate::orders::validate::Line;
 use crate::outbox::{self, NewEvent, Topics};
 use crate::saga::machine::{Effect, Failure, FailureClass, OrderChange, Saga, SagaData, SagaState, Stream};
@@ -76,6 +83,10 @@ pub enum Created {
 /// Inserts the idempotency record, the order placeholder (`pending`) and the saga (leased to
 /// `worker`), and stages the `SagaStarted` / `OrderCreated` events in `batch` — or reports the key's
 /// earlier use.
+///
+/// Unit of work: one statement writes `idempotency_keys`, `orders` and `sagas` together (one round
+/// trip per new saga in the shared commit), so this store owns it although two of the tables are
+/// the orders module's.
 pub async fn create(
     conn: &mut PgConnection,
     batch: &mut Batch,
@@ -302,137 +313,6 @@ pub struct Locked {
     pub attempt: i32,
 }
 
-/// The result of persist_order.
-pub enum Persisted {
-    /// Rows written.
-    Ok {
-        /// Lines with ids and prices.
-        items: Vec<crate::saga::machine::PersistedItem>,
-        /// Total.
-        total: Decimal,
-        /// Currency.
-        currency: String,
-    },
-    /// The total does not fit NUMERIC(10,2).
-    Overflow(String),
-    /// The reservation is missing or does not cover the lines (a bug or a tampered row).
-    Inconsistent(String),
-}
-
-/// Largest total an order can hold (NUMERIC(10,2)).
-pub fn max_total() -> Decimal {
-    Decimal::new(9_999_999_999, 2)
-}
-
-/// persist_order: order items with catalog prices and the order's total, in the caller's transaction.
-pub async fn persist_order(conn: &mut PgConnection, saga: &Saga) -> Result<Persisted, sqlx::Error> {
-    let Some(res) = &saga.data.reservation else {
-        return Ok(Persisted::Inconsistent("no reservation recorded".into()));
-    };
-    let mut total = Decimal::ZERO;
-    let mut products = Vec::with_capacity(saga.input.len());
-    let mut quantities = Vec::with_capacity(saga.input.len());
-    let mut prices = Vec::with_capacity(saga.input.len());
-    let mut currency: Option<String> = None;
-    for line in &saga.input {
-        let Some(item) = res.items.iter().find(|i| i.product_id == line.product_id) else {
-            return Ok(Persisted::Inconsistent(format!(
-                "product {} missing from the reservation",
-                line.product_id
-            )));
-        };
-        match &currency {
-            None => currency = Some(item.currency.clone()),
-            Some(c) if *c != item.currency => return Ok(Persisted::Inconsistent("mixed currencies".into())),
-            Some(_) => {}
-        }
-        let line_total = item.unit_price.checked_mul(Decimal::from(line.quantity));
-        total = match line_total.and_then(|t| total.checked_add(t)) {
-            Some(t) => t,
-            None => {
-                return Ok(Persisted::Overflow(
-                    "the order total cannot be represented".into(),
-                ));
-            }
-        };
-        products.push(line.product_id);
-        quantities.push(line.quantity);
-        prices.push(item.unit_price);
-    }
-    if total > max_total() {
-        return Ok(Persisted::Overflow(format!(
-            "the order total {} exceeds the largest amount an order can hold (99999999.99)",
-            total.round_dp(2)
-        )));
-    }
-    let currency = currency.unwrap_or_default();
-    // One statement: the lines and the order's total.
-    let rows: Vec<(i32, i32, i32, Decimal)> = sqlx::query_as(
-        r#"with i as (
-               insert into order_items (order_id, product_id, quantity, price)
-               select $1, * from unnest($2::int[], $3::int[], $4::numeric[])
-               returning order_item_id, product_id, quantity, price),
-           u as (update orders set total_amount = $5, currency = $6 where order_id = $1)
-           select order_item_id, product_id, quantity, price from i"#,
-    )
-    .bind(saga.order_id)
-    .bind(&products)
-    .bind(&quantities)
-    .bind(&prices)
-    .bind(total)
-    .bind(&currency)
-    .fetch_all(&mut *conn)
-    .await?;
-    let mut items: Vec<_> = rows
-        .into_iter()
-        .map(
-            |(order_item_id, product_id, quantity, price)| crate::saga::machine::PersistedItem {
-                order_item_id,
-                product_id,
-                quantity,
-                price,
-            },
-        )
-        .collect();
-    items.sort_by_key(|i| i.order_item_id);
-    Ok(Persisted::Ok {
-        items,
-        total,
-        currency,
-    })
-}
-
-/// cancel_order: the order becomes `cancelled` (no-op when it already is, or cannot move); returns
-/// whether it changed.
-pub async fn cancel_order(conn: &mut PgConnection, order_id: i32, reason: &str) -> Result<bool, sqlx::Error> {
-    set_order_status(conn, order_id, OrderStatus::Cancelled, Some(reason)).await
-}
-
-/// Moves an order to `to` if the transition table allows it from its current status; returns
-/// whether it moved.
-pub async fn set_order_status(
-    conn: &mut PgConnection,
-    order_id: i32,
-    to: OrderStatus,
-    reason: Option<&str>,
-) -> Result<bool, sqlx::Error> {
-    let from: Vec<String> = OrderStatus::ALL
-        .into_iter()
-        .filter(|s| s.can_move_to(to))
-        .map(|s| s.as_str().to_string())
-        .collect();
-    let r = sqlx::query!(
-        "update orders set status = $2, status_reason = coalesce($3, status_reason) where order_id = $1 and status = any($4)",
-        order_id,
-        to.as_str(),
-        reason,
-        &from
-    )
-    .execute(&mut *conn)
-    .await?;
-    Ok(r.rows_affected() == 1)
-}
-
 /// What one shared commit writes once for all its jobs: step history, saga rows, outbox events and
 /// wake-ups (one statement each, whatever the number of sagas in the commit). Jobs stage into it;
 /// `flush` writes it just before the commit.
@@ -632,36 +512,16 @@ pub async fn stage_transition(
                 batch.h_worker.push(worker.to_string());
             }
             Effect::Order(change) => {
+                // The order's rows are the orders store's: it writes them in this transaction.
                 order_changed = match change {
                     OrderChange::Status { to, reason } => {
-                        set_order_status(conn, saga.order_id, *to, reason.as_deref()).await?
+                        order_store::set_status(conn, saga.order_id, *to, reason.as_deref()).await?
                     }
                     OrderChange::Confirm { shipment_id } => {
-                        // Changed only when the order really goes from pending to confirmed: a
-                        // customer who cancelled while the shipment was being created keeps a
-                        // cancelled order, and no OrderConfirmed may follow its OrderCancelled.
-                        let confirmed: Option<bool> = sqlx::query_scalar(
-                            "with before as (select status from orders where order_id = $1 for update)
-                             update orders o
-                                set shipment_id = $2,
-                                    status = case when o.status = 'pending' then 'confirmed' else o.status end
-                               from before
-                              where o.order_id = $1
-                          returning before.status = 'pending'",
-                        )
-                        .bind(saga.order_id)
-                        .bind(shipment_id)
-                        .fetch_optional(&mut *conn)
-                        .await?;
-                        confirmed.unwrap_or(false)
+                        order_store::confirm(conn, saga.order_id, shipment_id).await?
                     }
                     OrderChange::Delete => {
-                        sqlx::query!(
-                            "delete from orders where order_id = $1 and status = 'pending'",
-                            saga.order_id
-                        )
-                        .execute(&mut *conn)
-                        .await?;
+                        order_store::delete_placeholder(conn, saga.order_id).await?;
                         false
                     }
                 };
@@ -772,4 +632,166 @@ pub async fn release_lease(conn: &mut PgConnection, saga_id: Uuid, fence: i64) -
     .execute(&mut *conn)
     .await?;
     Ok(())
+}
+
+/// Wakes the saga pollers of every instance (a saga is due now).
+pub async fn wake_due(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("select pg_notify($1, $2)")
+        .bind(wake::CHANNEL)
+        .bind(Wake::Due.payload())
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// A saga's state (None when there is no such saga).
+pub async fn state(conn: &mut PgConnection, saga_id: Uuid) -> Result<Option<SagaState>, sqlx::Error> {
+    let s: Option<String> = sqlx::query_scalar("select state from sagas where saga_id = $1")
+        .bind(saga_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    s.map(|s| parse_state(&s)).transpose()
+}
+
+fn parse_state(s: &str) -> Result<SagaState, sqlx::Error> {
+    SagaState::parse(s).ok_or_else(|| sqlx::Error::Decode(format!("unknown saga state {s}").into()))
+}
+
+/// What a cancellation reads of the saga row it has locked.
+#[derive(Debug)]
+pub struct CancelView {
+    /// State.
+    pub state: SagaState,
+    /// W3C trace context of the request that started the saga.
+    pub trace_context: Value,
+    /// Why it compensates.
+    pub failure: Option<Failure>,
+    /// Last error class.
+    pub last_error_class: Option<FailureClass>,
+}
+
+/// Locks a saga's row for a cancellation and reads what it needs.
+pub async fn lock_for_cancel(conn: &mut PgConnection, saga_id: Uuid) -> Result<CancelView, sqlx::Error> {
+    let (state, trace_context, failure, last_error_class): (String, Value, Option<Value>, Option<String>) =
+        sqlx::query_as(
+            "select state, trace_context, failure, last_error_class from sagas where saga_id = $1 for update",
+        )
+        .bind(saga_id)
+        .fetch_one(&mut *conn)
+        .await?;
+    let decode = |e: serde_json::Error| sqlx::Error::Decode(format!("saga {saga_id}: failure: {e}").into());
+    Ok(CancelView {
+        state: parse_state(&state)?,
+        trace_context,
+        failure: match failure {
+            Some(v) if !v.is_null() => Some(serde_json::from_value(v).map_err(decode)?),
+            _ => None,
+        },
+        last_error_class: last_error_class.as_deref().and_then(FailureClass::parse),
+    })
+}
+
+/// Asks a running saga to compensate at its next step boundary (due now unless a worker holds it).
+pub async fn request_cancel(conn: &mut PgConnection, saga_id: Uuid, reason: &str) -> Result<(), sqlx::Error> {
+    sqlx::query!(
+        r#"update sagas set cancel_requested = $2, updated_at = now(),
+                          next_attempt_at = case when lease_expires_at is null or lease_expires_at < now()
+                                                 then now() else next_attempt_at end
+                    where saga_id = $1"#,
+        saga_id,
+        reason
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Turns a completed saga to compensation from `last_step` for a cancellation (`failure`).
+pub async fn cancel_completed(
+    conn: &mut PgConnection,
+    saga_id: Uuid,
+    last_step: i32,
+    reason: &str,
+    failure: &Failure,
+) -> Result<(), sqlx::Error> {
+    let failure = serde_json::to_value(failure).unwrap_or(Value::Null);
+    sqlx::query!(
+        r#"update sagas set state = 'compensating', step = $2, attempt = 0, next_attempt_at = now(),
+                          cancel_requested = $3, failure = $4, lease_owner = null, lease_expires_at = null,
+                          finished_at = null, updated_at = now()
+                    where saga_id = $1"#,
+        saga_id,
+        last_step,
+        reason,
+        failure
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// What a saga's row says for an idempotent replay of `POST /orders`.
+#[derive(Debug)]
+pub struct ReplayState {
+    /// The stored answer, once finished.
+    pub answer: Option<Answer>,
+    /// The first request answered 202.
+    pub answered_pending: bool,
+    /// The order.
+    pub order_id: i32,
+}
+
+/// Reads what a replay needs.
+pub async fn replay_state(
+    conn: &mut PgConnection,
+    saga_id: Uuid,
+) -> Result<Option<ReplayState>, sqlx::Error> {
+    let r = sqlx::query!(
+        "select answer, answered_pending, order_id from sagas where saga_id = $1",
+        saga_id
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
+    r.map(|r| {
+        let answer = match r.answer {
+            Some(v) => Some(Answer::from_stored(&v).ok_or_else(|| {
+                sqlx::Error::Decode(format!("saga {saga_id}: unreadable stored answer {v}").into())
+            })?),
+            None => None,
+        };
+        Ok(ReplayState {
+            answer,
+            answered_pending: r.answered_pending,
+            order_id: r.order_id,
+        })
+    })
+    .transpose()
+}
+
+/// Records that the creating request answers 202, if the saga has not finished with an answer;
+/// returns false when it has (the caller then answers the outcome instead).
+pub async fn mark_answered_pending(conn: &mut PgConnection, saga_id: Uuid) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query!(
+        "update sagas set answered_pending = true where saga_id = $1 and answer is null",
+        saga_id
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// Whether a saga was created more than `age` ago.
+pub async fn created_before(
+    conn: &mut PgConnection,
+    saga_id: Uuid,
+    age: Duration,
+) -> Result<bool, sqlx::Error> {
+    let old: Option<bool> = sqlx::query_scalar(
+        "select created_at < now() - make_interval(secs => $2) from sagas where saga_id = $1",
+    )
+    .bind(saga_id)
+    .bind(age.as_secs_f64())
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(old.unwrap_or(false))
 }

@@ -9,7 +9,7 @@ use crate::contract::CreateShipmentRequest;
 use futures::future::BoxFuture;
 
 use crate::downstream::FailureKind;
-use crate::saga::machine::{FailureClass, Outcome, Saga, StepOutput};
+use crate::saga::machine::{FailureClass, Kind, Outcome, Saga, StepOutput};
 use crate::saga::registry::{Registry, RemoteStep};
 use crate::saga::steps::idempotency_key;
 use crate::shipments::ShipmentsClient;
@@ -78,24 +78,23 @@ pub async fn compensation(client: &ShipmentsClient, saga: &Saga, timeout: Durati
     }
 }
 
-struct Create(ShipmentsClient);
+/// The handler of either half.
+struct CreateShipment(ShipmentsClient, Kind);
 
-impl RemoteStep for Create {
+impl RemoteStep for CreateShipment {
     fn run<'a>(&'a self, saga: &'a Saga, timeout: Duration) -> BoxFuture<'a, Outcome> {
-        Box::pin(action(&self.0, saga, timeout))
-    }
-}
-
-struct Cancel(ShipmentsClient);
-
-impl RemoteStep for Cancel {
-    fn run<'a>(&'a self, saga: &'a Saga, timeout: Duration) -> BoxFuture<'a, Outcome> {
-        Box::pin(compensation(&self.0, saga, timeout))
+        match self.1 {
+            Kind::Action => Box::pin(action(&self.0, saga, timeout)),
+            Kind::Compensation => Box::pin(compensation(&self.0, saga, timeout)),
+        }
     }
 }
 
 /// Registers the action and the compensation.
 pub fn register(r: &mut Registry, shipments: &ShipmentsClient) {
-    r.remote(ACTION, Create(shipments.clone()))
-        .remote(COMPENSATION, Cancel(shipments.clone()));
+    r.remote(ACTION, CreateShipment(shipments.clone(), Kind::Action))
+        .remote(
+            COMPENSATION,
+            CreateShipment(shipments.clone(), Kind::Compensation),
+        );
 }

@@ -3,11 +3,13 @@
 //! (`total_overflow`). Compensation `cancel_order` (local): the order becomes `cancelled`.
 
 use futures::future::BoxFuture;
+use rust_decimal::Decimal;
 use sqlx::PgConnection;
 
-use crate::saga::machine::{FailureClass, Outcome, Saga, StepOutput};
+use crate::orders::OrderStatus;
+use crate::orders::store as order_store;
+use crate::saga::machine::{FailureClass, Kind, Outcome, PersistedItem, Saga, StepOutput};
 use crate::saga::registry::{LocalStep, Registry};
-use crate::saga::store::{self, Persisted};
 
 /// Persisted action name.
 pub const ACTION: &str = "persist_order";
@@ -16,7 +18,7 @@ pub const COMPENSATION: &str = "cancel_order";
 
 /// Runs the action in the caller's transaction.
 pub async fn action(conn: &mut PgConnection, saga: &Saga) -> Result<Outcome, sqlx::Error> {
-    Ok(match store::persist_order(conn, saga).await? {
+    Ok(match persist(conn, saga).await? {
         Persisted::Ok {
             items,
             total,
@@ -37,6 +39,83 @@ pub async fn action(conn: &mut PgConnection, saga: &Saga) -> Result<Outcome, sql
     })
 }
 
+/// The result of persist_order.
+enum Persisted {
+    /// Rows written.
+    Ok {
+        /// Lines with ids and prices.
+        items: Vec<PersistedItem>,
+        /// Total.
+        total: Decimal,
+        /// Currency.
+        currency: String,
+    },
+    /// The total does not fit NUMERIC(10,2).
+    Overflow(String),
+    /// The reservation is missing or does not cover the lines (a bug or a tampered row).
+    Inconsistent(String),
+}
+
+/// persist_order: the order's lines with the catalog's prices and its total, in the caller's
+/// transaction.
+async fn persist(conn: &mut PgConnection, saga: &Saga) -> Result<Persisted, sqlx::Error> {
+    let Some(res) = &saga.data.reservation else {
+        return Ok(Persisted::Inconsistent("no reservation recorded".into()));
+    };
+    let mut total = Decimal::ZERO;
+    let mut products = Vec::with_capacity(saga.input.len());
+    let mut quantities = Vec::with_capacity(saga.input.len());
+    let mut prices = Vec::with_capacity(saga.input.len());
+    let mut currency: Option<String> = None;
+    for line in &saga.input {
+        let Some(item) = res.items.iter().find(|i| i.product_id == line.product_id) else {
+            return Ok(Persisted::Inconsistent(format!(
+                "product {} missing from the reservation",
+                line.product_id
+            )));
+        };
+        match &currency {
+            None => currency = Some(item.currency.clone()),
+            Some(c) if *c != item.currency => return Ok(Persisted::Inconsistent("mixed currencies".into())),
+            Some(_) => {}
+        }
+        let line_total = item.unit_price.checked_mul(Decimal::from(line.quantity));
+        total = match line_total.and_then(|t| total.checked_add(t)) {
+            Some(t) => t,
+            None => {
+                return Ok(Persisted::Overflow(
+                    "the order total cannot be represented".into(),
+                ));
+            }
+        };
+        products.push(line.product_id);
+        quantities.push(line.quantity);
+        prices.push(item.unit_price);
+    }
+    if total > order_store::max_total() {
+        return Ok(Persisted::Overflow(format!(
+            "the order total {} exceeds the largest amount an order can hold (99999999.99)",
+            total.round_dp(2)
+        )));
+    }
+    let currency = currency.unwrap_or_default();
+    let items = order_store::insert_lines(
+        conn,
+        saga.order_id,
+        &products,
+        &quantities,
+        &prices,
+        total,
+        &currency,
+    )
+    .await?;
+    Ok(Persisted::Ok {
+        items,
+        total,
+        currency,
+    })
+}
+
 /// Runs the compensation in the caller's transaction.
 pub async fn compensation(conn: &mut PgConnection, saga: &Saga) -> Result<Outcome, sqlx::Error> {
     let reason = saga
@@ -44,35 +123,29 @@ pub async fn compensation(conn: &mut PgConnection, saga: &Saga) -> Result<Outcom
         .as_ref()
         .map(crate::saga::machine::Failure::customer_text)
         .unwrap_or_else(|| "compensated".into());
-    let changed = store::cancel_order(conn, saga.order_id, &reason).await?;
+    // No-op when the order is cancelled already, or can no longer move.
+    let changed = order_store::set_status(conn, saga.order_id, OrderStatus::Cancelled, Some(&reason)).await?;
     Ok(Outcome::Succeeded(StepOutput::OrderCancelled(changed)))
 }
 
-struct Persist;
+/// The handler of either half (both local).
+struct PersistOrder(Kind);
 
-impl LocalStep for Persist {
+impl LocalStep for PersistOrder {
     fn run<'a>(
         &'a self,
         conn: &'a mut PgConnection,
         saga: &'a Saga,
     ) -> BoxFuture<'a, Result<Outcome, sqlx::Error>> {
-        Box::pin(action(conn, saga))
+        match self.0 {
+            Kind::Action => Box::pin(action(conn, saga)),
+            Kind::Compensation => Box::pin(compensation(conn, saga)),
+        }
     }
 }
 
-struct Cancel;
-
-impl LocalStep for Cancel {
-    fn run<'a>(
-        &'a self,
-        conn: &'a mut PgConnection,
-        saga: &'a Saga,
-    ) -> BoxFuture<'a, Result<Outcome, sqlx::Error>> {
-        Box::pin(compensation(conn, saga))
-    }
-}
-
-/// Registers the action and the compensation (both local).
+/// Registers the action and the compensation.
 pub fn register(r: &mut Registry) {
-    r.local(ACTION, Persist).local(COMPENSATION, Cancel);
+    r.local(ACTION, PersistOrder(Kind::Action))
+        .local(COMPENSATION, PersistOrder(Kind::Compensation));
 }

@@ -8,7 +8,7 @@ use crate::catalog::{CatalogClient, ReserveError};
 use crate::contract::ReservationRequest;
 use futures::future::BoxFuture;
 
-use crate::saga::machine::{FailureClass, Outcome, Saga, StepOutput};
+use crate::saga::machine::{FailureClass, Kind, Outcome, Saga, StepOutput};
 use crate::saga::registry::{Registry, RemoteStep};
 use crate::saga::steps::idempotency_key;
 
@@ -50,24 +50,23 @@ pub async fn compensation(catalog: &CatalogClient, saga: &Saga, timeout: Duratio
     }
 }
 
-struct Reserve(CatalogClient);
+/// The handler of either half.
+struct ReserveInventory(CatalogClient, Kind);
 
-impl RemoteStep for Reserve {
+impl RemoteStep for ReserveInventory {
     fn run<'a>(&'a self, saga: &'a Saga, timeout: Duration) -> BoxFuture<'a, Outcome> {
-        Box::pin(action(&self.0, saga, timeout))
-    }
-}
-
-struct Release(CatalogClient);
-
-impl RemoteStep for Release {
-    fn run<'a>(&'a self, saga: &'a Saga, timeout: Duration) -> BoxFuture<'a, Outcome> {
-        Box::pin(compensation(&self.0, saga, timeout))
+        match self.1 {
+            Kind::Action => Box::pin(action(&self.0, saga, timeout)),
+            Kind::Compensation => Box::pin(compensation(&self.0, saga, timeout)),
+        }
     }
 }
 
 /// Registers the action and the compensation.
 pub fn register(r: &mut Registry, catalog: &CatalogClient) {
-    r.remote(ACTION, Reserve(catalog.clone()))
-        .remote(COMPENSATION, Release(catalog.clone()));
+    r.remote(ACTION, ReserveInventory(catalog.clone(), Kind::Action))
+        .remote(
+            COMPENSATION,
+            ReserveInventory(catalog.clone(), Kind::Compensation),
+        );
 }
