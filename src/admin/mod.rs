@@ -393,18 +393,8 @@ pub async fn cancel(
     let before = snapshot(&l);
     let reason = format!("by admin {actor}");
     match l.state {
-        SagaState::Running => {
-            sqlx::query!(
-                r#"update sagas set cancel_requested = coalesce(cancel_requested, $2), updated_at = now(),
-                          next_attempt_at = case when lease_expires_at is null or lease_expires_at < now()
-                                                 then now() else next_attempt_at end
-                    where saga_id = $1"#,
-                saga_id,
-                reason
-            )
-            .execute(&mut *conn)
-            .await?;
-        }
+        // The first reason stays (a repeated admin cancel, or one after the customer's).
+        SagaState::Running => crate::saga::store::request_cancel(conn, saga_id, &reason, true).await?,
         // Stuck: it is compensating already; continue with fresh attempts.
         SagaState::Stuck => {
             sqlx::query!(

@@ -72,7 +72,7 @@ pub async fn cancel(
         .as_ref()
         .is_some_and(|f| f.class == FailureClass::Cancelled && f.after_completion);
     match saga.state {
-        SagaState::Running => saga_store::request_cancel(conn, saga_id, reason).await?,
+        SagaState::Running => saga_store::request_cancel(conn, saga_id, reason, false).await?,
         SagaState::Completed => {
             if saga.last_error_class == Some(FailureClass::CancelRefused) {
                 // The shipper refused a cancellation before: the parcel is on its way for good.

@@ -17,20 +17,22 @@ use sqlx::PgConnection;
 use crate::saga::definition::{DefinitionError, SagaDef};
 use crate::saga::machine::{Outcome, Saga, StepShape};
 
+/// What a remote handler's run resolves to.
+pub type RemoteRun<'a> = BoxFuture<'a, Outcome>;
+
+/// What a local handler's run resolves to.
+pub type LocalRun<'a> = BoxFuture<'a, Result<Outcome, sqlx::Error>>;
+
 /// An action or compensation that calls a downstream service.
 pub trait RemoteStep: Send + Sync {
     /// Runs one attempt; `timeout` bounds the call (the definition's `attempt_timeout_ms`).
-    fn run<'a>(&'a self, saga: &'a Saga, timeout: Duration) -> BoxFuture<'a, Outcome>;
+    fn run<'a>(&'a self, saga: &'a Saga, timeout: Duration) -> RemoteRun<'a>;
 }
 
 /// An action or compensation that runs in the transaction recording the previous outcome.
 pub trait LocalStep: Send + Sync {
     /// Runs once in `conn`'s transaction; a database error sinks the whole commit (retried).
-    fn run<'a>(
-        &'a self,
-        conn: &'a mut PgConnection,
-        saga: &'a Saga,
-    ) -> BoxFuture<'a, Result<Outcome, sqlx::Error>>;
+    fn run<'a>(&'a self, conn: &'a mut PgConnection, saga: &'a Saga) -> LocalRun<'a>;
 }
 
 /// A registered handler.

@@ -691,16 +691,24 @@ pub async fn lock_for_cancel(conn: &mut PgConnection, saga_id: Uuid) -> Result<C
     })
 }
 
-/// Asks a running saga to compensate at its next step boundary (due now unless a worker holds it).
-pub async fn request_cancel(conn: &mut PgConnection, saga_id: Uuid, reason: &str) -> Result<(), sqlx::Error> {
-    sqlx::query!(
-        r#"update sagas set cancel_requested = $2, updated_at = now(),
-                          next_attempt_at = case when lease_expires_at is null or lease_expires_at < now()
-                                                 then now() else next_attempt_at end
-                    where saga_id = $1"#,
-        saga_id,
-        reason
+/// Asks a running saga to compensate at its next step boundary (due now unless a worker holds
+/// it). A repeated request replaces the stored reason, unless `keep_first_reason`.
+pub async fn request_cancel(
+    conn: &mut PgConnection,
+    saga_id: Uuid,
+    reason: &str,
+    keep_first_reason: bool,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        r#"update sagas set cancel_requested = case when $3 then coalesce(cancel_requested, $2) else $2 end,
+                  updated_at = now(),
+                  next_attempt_at = case when lease_expires_at is null or lease_expires_at < now()
+                                         then now() else next_attempt_at end
+            where saga_id = $1"#,
     )
+    .bind(saga_id)
+    .bind(reason)
+    .bind(keep_first_reason)
     .execute(&mut *conn)
     .await?;
     Ok(())

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use futures::future::BoxFuture;
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -23,7 +22,7 @@ use ostore_orders::saga::engine::{Engine, EngineConfig, SagaType};
 use ostore_orders::saga::machine::{
     Attempt, Effect, Failure, FailureClass, Outcome, Saga, SagaHooks, SagaState, StepOutput,
 };
-use ostore_orders::saga::registry::{LocalStep, Registry, RemoteStep};
+use ostore_orders::saga::registry::{LocalRun, LocalStep, Registry, RemoteRun, RemoteStep};
 use ostore_orders::saga::store::NewSaga;
 
 const TOY_FILE: &str = "tests/api/toy_saga.toml";
@@ -48,7 +47,7 @@ struct Remote {
 }
 
 impl RemoteStep for Remote {
-    fn run<'a>(&'a self, saga: &'a Saga, _timeout: Duration) -> BoxFuture<'a, Outcome> {
+    fn run<'a>(&'a self, saga: &'a Saga, _timeout: Duration) -> RemoteRun<'a> {
         Box::pin(async move {
             if self.name == "notify" {
                 if self.control.hang_notify.load(Ordering::SeqCst) {
@@ -81,11 +80,7 @@ impl RemoteStep for Remote {
 struct Local(&'static str);
 
 impl LocalStep for Local {
-    fn run<'a>(
-        &'a self,
-        conn: &'a mut PgConnection,
-        saga: &'a Saga,
-    ) -> BoxFuture<'a, Result<Outcome, sqlx::Error>> {
+    fn run<'a>(&'a self, conn: &'a mut PgConnection, saga: &'a Saga) -> LocalRun<'a> {
         Box::pin(async move {
             effect(conn, saga.id, self.0).await?;
             Ok(Outcome::Succeeded(StepOutput::Done))

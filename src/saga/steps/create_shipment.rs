@@ -6,11 +6,10 @@
 use std::time::Duration;
 
 use crate::contract::CreateShipmentRequest;
-use futures::future::BoxFuture;
 
 use crate::downstream::FailureKind;
 use crate::saga::machine::{FailureClass, Kind, Outcome, Saga, StepOutput};
-use crate::saga::registry::{Registry, RemoteStep};
+use crate::saga::registry::{Registry, RemoteRun, RemoteStep};
 use crate::saga::steps::idempotency_key;
 use crate::shipments::ShipmentsClient;
 
@@ -82,7 +81,7 @@ pub async fn compensation(client: &ShipmentsClient, saga: &Saga, timeout: Durati
 struct CreateShipment(ShipmentsClient, Kind);
 
 impl RemoteStep for CreateShipment {
-    fn run<'a>(&'a self, saga: &'a Saga, timeout: Duration) -> BoxFuture<'a, Outcome> {
+    fn run<'a>(&'a self, saga: &'a Saga, timeout: Duration) -> RemoteRun<'a> {
         match self.1 {
             Kind::Action => Box::pin(action(&self.0, saga, timeout)),
             Kind::Compensation => Box::pin(compensation(&self.0, saga, timeout)),

@@ -2,14 +2,13 @@
 //! in the transaction that records the reservation. A total beyond NUMERIC(10,2) is fatal
 //! (`total_overflow`). Compensation `cancel_order` (local): the order becomes `cancelled`.
 
-use futures::future::BoxFuture;
 use rust_decimal::Decimal;
 use sqlx::PgConnection;
 
 use crate::orders::OrderStatus;
 use crate::orders::store as order_store;
 use crate::saga::machine::{FailureClass, Kind, Outcome, PersistedItem, Saga, StepOutput};
-use crate::saga::registry::{LocalStep, Registry};
+use crate::saga::registry::{LocalRun, LocalStep, Registry};
 
 /// Persisted action name.
 pub const ACTION: &str = "persist_order";
@@ -132,11 +131,7 @@ pub async fn compensation(conn: &mut PgConnection, saga: &Saga) -> Result<Outcom
 struct PersistOrder(Kind);
 
 impl LocalStep for PersistOrder {
-    fn run<'a>(
-        &'a self,
-        conn: &'a mut PgConnection,
-        saga: &'a Saga,
-    ) -> BoxFuture<'a, Result<Outcome, sqlx::Error>> {
+    fn run<'a>(&'a self, conn: &'a mut PgConnection, saga: &'a Saga) -> LocalRun<'a> {
         match self.0 {
             Kind::Action => Box::pin(action(conn, saga)),
             Kind::Compensation => Box::pin(compensation(conn, saga)),

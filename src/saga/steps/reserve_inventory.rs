@@ -6,10 +6,9 @@ use std::time::Duration;
 
 use crate::catalog::{CatalogClient, ReserveError};
 use crate::contract::ReservationRequest;
-use futures::future::BoxFuture;
 
 use crate::saga::machine::{FailureClass, Kind, Outcome, Saga, StepOutput};
-use crate::saga::registry::{Registry, RemoteStep};
+use crate::saga::registry::{Registry, RemoteRun, RemoteStep};
 use crate::saga::steps::idempotency_key;
 
 /// Persisted action name.
@@ -54,7 +53,7 @@ pub async fn compensation(catalog: &CatalogClient, saga: &Saga, timeout: Duratio
 struct ReserveInventory(CatalogClient, Kind);
 
 impl RemoteStep for ReserveInventory {
-    fn run<'a>(&'a self, saga: &'a Saga, timeout: Duration) -> BoxFuture<'a, Outcome> {
+    fn run<'a>(&'a self, saga: &'a Saga, timeout: Duration) -> RemoteRun<'a> {
         match self.1 {
             Kind::Action => Box::pin(action(&self.0, saga, timeout)),
             Kind::Compensation => Box::pin(compensation(&self.0, saga, timeout)),
