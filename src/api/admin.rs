@@ -320,7 +320,7 @@ pub(crate) async fn run_bulk_retry(
     let candidates: Vec<Uuid> = admin::list_sagas(&mut tx, &filter, None, req.limit)
         .await?
         .into_iter()
-        .filter(|s| matches!(s.state.as_str(), "stuck" | "running" | "compensating"))
+        .filter(|s| SagaState::parse(&s.state).is_some_and(|st| !st.is_terminal()))
         .map(|s| s.saga_id)
         .collect();
     if req.dry_run {

@@ -38,7 +38,7 @@ impl SagaHooks for CreateOrder {
     fn compensated(&self, s: &Saga, out: &StepOutput, fx: &mut Vec<Effect>) {
         if *out == StepOutput::OrderCancelled(true) {
             let mut data = order_data(s, OrderStatus::Cancelled);
-            data["reason"] = json!(s.failure.as_ref().map(Failure::customer_text));
+            data["reason"] = json!(s.failure.as_ref().map(customer_text));
             fx.push(order_event("OrderCancelled", data));
         }
     }
@@ -69,7 +69,7 @@ impl SagaHooks for CreateOrder {
                 detail: failure.detail.clone(),
             },
             _ => Answer::Cancelled {
-                detail: failure.customer_text(),
+                detail: customer_text(failure),
                 order_id: s.order_id,
             },
         };
@@ -84,7 +84,7 @@ impl SagaHooks for CreateOrder {
             };
             fx.push(Effect::Order(OrderChange::Status {
                 to,
-                reason: Some(failure.customer_text()),
+                reason: Some(customer_text(failure)),
             }));
             let ev = if to == OrderStatus::Rejected {
                 "OrderRejected"
@@ -92,7 +92,7 @@ impl SagaHooks for CreateOrder {
                 "OrderCancelled"
             };
             let mut data = order_data(s, to);
-            data["reason"] = json!(failure.customer_text());
+            data["reason"] = json!(customer_text(failure));
             fx.push(order_event(ev, data));
         }
         Some(answer)
@@ -112,6 +112,37 @@ impl SagaHooks for CreateOrder {
             && last_step
             && s.data.shipment.is_some()
             && s.failure.as_ref().is_some_and(|f| f.after_completion)
+    }
+}
+
+/// What a customer is told (the 409's `detail`, the order's `statusReason`, the `reason` of
+/// `OrderCancelled`/`OrderRejected`): a fixed text per kind of failure, never a downstream's
+/// error text, URL or body, which stay in `detail` for operators (the saga, its history, the
+/// saga events).
+pub fn customer_text(failure: &Failure) -> String {
+    match failure.class {
+        // Our own words: "cancelled: by the customer" / "cancelled: by admin 7" / a reason the
+        // API checked.
+        FailureClass::Cancelled if failure.detail.starts_with("cancelled: by admin") => {
+            "cancelled by OStore".into()
+        }
+        FailureClass::Cancelled => failure.detail.clone(),
+        FailureClass::InsufficientStock => "some products are not available in the requested quantity".into(),
+        FailureClass::TotalOverflow => "the order's total is larger than an order may be".into(),
+        FailureClass::DeadlineExceeded => "the order could not be completed in time".into(),
+        _ => {
+            let what = match failure.step.as_str() {
+                "reserve_inventory" => "the products could not be reserved",
+                "create_shipment" => "the shipment could not be arranged",
+                _ => "the order could not be completed",
+            };
+            let why = if failure.class == FailureClass::Http4xx {
+                "it was refused"
+            } else {
+                "a service it needs was unavailable"
+            };
+            format!("{what}: {why}")
+        }
     }
 }
 

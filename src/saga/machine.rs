@@ -159,41 +159,6 @@ pub struct Failure {
     pub after_completion: bool,
 }
 
-impl Failure {
-    /// What a customer is told (the 409's `detail`, the order's `statusReason`, the `reason` of
-    /// `OrderCancelled`/`OrderRejected`): a fixed text per kind of failure, never a downstream's
-    /// error text, URL or body, which stay in `detail` for operators (the saga, its history, the
-    /// saga events).
-    pub fn customer_text(&self) -> String {
-        match self.class {
-            // Our own words: "cancelled: by the customer" / "cancelled: by admin 7" / a reason the
-            // API checked.
-            FailureClass::Cancelled if self.detail.starts_with("cancelled: by admin") => {
-                "cancelled by OStore".into()
-            }
-            FailureClass::Cancelled => self.detail.clone(),
-            FailureClass::InsufficientStock => {
-                "some products are not available in the requested quantity".into()
-            }
-            FailureClass::TotalOverflow => "the order's total is larger than an order may be".into(),
-            FailureClass::DeadlineExceeded => "the order could not be completed in time".into(),
-            _ => {
-                let what = match self.step.as_str() {
-                    "reserve_inventory" => "the products could not be reserved",
-                    "create_shipment" => "the shipment could not be arranged",
-                    _ => "the order could not be completed",
-                };
-                let why = if self.class == FailureClass::Http4xx {
-                    "it was refused"
-                } else {
-                    "a service it needs was unavailable"
-                };
-                format!("{what}: {why}")
-            }
-        }
-    }
-}
-
 /// A saga as a worker holds it.
 #[derive(Debug, Clone)]
 pub struct Saga {

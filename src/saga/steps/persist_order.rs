@@ -120,7 +120,7 @@ pub async fn compensation(conn: &mut PgConnection, saga: &Saga) -> Result<Outcom
     let reason = saga
         .failure
         .as_ref()
-        .map(crate::saga::machine::Failure::customer_text)
+        .map(crate::saga::create_order::customer_text)
         .unwrap_or_else(|| "compensated".into());
     // No-op when the order is cancelled already, or can no longer move.
     let changed = order_store::set_status(conn, saga.order_id, OrderStatus::Cancelled, Some(&reason)).await?;
