@@ -167,7 +167,10 @@ async fn a_process_without_the_api_role_still_refreshes_the_database_gauges() {
     let mut text = String::new();
     for _ in 0..100 {
         text = ostore_orders::metrics::prometheus_text();
-        if sample(&text, "ostore_sagas_stuck", &[]).is_some() {
+        // The refresh sets the gauges one query after another: wait for the last of them.
+        if sample(&text, "ostore_sagas_stuck", &[]).is_some()
+            && sample(&text, "ostore_tracking_dead_letters", &[]).is_some()
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
