@@ -164,6 +164,9 @@ struct Checkpoint {
 /// not hold the floor).
 const HELD: Duration = Duration::from_millis(20);
 
+/// Most ids below the newest row sent that a pass looks up one by one (see [`Floor::unsent`]).
+const MAX_GAPS: usize = 10_000;
+
 /// Most checkpoints kept; older ones are merged (conservatively) when a writing transaction
 /// holds the floor for long.
 const MAX_CHECKPOINTS: usize = 64;
@@ -187,6 +190,27 @@ impl Floor {
     /// Whether this leadership already published row `id` (above the floor).
     fn is_delivered(&self, id: i64) -> bool {
         self.delivered.contains(&id)
+    }
+
+    /// What a pass has to read above the floor: every row above the returned id, and below it
+    /// only the returned ids, the ones this leadership has not sent (ids it never saw: their
+    /// transactions were still running, or rolled back). Too many of those, and the pass reads
+    /// everything above the floor (skipping what was sent).
+    fn unsent(&self) -> (i64, Vec<i64>) {
+        let Some(&hi) = self.delivered.last() else {
+            return (self.done_through, Vec::new());
+        };
+        let missing = usize::try_from(hi - self.done_through).unwrap_or(usize::MAX) - self.delivered.len();
+        if missing > MAX_GAPS {
+            return (self.done_through, Vec::new());
+        }
+        let mut gaps = Vec::with_capacity(missing);
+        let mut next = self.done_through + 1;
+        for &id in &self.delivered {
+            gaps.extend(next..id);
+            next = id + 1;
+        }
+        (hi, gaps)
     }
 
     /// Rows the broker acknowledged (or that were set aside).
@@ -529,6 +553,38 @@ pub struct OutboxRow {
 
 /// Reads up to `limit` rows with an id above `after`, oldest first (published or not: the
 /// caller knows which of those above the floor it published).
+/// Reads up to `limit` rows above `after` that are above `hi` or among `gaps`, oldest first: a
+/// pass's read, which skips the rows this leadership sent between the floor and `hi` (two index
+/// scans of the primary key).
+async fn unsent_rows(
+    conn: &mut PgConnection,
+    after: i64,
+    hi: i64,
+    gaps: &[i64],
+    limit: usize,
+) -> Result<Vec<OutboxRow>, sqlx::Error> {
+    if hi <= after || gaps.is_empty() {
+        return rows_after(conn, after.max(hi), limit).await;
+    }
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let rows = sqlx::query_as::<_, (i64, String, String, String, Value)>(
+        "select * from (
+             (select id, topic, message_key, payload::text, headers from outbox
+               where id = any($3) and id > $1)
+             union all
+             (select id, topic, message_key, payload::text, headers from outbox
+               where id > $2 order by id limit $4)) r
+          order by id limit $4",
+    )
+    .bind(after)
+    .bind(hi)
+    .bind(gaps)
+    .bind(limit)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows.into_iter().map(OutboxRow::from).collect())
+}
+
 pub async fn rows_after(
     conn: &mut PgConnection,
     after: i64,
@@ -542,16 +598,19 @@ pub async fn rows_after(
     .bind(limit)
     .fetch_all(conn)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(id, topic, message_key, payload, headers)| OutboxRow {
+    Ok(rows.into_iter().map(OutboxRow::from).collect())
+}
+
+impl From<(i64, String, String, String, Value)> for OutboxRow {
+    fn from((id, topic, message_key, payload, headers): (i64, String, String, String, Value)) -> Self {
+        OutboxRow {
             id,
             topic,
             message_key,
             payload,
             headers,
-        })
-        .collect())
+        }
+    }
 }
 
 /// Reads up to `limit` unpublished rows (above the stored floor), oldest first.
@@ -764,7 +823,9 @@ where
     .await?;
     let mut total = 0;
     let mut after = floor.start();
-    let mut max_read: Option<i64> = None;
+    // Rows sent between the floor and `hi` are not read again; the pass saw everything up to it.
+    let (hi, gaps) = floor.unsent();
+    let mut max_read: Option<i64> = (hi > after).then_some(hi);
     // True once a read came back short: every row the snapshot shows above the floor was read.
     let mut drained = false;
     let mut exhausted = false;
@@ -773,7 +834,7 @@ where
         let read = if exhausted {
             Vec::new()
         } else {
-            rows_after(conn, after, batch_size).await?
+            unsent_rows(conn, after, hi, &gaps, batch_size).await?
         };
         if !exhausted && read.len() < batch_size {
             drained = true;
@@ -783,10 +844,10 @@ where
         }
         if let Some(last) = read.last() {
             after = last.id;
-            max_read = Some(last.id);
+            max_read = max_read.max(Some(last.id));
         }
-        // Rows this leadership published above the floor are read again (the scan starts at
-        // the floor, for rows committed late below them) and not sent twice.
+        // When the pass reads everything above the floor (too many gaps), rows this leadership
+        // sent are read again and not sent twice.
         let rows: Vec<OutboxRow> = read.into_iter().filter(|r| !floor.is_delivered(r.id)).collect();
         let next = if rows.is_empty() {
             None
@@ -1105,6 +1166,8 @@ mod tests {
         f.delivered([9, 11, 12, 14]);
         assert!(!f.is_delivered(9), "below the floor: nothing to remember");
         assert!(f.is_delivered(11) && f.is_delivered(14) && !f.is_delivered(13));
+        // The next pass reads above 14, and below it only 13 (not sent: not seen yet).
+        assert_eq!(f.unsent(), (14, vec![13]));
         f.passed(100, 105, Some(14));
         assert_eq!(f.start(), 10, "the floor waits for xid 104");
         assert!(f.behind());
@@ -1113,6 +1176,7 @@ mod tests {
         f.passed(105, 106, None);
         assert_eq!(f.start(), 14);
         assert!(f.delivered.is_empty(), "what the floor passed is forgotten");
+        assert_eq!(f.unsent(), (14, vec![]));
         assert!(!f.behind());
     }
 
