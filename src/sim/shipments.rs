@@ -61,7 +61,7 @@ use super::{
     CallLog, current_trace_headers, fault_routes, idempotency_key, json_error, missing_idempotency_key,
     parse_body, request_span,
 };
-use crate::contract::{
+use crate::downstream::contract::{
     CreateShipmentRequest, LineItem, Shipment, ShipmentStatus, TRACKING_EVENT_TYPE, TrackingEvent,
     TrackingStatus,
 };

@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use super::ConsumerConfig;
 use super::dead_letters::dead_letter;
-use crate::contract::{TrackingEvent, TrackingStatus};
+use crate::downstream::contract::{TrackingEvent, TrackingStatus};
 use crate::orders::OrderStatus;
 use crate::outbox::{NewEvent, Topics, enqueue};
 use crate::telemetry::{MapExtractor, context_headers, set_remote_parent};

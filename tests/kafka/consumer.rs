@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::fixture::*;
-use ostore_orders::contract::TrackingStatus;
+use ostore_orders::downstream::contract::TrackingStatus;
 use ostore_orders::outbox::relay::{self};
 use ostore_orders::tracking::{self};
 use serde_json::Value;

@@ -15,8 +15,9 @@ use std::time::Duration;
 
 use rust_decimal::Decimal;
 
-use crate::contract::{Reservation, ReservationRequest, Unavailable, UnavailableAnswer};
-use crate::downstream::{self, DownstreamError};
+use super::contract::{Reservation, ReservationRequest, Unavailable, UnavailableAnswer};
+use super::transport;
+use crate::downstream::DownstreamError;
 
 /// Highest unit price the service accepts (it stores prices as `DECIMAL(10,2)`).
 /// (9,999,999,999 hundredths, split into the 32-bit words `from_parts` takes).
@@ -62,8 +63,8 @@ impl CatalogClient {
         req: &ReservationRequest,
         timeout: Duration,
     ) -> Result<Reservation, ReserveError> {
-        let url = downstream::join_url(&self.base_url, "/inventory/reservations");
-        let response = downstream::send(
+        let url = transport::join_url(&self.base_url, "/inventory/reservations");
+        let response = transport::send(
             self.http.post(url).json(req),
             "/inventory/reservations",
             idempotency_key,
@@ -93,14 +94,14 @@ impl CatalogClient {
         reservation_id: &str,
         timeout: Duration,
     ) -> Result<(), DownstreamError> {
-        let url = downstream::join_url(
+        let url = transport::join_url(
             &self.base_url,
             &format!(
                 "/inventory/reservations/{}",
-                downstream::encode_path_segment(reservation_id)
+                transport::encode_path_segment(reservation_id)
             ),
         );
-        let response = downstream::send(
+        let response = transport::send(
             self.http.delete(url),
             "/inventory/reservations/{reservationID}",
             idempotency_key,
@@ -236,8 +237,8 @@ fn truncate(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::contract::{LineItem, ReservedItem};
-    use crate::downstream::{FailureKind, class};
+    use crate::downstream::contract::{LineItem, ReservedItem};
+    use crate::downstream::{FailureClass, FailureKind};
     use std::str::FromStr;
 
     fn request() -> ReservationRequest {
@@ -275,7 +276,7 @@ mod tests {
     fn assert_violation(result: Result<Reservation, DownstreamError>) {
         let error = result.expect_err("answer should be refused");
         assert_eq!(error.kind, FailureKind::Transient);
-        assert_eq!(error.class, class::CONTRACT_VIOLATION);
+        assert_eq!(error.class, FailureClass::ContractViolation);
     }
 
     #[test]

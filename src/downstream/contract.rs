@@ -8,7 +8,7 @@
 //! Money is a [`Decimal`] written and read as a JSON string (`"59.98"`); a price sent as a JSON
 //! number is refused when reading, so a catalog that sends floats breaks the contract visibly.
 //!
-//! The service's clients ([`crate::catalog`], [`crate::shipments`]) and the simulators
+//! The service's clients ([`super::catalog`], [`super::shipments`]) and the simulators
 //! ([`crate::sim`]) share these types and nothing else.
 
 use std::fmt;
