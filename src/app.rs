@@ -79,7 +79,7 @@ pub async fn serve_api(
     state: AppState,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let app = api::router(state);
+    let app = api::router(state, crate::console::router());
     axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
