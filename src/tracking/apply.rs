@@ -6,12 +6,13 @@
 
 use std::collections::HashMap;
 
+use serde_json::json;
 use sqlx::{PgConnection, PgPool};
 use tracing::Instrument as _;
 
 use super::ConsumerConfig;
+use super::dead_letters::dead_letter;
 use super::outcome::{Decision, Outcome, log_outcome};
-use super::park::{dead_letter, park};
 use super::plan::{Pending, enqueue_in_chunks, plan};
 use super::record::{Record, event_span, parse};
 use crate::downstream::contract::TrackingEvent;
@@ -195,4 +196,34 @@ pub(crate) async fn decide(
     enqueue_in_chunks(&mut *conn, &messages).await?;
     plan.write(conn).await?;
     Ok(decision)
+}
+
+/// Parks an event until its order is known.
+async fn park(
+    conn: &mut PgConnection,
+    cfg: &ConsumerConfig,
+    record: &Record,
+    event: &TrackingEvent,
+    reason: &str,
+) -> Result<(), sqlx::Error> {
+    let headers = serde_json::to_value(&record.headers).unwrap_or_else(|_| json!({}));
+    sqlx::query!(
+        r#"insert into tracking_retries
+               (event_id, order_id, topic, partition, "offset", key, payload, headers, next_attempt_at, last_error)
+           values ($1, $2, $3, $4, $5, $6, $7, $8, now() + make_interval(secs => $9), $10)
+           on conflict (event_id) do nothing"#,
+        event.event_id,
+        event.order_id,
+        record.topic,
+        record.partition,
+        record.offset,
+        record.key.as_deref(),
+        &record.payload,
+        headers,
+        cfg.retry_delay(0).as_secs_f64(),
+        reason
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
 }

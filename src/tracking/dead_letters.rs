@@ -1,20 +1,124 @@
-//! Dead letters, for operators: TrackingEvents that could not be applied (malformed, or their
-//! order stayed unknown for the whole retry window) are listed, and one is replayed once the cause
-//! is fixed. They are written by `park`.
+//! Dead letters: TrackingEvents that cannot be applied (malformed, or their order stayed unknown
+//! for the whole retry window). Each is a `dead_letters` row with the raw bytes and the reason,
+//! written with a `TrackingEventDeadLettered` message for the DLQ topic in the outbox (so the copy
+//! is as durable as the row). Operators list them and replay one ([`super::replay`]) once the
+//! cause is fixed.
+
+use std::collections::HashMap;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::Serialize;
+use serde_json::{Value, json};
 use sqlx::{PgConnection, PgPool};
-use tracing::Instrument as _;
 
-use super::apply::decide;
-use super::outcome::{Decision, Outcome};
-use super::record::{event_span, parse, stored_record};
-use crate::outbox::Topics;
+use super::record::{Record, event_span};
+use crate::outbox::{NewEvent, Topics, enqueue};
 use crate::telemetry::context_headers;
 
-pub use super::park::{DLQ_PAYLOAD_BYTES, TRACKING_EVENT_DEAD_LETTERED};
+/// Event type of the DLQ messages.
+pub const TRACKING_EVENT_DEAD_LETTERED: &str = "TrackingEventDeadLettered";
+
+/// Most bytes of a bad record copied into its DLQ message (base64 makes them a third larger). The
+/// whole record stays in `dead_letters` (`deadLetterID`); a copy of any size would let one large
+/// record make a DLQ message Kafka refuses.
+pub const DLQ_PAYLOAD_BYTES: usize = 64 * 1024;
+
+/// Writes a dead letter and its DLQ message in the caller's transaction; returns the row's id. A
+/// Kafka record dead-lettered before (redelivered after a crash) keeps its first row and message.
+pub(crate) async fn dead_letter(
+    conn: &mut PgConnection,
+    topics: &Topics,
+    record: &Record,
+    reason: &str,
+    trace: &HashMap<String, String>,
+) -> Result<i64, sqlx::Error> {
+    let headers = serde_json::to_value(&record.headers).unwrap_or_else(|_| json!({}));
+    let inserted = sqlx::query_scalar!(
+        r#"insert into dead_letters (topic, partition, "offset", key, payload, headers, reason)
+           values ($1, $2, $3, $4, $5, $6, $7)
+           on conflict (topic, partition, "offset") where partition is not null and "offset" is not null
+           do nothing
+           returning id"#,
+        record.topic,
+        record.partition,
+        record.offset,
+        record.key.as_deref(),
+        &record.payload,
+        headers,
+        reason
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
+    let id = match inserted {
+        Some(id) => id,
+        None => {
+            return sqlx::query_scalar!(
+                r#"select id from dead_letters where topic = $1 and partition = $2 and "offset" = $3"#,
+                record.topic,
+                record.partition,
+                record.offset
+            )
+            .fetch_one(&mut *conn)
+            .await;
+        }
+    };
+    let data = json!({
+        "deadLetterID": id,
+        "reason": reason,
+        "topic": record.topic,
+        "partition": record.partition,
+        "offset": record.offset,
+        "key": record.key.as_deref().map(|k| String::from_utf8_lossy(k).into_owned()),
+        "payload": BASE64.encode(&record.payload[..record.payload.len().min(DLQ_PAYLOAD_BYTES)]),
+        "payloadBytes": record.payload.len(),
+        "payloadTruncated": record.payload.len() > DLQ_PAYLOAD_BYTES,
+        "headers": headers,
+    });
+    let event = NewEvent::new(
+        &topics.tracking_dlq,
+        TRACKING_EVENT_DEAD_LETTERED,
+        order_id_hint(record),
+        None,
+        data,
+        trace,
+    );
+    enqueue(conn, &[event]).await?;
+    Ok(id)
+}
+
+/// Dead-letters a record in a transaction of its own; returns the row's id.
+pub(crate) async fn dead_letter_now(
+    pool: &PgPool,
+    topics: &Topics,
+    record: &Record,
+    reason: &str,
+) -> Result<i64, sqlx::Error> {
+    let span = event_span(record);
+    let trace = context_headers(&span);
+    let mut tx = pool.begin().await?;
+    let id = dead_letter(&mut tx, topics, record, reason, &trace).await?;
+    tx.commit().await?;
+    Ok(id)
+}
+
+/// The orderID a bad record is probably about (its key, or an `orderID` in its JSON), 0 when
+/// nothing tells; it keys the DLQ message.
+fn order_id_hint(record: &Record) -> i32 {
+    let from_key = record
+        .key
+        .as_deref()
+        .and_then(|k| std::str::from_utf8(k).ok())
+        .and_then(|k| k.trim().parse::<i32>().ok());
+    from_key
+        .or_else(|| {
+            serde_json::from_slice::<Value>(&record.payload)
+                .ok()
+                .and_then(|v| v.get("orderID").and_then(Value::as_i64))
+                .and_then(|n| i32::try_from(n).ok())
+        })
+        .unwrap_or(0)
+}
 
 /// One dead letter as `GET /admin/dead-letters` shows it.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -90,60 +194,4 @@ pub async fn list_dead_letters(
         None
     };
     Ok(DeadLetterPage { items, next_cursor })
-}
-
-/// Why a replay did not apply the event.
-#[derive(Debug, thiserror::Error)]
-pub enum ReplayError {
-    /// No dead letter has this id.
-    #[error("dead letter {0} not found")]
-    NotFound(i64),
-    /// The event still cannot be applied (still malformed, order still unknown); nothing changed.
-    #[error("the event still cannot be applied: {0}")]
-    StillFailing(String),
-    /// The database failed; nothing changed.
-    #[error(transparent)]
-    Database(#[from] sqlx::Error),
-}
-
-/// Re-applies one dead letter's event with the usual rules (so replaying twice is harmless: the
-/// second finds the eventID in the inbox) and records when it was replayed.
-pub async fn replay_dead_letter(pool: &PgPool, topics: &Topics, id: i64) -> Result<Outcome, ReplayError> {
-    let row = sqlx::query!(
-        r#"select topic, partition, "offset", key, payload, headers from dead_letters where id = $1"#,
-        id
-    )
-    .fetch_optional(pool)
-    .await?
-    .ok_or(ReplayError::NotFound(id))?;
-    let record = stored_record!(row);
-    let span = event_span(&record);
-    let trace = context_headers(&span);
-    async {
-        let event = parse(&record.payload).map_err(ReplayError::StillFailing)?;
-        let mut tx = pool.begin().await?;
-        // Concurrent replays of one letter take turns.
-        sqlx::query!("select id from dead_letters where id = $1 for update", id)
-            .fetch_one(&mut *tx)
-            .await?;
-        let outcome = match decide(&mut tx, topics, &event, None, &trace).await? {
-            Decision::Done(outcome) => outcome,
-            Decision::NotYet(reason) => return Err(ReplayError::StillFailing(reason)),
-        };
-        sqlx::query!(
-            "update dead_letters set replayed_at = coalesce(replayed_at, now()) where id = $1",
-            id
-        )
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        tracing::info!(
-            dead_letter_id = id,
-            outcome = outcome.name(),
-            "dead letter replayed"
-        );
-        Ok(outcome)
-    }
-    .instrument(span)
-    .await
 }

@@ -42,17 +42,17 @@
 //! - [`rules`]: the transition rules, pure (what a tracking status does to an order);
 //! - [`outcome`]: what handling an event did, and what the rules decided;
 //! - `plan`: deciding a batch against its locked orders, and its inbox rows and status changes;
-//! - `park`: parking an event in `tracking_retries`, and writing a dead letter;
-//! - [`apply`]: handling a batch in one transaction (the consumer's entry point);
-//! - [`retries`]: the loop that retries parked events; [`dead_letters`]: listing and replaying
-//!   dead letters (the admin API's).
+//! - [`dead_letters`]: writing a dead letter (with its DLQ message) and listing them;
+//! - [`apply`]: handling a batch in one transaction (the consumer's entry point), parking the
+//!   events that must wait in `tracking_retries`;
+//! - [`retries`]: the loop that retries parked events; [`replay`]: replaying a dead letter.
 
 pub mod apply;
 pub mod dead_letters;
 pub mod outcome;
-mod park;
 mod plan;
 pub mod record;
+pub mod replay;
 pub mod retries;
 pub mod rules;
 
@@ -70,9 +70,10 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 pub use apply::{apply_event, apply_record, apply_records};
-pub use dead_letters::{DeadLetterPage, DeadLetterView, ReplayError, list_dead_letters, replay_dead_letter};
+pub use dead_letters::{DeadLetterPage, DeadLetterView, list_dead_letters};
 pub use outcome::Outcome;
 pub use record::Record;
+pub use replay::{ReplayError, replay_dead_letter};
 pub use retries::process_due;
 
 use crate::kafka::{self, ConsumerSettings, GroupConsumer};
@@ -287,7 +288,7 @@ async fn handle(
             // block the partition forever, so it is dead-lettered instead.
             Err(e) if refused_data(&e) => {
                 let reason = format!("the database refused the event: {e}");
-                match park::dead_letter_now(pool, topics, record, &reason).await {
+                match dead_letters::dead_letter_now(pool, topics, record, &reason).await {
                     Ok(id) => {
                         tracing::warn!(dead_letter_id = id, reason = %reason, "tracking event dead-lettered");
                         return true;

@@ -10,8 +10,8 @@ use tracing::Instrument as _;
 
 use super::ConsumerConfig;
 use super::apply::decide;
+use super::dead_letters::dead_letter;
 use super::outcome::Decision;
-use super::park::dead_letter;
 use super::record::{event_span, parse, stored_record};
 use crate::outbox::Topics;
 use crate::telemetry::context_headers;
