@@ -94,25 +94,9 @@ impl CatalogClient {
         reservation_id: &str,
         timeout: Duration,
     ) -> Result<(), DownstreamError> {
-        let url = transport::join_url(
-            &self.base_url,
-            &format!(
-                "/inventory/reservations/{}",
-                transport::encode_path_segment(reservation_id)
-            ),
-        );
-        let response = transport::send(
-            self.http.delete(url),
-            "/inventory/reservations/{reservationID}",
-            idempotency_key,
-            timeout,
-        )
-        .await?;
-        if response.is_success() || response.status == 404 {
-            Ok(())
-        } else {
-            Err(response.into_error())
-        }
+        const ROUTE: &str = "/inventory/reservations/{reservationID}";
+        let url = transport::url_of(&self.base_url, ROUTE, reservation_id);
+        transport::undo(self.http.delete(url), ROUTE, idempotency_key, timeout).await
     }
 }
 
@@ -308,30 +292,14 @@ mod tests {
 
     #[test]
     fn missing_extra_or_changed_lines_are_contract_violations() {
-        assert_violation(validate_reservation(
-            &request(),
-            answer(vec![item(1, 2, "1", "EUR")]),
-        ));
-        assert_violation(validate_reservation(
-            &request(),
-            answer(vec![
-                item(1, 2, "1", "EUR"),
-                item(2, 1, "1", "EUR"),
-                item(3, 1, "1", "EUR"),
-            ]),
-        ));
-        assert_violation(validate_reservation(
-            &request(),
-            answer(vec![item(1, 3, "1", "EUR"), item(2, 1, "1", "EUR")]),
-        ));
-        assert_violation(validate_reservation(
-            &request(),
-            answer(vec![
-                item(1, 1, "1", "EUR"),
-                item(1, 1, "1", "EUR"),
-                item(2, 1, "1", "EUR"),
-            ]),
-        ));
+        let euro = |product_id, quantity| item(product_id, quantity, "1", "EUR");
+        let missing = vec![euro(1, 2)];
+        let extra = vec![euro(1, 2), euro(2, 1), euro(3, 1)];
+        let changed = vec![euro(1, 3), euro(2, 1)];
+        let split = vec![euro(1, 1), euro(1, 1), euro(2, 1)];
+        for lines in [missing, extra, changed, split] {
+            assert_violation(validate_reservation(&request(), answer(lines)));
+        }
     }
 
     #[test]

@@ -66,25 +66,9 @@ impl ShipmentsClient {
         shipment_id: &str,
         timeout: Duration,
     ) -> Result<(), DownstreamError> {
-        let url = transport::join_url(
-            &self.base_url,
-            &format!(
-                "/shipments/{}/cancel",
-                transport::encode_path_segment(shipment_id)
-            ),
-        );
-        let response = transport::send(
-            self.http.post(url),
-            "/shipments/{shipmentID}/cancel",
-            idempotency_key,
-            timeout,
-        )
-        .await?;
-        if response.is_success() || response.status == 404 {
-            Ok(())
-        } else {
-            Err(response.into_error())
-        }
+        const ROUTE: &str = "/shipments/{shipmentID}/cancel";
+        let url = transport::url_of(&self.base_url, ROUTE, shipment_id);
+        transport::undo(self.http.post(url), ROUTE, idempotency_key, timeout).await
     }
 }
 

@@ -164,6 +164,22 @@ pub async fn send(
     result
 }
 
+/// Sends a call that undoes something (a release, a cancellation) as [`send`] does: any 2xx, and
+/// 404 (never made, or already gone), mean it is undone; any other answer is classified.
+pub(crate) async fn undo(
+    request: reqwest::RequestBuilder,
+    route: &'static str,
+    idempotency_key: &str,
+    timeout: Duration,
+) -> Result<(), DownstreamError> {
+    let response = send(request, route, idempotency_key, timeout).await?;
+    if response.is_success() || response.status == 404 {
+        Ok(())
+    } else {
+        Err(response.into_error())
+    }
+}
+
 /// The CLIENT span of one downstream call.
 fn client_span(request: &reqwest::Request, route: &'static str) -> tracing::Span {
     let url = request.url();
@@ -213,6 +229,14 @@ pub(crate) fn encode_path_segment(segment: &str) -> String {
     out
 }
 
+/// The URL of `route`, a template with one `{name}` segment (`/shipments/{shipmentID}/cancel`),
+/// below `base`, with `id` percent-encoded in that segment.
+pub(crate) fn url_of(base: &str, route: &str, id: &str) -> String {
+    let (head, rest) = route.split_once('{').unwrap_or((route, "}"));
+    let tail = rest.split_once('}').map_or("", |(_, tail)| tail);
+    join_url(base, &format!("{head}{}{tail}", encode_path_segment(id)))
+}
+
 /// Joins a base URL (with or without a trailing slash) and a path starting with `/`.
 pub(crate) fn join_url(base: &str, path: &str) -> String {
     format!("{}{}", base.trim_end_matches('/'), path)
@@ -232,5 +256,13 @@ mod tests {
         );
         assert_eq!(join_url("http://h:1/", "/x"), "http://h:1/x");
         assert_eq!(join_url("http://h:1", "/x"), "http://h:1/x");
+        assert_eq!(
+            url_of("http://h:1/", "/shipments/{shipmentID}/cancel", "a b/c"),
+            "http://h:1/shipments/a%20b%2Fc/cancel"
+        );
+        assert_eq!(
+            url_of("http://h:1", "/inventory/reservations/{reservationID}", "r-1"),
+            "http://h:1/inventory/reservations/r-1"
+        );
     }
 }
