@@ -160,7 +160,7 @@ async fn a_sagas_trace_reaches_an_otlp_receiver_as_one_tree_with_the_conventions
         std::env::set_var("OTEL_BSP_SCHEDULE_DELAY", "200");
         std::env::set_var("OTEL_METRICS_EXPORTER", "none");
     }
-    let guard = ostore_orders::telemetry::init("ostore-orders", ostore_orders::config::LogFormat::Pretty);
+    let guard = ostore_orders::telemetry::init("ostore-orders", ostore_orders::telemetry::LogFormat::Pretty);
     let app = spawn_app_with(AppOptions {
         kafka: true,
         auto_advance_ms: Some(200),
