@@ -179,7 +179,7 @@ def check_all(stack, rec, users, initial_stock):
     c.add("3 reservations match confirmed orders", ok, fig)
 
     # 4. outbox: every row marked published, and found in its topic (read from the broker's storage)
-    ob = stack.rows("select topic, count(*) as n, count(*) filter (where published_at is null) as unpublished"
+    ob = stack.rows("select topic, count(*) as n, count(*) filter (where id > outbox_published_through()) as unpublished"
                     " from outbox group by topic order by topic")
     unpublished = sum(r["unpublished"] for r in ob)
     fig = f"{sum(r['n'] for r in ob)} rows, {unpublished} unpublished: " + ", ".join(f"{r['topic']} {r['n']}" for r in ob)
@@ -190,7 +190,7 @@ def check_all(stack, rec, users, initial_stock):
         in_kafka = None
         fig += f"\ntopic contents not verified: {e}"
     if in_kafka is not None:
-        rows = stack.rows("select topic, event_id::text as id, message_key, published_at is not null as published"
+        rows = stack.rows("select topic, event_id::text as id, message_key, id <= outbox_published_through() as published"
                           " from outbox")
         lost = [f"{r['topic']}:{r['id']}" for r in rows
                 if r["published"] and (r["id"], r["message_key"]) not in in_kafka.get(r["topic"], {})]

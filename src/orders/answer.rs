@@ -5,7 +5,7 @@
 
 use serde_json::{Value, json};
 
-use crate::contract::Unavailable;
+use crate::downstream::contract::Unavailable;
 
 /// The `detail` of a stock refusal.
 pub const STOCK_DETAIL: &str =

@@ -1,10 +1,11 @@
-//! Failure classes: why a step attempt failed or why a saga compensates. Typed everywhere in the
+//! Failure classes: why a step attempt failed or why a saga compensates (a downstream call's
+//! class, `crate::downstream::FailureClass`, is one of them). Typed everywhere in the
 //! engine; the persisted spelling (`failure.class`, `last_error_class`, `saga_steps.error_class`,
 //! the events' `errorClass`) is [`FailureClass::as_str`], byte for byte what earlier releases wrote.
 
 use serde::{Deserialize, Serialize};
 
-use crate::downstream::class;
+use crate::downstream::FailureClass as Downstream;
 
 /// Why an attempt failed or a saga compensates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -77,13 +78,13 @@ impl FailureClass {
             FailureClass::InconsistentReservation => "inconsistent_reservation",
             FailureClass::Skipped => "skipped",
             FailureClass::Unknown => "unknown",
-            FailureClass::Connect => class::CONNECT,
-            FailureClass::Timeout => class::TIMEOUT,
-            FailureClass::Request => class::REQUEST,
-            FailureClass::Http5xx => class::HTTP_5XX,
-            FailureClass::Http429 => class::HTTP_429,
-            FailureClass::Http4xx => class::HTTP_4XX,
-            FailureClass::ContractViolation => class::CONTRACT_VIOLATION,
+            FailureClass::Connect => Downstream::Connect.as_str(),
+            FailureClass::Timeout => Downstream::Timeout.as_str(),
+            FailureClass::Request => Downstream::Request.as_str(),
+            FailureClass::Http5xx => Downstream::Http5xx.as_str(),
+            FailureClass::Http429 => Downstream::Http429.as_str(),
+            FailureClass::Http4xx => Downstream::Http4xx.as_str(),
+            FailureClass::ContractViolation => Downstream::ContractViolation.as_str(),
         }
     }
 
@@ -91,11 +92,20 @@ impl FailureClass {
     pub fn parse(s: &str) -> Option<FailureClass> {
         FailureClass::ALL.into_iter().find(|c| c.as_str() == s)
     }
+}
 
-    /// The class of a downstream client's failure (its `class` names one of [`class`]); a name
-    /// this list does not know is a contract violation of the client itself.
-    pub fn of_downstream(name: &str) -> FailureClass {
-        FailureClass::parse(name).unwrap_or(FailureClass::ContractViolation)
+impl From<Downstream> for FailureClass {
+    /// A downstream client's failure class, as the saga records it.
+    fn from(c: Downstream) -> Self {
+        match c {
+            Downstream::Connect => FailureClass::Connect,
+            Downstream::Timeout => FailureClass::Timeout,
+            Downstream::Request => FailureClass::Request,
+            Downstream::Http5xx => FailureClass::Http5xx,
+            Downstream::Http429 => FailureClass::Http429,
+            Downstream::Http4xx => FailureClass::Http4xx,
+            Downstream::ContractViolation => FailureClass::ContractViolation,
+        }
     }
 }
 
@@ -118,5 +128,16 @@ mod tests {
         assert_eq!(FailureClass::Http5xx.as_str(), "http_5xx");
         assert_eq!(FailureClass::InsufficientStock.as_str(), "insufficient_stock");
         assert_eq!(FailureClass::parse("nonsense"), None);
+        for d in [
+            Downstream::Connect,
+            Downstream::Timeout,
+            Downstream::Request,
+            Downstream::Http5xx,
+            Downstream::Http429,
+            Downstream::Http4xx,
+            Downstream::ContractViolation,
+        ] {
+            assert_eq!(FailureClass::from(d).as_str(), d.as_str());
+        }
     }
 }

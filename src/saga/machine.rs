@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::contract::{Reservation, Shipment, Unavailable};
+use crate::downstream::contract::{Reservation, Shipment, Unavailable};
 use crate::orders::OrderStatus;
 use crate::orders::answer::Answer;
 use crate::orders::validate::Line;
@@ -883,7 +883,7 @@ pub fn order_event(event_type: &'static str, data: Value) -> Effect {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::contract::{ReservedItem, Shipment};
+    use crate::downstream::contract::{ReservedItem, Shipment};
     use crate::saga::create_order::CreateOrder;
     use crate::saga::definition::SagaDef;
     use crate::saga::steps::{CREATE_ORDER, create_order_impls};

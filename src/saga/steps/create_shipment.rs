@@ -5,13 +5,13 @@
 
 use std::time::Duration;
 
-use crate::contract::CreateShipmentRequest;
+use crate::downstream::contract::CreateShipmentRequest;
 
 use crate::downstream::FailureKind;
+use crate::downstream::shipments::ShipmentsClient;
 use crate::saga::machine::{FailureClass, Kind, Outcome, Saga, StepOutput};
 use crate::saga::registry::{Registry, RemoteRun, RemoteStep};
 use crate::saga::steps::idempotency_key;
-use crate::shipments::ShipmentsClient;
 
 /// Persisted action name.
 pub const ACTION: &str = "create_shipment";

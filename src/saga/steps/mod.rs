@@ -9,14 +9,14 @@ pub mod reserve_inventory;
 
 use std::sync::Arc;
 
-use crate::catalog::CatalogClient;
+use crate::downstream::catalog::CatalogClient;
+use crate::downstream::shipments::ShipmentsClient;
 use crate::downstream::{DownstreamError, FailureKind};
 use crate::saga::create_order::CreateOrder;
 use crate::saga::definition::{CREATE_ORDER_FILE, SagaDef, StepImpl};
 use crate::saga::engine::SagaType;
-use crate::saga::machine::{FailureClass, Outcome, StepShape};
+use crate::saga::machine::{Outcome, StepShape};
 use crate::saga::registry::Registry;
-use crate::shipments::ShipmentsClient;
 
 /// The CreateOrder saga's steps, in order.
 pub const CREATE_ORDER: [StepShape; 3] = [
@@ -73,10 +73,10 @@ pub fn idempotency_key(saga_id: uuid::Uuid, name: &str) -> String {
 }
 
 /// The saga's requested lines as the downstream contracts spell them.
-pub fn line_items(saga: &crate::saga::machine::Saga) -> Vec<crate::contract::LineItem> {
+pub fn line_items(saga: &crate::saga::machine::Saga) -> Vec<crate::downstream::contract::LineItem> {
     saga.input
         .iter()
-        .map(|l| crate::contract::LineItem {
+        .map(|l| crate::downstream::contract::LineItem {
             product_id: l.product_id,
             quantity: l.quantity,
         })
@@ -88,13 +88,13 @@ impl From<DownstreamError> for Outcome {
     fn from(e: DownstreamError) -> Self {
         match e.kind {
             FailureKind::Transient => Outcome::Transient {
-                class: FailureClass::of_downstream(e.class),
+                class: e.class.into(),
                 detail: e.message,
                 status: e.status,
                 retry_after: e.retry_after,
             },
             FailureKind::Refused => Outcome::Refused {
-                class: FailureClass::of_downstream(e.class),
+                class: e.class.into(),
                 detail: e.message,
                 status: e.status,
                 unavailable: None,

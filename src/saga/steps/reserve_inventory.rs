@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use crate::catalog::{CatalogClient, ReserveError};
-use crate::contract::ReservationRequest;
+use crate::downstream::catalog::{CatalogClient, ReserveError};
+use crate::downstream::contract::ReservationRequest;
 
 use crate::saga::machine::{FailureClass, Kind, Outcome, Saga, StepOutput};
 use crate::saga::registry::{Registry, RemoteRun, RemoteStep};
