@@ -44,6 +44,17 @@ pub enum FailureClass {
 }
 
 impl FailureClass {
+    /// Every class.
+    pub const ALL: [FailureClass; 7] = [
+        FailureClass::Connect,
+        FailureClass::Timeout,
+        FailureClass::Request,
+        FailureClass::Http5xx,
+        FailureClass::Http429,
+        FailureClass::Http4xx,
+        FailureClass::ContractViolation,
+    ];
+
     /// The class's stable name, persisted in saga history as `errorClass` (never rename).
     pub const fn as_str(self) -> &'static str {
         match self {

@@ -8,6 +8,7 @@ use serde_json::{Value, json};
 
 use crate::orders::OrderStatus;
 use crate::orders::answer::Answer;
+use crate::saga::failure::Downstream;
 use crate::saga::machine::{
     Attempt, Effect, Failure, FailureClass, Kind, OrderChange, Outcome, Saga, SagaHooks, StepOutput, money,
     order_event, rfc3339,
@@ -136,7 +137,7 @@ pub fn customer_text(failure: &Failure) -> String {
                 "create_shipment" => "the shipment could not be arranged",
                 _ => "the order could not be completed",
             };
-            let why = if failure.class == FailureClass::Http4xx {
+            let why = if failure.class == FailureClass::Downstream(Downstream::Http4xx) {
                 "it was refused"
             } else {
                 "a service it needs was unavailable"

@@ -5,11 +5,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::downstream::FailureClass as Downstream;
+pub use crate::downstream::FailureClass as Downstream;
 
 /// Why an attempt failed or a saga compensates.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum FailureClass {
     /// The customer or an admin cancelled the saga.
     Cancelled,
@@ -28,28 +27,13 @@ pub enum FailureClass {
     Skipped,
     /// A compensation finished without a recorded failure (never expected).
     Unknown,
-    /// Downstream: the connection could not be made.
-    Connect,
-    /// Downstream: no complete answer within the call's timeout.
-    Timeout,
-    /// Downstream: any other transport failure.
-    Request,
-    /// Downstream: a 5xx answer.
-    #[serde(rename = "http_5xx")]
-    Http5xx,
-    /// Downstream: a 429 answer.
-    #[serde(rename = "http_429")]
-    Http429,
-    /// Downstream: another 4xx answer (a business refusal).
-    #[serde(rename = "http_4xx")]
-    Http4xx,
-    /// Downstream: the answer did not fit the contract.
-    ContractViolation,
+    /// A downstream call failed (connect, timeout, 5xx, 429, 4xx, contract violation ...).
+    Downstream(Downstream),
 }
 
 impl FailureClass {
-    /// Every class.
-    pub const ALL: [FailureClass; 15] = [
+    /// The classes the saga itself decides (the downstream ones are [`Downstream::ALL`]).
+    const OWN: [FailureClass; 8] = [
         FailureClass::Cancelled,
         FailureClass::InsufficientStock,
         FailureClass::TotalOverflow,
@@ -58,13 +42,6 @@ impl FailureClass {
         FailureClass::InconsistentReservation,
         FailureClass::Skipped,
         FailureClass::Unknown,
-        FailureClass::Connect,
-        FailureClass::Timeout,
-        FailureClass::Request,
-        FailureClass::Http5xx,
-        FailureClass::Http429,
-        FailureClass::Http4xx,
-        FailureClass::ContractViolation,
     ];
 
     /// The persisted name.
@@ -78,34 +55,26 @@ impl FailureClass {
             FailureClass::InconsistentReservation => "inconsistent_reservation",
             FailureClass::Skipped => "skipped",
             FailureClass::Unknown => "unknown",
-            FailureClass::Connect => Downstream::Connect.as_str(),
-            FailureClass::Timeout => Downstream::Timeout.as_str(),
-            FailureClass::Request => Downstream::Request.as_str(),
-            FailureClass::Http5xx => Downstream::Http5xx.as_str(),
-            FailureClass::Http429 => Downstream::Http429.as_str(),
-            FailureClass::Http4xx => Downstream::Http4xx.as_str(),
-            FailureClass::ContractViolation => Downstream::ContractViolation.as_str(),
+            FailureClass::Downstream(d) => d.as_str(),
         }
+    }
+
+    /// Every class.
+    pub fn all() -> impl Iterator<Item = FailureClass> {
+        FailureClass::OWN
+            .into_iter()
+            .chain(Downstream::ALL.into_iter().map(FailureClass::Downstream))
     }
 
     /// Parses a persisted name (the database edge).
     pub fn parse(s: &str) -> Option<FailureClass> {
-        FailureClass::ALL.into_iter().find(|c| c.as_str() == s)
+        FailureClass::all().find(|c| c.as_str() == s)
     }
 }
 
 impl From<Downstream> for FailureClass {
-    /// A downstream client's failure class, as the saga records it.
     fn from(c: Downstream) -> Self {
-        match c {
-            Downstream::Connect => FailureClass::Connect,
-            Downstream::Timeout => FailureClass::Timeout,
-            Downstream::Request => FailureClass::Request,
-            Downstream::Http5xx => FailureClass::Http5xx,
-            Downstream::Http429 => FailureClass::Http429,
-            Downstream::Http4xx => FailureClass::Http4xx,
-            Downstream::ContractViolation => FailureClass::ContractViolation,
-        }
+        FailureClass::Downstream(c)
     }
 }
 
@@ -115,29 +84,38 @@ impl std::fmt::Display for FailureClass {
     }
 }
 
+impl Serialize for FailureClass {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for FailureClass {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        FailureClass::parse(&name)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown failure class {name:?}")))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn every_class_keeps_its_persisted_spelling_in_json_and_text() {
-        for c in FailureClass::ALL {
+        for c in FailureClass::all() {
             assert_eq!(serde_json::to_value(c).unwrap(), serde_json::json!(c.as_str()));
+            assert_eq!(
+                serde_json::from_value::<FailureClass>(serde_json::json!(c.as_str())).unwrap(),
+                c
+            );
             assert_eq!(FailureClass::parse(c.as_str()), Some(c));
         }
-        assert_eq!(FailureClass::Http5xx.as_str(), "http_5xx");
+        assert_eq!(FailureClass::all().count(), 15);
+        assert_eq!(FailureClass::Downstream(Downstream::Http5xx).as_str(), "http_5xx");
         assert_eq!(FailureClass::InsufficientStock.as_str(), "insufficient_stock");
         assert_eq!(FailureClass::parse("nonsense"), None);
-        for d in [
-            Downstream::Connect,
-            Downstream::Timeout,
-            Downstream::Request,
-            Downstream::Http5xx,
-            Downstream::Http429,
-            Downstream::Http4xx,
-            Downstream::ContractViolation,
-        ] {
-            assert_eq!(FailureClass::from(d).as_str(), d.as_str());
-        }
+        assert!(serde_json::from_value::<FailureClass>(serde_json::json!("nonsense")).is_err());
     }
 }

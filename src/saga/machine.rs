@@ -886,6 +886,7 @@ mod tests {
     use crate::downstream::contract::{ReservedItem, Shipment};
     use crate::saga::create_order::CreateOrder;
     use crate::saga::definition::SagaDef;
+    use crate::saga::failure::Downstream;
     use crate::saga::steps::{CREATE_ORDER, create_order_impls};
 
     fn def() -> SagaDef {
@@ -949,7 +950,7 @@ mod tests {
 
     fn transient() -> Outcome {
         Outcome::Transient {
-            class: FailureClass::Http5xx,
+            class: FailureClass::Downstream(Downstream::Http5xx),
             detail: "503".into(),
             status: Some(503),
             retry_after: None,
@@ -1099,7 +1100,7 @@ mod tests {
         s.step = 2;
         s.data.items = Some(vec![]);
         let refused = Outcome::Refused {
-            class: FailureClass::Http4xx,
+            class: FailureClass::Downstream(Downstream::Http4xx),
             detail: "422".into(),
             status: Some(422),
             unavailable: None,
@@ -1254,7 +1255,7 @@ mod tests {
 
     fn picked_up() -> Outcome {
         Outcome::Refused {
-            class: FailureClass::Http4xx,
+            class: FailureClass::Downstream(Downstream::Http4xx),
             detail: "HTTP 409 Conflict: shipment is already picked_up".into(),
             status: Some(409),
             unavailable: None,
@@ -1300,7 +1301,7 @@ mod tests {
         // A refusal that is not "can no longer be cancelled" (422) is retried.
         let mut s = cancelling_a_completed_saga();
         let refused = Outcome::Refused {
-            class: FailureClass::Http4xx,
+            class: FailureClass::Downstream(Downstream::Http4xx),
             detail: "422".into(),
             status: Some(422),
             unavailable: None,

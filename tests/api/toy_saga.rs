@@ -19,6 +19,7 @@ use ostore_orders::orders::validate::Line;
 use ostore_orders::outbox::Topics;
 use ostore_orders::saga::definition::{SagaDef, StepImpl};
 use ostore_orders::saga::engine::{Engine, EngineConfig, SagaType};
+use ostore_orders::saga::failure::Downstream;
 use ostore_orders::saga::machine::{
     Attempt, Effect, Failure, FailureClass, Outcome, Saga, SagaHooks, SagaState, StepOutput,
 };
@@ -56,7 +57,7 @@ impl RemoteStep for Remote {
                 }
                 if saga.input[0].product_id == REFUSED_PRODUCT {
                     return Outcome::Refused {
-                        class: FailureClass::Http4xx,
+                        class: FailureClass::Downstream(Downstream::Http4xx),
                         detail: "the toy downstream refuses product 13".into(),
                         status: Some(422),
                         unavailable: None,
@@ -66,7 +67,7 @@ impl RemoteStep for Remote {
             match effect(&mut self.pool.acquire().await.unwrap(), saga.id, self.name).await {
                 Ok(()) => Outcome::Succeeded(StepOutput::Done),
                 Err(e) => Outcome::Transient {
-                    class: FailureClass::Connect,
+                    class: FailureClass::Downstream(Downstream::Connect),
                     detail: e.to_string(),
                     status: None,
                     retry_after: None,

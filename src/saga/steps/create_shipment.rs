@@ -9,6 +9,7 @@ use crate::downstream::contract::CreateShipmentRequest;
 
 use crate::downstream::FailureKind;
 use crate::downstream::shipments::ShipmentsClient;
+use crate::saga::failure::Downstream;
 use crate::saga::machine::{FailureClass, Kind, Outcome, Saga, StepOutput};
 use crate::saga::registry::{Registry, RemoteRun, RemoteStep};
 use crate::saga::steps::idempotency_key;
@@ -46,10 +47,9 @@ pub async fn compensation(client: &ShipmentsClient, saga: &Saga, timeout: Durati
     let shipment_id = match &saga.data.shipment {
         Some(sh) => sh.shipment_id.clone(),
         None => {
-            let refused = saga
-                .failure
-                .as_ref()
-                .is_some_and(|f| f.step == ACTION && f.class == FailureClass::Http4xx);
+            let refused = saga.failure.as_ref().is_some_and(|f| {
+                f.step == ACTION && f.class == FailureClass::Downstream(Downstream::Http4xx)
+            });
             if refused {
                 return Outcome::Skipped("the shipper refused the shipment: none was created".into());
             }
