@@ -331,18 +331,7 @@ mod tests {
 
     #[test]
     fn persisted_class_names_never_change() {
-        let names: Vec<&str> = [
-            FailureClass::Connect,
-            FailureClass::Timeout,
-            FailureClass::Request,
-            FailureClass::Http5xx,
-            FailureClass::Http429,
-            FailureClass::Http4xx,
-            FailureClass::ContractViolation,
-        ]
-        .iter()
-        .map(|c| c.as_str())
-        .collect();
+        let names: Vec<&str> = FailureClass::ALL.iter().map(|c| c.as_str()).collect();
         assert_eq!(
             names,
             [
