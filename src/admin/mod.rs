@@ -10,7 +10,8 @@ use sqlx::PgConnection;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::saga::machine::{FailureClass, SagaState, rfc3339};
+use crate::saga::machine::{Failure, FailureClass, SagaState, rfc3339};
+use crate::saga::store::{self as saga_store, OperatorView};
 
 /// Filter of a saga listing (every field optional).
 #[derive(Debug, Clone, Default)]
@@ -304,42 +305,12 @@ pub enum ActionOutcome {
     },
 }
 
-struct Locked {
-    state: SagaState,
-    step_name: String,
-    attempt: i32,
-    next_attempt_at: Option<OffsetDateTime>,
-    leased: bool,
-}
-
-async fn lock(conn: &mut PgConnection, saga_id: Uuid) -> Result<Option<Locked>, sqlx::Error> {
-    let r = sqlx::query!(
-        r#"select state, step_name, attempt, next_attempt_at,
-                  coalesce(lease_expires_at > now(), false) as "leased!"
-             from sagas where saga_id = $1 for update"#,
-        saga_id
-    )
-    .fetch_optional(&mut *conn)
-    .await?;
-    r.map(|r| {
-        Ok(Locked {
-            state: SagaState::parse(&r.state)
-                .ok_or_else(|| sqlx::Error::Decode(format!("unknown saga state {}", r.state).into()))?,
-            step_name: r.step_name,
-            attempt: r.attempt,
-            next_attempt_at: r.next_attempt_at,
-            leased: r.leased,
-        })
-    })
-    .transpose()
-}
-
-fn snapshot(l: &Locked) -> Value {
+fn snapshot(l: &OperatorView) -> Value {
     json!({"state": l.state.as_str(), "step": l.step_name, "attempt": l.attempt, "nextAttemptAt": l.next_attempt_at.map(rfc3339)})
 }
 
 async fn snapshot_of(conn: &mut PgConnection, saga_id: Uuid) -> Result<Value, sqlx::Error> {
-    Ok(lock(conn, saga_id)
+    Ok(saga_store::lock_for_operator(conn, saga_id)
         .await?
         .map(|l| snapshot(&l))
         .unwrap_or(Value::Null))
@@ -348,7 +319,7 @@ async fn snapshot_of(conn: &mut PgConnection, saga_id: Uuid) -> Result<Value, sq
 /// Re-drives a saga: a stuck one continues its compensation with fresh attempts; a waiting one runs
 /// its next attempt now. Terminal sagas are refused. Harmless to repeat.
 pub async fn retry(conn: &mut PgConnection, saga_id: Uuid) -> Result<ActionOutcome, sqlx::Error> {
-    let Some(l) = lock(conn, saga_id).await? else {
+    let Some(l) = saga_store::lock_for_operator(conn, saga_id).await? else {
         return Ok(ActionOutcome::NotFound);
     };
     if l.state.is_terminal() {
@@ -356,23 +327,11 @@ pub async fn retry(conn: &mut PgConnection, saga_id: Uuid) -> Result<ActionOutco
     }
     let before = snapshot(&l);
     if l.state == SagaState::Stuck {
-        sqlx::query!(
-            r#"update sagas set state = 'compensating', attempt = 0, next_attempt_at = now(), lease_owner = null,
-                      lease_expires_at = null, finished_at = null, updated_at = now()
-                where saga_id = $1"#,
-            saga_id
-        )
-        .execute(&mut *conn)
-        .await?;
+        saga_store::resume_compensation(conn, saga_id, None).await?;
     } else if !l.leased {
-        sqlx::query!(
-            "update sagas set next_attempt_at = least(coalesce(next_attempt_at, now()), now()), updated_at = now() where saga_id = $1",
-            saga_id
-        )
-        .execute(&mut *conn)
-        .await?;
+        saga_store::run_now(conn, saga_id).await?;
     }
-    crate::saga::store::wake_due(conn).await?;
+    saga_store::wake_due(conn).await?;
     let after = snapshot_of(conn, saga_id).await?;
     Ok(ActionOutcome::Done { before, after })
 }
@@ -384,7 +343,7 @@ pub async fn cancel(
     saga_id: Uuid,
     actor: i32,
 ) -> Result<ActionOutcome, sqlx::Error> {
-    let Some(l) = lock(conn, saga_id).await? else {
+    let Some(l) = saga_store::lock_for_operator(conn, saga_id).await? else {
         return Ok(ActionOutcome::NotFound);
     };
     if l.state.is_terminal() {
@@ -394,26 +353,22 @@ pub async fn cancel(
     let reason = format!("by admin {actor}");
     match l.state {
         // The first reason stays (a repeated admin cancel, or one after the customer's).
-        SagaState::Running => crate::saga::store::request_cancel(conn, saga_id, &reason, true).await?,
+        SagaState::Running => saga_store::request_cancel(conn, saga_id, &reason, true).await?,
         // Stuck: it is compensating already; continue with fresh attempts.
         SagaState::Stuck => {
-            sqlx::query!(
-                r#"update sagas set state = 'compensating', attempt = 0, next_attempt_at = now(), lease_owner = null,
-                          lease_expires_at = null, finished_at = null, updated_at = now(),
-                          cancel_requested = coalesce(cancel_requested, $2),
-                          failure = coalesce(failure, $3)
-                    where saga_id = $1"#,
-                saga_id,
-                reason,
-                json!({"class": FailureClass::Cancelled, "detail": format!("cancelled: {reason}"), "step": l.step_name})
-            )
-            .execute(&mut *conn)
-            .await?;
+            let failure = Failure {
+                class: FailureClass::Cancelled,
+                detail: format!("cancelled: {reason}"),
+                step: l.step_name.clone(),
+                unavailable: None,
+                after_completion: false,
+            };
+            saga_store::resume_compensation(conn, saga_id, Some((&reason, &failure))).await?;
         }
         // Compensating already: nothing more to do.
         _ => {}
     }
-    crate::saga::store::wake_due(conn).await?;
+    saga_store::wake_due(conn).await?;
     let after = snapshot_of(conn, saga_id).await?;
     Ok(ActionOutcome::Done { before, after })
 }

@@ -803,3 +803,80 @@ pub async fn created_before(
     .await?;
     Ok(old.unwrap_or(false))
 }
+
+/// What an operator's action (re-drive, cancel) reads of the saga row it has locked.
+#[derive(Debug)]
+pub struct OperatorView {
+    /// State.
+    pub state: SagaState,
+    /// The action or compensation ops see as the saga's step.
+    pub step_name: String,
+    /// Attempts made of it.
+    pub attempt: i32,
+    /// When the next attempt is due.
+    pub next_attempt_at: Option<OffsetDateTime>,
+    /// A worker holds the lease.
+    pub leased: bool,
+}
+
+/// Locks a saga's row for an operator's action (None: no such saga).
+pub async fn lock_for_operator(
+    conn: &mut PgConnection,
+    saga_id: Uuid,
+) -> Result<Option<OperatorView>, sqlx::Error> {
+    let r = sqlx::query!(
+        r#"select state, step_name, attempt, next_attempt_at,
+                  coalesce(lease_expires_at > now(), false) as "leased!"
+             from sagas where saga_id = $1 for update"#,
+        saga_id
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
+    r.map(|r| {
+        Ok(OperatorView {
+            state: parse_state(&r.state)?,
+            step_name: r.step_name,
+            attempt: r.attempt,
+            next_attempt_at: r.next_attempt_at,
+            leased: r.leased,
+        })
+    })
+    .transpose()
+}
+
+/// A stuck saga compensates again with fresh attempts, due now; with `cancel`, a cancellation's
+/// reason and failure are stored unless the saga has its own already.
+pub async fn resume_compensation(
+    conn: &mut PgConnection,
+    saga_id: Uuid,
+    cancel: Option<(&str, &Failure)>,
+) -> Result<(), sqlx::Error> {
+    let (reason, failure) = match cancel {
+        Some((reason, failure)) => (Some(reason), serde_json::to_value(failure).ok()),
+        None => (None, None),
+    };
+    sqlx::query(
+        r#"update sagas set state = 'compensating', attempt = 0, next_attempt_at = now(), lease_owner = null,
+                  lease_expires_at = null, finished_at = null, updated_at = now(),
+                  cancel_requested = coalesce(cancel_requested, $2),
+                  failure = coalesce(failure, $3)
+            where saga_id = $1"#,
+    )
+    .bind(saga_id)
+    .bind(reason)
+    .bind(failure)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// A waiting saga runs its next attempt now.
+pub async fn run_now(conn: &mut PgConnection, saga_id: Uuid) -> Result<(), sqlx::Error> {
+    sqlx::query!(
+        "update sagas set next_attempt_at = least(coalesce(next_attempt_at, now()), now()), updated_at = now() where saga_id = $1",
+        saga_id
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
