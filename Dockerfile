@@ -32,6 +32,7 @@ COPY .sqlx ./.sqlx
 COPY migrations ./migrations
 COPY sagas ./sagas
 COPY src ./src
+COPY benches ./benches
 
 # target/ lives in a cache mount, so the binary is copied out within the same step.
 RUN --mount=type=cache,id=ostore-cargo-registry,target=/usr/local/cargo/registry,sharing=locked \

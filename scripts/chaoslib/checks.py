@@ -42,13 +42,13 @@ def sample(items, n=5):
 
 def broker_event_ids(stack):
     """{topic: Counter((eventID, key))} of every record in the broker: read through the Kafka
-    protocol (`ostore-orders kafka dump`) from the mock, and from Tansu's SQLite storage
+    protocol (`ostore-tools kafka dump`) from the mock, and from Tansu's SQLite storage
     (read-only), which also shows records a fetch would not."""
     if stack.args.broker != "tansu":
         out = collections.defaultdict(collections.Counter)
         path = os.path.join(stack.dir, "topics.jsonl")
         with open(path, "wb") as f:
-            r = subprocess.run([stack.bin, "kafka", "dump", "--bootstrap-servers", stack.kafka],
+            r = subprocess.run([stack.tools, "kafka", "dump", "--bootstrap-servers", stack.kafka],
                                stdout=f, stderr=subprocess.PIPE, timeout=300)
         if r.returncode != 0:
             raise RuntimeError(f"kafka dump: {r.stderr.decode(errors='replace').strip()[-500:]}")

@@ -266,7 +266,7 @@ async fn script(pool: &PgPool) -> anyhow::Result<String> {
     writeln!(
         s,
         "select pg_notify({}, {} || :saga_id || {});",
-        lit(crate::saga::store::CHANNEL),
+        lit(ostore_orders::saga::store::CHANNEL),
         lit("finished:"),
         lit(" bench-worker")
     )?;
