@@ -1,7 +1,9 @@
 //! OStore order management service.
 //!
 //! One crate, several roles (API, saga worker, outbox relay, tracking consumer, simulators); see the
-//! README for how they fit together and `docs/` for the contracts.
+//! README for how they fit together and `docs/` for the contracts. The benchmarks and Kafka tools
+//! are a crate of their own in the same workspace (`benches/tools`, `ostore-tools`), built on this
+//! library.
 
 pub mod admin;
 pub mod api;
@@ -26,3 +28,4 @@ pub mod sim;
 pub mod telemetry;
 pub mod topics;
 pub mod tracking;
+pub mod verify;

@@ -312,7 +312,11 @@ async fn start_stack(args: &BenchArgs) -> anyhow::Result<Stack> {
         .stdout(log.try_clone()?)
         .stderr(log)
         .kill_on_drop(true);
-    let mut child = cmd.spawn().context("cannot start the service")?;
+    let mut child = cmd.spawn().with_context(|| {
+        format!(
+            "cannot start the service: {SERVICE_PROGRAM} beside this program or in PATH (build the workspace: `cargo build --workspace`)"
+        )
+    })?;
     let http = reqwest::Client::new();
     let mut ready = false;
     for _ in 0..300 {

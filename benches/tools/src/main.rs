@@ -1,11 +1,13 @@
 //! `ostore-tools`: the benchmarks and Kafka tools of the OStore order service, a binary of its own
 //! beside the service (`ostore-orders`), built from the same workspace. It drives the service's
 //! own code (its library: stores, relay, consumer, simulators) and never copies its SQL.
-//! `ostore-orders bench …`, `bench-relay`, `bench-consumer` and `kafka …` run this binary.
+//! `ostore-orders bench …`, `bench-relay`, `bench-consumer` and `kafka …` run this binary;
+//! `verify` is its own.
 
 mod bench;
 mod bench_kafka;
 mod kafka_tools;
+mod verify;
 
 use clap::{Parser, Subcommand};
 
@@ -37,6 +39,11 @@ enum Command {
     /// Kafka tools: serve the mock cluster as a process (`kafka mock`), dump topics (`kafka dump`).
     #[command(subcommand)]
     Kafka(kafka_tools::KafkaCommand),
+    /// Check the invariants of a drained system: sagas settled, no double reservation or
+    /// shipment, stock and shipments matching the orders, the outbox published, tracking events
+    /// applied once, orders agreeing with their sagas (the checks of the crash tests and of
+    /// scripts/chaos). Exits 1 when one fails.
+    Verify(verify::VerifyArgs),
 }
 
 /// Standard output carries the tools' results: diagnostics go to standard error (`RUST_LOG`,
@@ -68,6 +75,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             log_to_stderr();
             ostore_orders::kafka::install_client_properties_from_env()?;
             kafka_tools::run(command).await
+        }
+        Command::Verify(args) => {
+            log_to_stderr();
+            verify::run(args).await
         }
     }
 }
