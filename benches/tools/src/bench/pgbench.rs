@@ -1,13 +1,17 @@
 //! The Postgres ceiling: PostgreSQL's pgbench running the saga's own write set.
 //!
-//! One pgbench transaction script = one order = the three commits the service makes for it, with
-//! the same statements (`src/saga/store.rs`, `src/outbox/mod.rs`): create (idempotency key with the
-//! order id from the sequence, order placeholder, saga row, outbox rows), reservation + persist_order
-//! (fenced row lock, order items, order total, step history, saga update, outbox rows) and shipment
-//! (fenced row lock, order confirmation, step history, saga update with its answer, outbox rows,
-//! NOTIFY). Values (JSON documents, history rows, events per commit) are copied from a saga the
-//! service completed in the same database, so sizes match; ids are fresh per order. Remote calls
-//! are not part of it: this is what the database alone can do for the saga.
+//! One pgbench transaction script = one order = the three commits the service makes for it, each
+//! statement the service's own, taken from `ostore_orders::saga::store` (`CREATE_SQL`,
+//! `LOCK_MANY_SQL`, `PERSIST_ORDER_SQL`, `CONFIRM_ORDER_SQL`, `UPDATE_SAGAS_SQL`,
+//! `STAGE_WRITES_SQL`: the constants the store runs) and rendered with literals and pgbench
+//! variables where the service binds values, so the script cannot drift from the service: create
+//! (idempotency key with the order id from the sequence, order placeholder, saga row) and its
+//! events; reservation + persist_order (row lock, order items and total, saga update, step
+//! history and events in one statement) and shipment (row lock, order confirmation, saga update
+//! with its answer, history, events and the NOTIFY). Values (JSON documents, history rows, events
+//! per commit) are copied from a saga the service completed in the same database, so sizes match;
+//! ids are fresh per order. Remote calls are not part of it: this is what the database alone can
+//! do for the saga.
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -67,55 +71,138 @@ struct Step {
     error: Option<String>,
     key: Option<String>,
     status: Option<i32>,
+    duration_ms: Option<i32>,
 }
 
-fn outbox_insert(events: &[&Event]) -> String {
-    if events.is_empty() {
-        return String::new();
+/// `sql` with each `$N` replaced by `params[N - 1]`: a statement of the service, rendered for
+/// pgbench with literals and pgbench variables where the service binds values.
+fn render(sql: &str, params: &[String]) -> anyhow::Result<String> {
+    let mut out = String::with_capacity(sql.len() * 2);
+    let mut chars = sql.char_indices().peekable();
+    while let Some((i, c)) = chars.next() {
+        if c != '$' {
+            out.push(c);
+            continue;
+        }
+        let mut end = i + 1;
+        while let Some((j, d)) = chars.peek().copied() {
+            if !d.is_ascii_digit() {
+                break;
+            }
+            end = j + 1;
+            chars.next();
+        }
+        let n: usize = sql[i + 1..end]
+            .parse()
+            .with_context(|| format!("pgbench: a `$` that is no parameter in {sql}"))?;
+        let p = params
+            .get(n.wrapping_sub(1))
+            .with_context(|| format!("pgbench: no value for ${n}"))?;
+        write!(out, "({p})")?;
     }
-    let col = |f: &dyn Fn(&Event) -> String| events.iter().map(|e| f(e)).collect::<Vec<_>>().join(", ");
-    format!(
-        "insert into outbox (topic, message_key, event_id, event_type, payload, headers) select * from unnest(array[{}]::text[], array[{}]::text[], array[{}]::uuid[], array[{}]::text[], array[{}]::json[], array[{}]::jsonb[]);\n",
-        col(&|e| lit(&e.topic)),
-        col(&|_| ":order_id".into()),
-        col(&|_| "gen_random_uuid()".into()),
-        col(&|e| lit(&e.event_type)),
-        col(&|e| lit(&e.payload)),
-        col(&|e| lit(&e.headers)),
+    Ok(out)
+}
+
+/// An array of the rendered `items` (the statement casts it), `'{}'` when there is none.
+fn array(items: impl IntoIterator<Item = String>) -> String {
+    let items: Vec<String> = items.into_iter().collect();
+    if items.is_empty() {
+        "'{}'".into()
+    } else {
+        format!("array[{}]", items.join(", "))
+    }
+}
+
+/// The saga id of one script run, the same expression everywhere: pgbench's random numbers
+/// (`\set` has no uuid) as the 32 hex digits of a uuid.
+const SAGA_ID: &str = "(lpad(to_hex(:s1::int), 8, '0') || lpad(to_hex(:s2::int), 8, '0') || lpad(to_hex(:s3::int), 8, '0') || lpad(to_hex(:s4::int), 8, '0'))::uuid";
+
+/// The worker and lease the script's sagas are written with.
+const WORKER: &str = "'bench-worker'";
+const LEASE: &str = "interval '30 seconds'";
+
+/// `STAGE_WRITES_SQL` for one commit: its history rows, its events, and wake-ups.
+fn stage_writes(steps: &[&Step], events: &[&Event], notify: &[String]) -> anyhow::Result<String> {
+    let h = |f: &dyn Fn(&Step) -> String| array(steps.iter().map(|s| f(s)));
+    let e = |f: &dyn Fn(&Event) -> String| array(events.iter().map(|e| f(e)));
+    let num = |v: Option<i32>| v.map_or("null".into(), |v| v.to_string());
+    render(
+        ostore_orders::saga::store::STAGE_WRITES_SQL,
+        &[
+            h(&|_| SAGA_ID.into()),
+            h(&|s| lit(&s.step)),
+            h(&|s| lit(&s.kind)),
+            h(&|s| s.attempt.to_string()),
+            h(&|_| "now()".into()),
+            h(&|s| lit(&s.outcome)),
+            h(&|s| opt_lit(&s.error_class)),
+            h(&|s| opt_lit(&s.error)),
+            h(&|s| opt_lit(&s.key)),
+            h(&|s| num(s.status)),
+            h(&|_| WORKER.into()),
+            e(&|e| lit(&e.topic)),
+            e(&|_| ":order_id".into()),
+            e(&|_| "gen_random_uuid()".into()),
+            e(&|e| lit(&e.event_type)),
+            e(&|e| lit(&e.payload)),
+            e(&|e| format!("{}::jsonb", lit(&e.headers))),
+            lit(ostore_orders::saga::store::CHANNEL),
+            array(notify.iter().cloned()),
+            h(&|s| num(s.duration_ms)),
+        ],
     )
 }
 
-fn steps_insert(steps: &[&Step]) -> String {
-    if steps.is_empty() {
-        return String::new();
-    }
-    let col = |f: &dyn Fn(&Step) -> String| steps.iter().map(|s| f(s)).collect::<Vec<_>>().join(", ");
-    format!(
-        "insert into saga_steps (saga_id, step, kind, attempt, started_at, outcome, error_class, error, idempotency_key, downstream_status, worker) select :saga_id::uuid, *, 'bench-worker' from unnest(array[{}]::text[], array[{}]::text[], array[{}]::int[], array[{}]::timestamptz[], array[{}]::text[], array[{}]::text[], array[{}]::text[], array[{}]::text[], array[{}]::int[]);\n",
-        col(&|s| lit(&s.step)),
-        col(&|s| lit(&s.kind)),
-        col(&|s| s.attempt.to_string()),
-        col(&|_| "now()".into()),
-        col(&|s| lit(&s.outcome)),
-        col(&|s| opt_lit(&s.error_class)),
-        col(&|s| opt_lit(&s.error)),
-        col(&|s| opt_lit(&s.key)),
-        col(&|s| s.status.map(|v| v.to_string()).unwrap_or("null".into())),
+/// What `UPDATE_SAGAS_SQL` writes for the script's saga after a commit.
+struct SagaUpdate<'a> {
+    state: &'a str,
+    step: i32,
+    next_now: bool,
+    data: &'a str,
+    keep: bool,
+    answer: Option<&'a str>,
+    finished: bool,
+    step_name: &'a str,
+}
+
+fn update_saga(u: &SagaUpdate) -> anyhow::Result<String> {
+    let one = |v: String| format!("array[{v}]");
+    render(
+        ostore_orders::saga::store::UPDATE_SAGAS_SQL,
+        &[
+            one(SAGA_ID.into()),
+            one(lit(u.state)),
+            one(u.step.to_string()),
+            one("0".into()),
+            one(if u.next_now {
+                "now()".into()
+            } else {
+                "null::timestamptz".into()
+            }),
+            one(format!("{}::jsonb", lit(u.data))),
+            one("null::jsonb".into()),
+            one("null::text".into()),
+            one("null::text".into()),
+            one(u.keep.to_string()),
+            one(u
+                .answer
+                .map_or("null::jsonb".into(), |a| format!("{}::jsonb", lit(a)))),
+            one(u.finished.to_string()),
+            one(lit(u.step_name)),
+            LEASE.into(),
+            one("null::jsonb".into()),
+        ],
     )
 }
 
 /// Builds the script from the newest completed saga of the database.
 async fn script(pool: &PgPool) -> anyhow::Result<String> {
+    use ostore_orders::saga::store;
     // The newest completed saga that went through without a retry: three commits.
-    let (saga_id, order_id, input, data, answer, trace): (
-        uuid::Uuid,
-        i32,
-        String,
-        String,
-        String,
-        String,
-    ) = sqlx::query_as(
-        "select s.saga_id, s.order_id, s.input::text, s.data::text, s.answer::text, s.trace_context::text
+    type SagaRow = (uuid::Uuid, i32, String, i32, String, String, String, String);
+    let (saga_id, order_id, saga_type, version, input, data, answer, trace): SagaRow = sqlx::query_as(
+        "select s.saga_id, s.order_id, s.saga_type, s.definition_version, s.input::text, s.data::text,
+                s.answer::text, s.trace_context::text
            from sagas s
           where s.state = 'completed'
             and (select count(*) from saga_steps h where h.saga_id = s.saga_id and h.outcome <> 'succeeded') = 0
@@ -166,9 +253,11 @@ async fn script(pool: &PgPool) -> anyhow::Result<String> {
         Option<String>,
         Option<String>,
         Option<i32>,
+        Option<i32>,
     );
     let steps: Vec<Step> = sqlx::query_as::<_, StepRow>(
-        "select finished_at, step, kind, attempt, outcome, error_class, error, idempotency_key, downstream_status
+        "select finished_at, step, kind, attempt, outcome, error_class, error, idempotency_key, downstream_status,
+                duration_ms
            from saga_steps where saga_id = $1 order by id",
     )
     .bind(saga_id)
@@ -185,6 +274,7 @@ async fn script(pool: &PgPool) -> anyhow::Result<String> {
         error: r.6,
         key: r.7,
         status: r.8,
+        duration_ms: r.9,
     })
     .collect();
     // Commits are told apart by their transaction time (`now()` in the column defaults).
@@ -201,75 +291,109 @@ async fn script(pool: &PgPool) -> anyhow::Result<String> {
         .fetch_one(pool)
         .await?;
     let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
-    let products = items
-        .iter()
-        .map(|i| i.0.to_string())
-        .collect::<Vec<_>>()
-        .join(",");
-    let quantities = items
-        .iter()
-        .map(|i| i.1.to_string())
-        .collect::<Vec<_>>()
-        .join(",");
-    let prices = items.iter().map(|i| i.2.clone()).collect::<Vec<_>>().join(",");
-    let lock = "select cancel_requested, answered_pending, state, step, attempt from sagas where saga_id = :saga_id and fence = 1 for update;\n";
+    let int_array = |v: Vec<String>| format!("'{{{}}}'", v.join(","));
+    let step_name = |i: usize| {
+        steps
+            .iter()
+            .filter(|s| s.at == commits[i])
+            .map(|s| s.step.clone())
+            .next_back()
+            .unwrap_or_default()
+    };
+    let lock = render(store::LOCK_MANY_SQL, &[format!("array[{SAGA_ID}]")])?;
     let mut s = String::new();
     writeln!(
         s,
-        "-- The saga's write set, one order per script; copied from saga {saga_id}."
+        "-- The saga's write set, one order per script, with the service's own statements\n-- (ostore_orders::saga::store::*_SQL); values copied from saga {saga_id}."
     )?;
     writeln!(s, "\\set uid random({min_uid}, {max_uid})")?;
-    // Commit 1: create.
+    for v in ["s1", "s2", "s3", "s4"] {
+        writeln!(s, "\\set {v} random(0, 2147483647)")?;
+    }
+    // Commit 1: create (the key, the placeholder order and the saga), its events.
     s.push_str("BEGIN;\n");
-    // One statement, as `saga::store::create`: the key, the placeholder order and the saga.
-    writeln!(
-        s,
-        "with k as (insert into idempotency_keys (user_id, key, request_hash, saga_id, order_id) values (:uid, 'pgbench-' || gen_random_uuid(), decode('{hex}', 'hex'), gen_random_uuid(), nextval('orders_order_id_seq')::int) on conflict (user_id, key) do nothing returning order_id, saga_id), o as (insert into orders (order_id, user_id, status, saga_id) select order_id, :uid, 'pending', saga_id from k returning order_id, order_date, saga_id), s as (insert into sagas (saga_id, saga_type, definition_version, order_id, user_id, state, step, attempt, next_attempt_at, lease_owner, lease_expires_at, fence, input, trace_context, deadline_at, created_at, step_name) select o.saga_id, 'create_order', 1, o.order_id, :uid, 'running', 0, 0, o.order_date, 'bench-worker', case when 'bench-worker'::text is not null then now() + interval '30 seconds' end, 1, {}::jsonb, {}::jsonb, o.order_date + interval '15 minutes', o.order_date, 'reserve_inventory' from o) select order_id, saga_id, order_date from o \\gset",
-        lit(&input),
-        lit(&trace)
+    let create = render(
+        store::CREATE_SQL,
+        &[
+            ":uid".into(),
+            "'pgbench-' || gen_random_uuid()".into(),
+            format!("decode('{hex}', 'hex')"),
+            SAGA_ID.into(),
+            lit(&saga_type),
+            version.to_string(),
+            WORKER.into(),
+            LEASE.into(),
+            format!("{}::jsonb", lit(&input)),
+            format!("{}::jsonb", lit(&trace)),
+            "interval '15 minutes'".into(),
+            lit(&steps.first().map_or_else(String::new, |h| h.step.clone())),
+        ],
     )?;
-    s.push_str(&outbox_insert(&ev(0)));
+    writeln!(s, "{create} \\gset")?;
+    writeln!(s, "{};", stage_writes(&st(0), &ev(0), &[])?)?;
     s.push_str("COMMIT;\n");
     // Commit 2: the reservation's outcome and persist_order.
     s.push_str("BEGIN;\n");
-    s.push_str(lock);
-    // One statement, as `saga::store::persist_order`: the lines and the total.
+    writeln!(s, "{lock};")?;
+    let persist = render(
+        store::PERSIST_ORDER_SQL,
+        &[
+            ":order_id::int".into(),
+            int_array(items.iter().map(|i| i.0.to_string()).collect()),
+            int_array(items.iter().map(|i| i.1.to_string()).collect()),
+            int_array(items.iter().map(|i| i.2.clone()).collect()),
+            total.clone(),
+            lit(&currency),
+        ],
+    )?;
+    writeln!(s, "{persist};")?;
     writeln!(
         s,
-        "with i as (insert into order_items (order_id, product_id, quantity, price) select :order_id::int, * from unnest('{{{products}}}'::int[], '{{{quantities}}}'::int[], '{{{prices}}}'::numeric[]) returning order_item_id, product_id, quantity, price), u as (update orders set total_amount = {total}, currency = {} where order_id = :order_id) select * from i;",
-        lit(&currency)
+        "{};",
+        update_saga(&SagaUpdate {
+            state: "running",
+            step: 2,
+            next_now: true,
+            data: &data,
+            keep: true,
+            answer: None,
+            finished: false,
+            step_name: &step_name(2),
+        })?
     )?;
-    s.push_str(&steps_insert(&st(1)));
-    writeln!(
-        s,
-        "update sagas set state = 'running', step = 2, attempt = 0, next_attempt_at = now(), data = {}::jsonb, failure = null, last_error = null, last_error_class = null, lease_owner = case when true then lease_owner end, lease_expires_at = case when true then now() + interval '30 seconds' end, answer = coalesce(answer, null::jsonb), updated_at = now(), finished_at = case when false then now() end, step_name = 'create_shipment' where saga_id = :saga_id;",
-        lit(&data)
-    )?;
-    s.push_str(&outbox_insert(&ev(1)));
+    writeln!(s, "{};", stage_writes(&st(1), &ev(1), &[])?)?;
     s.push_str("COMMIT;\n");
     // Commit 3: the shipment's outcome; the saga completes and wakes waiters.
     s.push_str("BEGIN;\n");
-    s.push_str(lock);
+    writeln!(s, "{lock};")?;
     writeln!(
         s,
-        "update orders set shipment_id = {}, status = case when status = 'pending' then 'confirmed' else status end where order_id = :order_id;",
-        lit(&shipment_id)
+        "{};",
+        render(
+            store::CONFIRM_ORDER_SQL,
+            &[":order_id::int".into(), lit(&shipment_id)]
+        )?
     )?;
-    s.push_str(&steps_insert(&st(2)));
     writeln!(
         s,
-        "update sagas set state = 'completed', step = 3, attempt = 0, next_attempt_at = null, data = {}::jsonb, failure = null, last_error = null, last_error_class = null, lease_owner = case when false then lease_owner end, lease_expires_at = case when false then now() + interval '30 seconds' end, answer = coalesce(answer, {}::jsonb), updated_at = now(), finished_at = case when true then now() end, step_name = 'create_shipment' where saga_id = :saga_id;",
-        lit(&data),
-        lit(&answer)
+        "{};",
+        update_saga(&SagaUpdate {
+            state: "completed",
+            step: 3,
+            next_now: false,
+            data: &data,
+            keep: false,
+            answer: Some(&answer),
+            finished: true,
+            step_name: &step_name(2),
+        })?
     )?;
-    s.push_str(&outbox_insert(&ev(2)));
-    writeln!(
-        s,
-        "select pg_notify({}, {} || :saga_id || {});",
-        lit(ostore_orders::saga::store::CHANNEL),
+    let wake = format!(
+        "{} || {SAGA_ID}::text || {}",
         lit("finished:"),
         lit(" bench-worker")
-    )?;
+    );
+    writeln!(s, "{};", stage_writes(&st(2), &ev(2), &[wake])?)?;
     s.push_str("COMMIT;\n");
     Ok(s)
 }
@@ -362,6 +486,31 @@ mod tests {
         let l = lit(r#"{"a":1}"#);
         assert!(!l.contains(':'), "{l}");
         assert!(l.starts_with("convert_from(decode('"));
+    }
+
+    #[test]
+    fn statements_are_rendered_with_each_parameter_in_its_place() {
+        let p = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let params = p(&["a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l"]);
+        assert_eq!(
+            render("select $1, $12::int[], $2 from t where x = $1", &params).unwrap(),
+            "select (a), (l)::int[], (b) from t where x = (a)"
+        );
+        assert!(render("select $3", &p(&["a"])).is_err());
+        assert!(render("select $x", &p(&["a"])).is_err());
+        // Every statement of the write set renders with the values the script gives it.
+        use ostore_orders::saga::store;
+        for (sql, n) in [
+            (store::CREATE_SQL, 12),
+            (store::PERSIST_ORDER_SQL, 6),
+            (store::CONFIRM_ORDER_SQL, 2),
+            (store::STAGE_WRITES_SQL, 20),
+            (store::UPDATE_SAGAS_SQL, 15),
+            (store::LOCK_MANY_SQL, 1),
+        ] {
+            let out = render(sql, &params.iter().cycle().take(n).cloned().collect::<Vec<_>>()).unwrap();
+            assert!(!out.contains('$'), "{out}");
+        }
     }
 
     #[test]
