@@ -41,6 +41,8 @@ pub struct Options {
     /// finds each published outbox row in its topic, and check 5 tells the tracking events that
     /// never reached their topic from those the consumer did not apply.
     pub topic_records: Option<Vec<TopicRecord>>,
+    /// The topics' names (`TOPIC_*`).
+    pub topics: crate::topics::Topics,
 }
 
 /// One record of a topic, as far as the checks need it.
@@ -234,7 +236,7 @@ pub async fn run(pool: &PgPool, options: &Options) -> anyhow::Result<Report> {
         let tracking_in_topic = options.topic_records.as_ref().map(|records| {
             records
                 .iter()
-                .filter(|r| r.topic == crate::topics::TRACKING_EVENTS)
+                .filter(|r| r.topic == options.topics.tracking_events)
                 .filter_map(|r| r.event_id.clone())
                 .collect::<HashSet<String>>()
         });
@@ -248,12 +250,23 @@ pub async fn run(pool: &PgPool, options: &Options) -> anyhow::Result<Report> {
                 shipments,
                 poisons,
                 tracking_in_topic.as_ref(),
+                &options.topics.notifications,
             )
             .await?,
         );
     }
     checks.push(outbox_published(pool, options.topic_records.as_deref()).await?);
-    checks.push(orders_agree(pool, &sagas, &orders, &by_saga, &order_by_id).await?);
+    checks.push(
+        orders_agree(
+            pool,
+            &sagas,
+            &orders,
+            &by_saga,
+            &order_by_id,
+            &options.topics.order_events,
+        )
+        .await?,
+    );
     checks.sort_by_key(|c| c.id);
     Ok(Report { checks })
 }
@@ -650,6 +663,7 @@ async fn tracking_applied(
     shipments: &[Value],
     poisons: i64,
     tracking_in_topic: Option<&HashSet<String>>,
+    notifications_topic: &str,
 ) -> anyhow::Result<Check> {
     let inbox = sqlx::query!(r#"select event_id::text as "id!", outcome from tracking_inbox"#)
         .fetch_all(pool)
@@ -691,7 +705,7 @@ async fn tracking_applied(
     let notifications = sqlx::query!(
         r#"select message_key, payload->'data'->>'status' as status, count(*) as "n!" from outbox
             where topic = $1 and event_type = 'OrderStatusChanged' group by 1, 2"#,
-        crate::topics::NOTIFICATIONS
+        notifications_topic
     )
     .fetch_all(pool)
     .await?;
@@ -786,6 +800,7 @@ async fn orders_agree(
     orders: &[OrderRow],
     by_saga: &HashMap<&str, &SagaRow>,
     order_by_id: &HashMap<i32, &OrderRow>,
+    order_events_topic: &str,
 ) -> anyhow::Result<Check> {
     let allowed = |state: &str, status: Option<&str>| match state {
         "completed" => status.is_some_and(|s| LIVE.contains(&s)),
@@ -834,7 +849,7 @@ async fn orders_agree(
             where c.topic = $1 and c.event_type = 'OrderConfirmed' and k.event_type = 'OrderCancelled'
               and c.id > k.id
             group by c.message_key"#,
-        crate::topics::ORDER_EVENTS
+        order_events_topic
     )
     .fetch_all(pool)
     .await?;

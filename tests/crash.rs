@@ -141,6 +141,7 @@ async fn verify(
         }),
         initial_stock: [(1, INITIAL_STOCK)].into(),
         topic_records: None,
+        topics: Default::default(),
     };
     ostore_orders::verify::run(pool, &options).await.unwrap()
 }

@@ -28,6 +28,9 @@ pub struct VerifyArgs {
     /// check 4 then also finds every published outbox row in its topic (by eventID and key).
     #[arg(long)]
     pub topic_records: Option<std::path::PathBuf>,
+    /// The topics' names (their records and outbox rows are read under these names).
+    #[command(flatten)]
+    pub topics: ostore_orders::topics::Topics,
     /// Print the report as one JSON object (`{"checks": [{id, name, ok, figures}]}`) and exit 0
     /// whatever the verdicts; without it, a table, and exit 1 when a check fails.
     #[arg(long)]
@@ -64,6 +67,7 @@ pub async fn run(args: VerifyArgs) -> anyhow::Result<()> {
             }
             None => None,
         },
+        topics: args.topics,
     };
     let report = verify::run(&pool, &options)
         .await
