@@ -14,10 +14,10 @@ use tokio_util::task::TaskTracker;
 use crate::api::{self, AppState};
 use crate::auth::AuthService;
 use crate::auth::limiter::UserLimiter;
-use crate::catalog::CatalogClient;
 use crate::config::ServiceConfig;
+use crate::downstream::catalog::CatalogClient;
+use crate::downstream::shipments::ShipmentsClient;
 use crate::saga::engine::{Engine, EngineConfig, load_create_order};
-use crate::shipments::ShipmentsClient;
 
 /// A role a process can run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -79,7 +79,7 @@ pub async fn serve_api(
     state: AppState,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let app = api::router(state);
+    let app = api::router(state, crate::console::router());
     axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await

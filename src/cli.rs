@@ -350,9 +350,7 @@ pub async fn create_user_in(pool: &sqlx::PgPool, email: &str, pw: &str, role: Ro
         // The API refuses control characters in every string: such a password could never log in.
         anyhow::bail!("--password must not contain control characters");
     }
-    let hash = password::hash_blocking(pw)?;
-    let mut conn = pool.acquire().await?;
-    match users::create(&mut conn, email, &hash, role).await {
+    match users::create_with_password(pool, email, pw, role).await {
         Ok(id) => Ok(id),
         Err(users::CreateUserError::EmailTaken) => {
             anyhow::bail!("a user with email {email:?} already exists")

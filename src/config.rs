@@ -5,19 +5,14 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use clap::{Args, ValueEnum};
+use clap::Args;
 
 /// The JWT key `dev` uses when `JWT_SECRET` is not set. `serve` refuses it.
 pub const DEV_JWT_SECRET: &str = "ostore-dev-only-jwt-secret-never-use-in-production";
 
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable, coloured when the terminal allows.
-    Pretty,
-    /// One JSON object per line, with the trace id.
-    Json,
-}
+/// The log format is telemetry's (so telemetry needs nothing of the configuration); it is a
+/// setting too, so it is named here as well.
+pub use crate::telemetry::LogFormat;
 
 /// The database argument: every subcommand that reaches PostgreSQL flattens this one.
 #[derive(Debug, Clone, Args)]

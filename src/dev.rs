@@ -36,10 +36,10 @@ pub async fn seed_users(pool: &sqlx::PgPool) -> anyhow::Result<()> {
         let mut conn = pool.acquire().await?;
         if users::id_by_email(&mut conn, email).await?.is_none() {
             drop(conn);
-            match crate::cli::create_user_in(pool, email, pw, role).await {
-                Ok(_) => {}
-                Err(e) if e.to_string().contains("already exists") => {}
-                Err(e) => return Err(e),
+            match users::create_with_password(pool, email, pw, role).await {
+                // Another process created it meanwhile.
+                Ok(_) | Err(users::CreateUserError::EmailTaken) => {}
+                Err(e) => return Err(e.into()),
             }
         }
     }
@@ -101,7 +101,7 @@ pub async fn run(mut cfg: ServiceConfig) -> anyhow::Result<()> {
 
     cfg.print("ostore-orders dev: effective configuration", &[]);
     let base = format!("http://{}", cfg.listen_addr);
-    if cfg.log_format == crate::config::LogFormat::Pretty {
+    if cfg.log_format == crate::telemetry::LogFormat::Pretty {
         // The copy-paste banner is for a terminal; with JSON logs stdout stays JSON.
         print_quick_start(&base, &cfg);
     }

@@ -9,11 +9,9 @@ pub mod admin;
 pub mod api;
 pub mod app;
 pub mod auth;
-pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod console;
-pub mod contract;
 pub mod db;
 pub mod dev;
 pub mod downstream;
@@ -23,9 +21,14 @@ pub mod metrics;
 pub mod orders;
 pub mod outbox;
 pub mod saga;
-pub mod shipments;
 pub mod sim;
 pub mod telemetry;
 pub mod topics;
 pub mod tracking;
 pub mod verify;
+
+// The downstream clients and contract types at their former top-level paths, for code written
+// against them on branches merged at the same time (the saga's steps, the tools); remove once
+// nothing imports `crate::catalog`, `crate::contract` or `crate::shipments` any more.
+#[doc(hidden)]
+pub use downstream::{catalog, contract, shipments};

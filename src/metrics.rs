@@ -305,9 +305,9 @@ pub async fn refresh_gauges(
     loop {
         let r: Result<(i64, i64, i64), sqlx::Error> = sqlx::query_as(
             r#"select (select count(*) from sagas where state = 'stuck'),
-                      (select count(*) from outbox where published_at is null),
+                      (select count(*) from outbox where id > outbox_published_through()),
                       coalesce((select (extract(epoch from now() - min(created_at)) * 1000)::bigint
-                                  from outbox where published_at is null), 0)"#,
+                                  from outbox where id > outbox_published_through()), 0)"#,
         )
         .fetch_one(&pool)
         .await;

@@ -16,7 +16,14 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
-use crate::config::LogFormat;
+/// Log output format (`LOG_FORMAT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable, coloured when the terminal allows.
+    Pretty,
+    /// One JSON object per line, with the trace id.
+    Json,
+}
 
 /// Flushes and stops exporters when dropped (at shutdown).
 pub struct TelemetryGuard {

@@ -9,7 +9,8 @@
 //! 1. every saga is terminal, or stuck with a reason;
 //! 2. no double reservation or shipment, one Idempotency-Key per saga;
 //! 3. reservations and live shipments match the live orders, and stock adds up;
-//! 4. every outbox row is published (and, given the broker's records, found in its topic);
+//! 4. every outbox row is published (at or below the relay's floor, `outbox_published_through()`)
+//!    and, given the broker's records, found in its topic;
 //! 5. every tracking event the shipper published is applied once (or parked for a stuck saga's
 //!    order), dead letters are exactly the poison records, orders agree with their shipments and
 //!    every status change was notified once;
@@ -570,7 +571,7 @@ async fn reservations_match(
 
 async fn outbox_published(pool: &PgPool, records: Option<&[TopicRecord]>) -> anyhow::Result<Check> {
     let rows = sqlx::query!(
-        r#"select topic, count(*) as "n!", count(*) filter (where published_at is null) as "unpublished!"
+        r#"select topic, count(*) as "n!", count(*) filter (where id > outbox_published_through()) as "unpublished!"
              from outbox group by topic order by topic"#
     )
     .fetch_all(pool)
@@ -593,7 +594,7 @@ async fn outbox_published(pool: &PgPool, records: Option<&[TopicRecord]>) -> any
                 .or_default() += 1;
         }
         let events = sqlx::query!(
-            r#"select topic, event_id::text as "id!", message_key, published_at is not null as "published!"
+            r#"select topic, event_id::text as "id!", message_key, id <= outbox_published_through() as "published!"
                  from outbox"#
         )
         .fetch_all(pool)

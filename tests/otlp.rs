@@ -160,7 +160,7 @@ async fn a_sagas_trace_reaches_an_otlp_receiver_as_one_tree_with_the_conventions
         std::env::set_var("OTEL_BSP_SCHEDULE_DELAY", "200");
         std::env::set_var("OTEL_METRICS_EXPORTER", "none");
     }
-    let guard = ostore_orders::telemetry::init("ostore-orders", ostore_orders::config::LogFormat::Pretty);
+    let guard = ostore_orders::telemetry::init("ostore-orders", ostore_orders::telemetry::LogFormat::Pretty);
     let app = spawn_app_with(AppOptions {
         kafka: true,
         auto_advance_ms: Some(200),
@@ -186,7 +186,7 @@ async fn a_sagas_trace_reaches_an_otlp_receiver_as_one_tree_with_the_conventions
     app.eventually_eq("select status from orders", "delivered", 30)
         .await;
     app.eventually_eq(
-        "select (count(*) = 0)::text from outbox where published_at is null",
+        "select (count(*) = 0)::text from outbox where id > outbox_published_through()",
         "true",
         20,
     )

@@ -14,13 +14,13 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::routing::post;
-use ostore_orders::catalog::{CatalogClient, ReserveError};
-use ostore_orders::contract::{
+use ostore_orders::downstream::catalog::{CatalogClient, ReserveError};
+use ostore_orders::downstream::contract::{
     CreateShipmentRequest, LineItem, Reservation, ReservationRequest, TrackingEvent, TrackingStatus,
     Unavailable,
 };
+use ostore_orders::downstream::shipments::ShipmentsClient;
 use ostore_orders::downstream::{DownstreamError, FailureKind, class};
-use ostore_orders::shipments::ShipmentsClient;
 use ostore_orders::sim::catalog::CatalogSim;
 use ostore_orders::sim::shipments::{ShipmentsSim, ShipmentsSimConfig};
 use rdkafka::ClientConfig;
@@ -197,7 +197,7 @@ fn failed(result: Result<Reservation, ReserveError>) -> DownstreamError {
 
 fn assert_contract_violation(error: &DownstreamError) {
     assert_eq!(error.kind, FailureKind::Transient, "{error}");
-    assert_eq!(error.class, class::CONTRACT_VIOLATION, "{error}");
+    assert_eq!(error.class.as_str(), class::CONTRACT_VIOLATION, "{error}");
 }
 
 #[tokio::test]
@@ -340,7 +340,7 @@ async fn fail_next_answers_503_which_the_client_calls_transient_and_the_call_sti
 
     let error = failed(catalog.reserve(&k, &req).await);
     assert_eq!(error.kind, FailureKind::Transient);
-    assert_eq!(error.class, class::HTTP_5XX);
+    assert_eq!(error.class.as_str(), class::HTTP_5XX);
     assert_eq!(error.status, Some(503));
     assert_eq!(error.retry_after, Some(Duration::from_secs(1)));
     assert_eq!(catalog.stock(1).await, (10, 0), "a faulted call has no effect");
@@ -358,7 +358,7 @@ async fn too_many_requests_carries_its_retry_after_into_the_classification() {
         .await;
     let error = failed(catalog.reserve(&key(), &reservation(&[(1, 1)])).await);
     assert_eq!(error.kind, FailureKind::Transient);
-    assert_eq!(error.class, class::HTTP_429);
+    assert_eq!(error.class.as_str(), class::HTTP_429);
     assert_eq!(error.status, Some(429));
     assert_eq!(error.retry_after, Some(Duration::from_secs(7)));
 }
@@ -369,7 +369,7 @@ async fn a_422_business_refusal_is_classified_as_refused() {
     catalog.faults(json!({ "failNext": 1, "failStatus": 422 })).await;
     let error = failed(catalog.reserve(&key(), &reservation(&[(1, 1)])).await);
     assert_eq!(error.kind, FailureKind::Refused);
-    assert_eq!(error.class, class::HTTP_4XX);
+    assert_eq!(error.class.as_str(), class::HTTP_4XX);
     assert_eq!(error.status, Some(422));
     assert_eq!(error.retry_after, None);
 }
@@ -509,7 +509,7 @@ async fn latency_beyond_the_client_timeout_is_a_transient_timeout() {
     let error = failed(catalog.client.reserve(&k, &req, Duration::from_millis(150)).await);
     assert!(started.elapsed() < Duration::from_millis(1000));
     assert_eq!(error.kind, FailureKind::Transient);
-    assert_eq!(error.class, class::TIMEOUT);
+    assert_eq!(error.class.as_str(), class::TIMEOUT);
     assert_eq!(error.status, None);
 
     catalog
@@ -586,7 +586,7 @@ async fn a_refused_connection_is_a_transient_connect_failure() {
             .await,
     );
     assert_eq!(error.kind, FailureKind::Transient);
-    assert_eq!(error.class, class::CONNECT, "{error}");
+    assert_eq!(error.class.as_str(), class::CONNECT, "{error}");
 }
 
 #[tokio::test]

@@ -180,8 +180,8 @@ class Chaos:
         while not self.sampling.is_set():
             try:
                 s = self.stack.rows(
-                    "select (select count(*) from outbox where published_at is null) as pending,"
-                    " (select extract(epoch from now() - min(created_at)) from outbox where published_at is null) as age,"
+                    "select (select count(*) from outbox where id > outbox_published_through()) as pending,"
+                    " (select extract(epoch from now() - min(created_at)) from outbox where id > outbox_published_through()) as age,"
                     " (select count(*) from sagas where state in ('running','compensating')) as running")[0]
                 self.samples.append((time.monotonic() - self.t0, s["pending"], s["age"] or 0, s["running"]))
             except Exception:  # noqa: BLE001 -- the database may be restarting

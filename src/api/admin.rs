@@ -433,22 +433,21 @@ pub async fn replay_dead_letter(
     AdminUser(claims): AdminUser,
     Path(raw): Path<String>,
 ) -> Result<Json<ReplayAnswer>, ApiError> {
-    use crate::tracking::dead_letters::ReplayError;
+    use crate::tracking::ReplayError;
     let id = raw
         .parse::<i64>()
         .map_err(|_| ApiError::not_found("no such dead letter"))?;
-    let outcome =
-        match crate::tracking::dead_letters::replay_dead_letter(&state.db, &state.config.topics, id).await {
-            Ok(o) => o,
-            Err(ReplayError::NotFound(_)) => return Err(ApiError::not_found("no such dead letter")),
-            Err(ReplayError::StillFailing(why)) => {
-                return Err(ApiError::conflict(
-                    "replay-failed",
-                    format!("the event still cannot be applied: {why}"),
-                ));
-            }
-            Err(ReplayError::Database(e)) => return Err(e.into()),
-        };
+    let outcome = match crate::tracking::replay_dead_letter(&state.db, &state.config.topics, id).await {
+        Ok(o) => o,
+        Err(ReplayError::NotFound(_)) => return Err(ApiError::not_found("no such dead letter")),
+        Err(ReplayError::StillFailing(why)) => {
+            return Err(ApiError::conflict(
+                "replay-failed",
+                format!("the event still cannot be applied: {why}"),
+            ));
+        }
+        Err(ReplayError::Database(e)) => return Err(e.into()),
+    };
     let mut conn = state.db.acquire().await?;
     admin::audit(
         &mut conn,

@@ -155,12 +155,13 @@ fn finish_spec(mut spec: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
 
 static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// Builds the application router.
-pub fn router(state: AppState) -> Router {
+/// Builds the application router: the API, with `pages` (the ops console, which the caller
+/// passes in so that the API does not depend on it) behind the same layers and fallbacks.
+pub fn router(state: AppState, pages: Router<AppState>) -> Router {
     let (router, spec) = routes().split_for_parts();
     let spec = Arc::new(finish_spec(spec));
     let router = router
-        .merge(crate::console::router())
+        .merge(pages)
         .route(
             "/openapi.json",
             axum::routing::get(move || {

@@ -31,8 +31,12 @@ pub struct User {
 /// Why a user could not be created.
 #[derive(Debug, thiserror::Error)]
 pub enum CreateUserError {
+    /// Another account has this email (ignoring case): the unique index refused it.
     #[error("a user with this email already exists")]
     EmailTaken,
+    /// The password could not be hashed.
+    #[error(transparent)]
+    Hash(anyhow::Error),
     #[error(transparent)]
     Db(#[from] sqlx::Error),
 }
@@ -73,11 +77,27 @@ pub async fn create(
     .await;
     match r {
         Ok(id) => Ok(id),
-        Err(sqlx::Error::Database(e)) if e.constraint() == Some("users_email_lower_key") => {
+        // Told by the database's error (a unique violation of the email index), not its text.
+        Err(sqlx::Error::Database(e))
+            if e.is_unique_violation() && e.constraint() == Some("users_email_lower_key") =>
+        {
             Err(CreateUserError::EmailTaken)
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// Hashes `password` (argon2id) and inserts the user. The caller checks the email's and the
+/// password's shape first (as the CLI does).
+pub async fn create_with_password(
+    pool: &sqlx::PgPool,
+    email: &str,
+    password: &str,
+    role: Role,
+) -> Result<i32, CreateUserError> {
+    let hash = super::password::hash_blocking(password).map_err(CreateUserError::Hash)?;
+    let mut conn = pool.acquire().await?;
+    create(&mut conn, email, &hash, role).await
 }
 
 /// Finds a user who can log in (neither disabled nor deleted) by email, ignoring case.

@@ -828,7 +828,7 @@ struct SetAside {
 async fn outbox_events(conn: &mut sqlx::PgConnection, order_id: i32) -> Result<String, sqlx::Error> {
     let key = order_id.to_string();
     let rows: Vec<OutboxEvent> = sqlx::query_as(
-        r#"select id, topic, event_type, event_id, created_at, published_at from outbox
+        r#"select id, topic, event_type, event_id, created_at, outbox_published_at(id) as published_at from outbox
             where id > (select coalesce(max(id), 0) from outbox) - $2 and message_key = $1
             order by id"#,
     )

@@ -42,7 +42,7 @@ pub async fn set_aside(pool: &PgPool, refused: &[(i64, String)]) -> Result<u64, 
     let mut tx = pool.begin().await?;
     for (id, error) in refused {
         let r = sqlx::query(
-            "with gone as (delete from outbox where id = $1 and published_at is null
+            "with gone as (delete from outbox where id = $1
                            returning id, topic, message_key, event_id, event_type, payload, headers, created_at)
              insert into outbox_dead_letters
                  (id, topic, message_key, event_id, event_type, payload, headers, created_at, error)

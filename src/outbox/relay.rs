@@ -1,5 +1,5 @@
-//! The outbox relay: publishes committed outbox rows to Kafka, in id order, and marks them published
-//! once the broker acknowledged them.
+//! The outbox relay: publishes committed outbox rows to Kafka, in id order, and raises the floor
+//! through which every row is published once the broker acknowledged them.
 //!
 //! - **One leader.** Relays coordinate through a PostgreSQL session advisory lock
 //!   ([`RELAY_LOCK_KEY`]): the instance holding it publishes, the others stand by and try again
@@ -16,9 +16,10 @@
 //!   all to the producer; while they are in flight it reads and sends the next batch, then awaits
 //!   the first batch's delivery reports and marks its delivered rows in a background task while the
 //!   loop goes on. So PostgreSQL reads, PostgreSQL writes and the broker work at the same time.
-//! - **Acknowledged, then marked.** `published_at` is set only for rows whose delivery report
-//!   succeeded (idempotent producer, `acks=all`). A relay killed between the two republishes the
-//!   batch: delivery is at-least-once and the duplicates carry the same `eventID`.
+//! - **Acknowledged, then counted published.** A row is published once its delivery report
+//!   succeeded (idempotent producer, `acks=all`); nothing in the row is written for it (see
+//!   "Published through a floor"). A relay killed before its floor passed a row publishes it again:
+//!   delivery is at-least-once and the duplicates carry the same `eventID`.
 //! - **Wake-up.** LISTEN on channel `outbox` (a statement trigger NOTIFYs on insert), with a poll
 //!   every [`RelayConfig::poll_interval`] as a fallback for lost notifications.
 //! - **Outages.** When Kafka is unreachable the pass fails, rows stay unpublished, and the relay
@@ -26,23 +27,26 @@
 //! - **Poison rows.** A row Kafka refuses for good (too large, an invalid topic:
 //!   [`dead::is_permanent`]) is moved to `outbox_dead_letters` and the pass goes on; one bad row
 //!   never holds the others.
-//! - **Retention.** Published rows older than [`RelayConfig::retention`] are deleted in chunks by
-//!   the leader every [`RelayConfig::cleanup_interval`]; with a zero retention, rows are deleted as
-//!   soon as they are acknowledged instead of being marked. Each batch also adds to a per-second
-//!   count (`outbox_relay_stats`) that [`backlog`] reads.
-//! - **A floor under the scan.** Marked (or deleted) rows leave dead entries in the index of
-//!   unpublished rows until VACUUM removes them, and on a large table VACUUM may skip that index
-//!   for a long time; a pass that read from id 0 would walk all of them, every pass. So the leader
-//!   keeps a [`Floor`]: the id through which every row is known to be published. A row can only
-//!   show up late below what a pass saw if its transaction was still running at that pass's
-//!   snapshot (ids are drawn in order, and migration 0013 makes a transaction take its xid before
-//!   its outbox id); once every transaction running then has ended, the next pass that publishes
-//!   everything it sees raises the floor past what the earlier pass saw. A long-running writing
-//!   transaction anywhere in the database only holds the floor where it is (the scan walks more);
-//!   it never skips a row. As a safety net the floor goes back to 0 every
-//!   [`RelayConfig::cleanup_interval`] (a warning is logged if a row is ever found below it).
+//! - **Retention.** Rows published longer than [`RelayConfig::retention`] ago are deleted in
+//!   chunks by the leader every [`RelayConfig::cleanup_interval`] (when a row was published is
+//!   known to the second from `outbox_relay_stats`, which records how far the floor had risen
+//!   each second); with a zero retention, the rows a rising floor passes are deleted at once.
+//!   Each pass also adds to a per-second count that [`backlog`] reads.
+//! - **Published through a floor.** The relay marks no row: marking cost every row a second,
+//!   non-HOT row version and index entries (half of what the outbox cost PostgreSQL; docs/
+//!   performance.md, finding 15). Instead the leader keeps a [`Floor`], the id through which
+//!   every row is published, stored in `outbox_relay_floor` (migration 0014;
+//!   `outbox_published_through()` in SQL), and remembers in memory the rows it published above
+//!   it. A pass reads every row above the floor in one snapshot and sends those it has not sent.
+//!   A row can only show up late below what a pass saw if its transaction was still running at
+//!   that pass's snapshot (ids are drawn in order, and migration 0013 makes a transaction take its
+//!   xid before its outbox id); once every transaction running then has ended, the next pass
+//!   raises the floor past what the earlier pass saw. A long-running writing transaction anywhere
+//!   in the database only holds the floor where it is (the scan rereads more, and sends nothing
+//!   twice); it never lets the floor pass a row that is not published. A new leader starts from
+//!   the stored floor and publishes again what its predecessor sent above it.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder as _, ExponentialBackoff, ExponentialBuilder};
@@ -55,7 +59,6 @@ use serde::Serialize;
 use serde_json::Value;
 use sqlx::postgres::PgListener;
 use sqlx::{Connection as _, PgConnection, PgPool};
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::dead;
@@ -66,9 +69,6 @@ pub const RELAY_LOCK_KEY: i64 = 0x6f73_746f_7265_0001;
 
 /// The NOTIFY channel the outbox trigger signals.
 pub const CHANNEL: &str = "outbox";
-
-/// Ids per marking statement (12 bytes each on the wire).
-const MARK_CHUNK: usize = 1000;
 
 /// Rows deleted per statement by the retention cleanup.
 const CLEANUP_CHUNK: i64 = 10_000;
@@ -139,66 +139,169 @@ pub enum RelayError {
     Kafka(#[from] KafkaError),
 }
 
-/// The leader's knowledge of which rows are certainly published (see the module's "A floor under
-/// the scan").
+/// The leader's knowledge of which rows are certainly published (see the module's "Published
+/// through a floor").
 #[derive(Debug, Default)]
 pub struct Floor {
-    /// Every row with an id up to this one is published (or will never be visible).
+    /// Every row with an id up to this one is published (or set aside, or will never be visible).
     done_through: i64,
     /// Passes that published every row they saw, up to `max_id`: those ids are done once every
     /// transaction that was running at the pass's snapshot has ended (its `xmax` is at most a
     /// later snapshot's `xmin`). Oldest first.
     checkpoints: VecDeque<Checkpoint>,
-    /// After a reset, the floor the leader had: a row found at or below it is reported.
-    audit_below: i64,
+    /// Rows above `done_through` the broker acknowledged under this leadership: a later pass
+    /// reads them again (it scans from the floor, for rows committed late) and skips them.
+    delivered: BTreeSet<i64>,
+    /// The floor as `outbox_relay_floor` has it.
+    stored: i64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Checkpoint {
     max_id: i64,
     xmax: i64,
+    /// When the floor was held: the transactions (xids modulo 2^32) that held a write lock on
+    /// the outbox at the pass, the only ones that could still add a row below `max_id`.
+    writers: Option<Vec<i64>>,
+    /// When the pass ran.
+    at: Instant,
 }
+
+/// How long a checkpoint waits for every transaction of the cluster before the relay asks which
+/// of them write to the outbox (a long transaction elsewhere, in another database say, then does
+/// not hold the floor).
+const HELD: Duration = Duration::from_millis(20);
+
+/// Most ids below the newest row sent that a pass looks up one by one (see [`Floor::unsent`]).
+const MAX_GAPS: usize = 10_000;
 
 /// Most checkpoints kept; older ones are merged (conservatively) when a writing transaction
 /// holds the floor for long.
 const MAX_CHECKPOINTS: usize = 64;
 
 impl Floor {
+    /// A floor starting from the stored one (a new leadership: what the previous leader published
+    /// above it is published again, which at-least-once delivery allows).
+    pub fn resume(stored: i64) -> Floor {
+        Floor {
+            done_through: stored,
+            stored,
+            ..Floor::default()
+        }
+    }
+
     /// The id a pass starts after.
     pub fn start(&self) -> i64 {
         self.done_through
     }
 
-    /// Forgets everything: the next pass reads from the first row (the safety net).
-    pub fn reset(&mut self) {
-        *self = Floor {
-            audit_below: self.done_through.max(self.audit_below),
-            ..Floor::default()
-        };
+    /// Whether this leadership already published row `id` (above the floor).
+    fn is_delivered(&self, id: i64) -> bool {
+        self.delivered.contains(&id)
     }
 
-    /// After a pass in a snapshot with `xmin`/`xmax` published every row it saw (it read ids
-    /// above `start()` up to `max_read`, none left behind): raises the floor past every checkpoint
-    /// whose transactions have all ended, and records this pass as a checkpoint.
-    fn passed(&mut self, xmin: i64, xmax: i64, max_read: Option<i64>) {
-        self.audit_below = 0;
-        while let Some(c) = self.checkpoints.front().copied() {
+    /// What a pass has to read above the floor: every row above the returned id, and below it
+    /// only the returned ids, the ones this leadership has not sent (ids it never saw: their
+    /// transactions were still running, or rolled back). Too many of those, and the pass reads
+    /// everything above the floor (skipping what was sent).
+    fn unsent(&self) -> (i64, Vec<i64>) {
+        let Some(&hi) = self.delivered.last() else {
+            return (self.done_through, Vec::new());
+        };
+        let missing = usize::try_from(hi - self.done_through).unwrap_or(usize::MAX) - self.delivered.len();
+        if missing > MAX_GAPS {
+            return (self.done_through, Vec::new());
+        }
+        let mut gaps = Vec::with_capacity(missing);
+        let mut next = self.done_through + 1;
+        for &id in &self.delivered {
+            gaps.extend(next..id);
+            next = id + 1;
+        }
+        (hi, gaps)
+    }
+
+    /// Rows the broker acknowledged (or that were set aside).
+    fn delivered(&mut self, ids: impl IntoIterator<Item = i64>) {
+        let floor = self.done_through;
+        self.delivered.extend(ids.into_iter().filter(|id| *id > floor));
+    }
+
+    /// Whether the oldest checkpoint has waited long enough that the next pass should name the
+    /// transactions writing to the outbox (see [`Checkpoint::writers`]).
+    fn held(&self) -> bool {
+        self.checkpoints.front().is_some_and(|c| c.at.elapsed() >= HELD)
+    }
+
+    /// After a pass whose snapshot has `xmin` (and, when [`Floor::held`], whose in-progress
+    /// transactions are `running`, xids modulo 2^32) published every row it saw above the floor:
+    /// raises the floor past every checkpoint whose transactions have all ended, or whose outbox
+    /// writers have (their rows, committed before this pass's snapshot, were read by this pass).
+    fn advance(&mut self, xmin: i64, running: Option<&[i64]>) {
+        while let Some(c) = self.checkpoints.front() {
             if c.xmax > xmin {
                 break;
             }
-            self.checkpoints.pop_front();
             self.done_through = self.done_through.max(c.max_id);
+            self.checkpoints.pop_front();
         }
+        if let Some(running) = running {
+            // The newest checkpoint whose outbox writers have all ended: everything up to its
+            // max_id is published (its pass read every row above the floor it could see).
+            let done = self.checkpoints.iter().rposition(|c| {
+                c.writers
+                    .as_ref()
+                    .is_some_and(|w| !w.iter().any(|x| running.contains(x)))
+            });
+            if let Some(i) = done {
+                for c in self.checkpoints.drain(..=i) {
+                    self.done_through = self.done_through.max(c.max_id);
+                }
+            }
+        }
+        if self.delivered.first().is_some_and(|id| *id <= self.done_through) {
+            self.delivered = self.delivered.split_off(&(self.done_through + 1));
+        }
+    }
+
+    /// After a pass in a snapshot with `xmax` published every row it saw (it read ids above
+    /// `start()` up to `max_read`, none left behind): records the pass as a checkpoint.
+    fn drained(&mut self, xmax: i64, max_read: Option<i64>, writers: Option<Vec<i64>>) {
         if let Some(max_id) = max_read.filter(|m| *m > self.done_through) {
             if self.checkpoints.len() == MAX_CHECKPOINTS {
-                // Merge the two oldest: waiting for the later one's transactions covers both.
+                // Merge the two oldest: waiting for the later one's transactions covers both
+                // (and its writers only when both named theirs).
                 let first = self.checkpoints.pop_front().expect("full");
                 if let Some(second) = self.checkpoints.front_mut() {
                     second.max_id = second.max_id.max(first.max_id);
+                    second.writers = match (first.writers, second.writers.take()) {
+                        (Some(mut a), Some(b)) => {
+                            a.extend(b);
+                            Some(a)
+                        }
+                        _ => None,
+                    };
                 }
             }
-            self.checkpoints.push_back(Checkpoint { max_id, xmax });
+            self.checkpoints.push_back(Checkpoint {
+                max_id,
+                xmax,
+                writers,
+                at: Instant::now(),
+            });
         }
+    }
+
+    /// [`Floor::advance`] then [`Floor::drained`]: a whole pass that left nothing behind.
+    #[cfg(test)]
+    fn passed(&mut self, xmin: i64, xmax: i64, max_read: Option<i64>) {
+        self.advance(xmin, None);
+        self.drained(xmax, max_read, None);
+    }
+
+    /// Whether passes are still owed before the floor reaches what was read.
+    fn behind(&self) -> bool {
+        !self.checkpoints.is_empty()
     }
 }
 
@@ -219,11 +322,22 @@ where
     while !shutdown.is_cancelled() {
         if !leading {
             match try_lead(&pool, &mut session).await {
-                Ok(true) => {
-                    leading = true;
-                    floor.reset();
-                    tracing::info!("outbox relay: leading (holds the relay lock)");
-                }
+                Ok(true) => match stored_floor(session.as_mut()).await {
+                    Ok(stored) => {
+                        leading = true;
+                        floor = Floor::resume(stored);
+                        tracing::info!(
+                            published_through = stored,
+                            "outbox relay: leading (holds the relay lock)"
+                        );
+                    }
+                    Err(e) => {
+                        session = None;
+                        tracing::warn!(error = %e, "outbox relay: cannot read the published floor");
+                        pause(backoff.next().unwrap_or(cfg.backoff_max), &shutdown).await;
+                        continue;
+                    }
+                },
                 Ok(false) => {
                     pause(cfg.standby_interval, &shutdown).await;
                     continue;
@@ -251,11 +365,14 @@ where
             _ = shutdown.cancelled() => break,
             r = publish_pending(conn, &pool, &producer, &cfg, Some(&shutdown), &mut floor) => r,
         };
+        let mut again = false;
         match pass {
             Ok(n) => {
                 backoff = cfg.backoff();
                 if n > 0 {
                     tracing::debug!(published = n, "outbox relay: published");
+                    // The next pass raises the floor past these rows (or publishes more).
+                    again = true;
                 }
             }
             Err(RelayError::Kafka(e)) => {
@@ -269,7 +386,6 @@ where
                 // Dropping the session closes it, which releases the lock for another instance.
                 session = None;
                 leading = false;
-                floor.reset();
                 let delay = backoff.next().unwrap_or(cfg.backoff_max);
                 tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64,
                     "outbox relay: database error; leadership released");
@@ -279,7 +395,6 @@ where
         }
         if last_cleanup.is_none_or(|t| t.elapsed() >= cfg.cleanup_interval) {
             last_cleanup = Some(Instant::now());
-            floor.reset();
             if let Some(conn) = session.as_mut() {
                 match delete_expired(conn, cfg.retention).await {
                     Ok(0) => {}
@@ -290,7 +405,16 @@ where
                 }
             }
         }
-        wait_for_work(&mut listener, cfg.poll_interval, &shutdown).await;
+        if again {
+            continue;
+        }
+        // Rows read but not yet under the floor wait for the transactions that were running then.
+        let poll = if floor.behind() {
+            cfg.poll_interval.min(BEHIND_POLL)
+        } else {
+            cfg.poll_interval
+        };
+        wait_for_work(&mut listener, poll, &shutdown).await;
     }
     if let Some(conn) = session {
         let _ = conn.close().await;
@@ -314,16 +438,61 @@ where
         return Ok(0);
     }
     let Some(mut conn) = session else { return Ok(0) };
-    let result = publish_pending(&mut conn, pool, producer, cfg, None, &mut Floor::default()).await;
+    let result = async {
+        let mut floor = Floor::resume(stored_floor(Some(&mut conn)).await?);
+        let mut total = 0;
+        // Passes until one publishes nothing and the floor has caught up with what was read (a
+        // bounded number: writers running beside may keep it from settling).
+        for _ in 0..RUN_ONCE_PASSES {
+            let n = publish_pending(&mut conn, pool, producer, cfg, None, &mut floor).await?;
+            total += n;
+            if n == 0 && !floor.behind() {
+                break;
+            }
+            if n == 0 {
+                tokio::time::sleep(HELD).await;
+            }
+        }
+        Ok::<_, RelayError>(total)
+    }
+    .await;
     let _ = conn.close().await;
     Ok(result?)
+}
+
+/// Passes [`run_once`] makes at most.
+const RUN_ONCE_PASSES: usize = 50;
+
+/// How soon a pass follows one that left rows above the floor (it raises the floor once the
+/// transactions running at that pass have ended).
+const BEHIND_POLL: Duration = Duration::from_millis(50);
+
+/// The floor the last leader stored (`outbox_relay_floor`, migration 0014).
+async fn stored_floor(conn: Option<&mut PgConnection>) -> Result<i64, sqlx::Error> {
+    let Some(conn) = conn else {
+        return Err(sqlx::Error::PoolClosed);
+    };
+    sqlx::query_scalar("select through from outbox_relay_floor")
+        .fetch_one(conn)
+        .await
+}
+
+/// Every row up to the returned id is published (or set aside); for readers.
+pub async fn published_through(conn: &mut PgConnection) -> Result<i64, sqlx::Error> {
+    stored_floor(Some(conn)).await
 }
 
 /// Takes (or keeps) the leadership lock on a connection of its own (detached from the pool, so
 /// the lock dies with the connection). `Ok(false)` while another relay leads.
 async fn try_lead(pool: &PgPool, session: &mut Option<PgConnection>) -> Result<bool, sqlx::Error> {
     if session.is_none() {
-        *session = Some(pool.acquire().await?.detach());
+        let mut conn = pool.acquire().await?.detach();
+        // What the leader writes (the floor, the counts) may be lost to a database crash: rows are
+        // then published again.
+        sqlx::query("set synchronous_commit = off")
+            .execute(&mut conn)
+            .await?;
+        *session = Some(conn);
     }
     let Some(conn) = session.as_mut() else {
         return Ok(false);
@@ -390,42 +559,72 @@ pub struct OutboxRow {
     pub headers: Value,
 }
 
-/// Reads up to `limit` unpublished rows with an id above `after`, oldest first.
-pub async fn pending_rows(
+/// Reads up to `limit` rows with an id above `after`, oldest first (published or not: the
+/// caller knows which of those above the floor it published).
+/// Reads up to `limit` rows above `after` that are above `hi` or among `gaps`, oldest first: a
+/// pass's read, which skips the rows this leadership sent between the floor and `hi` (two index
+/// scans of the primary key).
+async fn unsent_rows(
+    conn: &mut PgConnection,
+    after: i64,
+    hi: i64,
+    gaps: &[i64],
+    limit: usize,
+) -> Result<Vec<OutboxRow>, sqlx::Error> {
+    if hi <= after || gaps.is_empty() {
+        return rows_after(conn, after.max(hi), limit).await;
+    }
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let rows = sqlx::query_as::<_, (i64, String, String, String, Value)>(
+        "select * from (
+             (select id, topic, message_key, payload::text, headers from outbox
+               where id = any($3) and id > $1)
+             union all
+             (select id, topic, message_key, payload::text, headers from outbox
+               where id > $2 order by id limit $4)) r
+          order by id limit $4",
+    )
+    .bind(after)
+    .bind(hi)
+    .bind(gaps)
+    .bind(limit)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows.into_iter().map(OutboxRow::from).collect())
+}
+
+pub async fn rows_after(
     conn: &mut PgConnection,
     after: i64,
     limit: usize,
 ) -> Result<Vec<OutboxRow>, sqlx::Error> {
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-    let rows = sqlx::query_as!(
-        OutboxRow,
-        r#"select id, topic, message_key, payload::text as "payload!", headers
-           from outbox where published_at is null and id > $1 order by id limit $2"#,
-        after,
-        limit
+    let rows = sqlx::query_as::<_, (i64, String, String, String, Value)>(
+        "select id, topic, message_key, payload::text, headers from outbox where id > $1 order by id limit $2",
     )
+    .bind(after)
+    .bind(limit)
     .fetch_all(conn)
     .await?;
-    Ok(rows)
+    Ok(rows.into_iter().map(OutboxRow::from).collect())
 }
 
-/// Marks rows published (after their delivery was acknowledged) and counts them in
-/// `outbox_relay_stats`.
-pub async fn mark_published(conn: &mut PgConnection, ids: &[i64]) -> Result<u64, sqlx::Error> {
-    let mut marked = 0;
-    // One statement per chunk keeps each message below 16 KiB, a TLS record: a larger one is sent
-    // as two records, and Nagle's algorithm meeting the server's delayed ACK stalls it ~40 ms.
-    for chunk in ids.chunks(MARK_CHUNK) {
-        let r = sqlx::query!(
-            "update outbox set published_at = now() where id = any($1) and published_at is null",
-            chunk
-        )
-        .execute(&mut *conn)
-        .await?;
-        marked += r.rows_affected();
+impl From<(i64, String, String, String, Value)> for OutboxRow {
+    fn from((id, topic, message_key, payload, headers): (i64, String, String, String, Value)) -> Self {
+        OutboxRow {
+            id,
+            topic,
+            message_key,
+            payload,
+            headers,
+        }
     }
-    count_published(conn, marked).await?;
-    Ok(marked)
+}
+
+/// Reads up to `limit` unpublished rows (above the stored floor), oldest first.
+pub async fn pending_rows(conn: &mut PgConnection, limit: usize) -> Result<Vec<OutboxRow>, sqlx::Error> {
+    let floor = published_through(conn).await?;
+    rows_after(conn, floor, limit).await
 }
 
 /// The delivery reports of one batch.
@@ -554,9 +753,10 @@ where
 
 /// Publishes every unpublished row in id order, a batch at a time, and returns how many were
 /// published. A pipeline: while batch k is in flight, batch k+1 is read (on the leader's
-/// connection) and sent, and batch k-1 is marked (on another connection); so the database and the
-/// broker work at the same time. On the first failed delivery it stops, marks what was delivered,
-/// and reports the failure; everything else stays pending for the next pass.
+/// connection) and sent; so the database and the broker work at the same time. On the first
+/// failed delivery it stops and reports the failure; everything else stays pending for the next
+/// pass. Afterwards one statement stores the floor and the count (no row of the outbox is
+/// written).
 async fn publish_pending<C>(
     conn: &mut PgConnection,
     pool: &PgPool,
@@ -577,11 +777,13 @@ where
     sqlx::query("begin isolation level repeatable read read only")
         .execute(&mut *conn)
         .await?;
-    let pass = publish_in_snapshot(conn, pool, producer, cfg, shutdown, floor).await;
+    let mut published = 0;
+    let pass = publish_in_snapshot(conn, pool, producer, cfg, shutdown, floor, &mut published).await;
     // Ends the snapshot whatever happened (after a failed statement too).
     let end = sqlx::query("rollback").execute(&mut *conn).await;
     let n = pass?;
     end?;
+    record(conn, floor, published, cfg.retention.is_zero()).await?;
     Ok(n)
 }
 
@@ -592,92 +794,109 @@ async fn publish_in_snapshot<C>(
     cfg: &RelayConfig,
     shutdown: Option<&CancellationToken>,
     floor: &mut Floor,
+    published: &mut u64,
 ) -> Result<usize, RelayError>
 where
     C: ClientContext + 'static,
 {
     let batch_size = cfg.batch_size.max(1);
-    let delete = cfg.retention.is_zero();
-    // The snapshot's transaction horizon, for the floor (xid8 as bigint: exact below 2^63).
-    let (xmin, xmax): (i64, i64) = sqlx::query_as(
-        "select pg_snapshot_xmin(s)::text::bigint, pg_snapshot_xmax(s)::text::bigint from pg_current_snapshot() s",
+    // The snapshot's transaction horizon, for the floor (xid8 as bigint: exact below 2^63). When
+    // the floor is held, also the transactions in progress (xids modulo 2^32), and those of them
+    // that may have written to the outbox: all but the ones that, when the lock table is read
+    // (after the snapshot was taken), run without a write lock on the outbox. A transaction that
+    // drew an outbox id before the snapshot holds that lock until it ends (and one that ended in
+    // between stays counted); one that takes the lock after the snapshot draws its ids above every
+    // row this pass can see.
+    let held = floor.held();
+    let (xmin, xmax, running, writers): (i64, i64, Option<Vec<i64>>, Option<Vec<i64>>) = sqlx::query_as(
+        "with locks as materialized (
+              select locktype, database, relation, mode, granted, virtualtransaction, transactionid
+                from pg_locks where $1)
+         select pg_snapshot_xmin(s)::text::bigint, pg_snapshot_xmax(s)::text::bigint,
+                case when $1 then array(select x::text::bigint % 4294967296 from pg_snapshot_xip(s) x) end,
+                case when $1 then array(
+                    select x::text::bigint % 4294967296 from pg_snapshot_xip(s) x
+                    except
+                    select l.transactionid::text::bigint from locks l
+                     where l.locktype = 'transactionid' and l.mode = 'ExclusiveLock' and l.granted
+                       and l.virtualtransaction not in (
+                           select r.virtualtransaction from locks r
+                            where r.locktype = 'relation' and r.relation = 'outbox'::regclass
+                              and r.mode = 'RowExclusiveLock'
+                              and r.database = (select oid from pg_database where datname = current_database()))) end
+           from pg_current_snapshot() s",
     )
+    .bind(held)
     .fetch_one(&mut *conn)
     .await?;
-    let start = floor.start();
     let mut total = 0;
-    let mut after = start;
-    let mut max_read: Option<i64> = None;
+    let mut after = floor.start();
+    // Rows sent between the floor and `hi` are not read again; the pass saw everything up to it.
+    let (hi, gaps) = floor.unsent();
+    let mut max_read: Option<i64> = (hi > after).then_some(hi);
     // True once a read came back short: every row the snapshot shows above the floor was read.
     let mut drained = false;
     let mut exhausted = false;
     let mut in_flight: Option<Flight> = None;
-    let mut marking: Option<JoinHandle<Result<u64, sqlx::Error>>> = None;
     loop {
-        let rows = if exhausted {
+        let read = if exhausted {
             Vec::new()
         } else {
-            pending_rows(conn, after, batch_size).await?
+            unsent_rows(conn, after, hi, &gaps, batch_size).await?
         };
-        if !exhausted && rows.len() < batch_size {
+        if !exhausted && read.len() < batch_size {
             drained = true;
         }
-        if rows.len() < batch_size || shutdown.is_some_and(|s| s.is_cancelled()) {
+        if read.len() < batch_size || shutdown.is_some_and(|s| s.is_cancelled()) {
             exhausted = true;
         }
-        if let Some(last) = rows.last() {
+        if let Some(last) = read.last() {
             after = last.id;
-            max_read = Some(last.id);
+            max_read = max_read.max(Some(last.id));
         }
-        if let Some(row) = rows.first().filter(|r| r.id <= floor.audit_below) {
-            // The safety net's pass found a row under the floor the leader had: it is published
-            // now, but possibly after later rows of its order.
-            tracing::warn!(
-                outbox_id = row.id,
-                floor = floor.audit_below,
-                "outbox relay: an unpublished row was found below the relay's floor; publishing it now"
-            );
-            floor.audit_below = 0;
-        }
+        // When the pass reads everything above the floor (too many gaps), rows this leadership
+        // sent are read again and not sent twice.
+        let rows: Vec<OutboxRow> = read.into_iter().filter(|r| !floor.is_delivered(r.id)).collect();
         let next = if rows.is_empty() {
             None
         } else {
             Some(send_rows(producer, &rows).await)
         };
         let Some(current) = std::mem::replace(&mut in_flight, next) else {
-            if in_flight.is_none() {
+            if in_flight.is_none() && exhausted {
                 if drained {
-                    floor.passed(xmin, xmax, max_read);
+                    floor.advance(xmin, running.as_deref());
+                    floor.drained(xmax, max_read, writers);
                 }
                 return Ok(total);
             }
             continue;
         };
         let delivered = current.wait().await;
-        finish(&mut marking).await?;
         set_aside(pool, &delivered.refused).await?;
+        floor.delivered(delivered.refused.iter().map(|(id, _)| *id));
         if let Some(e) = delivered.failure {
             // Keep what did get through, including the batch sent after this one.
-            let mut ids = delivered.ids;
+            *published += delivered.ids.len() as u64;
+            floor.delivered(delivered.ids);
             if let Some(next) = in_flight.take() {
                 let next = next.wait().await;
                 set_aside(pool, &next.refused).await?;
-                ids.extend(next.ids);
+                floor.delivered(next.refused.iter().map(|(id, _)| *id));
+                *published += next.ids.len() as u64;
+                floor.delivered(next.ids);
             }
-            acknowledge(pool, &ids, delete).await?;
             return Err(RelayError::Kafka(e));
         }
         total += delivered.ids.len();
-        let pool = pool.clone();
-        marking = Some(tokio::spawn(async move {
-            acknowledge(&pool, &delivered.ids, delete).await
-        }));
-        if in_flight.is_none() {
-            finish(&mut marking).await?;
+        *published += delivered.ids.len() as u64;
+        floor.delivered(delivered.ids);
+        if in_flight.is_none() && exhausted {
             // Every row this snapshot showed above the floor is published (a refused one is set
             // aside, which is as final).
             if drained {
-                floor.passed(xmin, xmax, max_read);
+                floor.advance(xmin, running.as_deref());
+                floor.drained(xmax, max_read, writers);
             }
             return Ok(total);
         }
@@ -699,63 +918,39 @@ async fn set_aside(pool: &PgPool, refused: &[(i64, KafkaError)]) -> Result<(), s
     Ok(())
 }
 
-/// Waits for the marking of the previous batch.
-async fn finish(marking: &mut Option<JoinHandle<Result<u64, sqlx::Error>>>) -> Result<(), sqlx::Error> {
-    if let Some(task) = marking.take() {
-        task.await
-            .map_err(|e| sqlx::Error::Protocol(format!("marking task failed: {e}")))??;
-    }
-    Ok(())
-}
-
-/// Marks (or, with `delete`, deletes) acknowledged rows in a transaction that does not wait for its
-/// WAL flush (`synchronous_commit = off`): a mark lost to a database crash only means the rows are
-/// published again, which at-least-once delivery allows, and not waiting speeds the relay up.
-async fn acknowledge(pool: &PgPool, ids: &[i64], delete: bool) -> Result<u64, sqlx::Error> {
-    if ids.is_empty() {
-        return Ok(0);
-    }
-    let mut tx = pool.begin().await?;
-    sqlx::query!("select set_config('synchronous_commit', 'off', true)")
-        .fetch_one(&mut *tx)
-        .await?;
-    let n = if delete {
-        delete_published(&mut tx, ids).await?
-    } else {
-        mark_published(&mut tx, ids).await?
-    };
-    tx.commit().await?;
-    Ok(n)
-}
-
-/// Deletes acknowledged rows (zero retention) and counts them as published.
-async fn delete_published(conn: &mut PgConnection, ids: &[i64]) -> Result<u64, sqlx::Error> {
-    let mut deleted = 0;
-    for chunk in ids.chunks(MARK_CHUNK) {
-        let r = sqlx::query!(
-            "delete from outbox where id = any($1) and published_at is null",
-            chunk
-        )
-        .execute(&mut *conn)
-        .await?;
-        deleted += r.rows_affected();
-    }
-    count_published(conn, deleted).await?;
-    Ok(deleted)
-}
-
-/// Adds to the per-second count of published rows.
-async fn count_published(conn: &mut PgConnection, n: u64) -> Result<(), sqlx::Error> {
-    if n == 0 {
+/// Stores what a pass changed, in one statement on the leader's connection: the floor when it
+/// rose (and, with a zero retention, deletes the rows it passed), and the per-second count of
+/// published rows with how far the floor had risen by then (`outbox_relay_stats`: the
+/// retention cleanup and `outbox_published_at` read it). The leader's session does not wait for
+/// the WAL flush (`synchronous_commit = off`, set when it took the lead): a floor lost to a
+/// database crash only means rows are published again, which at-least-once delivery allows.
+async fn record(
+    conn: &mut PgConnection,
+    floor: &mut Floor,
+    published: u64,
+    delete: bool,
+) -> Result<(), sqlx::Error> {
+    let through = floor.start();
+    if published == 0 && through <= floor.stored {
         return Ok(());
     }
-    sqlx::query!(
-        "insert into outbox_relay_stats (second, published) values (date_trunc('second', now()), $1)
-         on conflict (second) do update set published = outbox_relay_stats.published + excluded.published",
-        i64::try_from(n).unwrap_or(i64::MAX)
+    let from = floor.stored;
+    sqlx::query(
+        "with f as (update outbox_relay_floor set through = greatest(through, $2) where $2 > $3),
+              d as (delete from outbox where $4 and id > $3 and id <= $2)
+         insert into outbox_relay_stats (second, published, published_through)
+         values (date_trunc('second', now()), $1, $2)
+         on conflict (second) do update
+             set published = outbox_relay_stats.published + excluded.published,
+                 published_through = greatest(outbox_relay_stats.published_through, excluded.published_through)",
     )
+    .bind(i64::try_from(published).unwrap_or(i64::MAX))
+    .bind(through)
+    .bind(from)
+    .bind(delete)
     .execute(conn)
     .await?;
+    floor.stored = floor.stored.max(through);
     Ok(())
 }
 
@@ -854,29 +1049,40 @@ pub async fn delete_expired_by(
     chunk: i64,
 ) -> Result<u64, sqlx::Error> {
     let secs = retention.as_secs_f64();
+    // How far the floor had risen by the last second that is past retention.
+    let through: Option<i64> = sqlx::query_scalar(
+        "select max(published_through) from outbox_relay_stats where second < now() - make_interval(secs => $1)",
+    )
+    .bind(secs)
+    .fetch_one(&mut *conn)
+    .await?;
     let mut total = 0;
-    loop {
-        let (deleted, more): (i64, bool) = sqlx::query_as(
-            "with w as (select id, published_at from outbox order by id limit $2),
-                  d as (delete from outbox o using w
-                         where o.id = w.id and w.published_at < now() - make_interval(secs => $1)
-                        returning 1)
-             select (select count(*) from d),
-                    coalesce((select published_at < now() - make_interval(secs => $1)
-                                from w order by id desc limit 1), false)",
-        )
-        .bind(secs)
-        .bind(chunk)
-        .fetch_one(&mut *conn)
-        .await?;
-        total += deleted as u64;
-        if !more {
-            break;
+    if let Some(through) = through {
+        loop {
+            let deleted = sqlx::query(
+                "delete from outbox where id in (select id from outbox where id <= $1 order by id limit $2)",
+            )
+            .bind(through)
+            .bind(chunk)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+            total += deleted;
+            if deleted < u64::try_from(chunk).unwrap_or(u64::MAX) {
+                break;
+            }
         }
     }
-    sqlx::query!("delete from outbox_relay_stats where second < now() - interval '1 hour'")
-        .execute(&mut *conn)
-        .await?;
+    // The statistics say when rows were published: kept as long as the rows they date (and an
+    // hour for `publishedLastMinute` and the console).
+    sqlx::query(
+        "delete from outbox_relay_stats
+          where second < now() - make_interval(secs => $1) - interval '1 hour'
+            and second < (select max(second) from outbox_relay_stats where published_through is not null)",
+    )
+    .bind(secs)
+    .execute(&mut *conn)
+    .await?;
     Ok(total)
 }
 
@@ -896,22 +1102,22 @@ pub struct Backlog {
 
 /// Reads the outbox backlog.
 pub async fn backlog(conn: &mut PgConnection) -> Result<Backlog, sqlx::Error> {
-    let r = sqlx::query!(
-        r#"select
-             (select count(*) from outbox where published_at is null) as "pending!",
-             (select extract(epoch from now() - min(created_at))::float8 from outbox where published_at is null)
-                 as "oldest_age",
+    let (pending, oldest_age, published_last_minute): (i64, Option<f64>, i64) = sqlx::query_as(
+        "select
+             (select count(*) from outbox where id > outbox_published_through()),
+             (select extract(epoch from now() - min(created_at))::float8 from outbox
+                 where id > outbox_published_through()),
              (select coalesce(sum(published), 0)::bigint from outbox_relay_stats
-                 where second > now() - interval '1 minute') as "published_last_minute!""#
+                 where second > now() - interval '1 minute')",
     )
     .fetch_one(&mut *conn)
     .await?;
     let dead_lettered = dead::waiting(conn).await?;
     Ok(Backlog {
         dead_lettered,
-        pending: r.pending,
-        oldest_pending_age_seconds: r.oldest_age.map(|s| (s.max(0.0) * 1000.0).round() / 1000.0),
-        published_last_minute: r.published_last_minute,
+        pending,
+        oldest_pending_age_seconds: oldest_age.map(|s| (s.max(0.0) * 1000.0).round() / 1000.0),
+        published_last_minute,
     })
 }
 
@@ -964,11 +1170,51 @@ mod tests {
         // Pass 4: past 110: up to 80.
         f.passed(110, 115, Some(90));
         assert_eq!(f.start(), 80);
-        // The safety net starts over from the first row and remembers the floor it had.
-        f.reset();
-        assert_eq!((f.start(), f.audit_below), (0, 80));
-        f.passed(120, 121, Some(95));
-        assert_eq!(f.audit_below, 0);
+    }
+
+    #[test]
+    fn a_long_transaction_that_does_not_write_the_outbox_holds_the_floor_only_until_the_writers_are_named() {
+        let mut f = Floor::default();
+        // xid 7 runs for ever (another database's, say): xmin stays at 7.
+        f.advance(7, None);
+        f.drained(20, Some(50), None);
+        assert_eq!(f.start(), 0);
+        // A held pass names the outbox writers (xids 15 and 18) and reads up to 60.
+        f.advance(7, Some(&[7, 15, 18]));
+        assert_eq!(f.start(), 0, "the first checkpoint named no writers");
+        f.drained(25, Some(60), Some(vec![15, 18]));
+        // 18 still runs: nothing moves. Then 15 and 18 end, 7 goes on.
+        f.advance(7, Some(&[7, 18]));
+        assert_eq!(f.start(), 0);
+        f.advance(7, Some(&[7, 21]));
+        assert_eq!(
+            f.start(),
+            60,
+            "the newest checkpoint whose writers ended covers the older ones"
+        );
+        assert!(!f.behind());
+    }
+
+    #[test]
+    fn rows_published_above_the_floor_are_skipped_until_the_floor_passes_them() {
+        let mut f = Floor::resume(10);
+        assert_eq!(f.start(), 10);
+        // Delivered (11, 12, 14); 13 was not visible yet (its transaction runs, xid 104).
+        f.delivered([9, 11, 12, 14]);
+        assert!(!f.is_delivered(9), "below the floor: nothing to remember");
+        assert!(f.is_delivered(11) && f.is_delivered(14) && !f.is_delivered(13));
+        // The next pass reads above 14, and below it only 13 (not sent: not seen yet).
+        assert_eq!(f.unsent(), (14, vec![13]));
+        f.passed(100, 105, Some(14));
+        assert_eq!(f.start(), 10, "the floor waits for xid 104");
+        assert!(f.behind());
+        // 13 shows up late and is published; then every transaction below 105 has ended.
+        f.delivered([13]);
+        f.passed(105, 106, None);
+        assert_eq!(f.start(), 14);
+        assert!(f.delivered.is_empty(), "what the floor passed is forgotten");
+        assert_eq!(f.unsent(), (14, vec![]));
+        assert!(!f.behind());
     }
 
     #[test]

@@ -41,7 +41,7 @@ use super::{
     CallLog, Rejection, fault_routes, idempotency_key, json_error, missing_idempotency_key, parse_body,
     request_span,
 };
-use crate::contract::{
+use crate::downstream::contract::{
     LineItem, Reservation, ReservationRequest, ReservedItem, Unavailable, UnavailableAnswer,
 };
 

@@ -10,7 +10,7 @@
 //! Every business handler continues the caller's trace: the W3C `traceparent` of the request
 //! becomes the parent of the handler's span (through the global OpenTelemetry propagator).
 //!
-//! The simulators share only the wire types of [`crate::contract`] with the service.
+//! The simulators share only the wire types of [`crate::downstream::contract`] with the service.
 
 pub mod catalog;
 pub mod faults;

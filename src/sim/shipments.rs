@@ -61,7 +61,7 @@ use super::{
     CallLog, current_trace_headers, fault_routes, idempotency_key, json_error, missing_idempotency_key,
     parse_body, request_span,
 };
-use crate::contract::{
+use crate::downstream::contract::{
     CreateShipmentRequest, LineItem, Shipment, ShipmentStatus, TRACKING_EVENT_TYPE, TrackingEvent,
     TrackingStatus,
 };
@@ -285,7 +285,7 @@ impl ShipmentsSim {
         };
         let record = &mut store.shipments[index];
         match record.status {
-            ShipmentStatus::Created | ShipmentStatus::Cancelled => {
+            ShipmentStatus::CREATED | ShipmentStatus::Cancelled => {
                 record.status = ShipmentStatus::Cancelled;
                 Json(Shipment {
                     shipment_id,
@@ -338,13 +338,13 @@ impl Inner {
                     order_id: request.order_id,
                     user_id: request.user_id,
                     items: request.items.clone(),
-                    status: ShipmentStatus::Created,
+                    status: ShipmentStatus::CREATED,
                     keys: vec![key.to_string()],
                 });
                 self.emit(&mut store, index, TrackingStatus::Created);
                 let body = serde_json::to_value(Shipment {
                     shipment_id: shipment_id.clone(),
-                    status: ShipmentStatus::Created.to_string(),
+                    status: ShipmentStatus::CREATED.to_string(),
                 })
                 .expect("contract types serialize to JSON");
                 (StatusCode::CREATED, body, Some(shipment_id))
@@ -470,14 +470,14 @@ fn check_request(request: &CreateShipmentRequest) -> Result<(), String> {
 /// Rank of a status along the normal path; `None` for statuses auto-advance never leaves.
 fn progress(status: ShipmentStatus) -> Option<u8> {
     match status {
-        ShipmentStatus::Created => Some(0),
-        ShipmentStatus::PickedUp => Some(1),
-        ShipmentStatus::InTransit => Some(2),
-        ShipmentStatus::OutForDelivery => Some(3),
-        ShipmentStatus::Delivered
-        | ShipmentStatus::Cancelled
-        | ShipmentStatus::Exception
-        | ShipmentStatus::Returned => None,
+        ShipmentStatus::Tracked(TrackingStatus::Created) => Some(0),
+        ShipmentStatus::Tracked(TrackingStatus::PickedUp) => Some(1),
+        ShipmentStatus::Tracked(TrackingStatus::InTransit) => Some(2),
+        ShipmentStatus::Tracked(TrackingStatus::OutForDelivery) => Some(3),
+        ShipmentStatus::Tracked(
+            TrackingStatus::Delivered | TrackingStatus::Exception | TrackingStatus::Returned,
+        )
+        | ShipmentStatus::Cancelled => None,
     }
 }
 

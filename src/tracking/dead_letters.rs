@@ -1,7 +1,8 @@
 //! Dead letters: TrackingEvents that cannot be applied (malformed, or their order stayed unknown
 //! for the whole retry window). Each is a `dead_letters` row with the raw bytes and the reason,
 //! written with a `TrackingEventDeadLettered` message for the DLQ topic in the outbox (so the copy
-//! is as durable as the row). Operators list them and replay one once the cause is fixed.
+//! is as durable as the row). Operators list them and replay one ([`super::replay`]) once the
+//! cause is fixed.
 
 use std::collections::HashMap;
 
@@ -10,9 +11,8 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::Serialize;
 use serde_json::{Value, json};
 use sqlx::{PgConnection, PgPool};
-use tracing::Instrument as _;
 
-use super::apply::{Decision, Outcome, Record, decide, event_span, parse, stored_record};
+use super::record::{Record, event_span};
 use crate::outbox::{NewEvent, Topics, enqueue};
 use crate::telemetry::context_headers;
 
@@ -194,60 +194,4 @@ pub async fn list_dead_letters(
         None
     };
     Ok(DeadLetterPage { items, next_cursor })
-}
-
-/// Why a replay did not apply the event.
-#[derive(Debug, thiserror::Error)]
-pub enum ReplayError {
-    /// No dead letter has this id.
-    #[error("dead letter {0} not found")]
-    NotFound(i64),
-    /// The event still cannot be applied (still malformed, order still unknown); nothing changed.
-    #[error("the event still cannot be applied: {0}")]
-    StillFailing(String),
-    /// The database failed; nothing changed.
-    #[error(transparent)]
-    Database(#[from] sqlx::Error),
-}
-
-/// Re-applies one dead letter's event with the usual rules (so replaying twice is harmless: the
-/// second finds the eventID in the inbox) and records when it was replayed.
-pub async fn replay_dead_letter(pool: &PgPool, topics: &Topics, id: i64) -> Result<Outcome, ReplayError> {
-    let row = sqlx::query!(
-        r#"select topic, partition, "offset", key, payload, headers from dead_letters where id = $1"#,
-        id
-    )
-    .fetch_optional(pool)
-    .await?
-    .ok_or(ReplayError::NotFound(id))?;
-    let record = stored_record!(row);
-    let span = event_span(&record);
-    let trace = context_headers(&span);
-    async {
-        let event = parse(&record.payload).map_err(ReplayError::StillFailing)?;
-        let mut tx = pool.begin().await?;
-        // Concurrent replays of one letter take turns.
-        sqlx::query!("select id from dead_letters where id = $1 for update", id)
-            .fetch_one(&mut *tx)
-            .await?;
-        let outcome = match decide(&mut tx, topics, &event, None, &trace).await? {
-            Decision::Done(outcome) => outcome,
-            Decision::NotYet(reason) => return Err(ReplayError::StillFailing(reason)),
-        };
-        sqlx::query!(
-            "update dead_letters set replayed_at = coalesce(replayed_at, now()) where id = $1",
-            id
-        )
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        tracing::info!(
-            dead_letter_id = id,
-            outcome = outcome.name(),
-            "dead letter replayed"
-        );
-        Ok(outcome)
-    }
-    .instrument(span)
-    .await
 }

@@ -25,7 +25,7 @@
 //! Only after the commit are the records' offsets stored; stored offsets are committed every
 //! [`ConsumerConfig::commit_interval`], before a rebalance and at shutdown. A crash between the
 //! database commit and the offset commit redelivers the event, and the inbox makes that harmless.
-//! A malformed event is dead-lettered at once ([`dead_letters`]: a `dead_letters` row with the raw
+//! A malformed event is dead-lettered at once (a `dead_letters` row with the raw
 //! bytes and the reason, plus a `TrackingEventDeadLettered` message to the DLQ topic through the
 //! outbox) and its offset committed, and so is an event whose data the database refuses (SQLSTATE
 //! classes 22 and 23): no kind of bad event holds up its partition. (A batch the database refuses
@@ -36,10 +36,25 @@
 //! Each event is handled in a span of its own (`tracking.apply`, lasting its batch's transaction)
 //! that continues the trace of the message's `traceparent`, and the notifications it writes carry
 //! that trace on.
+//!
+//! The parts, each depending only on those above it:
+//! - [`record`]: a record as received and its parsing into a typed TrackingEvent;
+//! - [`rules`]: the transition rules, pure (what a tracking status does to an order);
+//! - [`outcome`]: what handling an event did, and what the rules decided;
+//! - `plan`: deciding a batch against its locked orders, and its inbox rows and status changes;
+//! - [`dead_letters`]: writing a dead letter (with its DLQ message) and listing them;
+//! - [`apply`]: handling a batch in one transaction (the consumer's entry point), parking the
+//!   events that must wait in `tracking_retries`;
+//! - [`retries`]: the loop that retries parked events; [`replay`]: replaying a dead letter.
 
 pub mod apply;
 pub mod dead_letters;
+pub mod outcome;
+mod plan;
+pub mod record;
+pub mod replay;
 pub mod retries;
+pub mod rules;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -54,8 +69,11 @@ use rdkafka::message::{BorrowedMessage, Headers as _};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-pub use apply::{Outcome, Record, apply_event, apply_record, apply_records};
-pub use dead_letters::{DeadLetterPage, DeadLetterView, ReplayError, list_dead_letters, replay_dead_letter};
+pub use apply::{apply_event, apply_record, apply_records};
+pub use dead_letters::{DeadLetterPage, DeadLetterView, list_dead_letters};
+pub use outcome::Outcome;
+pub use record::Record;
+pub use replay::{ReplayError, replay_dead_letter};
 pub use retries::process_due;
 
 use crate::kafka::{self, ConsumerSettings, GroupConsumer};

@@ -9,8 +9,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use super::ConsumerConfig;
-use super::apply::{Decision, decide, event_span, parse, stored_record};
+use super::apply::decide;
 use super::dead_letters::dead_letter;
+use super::outcome::Decision;
+use super::record::{event_span, parse, stored_record};
 use crate::outbox::Topics;
 use crate::telemetry::context_headers;
 

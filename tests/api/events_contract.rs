@@ -221,7 +221,7 @@ async fn every_event_the_service_writes_matches_the_asyncapi_document() {
 
 #[test]
 fn the_consumed_tracking_event_schema_matches_the_rust_type() {
-    use ostore_orders::contract::{TrackingEvent, TrackingStatus};
+    use ostore_orders::downstream::contract::{TrackingEvent, TrackingStatus};
     let doc = asyncapi();
     let schema = validator(&doc, "/components/messages/TrackingEvent/payload");
     for status in TrackingStatus::ALL {

@@ -304,3 +304,25 @@ async fn a_validly_signed_token_of_a_user_that_does_not_exist_is_refused() {
     let (_, later) = app.customer("later@example.com").await;
     assert_eq!(me_status(&app, &later).await, 200);
 }
+
+#[tokio::test]
+async fn a_taken_email_is_told_by_the_database_error_and_dev_seeding_twice_is_harmless() {
+    use ostore_orders::auth::users::{CreateUserError, create_with_password, id_by_email};
+
+    let app = spawn_app().await;
+    create_with_password(&app.db, "Taken@example.com", "long-enough", Role::User)
+        .await
+        .expect("a new email is accepted");
+    let again = create_with_password(&app.db, "taken@EXAMPLE.com", "long-enough", Role::User).await;
+    assert!(
+        matches!(again, Err(CreateUserError::EmailTaken)),
+        "the same email in another case is taken: {again:?}"
+    );
+
+    ostore_orders::dev::seed_users(&app.db).await.unwrap();
+    ostore_orders::dev::seed_users(&app.db).await.unwrap();
+    let mut conn = app.db.acquire().await.unwrap();
+    for (email, _, _) in ostore_orders::dev::DEMO_USERS {
+        assert!(id_by_email(&mut conn, email).await.unwrap().is_some(), "{email}");
+    }
+}

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use crate::fixture::*;
 use crate::support::TestDb;
-use ostore_orders::contract::TrackingStatus;
+use ostore_orders::downstream::contract::TrackingStatus;
 use ostore_orders::tracking::{self, Outcome, Record};
 
 #[tokio::test]

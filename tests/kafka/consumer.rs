@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::fixture::*;
-use ostore_orders::contract::TrackingStatus;
+use ostore_orders::downstream::contract::TrackingStatus;
 use ostore_orders::outbox::relay::{self};
 use ostore_orders::tracking::{self};
 use serde_json::Value;
@@ -12,7 +12,7 @@ use serde_json::Value;
 #[tokio::test]
 async fn picked_up_and_in_transit_then_delivered_ship_and_deliver_the_order_with_two_notifications() {
     let _telemetry =
-        ostore_orders::telemetry::init("ostore-orders-test", ostore_orders::config::LogFormat::Pretty);
+        ostore_orders::telemetry::init("ostore-orders-test", ostore_orders::telemetry::LogFormat::Pretty);
     let f = Fixture::new(6).await;
     let (pool, producer, t) = (f.pool.clone(), f.producer(), f.topics());
     let order = insert_order(&pool, "confirmed").await;

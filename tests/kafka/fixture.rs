@@ -7,7 +7,7 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use crate::support::{TestDb, free_port};
-use ostore_orders::contract::{TrackingEvent, TrackingStatus};
+use ostore_orders::downstream::contract::{TrackingEvent, TrackingStatus};
 use ostore_orders::kafka::{self, EmbeddedBroker, ProducerSettings};
 use ostore_orders::outbox::relay::{self, RelayConfig};
 use ostore_orders::outbox::{NewEvent, Topics, enqueue};

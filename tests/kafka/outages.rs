@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use crate::fixture::*;
-use ostore_orders::contract::TrackingStatus;
+use ostore_orders::downstream::contract::TrackingStatus;
 use ostore_orders::kafka::{self, ProducerSettings};
 use ostore_orders::outbox::relay::{self};
 use ostore_orders::tracking::{self, Outcome, Record};
@@ -43,7 +43,7 @@ async fn relay_killed_between_producing_and_marking(bus: Bus) {
     }
 
     // A relay that produced the batch and died before marking it.
-    let rows = relay::pending_rows(&mut pool.acquire().await.unwrap(), 0, 100)
+    let rows = relay::pending_rows(&mut pool.acquire().await.unwrap(), 100)
         .await
         .unwrap();
     let delivered = relay::produce_rows(&producer, &rows).await;
@@ -106,7 +106,7 @@ async fn rows_added_while_the_broker_is_down(bus: Bus) {
         || async {
             count(
                 &pool,
-                "select count(*) from outbox where published_at is not null",
+                "select count(*) from outbox where id <= outbox_published_through()",
             )
             .await
                 == 1
@@ -141,7 +141,14 @@ async fn rows_added_while_the_broker_is_down(bus: Bus) {
     eventually(
         Duration::from_secs(90),
         "the backlog to drain after the outage",
-        || async { count(&pool, "select count(*) from outbox where published_at is null").await == 0 },
+        || async {
+            count(
+                &pool,
+                "select count(*) from outbox where id > outbox_published_through()",
+            )
+            .await
+                == 0
+        },
     )
     .await;
     shutdown.cancel();

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crate::fixture::*;
 use crate::support::TestDb;
-use ostore_orders::contract::TrackingStatus;
+use ostore_orders::downstream::contract::TrackingStatus;
 use ostore_orders::kafka::{self, ProducerSettings};
 use ostore_orders::outbox::relay::{self};
 use ostore_orders::tracking::{self};

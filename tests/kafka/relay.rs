@@ -59,12 +59,8 @@ async fn published_rows_past_retention_are_deleted_and_pending_rows_kept() {
     for i in 0..3 {
         write_event(&pool, &t.order_events, "OrderCreated", i, &HashMap::new()).await;
     }
-    sqlx::query!(
-        "update outbox set published_at = now() - interval '2 hours' where id in (select id from outbox order by id limit 2)"
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
+    // The two oldest published two hours ago (the floor passed them then), the third pending.
+    published_through(&pool, 2, "2 hours").await;
     let mut conn = pool.acquire().await.unwrap();
     assert_eq!(
         relay::delete_expired(&mut conn, Duration::from_secs(3 * 3600))
@@ -83,9 +79,9 @@ async fn published_rows_past_retention_are_deleted_and_pending_rows_kept() {
     assert!(backlog.oldest_pending_age_seconds.is_some());
 }
 
-/// The retention cleanup reads the oldest rows a chunk at a time and stops at the first chunk
-/// whose newest row has not expired: expired rows across several chunks all go, and the cost of a
-/// cleanup with nothing to delete is one chunk, not the table.
+/// The retention cleanup deletes the rows the floor had passed by the last expired second, a chunk
+/// at a time from the oldest: expired rows across several chunks all go, rows published since
+/// stay, and a cleanup with nothing to delete reads one index entry, not the table.
 #[tokio::test]
 async fn the_retention_cleanup_goes_chunk_by_chunk_from_the_oldest_and_stops_at_young_rows() {
     let f = Fixture::database(4).await;
@@ -94,18 +90,8 @@ async fn the_retention_cleanup_goes_chunk_by_chunk_from_the_oldest_and_stops_at_
         write_event(&pool, &t.order_events, "OrderCreated", i, &HashMap::new()).await;
     }
     // The five oldest published two hours ago, the sixth just now, the seventh pending.
-    sqlx::query(
-        "update outbox set published_at = now() - interval '2 hours' where id in (select id from outbox order by id limit 5)",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
-    sqlx::query(
-        "update outbox set published_at = now() where id = (select id from outbox order by id offset 5 limit 1)",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
+    published_through(&pool, 5, "2 hours").await;
+    published_through(&pool, 6, "0 seconds").await;
     let mut conn = pool.acquire().await.unwrap();
     assert_eq!(
         relay::delete_expired_by(&mut conn, Duration::from_secs(3600), 2)
@@ -145,4 +131,19 @@ async fn with_zero_retention_acknowledged_rows_are_deleted_and_still_counted() {
     let by_key = first_occurrences_by_key(&messages);
     let expected: Vec<String> = written.iter().step_by(3).map(Uuid::to_string).collect();
     assert_eq!(by_key["0"], expected);
+}
+
+/// Records, as the relay does, that the floor passed the `n` oldest rows `ago` (an interval).
+async fn published_through(pool: &sqlx::PgPool, n: i64, ago: &str) {
+    sqlx::query(
+        "with t as (select id from outbox order by id offset $1 - 1 limit 1),
+              f as (update outbox_relay_floor set through = (select id from t))
+         insert into outbox_relay_stats (second, published, published_through)
+         select date_trunc('second', now() - $2::interval), $1, id from t",
+    )
+    .bind(n)
+    .bind(ago)
+    .execute(pool)
+    .await
+    .unwrap();
 }

@@ -493,7 +493,7 @@ impl PhaseReport {
 async fn sample_db(pool: &sqlx::PgPool) -> Option<(i64, f64, i64)> {
     let (backlog, age): (i64, f64) = sqlx::query_as(
         "select count(*), coalesce(extract(epoch from now() - min(created_at))::float8, 0)
-           from outbox where published_at is null",
+           from outbox where id > outbox_published_through()",
     )
     .fetch_one(pool)
     .await

@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use ostore_orders::config::{DatabaseArgs, LogFormat};
-use ostore_orders::contract::{TRACKING_EVENT_TYPE, TrackingEvent, TrackingStatus};
+use ostore_orders::downstream::contract::{TRACKING_EVENT_TYPE, TrackingEvent, TrackingStatus};
 use ostore_orders::kafka::{self, EmbeddedBroker, ProducerSettings};
 use ostore_orders::outbox::relay::{self, OutboxRow, RelayConfig};
 use ostore_orders::outbox::{NewEvent, Topics, enqueue};
@@ -294,7 +294,7 @@ async fn read_outbox(pool: &PgPool) -> anyhow::Result<Vec<OutboxRow>> {
     let mut rows: Vec<OutboxRow> = Vec::new();
     loop {
         let after = rows.last().map_or(0, |r| r.id);
-        let batch = relay::pending_rows(&mut conn, after, 10_000).await?;
+        let batch = relay::rows_after(&mut conn, after, 10_000).await?;
         if batch.is_empty() {
             return Ok(rows);
         }
@@ -520,11 +520,17 @@ async fn relay_measure(
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
+    // The floor follows the last pass within a pass or two.
+    let mut pending = 0;
+    for _ in 0..500 {
+        pending = relay::backlog(&mut *db.pool.acquire().await?).await?.pending;
+        if pending == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     shutdown.cancel();
     let _ = task.await;
-    let pending: i64 = sqlx::query_scalar("select count(*) from outbox where published_at is null")
-        .fetch_one(&db.pool)
-        .await?;
     anyhow::ensure!(
         pending == 0,
         "{pending} rows still pending after the relay finished"

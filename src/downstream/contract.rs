@@ -8,7 +8,7 @@
 //! Money is a [`Decimal`] written and read as a JSON string (`"59.98"`); a price sent as a JSON
 //! number is refused when reading, so a catalog that sends floats breaks the contract visibly.
 //!
-//! The service's clients ([`crate::catalog`], [`crate::shipments`]) and the simulators
+//! The service's clients ([`super::catalog`], [`super::shipments`]) and the simulators
 //! ([`crate::sim`]) share these types and nothing else.
 
 use std::fmt;
@@ -166,41 +166,26 @@ impl fmt::Display for TrackingStatus {
     }
 }
 
-/// Status of a shipment as the Shipment Tracking service reports it: `created`, `cancelled`, or
-/// the latest tracking status.
+/// Status of a shipment as the Shipment Tracking service reports it: `cancelled`, or its latest
+/// tracking status (`created` once registered). On the wire it is spelt as that status is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(into = "&'static str", try_from = "String")]
 pub enum ShipmentStatus {
-    /// Registered, not yet collected.
-    Created,
     /// Cancelled before it was collected.
     Cancelled,
-    /// See [`TrackingStatus::PickedUp`].
-    PickedUp,
-    /// See [`TrackingStatus::InTransit`].
-    InTransit,
-    /// See [`TrackingStatus::OutForDelivery`].
-    OutForDelivery,
-    /// See [`TrackingStatus::Delivered`].
-    Delivered,
-    /// See [`TrackingStatus::Exception`].
-    Exception,
-    /// See [`TrackingStatus::Returned`].
-    Returned,
+    /// Its latest tracking status.
+    Tracked(TrackingStatus),
 }
 
 impl ShipmentStatus {
-    /// The wire spelling (`"cancelled"`).
+    /// Registered, not yet collected.
+    pub const CREATED: ShipmentStatus = ShipmentStatus::Tracked(TrackingStatus::Created);
+
+    /// The wire spelling (`"cancelled"`, `"picked_up"`).
     pub fn as_str(self) -> &'static str {
         match self {
-            ShipmentStatus::Created => "created",
             ShipmentStatus::Cancelled => "cancelled",
-            ShipmentStatus::PickedUp => "picked_up",
-            ShipmentStatus::InTransit => "in_transit",
-            ShipmentStatus::OutForDelivery => "out_for_delivery",
-            ShipmentStatus::Delivered => "delivered",
-            ShipmentStatus::Exception => "exception",
-            ShipmentStatus::Returned => "returned",
+            ShipmentStatus::Tracked(status) => status.as_str(),
         }
     }
 }
@@ -213,15 +198,26 @@ impl fmt::Display for ShipmentStatus {
 
 impl From<TrackingStatus> for ShipmentStatus {
     fn from(status: TrackingStatus) -> Self {
-        match status {
-            TrackingStatus::Created => ShipmentStatus::Created,
-            TrackingStatus::PickedUp => ShipmentStatus::PickedUp,
-            TrackingStatus::InTransit => ShipmentStatus::InTransit,
-            TrackingStatus::OutForDelivery => ShipmentStatus::OutForDelivery,
-            TrackingStatus::Delivered => ShipmentStatus::Delivered,
-            TrackingStatus::Exception => ShipmentStatus::Exception,
-            TrackingStatus::Returned => ShipmentStatus::Returned,
+        ShipmentStatus::Tracked(status)
+    }
+}
+
+impl From<ShipmentStatus> for &'static str {
+    fn from(status: ShipmentStatus) -> Self {
+        status.as_str()
+    }
+}
+
+impl TryFrom<String> for ShipmentStatus {
+    type Error = String;
+
+    fn try_from(spelling: String) -> Result<Self, Self::Error> {
+        if spelling == ShipmentStatus::Cancelled.as_str() {
+            return Ok(ShipmentStatus::Cancelled);
         }
+        TrackingStatus::parse(&spelling)
+            .map(ShipmentStatus::Tracked)
+            .ok_or_else(|| format!("unknown shipment status {spelling:?}"))
     }
 }
 
@@ -254,6 +250,35 @@ pub const TRACKING_EVENT_TYPE: &str = "TrackingEvent";
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shipment_statuses_are_spelt_as_their_tracking_status_or_cancelled() {
+        let spellings: Vec<String> = [ShipmentStatus::CREATED, ShipmentStatus::Cancelled]
+            .into_iter()
+            .chain(TrackingStatus::ALL.into_iter().map(ShipmentStatus::from))
+            .map(|s| serde_json::to_value(s).unwrap().as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(
+            spellings,
+            [
+                "created",
+                "cancelled",
+                "created",
+                "picked_up",
+                "in_transit",
+                "out_for_delivery",
+                "delivered",
+                "exception",
+                "returned"
+            ]
+        );
+        for spelling in spellings {
+            let status: ShipmentStatus =
+                serde_json::from_value(serde_json::Value::String(spelling.clone())).unwrap();
+            assert_eq!(status.as_str(), spelling);
+        }
+        assert!(serde_json::from_str::<ShipmentStatus>("\"lost\"").is_err());
+    }
     use serde_json::json;
 
     #[test]

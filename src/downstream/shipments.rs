@@ -3,12 +3,13 @@
 //! [`ShipmentsClient::create`] registers the shipment of an order and returns the shipper's
 //! `shipmentID`; [`ShipmentsClient::cancel`] cancels it. Both are idempotent on the
 //! `Idempotency-Key` the caller passes. The shipment's progress arrives separately, as
-//! [`crate::contract::TrackingEvent`]s on Kafka.
+//! [`super::contract::TrackingEvent`]s on Kafka.
 
 use std::time::Duration;
 
-use crate::contract::{CreateShipmentRequest, Shipment};
-use crate::downstream::{self, DownstreamError};
+use super::contract::{CreateShipmentRequest, Shipment};
+use super::transport;
+use crate::downstream::DownstreamError;
 
 /// Longest shipment id accepted from the shipper.
 pub const MAX_SHIPMENT_ID_CHARS: usize = 200;
@@ -40,8 +41,8 @@ impl ShipmentsClient {
         req: &CreateShipmentRequest,
         timeout: Duration,
     ) -> Result<Shipment, DownstreamError> {
-        let url = downstream::join_url(&self.base_url, "/shipments");
-        let response = downstream::send(
+        let url = transport::join_url(&self.base_url, "/shipments");
+        let response = transport::send(
             self.http.post(url).json(req),
             "/shipments",
             idempotency_key,
@@ -65,25 +66,9 @@ impl ShipmentsClient {
         shipment_id: &str,
         timeout: Duration,
     ) -> Result<(), DownstreamError> {
-        let url = downstream::join_url(
-            &self.base_url,
-            &format!(
-                "/shipments/{}/cancel",
-                downstream::encode_path_segment(shipment_id)
-            ),
-        );
-        let response = downstream::send(
-            self.http.post(url),
-            "/shipments/{shipmentID}/cancel",
-            idempotency_key,
-            timeout,
-        )
-        .await?;
-        if response.is_success() || response.status == 404 {
-            Ok(())
-        } else {
-            Err(response.into_error())
-        }
+        const ROUTE: &str = "/shipments/{shipmentID}/cancel";
+        let url = transport::url_of(&self.base_url, ROUTE, shipment_id);
+        transport::undo(self.http.post(url), ROUTE, idempotency_key, timeout).await
     }
 }
 

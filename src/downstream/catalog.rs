@@ -15,8 +15,9 @@ use std::time::Duration;
 
 use rust_decimal::Decimal;
 
-use crate::contract::{Reservation, ReservationRequest, Unavailable, UnavailableAnswer};
-use crate::downstream::{self, DownstreamError};
+use super::contract::{Reservation, ReservationRequest, Unavailable, UnavailableAnswer};
+use super::transport;
+use crate::downstream::DownstreamError;
 
 /// Highest unit price the service accepts (it stores prices as `DECIMAL(10,2)`).
 /// (9,999,999,999 hundredths, split into the 32-bit words `from_parts` takes).
@@ -62,8 +63,8 @@ impl CatalogClient {
         req: &ReservationRequest,
         timeout: Duration,
     ) -> Result<Reservation, ReserveError> {
-        let url = downstream::join_url(&self.base_url, "/inventory/reservations");
-        let response = downstream::send(
+        let url = transport::join_url(&self.base_url, "/inventory/reservations");
+        let response = transport::send(
             self.http.post(url).json(req),
             "/inventory/reservations",
             idempotency_key,
@@ -93,25 +94,9 @@ impl CatalogClient {
         reservation_id: &str,
         timeout: Duration,
     ) -> Result<(), DownstreamError> {
-        let url = downstream::join_url(
-            &self.base_url,
-            &format!(
-                "/inventory/reservations/{}",
-                downstream::encode_path_segment(reservation_id)
-            ),
-        );
-        let response = downstream::send(
-            self.http.delete(url),
-            "/inventory/reservations/{reservationID}",
-            idempotency_key,
-            timeout,
-        )
-        .await?;
-        if response.is_success() || response.status == 404 {
-            Ok(())
-        } else {
-            Err(response.into_error())
-        }
+        const ROUTE: &str = "/inventory/reservations/{reservationID}";
+        let url = transport::url_of(&self.base_url, ROUTE, reservation_id);
+        transport::undo(self.http.delete(url), ROUTE, idempotency_key, timeout).await
     }
 }
 
@@ -236,8 +221,8 @@ fn truncate(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::contract::{LineItem, ReservedItem};
-    use crate::downstream::{FailureKind, class};
+    use crate::downstream::contract::{LineItem, ReservedItem};
+    use crate::downstream::{FailureClass, FailureKind};
     use std::str::FromStr;
 
     fn request() -> ReservationRequest {
@@ -275,7 +260,7 @@ mod tests {
     fn assert_violation(result: Result<Reservation, DownstreamError>) {
         let error = result.expect_err("answer should be refused");
         assert_eq!(error.kind, FailureKind::Transient);
-        assert_eq!(error.class, class::CONTRACT_VIOLATION);
+        assert_eq!(error.class, FailureClass::ContractViolation);
     }
 
     #[test]
@@ -307,30 +292,14 @@ mod tests {
 
     #[test]
     fn missing_extra_or_changed_lines_are_contract_violations() {
-        assert_violation(validate_reservation(
-            &request(),
-            answer(vec![item(1, 2, "1", "EUR")]),
-        ));
-        assert_violation(validate_reservation(
-            &request(),
-            answer(vec![
-                item(1, 2, "1", "EUR"),
-                item(2, 1, "1", "EUR"),
-                item(3, 1, "1", "EUR"),
-            ]),
-        ));
-        assert_violation(validate_reservation(
-            &request(),
-            answer(vec![item(1, 3, "1", "EUR"), item(2, 1, "1", "EUR")]),
-        ));
-        assert_violation(validate_reservation(
-            &request(),
-            answer(vec![
-                item(1, 1, "1", "EUR"),
-                item(1, 1, "1", "EUR"),
-                item(2, 1, "1", "EUR"),
-            ]),
-        ));
+        let euro = |product_id, quantity| item(product_id, quantity, "1", "EUR");
+        let missing = vec![euro(1, 2)];
+        let extra = vec![euro(1, 2), euro(2, 1), euro(3, 1)];
+        let changed = vec![euro(1, 3), euro(2, 1)];
+        let split = vec![euro(1, 1), euro(1, 1), euro(2, 1)];
+        for lines in [missing, extra, changed, split] {
+            assert_violation(validate_reservation(&request(), answer(lines)));
+        }
     }
 
     #[test]
