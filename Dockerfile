@@ -1,7 +1,8 @@
 # syntax=docker/dockerfile:1.7
 #
 # ostore-orders: one image for every role of the service (`serve`, `migrate`, `users create`) and for
-# the simulators (`sim catalog`, `sim shipments`). docker-compose.yml builds it once and runs it five
+# the simulators (`sim catalog`, `sim shipments`), with its tools beside it (`ostore-tools`, from
+# benches/tools). docker-compose.yml builds it once and runs it five
 # ways. BuildKit is required (cache mounts); it is the default builder of current Docker releases.
 #
 #   docker build -t ostore-orders:0.1.0 .
@@ -32,13 +33,15 @@ COPY .sqlx ./.sqlx
 COPY migrations ./migrations
 COPY sagas ./sagas
 COPY src ./src
+COPY benches ./benches
 
 # target/ lives in a cache mount, so the binary is copied out within the same step.
 RUN --mount=type=cache,id=ostore-cargo-registry,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,id=ostore-cargo-git,target=/usr/local/cargo/git,sharing=locked \
     --mount=type=cache,id=ostore-target,target=/src/target,sharing=locked \
-    cargo build --release --locked --bin ostore-orders \
- && install -D -m 0755 target/release/ostore-orders /out/ostore-orders
+    cargo build --release --locked --workspace --bin ostore-orders --bin ostore-tools \
+ && install -D -m 0755 target/release/ostore-orders /out/ostore-orders \
+ && install -D -m 0755 target/release/ostore-tools /out/ostore-tools
 
 ############################ runtime ############################
 FROM debian:bookworm-20260824-slim AS runtime
@@ -58,6 +61,8 @@ RUN apt-get update \
       --shell /usr/sbin/nologin ostore
 
 COPY --from=builder /out/ostore-orders /usr/local/bin/ostore-orders
+# The tools (`kafka dump`, `verify`, the benchmarks), beside it: `ostore-orders kafka …` runs them.
+COPY --from=builder /out/ostore-tools /usr/local/bin/ostore-tools
 
 # Fails the build when a shared library the binary needs is missing from the runtime image.
 RUN ["ostore-orders", "--version"]

@@ -153,7 +153,7 @@ pub async fn run(
                 tracker.spawn(crate::outbox::relay::run(
                     db.clone(),
                     producer,
-                    cfg.relay(),
+                    crate::outbox::relay::RelayConfig::from_config(&cfg),
                     shutdown.clone(),
                 ));
             }

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::{self, ALL_ROLES, Role as AppRole};
 use crate::auth::{Role, password, users};
-use crate::config::{LogFormat, ServiceConfig};
+use crate::config::{DatabaseArgs, LogFormat, ServiceConfig};
 
 /// OStore order management service.
 #[derive(Debug, Parser)]
@@ -38,17 +38,58 @@ pub enum Command {
     #[command(subcommand)]
     Sim(SimCommand),
     /// Load-test a stack (started in this process, or --base-url) and report orders/s, latency
-    /// percentiles, outcomes, outbox backlog and RSS.
-    Bench(crate::bench::BenchArgs),
+    /// percentiles, outcomes, outbox backlog and RSS. Runs `ostore-tools bench` (see its --help).
+    #[command(disable_help_flag = true)]
+    Bench(ToolArgs),
     /// Relay benchmark: a raw producer's rate vs the outbox relay's for the same records to the
-    /// same broker (the mock cluster in this process unless KAFKA_BOOTSTRAP_SERVERS), and the ratio.
-    BenchRelay(crate::bench_kafka::BenchRelayArgs),
-    /// Tracking-consumer benchmark: TrackingEvents (lifecycles with redelivered copies) for
-    /// confirmed orders, applied by the real consumer; reports events/s.
-    BenchConsumer(crate::bench_kafka::BenchConsumerArgs),
+    /// same broker, and the ratio. Runs `ostore-tools bench-relay` (see its --help).
+    #[command(disable_help_flag = true)]
+    BenchRelay(ToolArgs),
+    /// Tracking-consumer benchmark: TrackingEvents applied by the real consumer; reports events/s.
+    /// Runs `ostore-tools bench-consumer` (see its --help).
+    #[command(disable_help_flag = true)]
+    BenchConsumer(ToolArgs),
     /// Kafka tools: serve the mock cluster as a process (`kafka mock`), dump topics (`kafka dump`).
-    #[command(subcommand)]
-    Kafka(crate::kafka_tools::KafkaCommand),
+    /// Runs `ostore-tools kafka` (see its --help).
+    #[command(disable_help_flag = true)]
+    Kafka(ToolArgs),
+}
+
+/// The tools binary the tool subcommands run: built from `benches/tools` in the same workspace.
+pub const TOOLS_PROGRAM: &str = "ostore-tools";
+
+/// Arguments of a tool subcommand, handed to [`TOOLS_PROGRAM`] untouched (`--help` included).
+#[derive(Debug, Args)]
+pub struct ToolArgs {
+    /// The tool's own arguments.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+    pub args: Vec<std::ffi::OsString>,
+}
+
+/// The path of `name` next to the running program (one build directory, one install directory),
+/// or `name` alone, looked up in PATH, when there is none.
+pub fn sibling_program(name: &str) -> std::path::PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join(name)))
+        .filter(|path| path.is_file())
+        .unwrap_or_else(|| std::path::PathBuf::from(name))
+}
+
+/// Replaces this process by `ostore-tools <subcommand> <args>`: same process id, standard streams
+/// and signals (a test's SIGUSR1 reaches `kafka mock` itself). Returns only when that fails.
+fn forward(subcommand: &str, args: ToolArgs) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt as _;
+    let program = sibling_program(TOOLS_PROGRAM);
+    let err = std::process::Command::new(&program)
+        .arg(subcommand)
+        .args(args.args)
+        .exec();
+    Err(anyhow::anyhow!(
+        "`{subcommand}` is a subcommand of {TOOLS_PROGRAM}, which could not be run ({}: {err}); \
+         build it beside this program with `cargo build --workspace` (or `-p {TOOLS_PROGRAM}`)",
+        program.display()
+    ))
 }
 
 /// `sim` subcommands.
@@ -113,7 +154,7 @@ pub struct SimShipmentsArgs {
     #[arg(
         long,
         env = "TOPIC_TRACKING_EVENTS",
-        default_value = "shipments.tracking-events"
+        default_value = crate::topics::TRACKING_EVENTS
     )]
     pub tracking_topic: String,
     /// Walk each new shipment picked_up → in_transit → delivered, one step every N ms.
@@ -146,13 +187,8 @@ pub struct DevArgs {
 /// `migrate` options.
 #[derive(Debug, Args)]
 pub struct MigrateArgs {
-    /// PostgreSQL connection string.
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/ostore"
-    )]
-    pub database_url: String,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
     /// Create the database first when it does not exist.
     #[arg(long)]
     pub create_database: bool,
@@ -186,13 +222,8 @@ pub struct UserRefArgs {
     /// The user's id.
     #[arg(long)]
     pub id: Option<i32>,
-    /// PostgreSQL connection string.
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/ostore"
-    )]
-    pub database_url: String,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
 }
 
 /// `users create` options.
@@ -208,13 +239,8 @@ pub struct CreateUserArgs {
     /// The user's role.
     #[arg(long, value_enum, default_value_t = Role::User)]
     pub role: Role,
-    /// PostgreSQL connection string.
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/ostore"
-    )]
-    pub database_url: String,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
 }
 
 /// Runs the parsed command line.
@@ -225,9 +251,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Migrate(args) => {
             let _t = crate::telemetry::init("ostore-orders", args.log_format);
             if args.create_database {
-                crate::db::create_database_if_missing(&args.database_url).await?;
+                crate::db::create_database_if_missing(&args.database.database_url).await?;
             }
-            let pool = crate::db::connect(&args.database_url, 2).await?;
+            let pool = crate::db::connect(&args.database.database_url, 2).await?;
             crate::db::migrate(&pool).await?;
             match args.log_format {
                 LogFormat::Json => tracing::info!("migrations applied"),
@@ -241,29 +267,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Users(UsersCommand::Enable(args)) => change_user(args, users::LifecycleAction::Enable).await,
         Command::Users(UsersCommand::Delete(args)) => change_user(args, users::LifecycleAction::Delete).await,
-        Command::Bench(args) => {
-            let _t = crate::telemetry::init("ostore-orders-bench", args.config.log_format);
-            crate::bench::run(args).await
-        }
-        Command::BenchRelay(args) => {
-            let _t = crate::telemetry::init("ostore-orders-bench", args.common.log_format);
-            crate::bench_kafka::run_relay(args).await
-        }
-        Command::BenchConsumer(args) => {
-            let _t = crate::telemetry::init("ostore-orders-bench", args.common.log_format);
-            crate::bench_kafka::run_consumer(args).await
-        }
-        Command::Kafka(command) => {
-            // Standard output carries the tools' results: diagnostics go to standard error.
-            let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-            let _ = tracing_subscriber::fmt()
-                .with_writer(std::io::stderr)
-                .with_env_filter(filter)
-                .try_init();
-            crate::kafka::install_client_properties_from_env()?;
-            crate::kafka_tools::run(command).await
-        }
+        Command::Bench(args) => forward("bench", args),
+        Command::BenchRelay(args) => forward("bench-relay", args),
+        Command::BenchConsumer(args) => forward("bench-consumer", args),
+        Command::Kafka(args) => forward("kafka", args),
         Command::Sim(SimCommand::Catalog(args)) => {
             let _t = crate::telemetry::init("ostore-sim-catalog", args.log_format);
             let sim = crate::sim::catalog::CatalogSim::new();
@@ -324,7 +331,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         "ostore-orders serve: effective configuration",
         &[("ROLES", format!("{roles:?}"))],
     );
-    let pool = crate::db::connect(&cfg.database_url, cfg.database_max_connections).await?;
+    let pool = crate::db::connect(&cfg.database.database_url, cfg.database_max_connections).await?;
     crate::db::migrate(&pool).await?;
     let shutdown = CancellationToken::new();
     app::cancel_on_signals(shutdown.clone());
@@ -353,7 +360,7 @@ pub async fn create_user_in(pool: &sqlx::PgPool, email: &str, pw: &str, role: Ro
 }
 
 async fn create_user(args: CreateUserArgs) -> anyhow::Result<()> {
-    let pool = crate::db::connect(&args.database_url, 2).await?;
+    let pool = crate::db::connect(&args.database.database_url, 2).await?;
     crate::db::migrate(&pool)
         .await
         .context("the database schema is not ready")?;
@@ -390,7 +397,7 @@ pub async fn change_user_in(
 }
 
 async fn change_user(args: UserRefArgs, action: users::LifecycleAction) -> anyhow::Result<()> {
-    let pool = crate::db::connect(&args.database_url, 2).await?;
+    let pool = crate::db::connect(&args.database.database_url, 2).await?;
     crate::db::migrate(&pool)
         .await
         .context("the database schema is not ready")?;

@@ -14,9 +14,9 @@ pub const DEV_JWT_SECRET: &str = "ostore-dev-only-jwt-secret-never-use-in-produc
 /// setting too, so it is named here as well.
 pub use crate::telemetry::LogFormat;
 
-/// Settings shared by every role of the service.
+/// The database argument: every subcommand that reaches PostgreSQL flattens this one.
 #[derive(Debug, Clone, Args)]
-pub struct ServiceConfig {
+pub struct DatabaseArgs {
     /// PostgreSQL connection string.
     #[arg(
         long,
@@ -24,6 +24,14 @@ pub struct ServiceConfig {
         default_value = "postgres://postgres@127.0.0.1:5432/ostore"
     )]
     pub database_url: String,
+}
+
+/// Settings shared by every role of the service.
+#[derive(Debug, Clone, Args)]
+pub struct ServiceConfig {
+    /// The database.
+    #[command(flatten)]
+    pub database: DatabaseArgs,
 
     /// Largest number of pooled database connections.
     #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 16)]
@@ -147,7 +155,7 @@ pub struct ServiceConfig {
 
     /// Kafka topic names.
     #[command(flatten)]
-    pub topics: crate::outbox::Topics,
+    pub topics: crate::topics::Topics,
 }
 
 /// Why a configuration cannot be used.
@@ -244,12 +252,9 @@ impl ServiceConfig {
         Duration::from_millis(self.order_wait_ms)
     }
 
-    /// The outbox relay's settings: the defaults with `OUTBOX_RETENTION_SECONDS`.
-    pub fn relay(&self) -> crate::outbox::relay::RelayConfig {
-        crate::outbox::relay::RelayConfig {
-            retention: Duration::from_secs(self.outbox_retention_seconds),
-            ..Default::default()
-        }
+    /// How long the outbox keeps acknowledged rows (`OUTBOX_RETENTION_SECONDS`).
+    pub fn outbox_retention(&self) -> Duration {
+        Duration::from_secs(self.outbox_retention_seconds)
     }
 
     /// The tracking consumer's settings: the defaults with the `TRACKING_*` windows.
@@ -266,7 +271,7 @@ impl ServiceConfig {
     pub fn describe(&self) -> Vec<(&'static str, String)> {
         let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "(unset)".into());
         vec![
-            ("DATABASE_URL", mask_url_password(&self.database_url)),
+            ("DATABASE_URL", mask_url_password(&self.database.database_url)),
             (
                 "DATABASE_MAX_CONNECTIONS",
                 self.database_max_connections.to_string(),
@@ -411,18 +416,6 @@ mod tests {
         ));
         assert!(cfg(&["--jwt-secret", &"k".repeat(32)]).validate(false).is_ok());
         assert!(cfg(&[]).validate(true).is_ok());
-    }
-
-    #[test]
-    fn outbox_retention_reaches_the_relay_and_zero_means_delete_on_acknowledgement() {
-        assert_eq!(cfg(&[]).relay().retention, Duration::from_secs(86_400));
-        let zero = cfg(&["--outbox-retention-seconds", "0"]);
-        assert!(zero.relay().retention.is_zero());
-        assert!(format!("{:?}", zero.describe()).contains("(\"OUTBOX_RETENTION_SECONDS\", \"0\")"));
-        assert!(
-            T::try_parse_from(["t", "--outbox-retention-seconds", "-1"]).is_err(),
-            "a negative retention is refused"
-        );
     }
 
     #[test]

@@ -69,8 +69,8 @@ pub async fn run(mut cfg: ServiceConfig) -> anyhow::Result<()> {
     cfg.validate(true)?;
     crate::kafka::install_client_properties_from_env()?;
     let _telemetry = crate::telemetry::init("ostore-orders", cfg.log_format);
-    crate::db::create_database_if_missing(&cfg.database_url).await?;
-    let pool = crate::db::connect(&cfg.database_url, cfg.database_max_connections).await?;
+    crate::db::create_database_if_missing(&cfg.database.database_url).await?;
+    let pool = crate::db::connect(&cfg.database.database_url, cfg.database_max_connections).await?;
     crate::db::migrate(&pool).await?;
     seed_users(&pool).await?;
 
@@ -80,14 +80,7 @@ pub async fn run(mut cfg: ServiceConfig) -> anyhow::Result<()> {
     let _broker = match &cfg.kafka_bootstrap_servers {
         Some(_) => None,
         None => {
-            let t = &cfg.topics;
-            let broker = crate::kafka::EmbeddedBroker::start(&[
-                &t.order_events,
-                &t.saga_events,
-                &t.tracking_events,
-                &t.notifications,
-                &t.tracking_dlq,
-            ])?;
+            let broker = crate::kafka::EmbeddedBroker::start(&cfg.topics.all())?;
             cfg.kafka_bootstrap_servers = Some(broker.bootstrap_servers().to_string());
             Some(broker)
         }

@@ -125,6 +125,27 @@ async fn wait_all_finished(pool: &sqlx::PgPool, n: i64) {
     }
 }
 
+/// Stock of product 1 when a stack starts.
+const INITIAL_STOCK: i64 = 1000;
+
+/// The invariants of the drained system ([`ostore_orders::verify`]), against the simulators.
+async fn verify(
+    pool: &sqlx::PgPool,
+    catalog_url: &str,
+    shipments_url: &str,
+) -> ostore_orders::verify::Report {
+    let options = ostore_orders::verify::Options {
+        simulators: Some(ostore_orders::verify::Simulators {
+            catalog_url: catalog_url.to_string(),
+            shipments_url: shipments_url.to_string(),
+        }),
+        initial_stock: [(1, INITIAL_STOCK)].into(),
+        topic_records: None,
+        topics: Default::default(),
+    };
+    ostore_orders::verify::run(pool, &options).await.unwrap()
+}
+
 /// A database with one customer, both simulators (product 1 in stock), and a service (not started
 /// yet) pointed at them, with a short lease and fast retries.
 struct Stack {
@@ -148,7 +169,7 @@ impl Stack {
             .unwrap();
         let stop = CancellationToken::new();
         let catalog = CatalogSim::new();
-        catalog.put_product(1, 1000, "2.00".parse().unwrap(), "USD");
+        catalog.put_product(1, INITIAL_STOCK, "2.00".parse().unwrap(), "USD");
         let catalog_url = serve_router(catalog.router(), stop.clone()).await;
         let shipments = ShipmentsSim::new(ShipmentsSimConfig::default()).unwrap();
         let shipments_url = serve_router(shipments.router(), stop.clone()).await;
@@ -280,47 +301,17 @@ async fn a_service_killed_mid_saga_resumes_every_saga_without_duplicates() {
         .unwrap();
     wait_all_finished(&pool, total).await;
 
-    // Exactly one reservation per saga, at most one shipment per order, and the catalog agrees.
-    let reservations: Vec<Value> = http
-        .get(format!("{catalog_url}/sim/reservations"))
-        .send()
+    // Exactly one reservation per saga, at most one shipment per order, and the catalog agrees:
+    // the invariants the fault-injection suite checks too (sagas settled, no double reservation
+    // or shipment, reservations and shipments matching the live orders, stock adding up, orders
+    // agreeing with their sagas). Without a broker, the outbox and tracking checks do not apply.
+    verify(&pool, &catalog_url, &shipments_url)
         .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let shipments: Vec<Value> = http
-        .get(format!("{shipments_url}/sim/shipments"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .assert_hold(&[1, 2, 3, 7]);
     let sagas: Vec<(uuid::Uuid, i32, String)> = sqlx::query_as("select saga_id, order_id, state from sagas")
         .fetch_all(&pool)
         .await
         .unwrap();
-    for (saga_id, order_id, state) in &sagas {
-        let mine: Vec<&Value> = reservations
-            .iter()
-            .filter(|r| r["reservationID"] == saga_id.to_string())
-            .collect();
-        assert!(mine.len() <= 1, "saga {saga_id} reserved {} times", mine.len());
-        let ships = shipments.iter().filter(|s| s["orderID"] == *order_id).count();
-        assert!(ships <= 1, "order {order_id} has {ships} shipments");
-        match state.as_str() {
-            "completed" => {
-                assert_eq!(mine.len(), 1);
-                assert_eq!(mine[0]["status"], "active");
-                assert_eq!(ships, 1);
-            }
-            _ => assert!(
-                mine.iter().all(|r| r["status"] == "released"),
-                "{saga_id}: reservation not released"
-            ),
-        }
-    }
     let completed = sagas.iter().filter(|s| s.2 == "completed").count() as i64;
     let product: Value = http
         .get(format!("{catalog_url}/sim/products/1"))
@@ -434,6 +425,9 @@ async fn serve_stops_within_five_seconds_of_sigterm_keeping_its_in_flight_sagas(
         .unwrap();
     let created = shipped.iter().filter(|s| s["status"] == "created").count();
     assert_eq!(created, 4, "one shipment per order: {shipped:?}");
+    verify(&pool, &catalog_url, &shipments_url)
+        .await
+        .assert_hold(&[1, 2, 3, 7]);
     let (took, ok) = svc.terminate().await;
     assert!(ok && took < STOP_BOUND, "serve took {took:?} to stop");
     stop.cancel();
@@ -485,4 +479,41 @@ async fn dev_stops_within_five_seconds_of_sigterm() {
     assert!(ok, "dev exited with a failure after SIGTERM");
     assert!(took < STOP_BOUND, "dev took {took:?} to stop");
     assert_eq!(confirmed, 1);
+}
+
+/// The invariants the crash tests rely on can fail: a confirmed order that no saga wrote, with no
+/// reservation or shipment behind it, is reported by the checks it breaks, and only by them.
+#[tokio::test]
+async fn verify_reports_a_confirmed_order_no_saga_wrote() {
+    let stack = Stack::new().await;
+    let report = verify(&stack.pool, &stack.catalog_url, &stack.shipments_url).await;
+    // An empty outbox fails check 4 (a run that published nothing proves nothing); the rest hold.
+    report.assert_hold(&[1, 2, 3, 5, 7]);
+    assert!(!report.check(4).unwrap().ok);
+    sqlx::query(
+        "insert into orders (order_id, user_id, status, saga_id)
+         select 4242, min(user_id), 'confirmed', gen_random_uuid() from users",
+    )
+    .execute(&stack.pool)
+    .await
+    .unwrap();
+    let report = verify(&stack.pool, &stack.catalog_url, &stack.shipments_url).await;
+    let failed: Vec<u8> = report.failed().iter().map(|c| c.id).collect();
+    assert_eq!(failed, [3, 4, 7], "{report:#?}");
+    let agree = report.check(7).unwrap();
+    assert!(
+        agree.figures.contains("orders without a saga: 4242"),
+        "{}",
+        agree.figures
+    );
+    assert!(agree.figures.contains("incomplete: 4242"), "{}", agree.figures);
+    let reservations = report.check(3).unwrap();
+    assert!(
+        reservations
+            .figures
+            .contains("live orders without a live shipment: 4242"),
+        "{}",
+        reservations.figures
+    );
+    stack.stop.cancel();
 }

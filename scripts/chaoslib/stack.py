@@ -18,10 +18,11 @@ from .common import ConnError, JWT_SECRET, ROOT, free_port, http, log
 class Stack:
     """Every process the suite starts; `close` stops them all."""
 
-    def __init__(self, args, workdir, binary):
+    def __init__(self, args, workdir, binary, tools):
         self.args = args
         self.dir = workdir
         self.bin = binary
+        self.tools = tools  # ostore-tools: kafka mock, kafka dump, verify
         self.as_root = os.geteuid() == 0
         self.pg_bin = os.environ.get("PG_BIN") or self._find_pg_bin()
         self.pg_port = free_port()
@@ -144,7 +145,7 @@ class Stack:
         os.makedirs(self.broker_dir, exist_ok=True)
         out_path = os.path.join(self.broker_dir, "address")
         with open(out_path, "wb") as out, open(os.path.join(self.broker_dir, "log"), "ab") as err:
-            p = subprocess.Popen([self.bin, "kafka", "mock"], stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+            p = subprocess.Popen([self.tools, "kafka", "mock"], stdout=out, stderr=err, stdin=subprocess.DEVNULL,
                                  start_new_session=True, env=dict(os.environ, RUST_LOG="warn"))
         self.procs["broker"] = p
         self.broker_started = True

@@ -193,6 +193,28 @@ pub fn max_total() -> Decimal {
     Decimal::new(9_999_999_999, 2)
 }
 
+// The statements of the saga's write path on this module's tables, one definition each: the
+// functions below run them, and the benchmark (`ostore-tools bench`) renders them into the pgbench
+// script of the PostgreSQL ceiling.
+
+/// An order's lines and total in one statement (`insert_lines`, the `persist_order` step).
+pub const PERSIST_ORDER_SQL: &str = r#"with i as (
+               insert into order_items (order_id, product_id, quantity, price)
+               select $1, * from unnest($2::int[], $3::int[], $4::numeric[])
+               returning order_item_id, product_id, quantity, price),
+           u as (update orders set total_amount = $5, currency = $6 where order_id = $1)
+           select order_item_id, product_id, quantity, price from i"#;
+/// The shipment on the order, and `pending` → `confirmed` (`confirm`); returns whether
+/// the order was pending.
+pub const CONFIRM_ORDER_SQL: &str =
+    "with before as (select status from orders where order_id = $1 for update)
+                             update orders o
+                                set shipment_id = $2,
+                                    status = case when o.status = 'pending' then 'confirmed' else o.status end
+                               from before
+                              where o.order_id = $1
+                          returning before.status = 'pending'";
+
 /// Writes an order's priced lines and its total (the `persist_order` step) in the caller's
 /// transaction; returns the lines with their ids, in id order.
 pub async fn insert_lines(
@@ -205,22 +227,15 @@ pub async fn insert_lines(
     currency: &str,
 ) -> Result<Vec<PersistedItem>, sqlx::Error> {
     // One statement: the lines and the order's total.
-    let rows: Vec<(i32, i32, i32, Decimal)> = sqlx::query_as(
-        r#"with i as (
-               insert into order_items (order_id, product_id, quantity, price)
-               select $1, * from unnest($2::int[], $3::int[], $4::numeric[])
-               returning order_item_id, product_id, quantity, price),
-           u as (update orders set total_amount = $5, currency = $6 where order_id = $1)
-           select order_item_id, product_id, quantity, price from i"#,
-    )
-    .bind(order_id)
-    .bind(products)
-    .bind(quantities)
-    .bind(prices)
-    .bind(total)
-    .bind(currency)
-    .fetch_all(&mut *conn)
-    .await?;
+    let rows: Vec<(i32, i32, i32, Decimal)> = sqlx::query_as(PERSIST_ORDER_SQL)
+        .bind(order_id)
+        .bind(products)
+        .bind(quantities)
+        .bind(prices)
+        .bind(total)
+        .bind(currency)
+        .fetch_all(&mut *conn)
+        .await?;
     let mut items: Vec<_> = rows
         .into_iter()
         .map(|(order_item_id, product_id, quantity, price)| PersistedItem {
@@ -264,19 +279,11 @@ pub async fn set_status(
 /// shipment was being created keeps a cancelled order, and no OrderConfirmed may follow its
 /// OrderCancelled.
 pub async fn confirm(conn: &mut PgConnection, order_id: i32, shipment_id: &str) -> Result<bool, sqlx::Error> {
-    let confirmed: Option<bool> = sqlx::query_scalar(
-        "with before as (select status from orders where order_id = $1 for update)
-                             update orders o
-                                set shipment_id = $2,
-                                    status = case when o.status = 'pending' then 'confirmed' else o.status end
-                               from before
-                              where o.order_id = $1
-                          returning before.status = 'pending'",
-    )
-    .bind(order_id)
-    .bind(shipment_id)
-    .fetch_optional(&mut *conn)
-    .await?;
+    let confirmed: Option<bool> = sqlx::query_scalar(CONFIRM_ORDER_SQL)
+        .bind(order_id)
+        .bind(shipment_id)
+        .fetch_optional(&mut *conn)
+        .await?;
     Ok(confirmed.unwrap_or(false))
 }
 

@@ -16,57 +16,8 @@ use sqlx::PgConnection;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-/// Topic names (configurable).
-#[derive(Debug, Clone, clap::Args)]
-pub struct Topics {
-    /// Order lifecycle events.
-    #[arg(
-        long = "topic-order-events",
-        env = "TOPIC_ORDER_EVENTS",
-        default_value = "orders.events"
-    )]
-    pub order_events: String,
-    /// Saga transitions, retries and compensations.
-    #[arg(
-        long = "topic-saga-events",
-        env = "TOPIC_SAGA_EVENTS",
-        default_value = "orders.saga-events"
-    )]
-    pub saga_events: String,
-    /// TrackingEvents consumed from the shipper.
-    #[arg(
-        long = "topic-tracking-events",
-        env = "TOPIC_TRACKING_EVENTS",
-        default_value = "shipments.tracking-events"
-    )]
-    pub tracking_events: String,
-    /// Customer notifications produced.
-    #[arg(
-        long = "topic-notifications",
-        env = "TOPIC_NOTIFICATIONS",
-        default_value = "users.notifications"
-    )]
-    pub notifications: String,
-    /// Tracking events that could not be applied.
-    #[arg(
-        long = "topic-tracking-dlq",
-        env = "TOPIC_TRACKING_DLQ",
-        default_value = "shipments.tracking-events.dlq"
-    )]
-    pub tracking_dlq: String,
-}
-
-impl Default for Topics {
-    fn default() -> Self {
-        Topics {
-            order_events: "orders.events".into(),
-            saga_events: "orders.saga-events".into(),
-            tracking_events: "shipments.tracking-events".into(),
-            notifications: "users.notifications".into(),
-            tracking_dlq: "shipments.tracking-events.dlq".into(),
-        }
-    }
-}
+/// Topic names: defined in [`crate::topics`], re-exported here for the modules that stage events.
+pub use crate::topics::Topics;
 
 /// The envelope every produced message carries.
 #[derive(Debug, Clone, Serialize)]

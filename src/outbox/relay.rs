@@ -109,6 +109,14 @@ impl Default for RelayConfig {
 }
 
 impl RelayConfig {
+    /// The defaults with the service's settings (`OUTBOX_RETENTION_SECONDS`).
+    pub fn from_config(cfg: &crate::config::ServiceConfig) -> RelayConfig {
+        RelayConfig {
+            retention: cfg.outbox_retention(),
+            ..Default::default()
+        }
+    }
+
     fn backoff(&self) -> ExponentialBackoff {
         ExponentialBuilder::default()
             .with_min_delay(self.backoff_min)
@@ -1116,6 +1124,35 @@ pub async fn backlog(conn: &mut PgConnection) -> Result<Backlog, sqlx::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use clap::Parser as _;
+
+    #[derive(clap::Parser)]
+    struct T {
+        #[command(flatten)]
+        c: crate::config::ServiceConfig,
+    }
+
+    fn cfg(args: &[&str]) -> crate::config::ServiceConfig {
+        let mut v = vec!["t"];
+        v.extend_from_slice(args);
+        T::parse_from(v).c
+    }
+
+    #[test]
+    fn outbox_retention_reaches_the_relay_and_zero_means_delete_on_acknowledgement() {
+        assert_eq!(
+            RelayConfig::from_config(&cfg(&[])).retention,
+            Duration::from_secs(86_400)
+        );
+        let zero = cfg(&["--outbox-retention-seconds", "0"]);
+        assert!(RelayConfig::from_config(&zero).retention.is_zero());
+        assert!(format!("{:?}", zero.describe()).contains("(\"OUTBOX_RETENTION_SECONDS\", \"0\")"));
+        assert!(
+            T::try_parse_from(["t", "--outbox-retention-seconds", "-1"]).is_err(),
+            "a negative retention is refused"
+        );
+    }
 
     #[test]
     fn the_floor_rises_only_once_every_transaction_running_at_a_pass_has_ended() {

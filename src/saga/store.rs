@@ -27,6 +27,50 @@ use crate::outbox::{self, NewEvent, Topics};
 use crate::saga::machine::{Effect, Failure, FailureClass, OrderChange, Saga, SagaData, SagaState, Stream};
 use crate::wake::{self, Wake};
 
+// The statements of the saga's write path, one definition each: the functions below run them, and
+// the benchmark (`ostore-tools bench`) renders them into the pgbench script of the PostgreSQL
+// ceiling, so the two cannot drift apart. The checked ones are files (`sql/`, `query_file!`).
+
+/// The key, the placeholder order and the saga in one statement, or nothing when the key exists (`create`).
+pub const CREATE_SQL: &str = r#"with k as (
+               insert into idempotency_keys (user_id, key, request_hash, saga_id, order_id)
+               values ($1, $2, $3, $4, nextval('orders_order_id_seq')::int)
+               on conflict (user_id, key) do nothing
+               returning order_id),
+           o as (
+               insert into orders (order_id, user_id, status, saga_id)
+               select order_id, $1, 'pending', $4 from k
+               returning order_id, order_date),
+           s as (
+               insert into sagas (saga_id, saga_type, definition_version, order_id, user_id, state, step, attempt,
+                                  next_attempt_at, lease_owner, lease_expires_at, fence, input, trace_context,
+                                  deadline_at, created_at, step_name)
+               select $4, $5, $6, o.order_id, $1, 'running', 0, 0, o.order_date, $7,
+                      case when $7::text is not null then now() + $8 end, 1, $9, $10, o.order_date + $11,
+                      o.order_date, $12
+                 from o)
+           select order_id, order_date, order_date + $11 as deadline_at from o"#;
+/// A shared commit's history rows, outbox events and wake-ups in one statement (`Batch::flush`).
+pub const STAGE_WRITES_SQL: &str = r#"with h as (
+                   insert into saga_steps (saga_id, step, kind, attempt, started_at, outcome, error_class, error,
+                                           idempotency_key, downstream_status, worker, duration_ms, finished_at)
+                   -- finished_at from the attempt's own clock when it was timed: now() is the
+                   -- transaction's start, earlier than a local step that ran inside it.
+                   select u.*, coalesce(u.started + make_interval(secs => u.dur / 1000.0), now())
+                     from unnest($1::uuid[], $2::text[], $3::text[], $4::int[], $5::timestamptz[], $6::text[],
+                                 $7::text[], $8::text[], $9::text[], $10::int[], $11::text[], $20::int[])
+                          as u(saga, step, kind, attempt, started, outcome, class, error, key, status, worker, dur)),
+               o as (
+                   insert into outbox (topic, message_key, event_id, event_type, payload, headers)
+                   select t, k, i, e, p::json, h
+                     from unnest($12::text[], $13::text[], $14::uuid[], $15::text[], $16::text[], $17::jsonb[])
+                          as u(t, k, i, e, p, h))
+               select count(pg_notify($18, n)) from unnest($19::text[]) n"#;
+/// The saga rows of a shared commit, one statement for all of them (`Batch::flush`).
+pub const UPDATE_SAGAS_SQL: &str = include_str!("sql/update_sagas.sql");
+/// The rows of the sagas a shared commit advances, locked in key order (`lock_many`).
+pub const LOCK_MANY_SQL: &str = include_str!("sql/lock_many.sql");
+
 fn interval(d: Duration) -> PgInterval {
     PgInterval {
         months: 0,
@@ -98,40 +142,21 @@ pub async fn create(
     let input = json!({"items": n.lines});
     let trace = serde_json::to_value(&n.trace).unwrap_or(json!({}));
     // One statement: the key, the placeholder order and the saga, or nothing when the key exists.
-    let row: Option<(i32, OffsetDateTime, OffsetDateTime)> = sqlx::query_as(
-        r#"with k as (
-               insert into idempotency_keys (user_id, key, request_hash, saga_id, order_id)
-               values ($1, $2, $3, $4, nextval('orders_order_id_seq')::int)
-               on conflict (user_id, key) do nothing
-               returning order_id),
-           o as (
-               insert into orders (order_id, user_id, status, saga_id)
-               select order_id, $1, 'pending', $4 from k
-               returning order_id, order_date),
-           s as (
-               insert into sagas (saga_id, saga_type, definition_version, order_id, user_id, state, step, attempt,
-                                  next_attempt_at, lease_owner, lease_expires_at, fence, input, trace_context,
-                                  deadline_at, created_at, step_name)
-               select $4, $5, $6, o.order_id, $1, 'running', 0, 0, o.order_date, $7,
-                      case when $7::text is not null then now() + $8 end, 1, $9, $10, o.order_date + $11,
-                      o.order_date, $12
-                 from o)
-           select order_id, order_date, order_date + $11 from o"#,
-    )
-    .bind(n.user_id)
-    .bind(&n.idempotency_key)
-    .bind(&n.request_hash)
-    .bind(n.saga_id)
-    .bind(&n.saga_type)
-    .bind(n.version)
-    .bind(worker)
-    .bind(interval(lease))
-    .bind(&input)
-    .bind(&trace)
-    .bind(interval(n.deadline))
-    .bind(&n.first_step)
-    .fetch_optional(&mut *conn)
-    .await?;
+    let row: Option<(i32, OffsetDateTime, OffsetDateTime)> = sqlx::query_as(CREATE_SQL)
+        .bind(n.user_id)
+        .bind(&n.idempotency_key)
+        .bind(&n.request_hash)
+        .bind(n.saga_id)
+        .bind(&n.saga_type)
+        .bind(n.version)
+        .bind(worker)
+        .bind(interval(lease))
+        .bind(&input)
+        .bind(&trace)
+        .bind(interval(n.deadline))
+        .bind(&n.first_step)
+        .fetch_optional(&mut *conn)
+        .await?;
     let Some((order_id, created_at, deadline_at)) = row else {
         let row = sqlx::query!(
             "select request_hash, saga_id, order_id from idempotency_keys where user_id = $1 and key = $2",
@@ -352,23 +377,8 @@ impl Batch {
     /// Writes everything staged (history, saga rows, outbox, NOTIFY) in `conn`'s transaction.
     pub async fn flush(&mut self, conn: &mut PgConnection, lease: Duration) -> Result<(), sqlx::Error> {
         if !self.s_id.is_empty() {
-            sqlx::query!(
-                r#"update sagas s
-                      set state = u.state, step = u.step, attempt = u.attempt, next_attempt_at = u.next_attempt_at,
-                          data = u.data, failure = u.failure, last_error = u.last_error,
-                          last_error_class = u.last_error_class,
-                          lease_owner = case when u.keep then s.lease_owner end,
-                          lease_expires_at = case when u.keep then now() + $14 end,
-                          answer = coalesce(s.answer, u.answer), updated_at = now(),
-                          finished_at = case when u.finished then now() end, step_name = u.step_name,
-                          trace_context = case when u.session is null then s.trace_context
-                                               else s.trace_context || u.session end
-                     from unnest($1::uuid[], $2::text[], $3::int[], $4::int[], $5::timestamptz[], $6::jsonb[],
-                                 $7::jsonb[], $8::text[], $9::text[], $10::bool[], $11::jsonb[], $12::bool[],
-                                 $13::text[], $15::jsonb[])
-                          as u(saga_id, state, step, attempt, next_attempt_at, data, failure, last_error,
-                               last_error_class, keep, answer, finished, step_name, session)
-                    where s.saga_id = u.saga_id"#,
+            sqlx::query_file!(
+                "src/saga/sql/update_sagas.sql",
                 &self.s_id,
                 &self.s_state,
                 &self.s_step,
@@ -398,45 +408,29 @@ impl Batch {
             return Ok(());
         }
         let c = outbox::Columns::of(&self.events);
-        sqlx::query(
-            r#"with h as (
-                   insert into saga_steps (saga_id, step, kind, attempt, started_at, outcome, error_class, error,
-                                           idempotency_key, downstream_status, worker, duration_ms, finished_at)
-                   -- finished_at from the attempt's own clock when it was timed: now() is the
-                   -- transaction's start, earlier than a local step that ran inside it.
-                   select u.*, coalesce(u.started + make_interval(secs => u.dur / 1000.0), now())
-                     from unnest($1::uuid[], $2::text[], $3::text[], $4::int[], $5::timestamptz[], $6::text[],
-                                 $7::text[], $8::text[], $9::text[], $10::int[], $11::text[], $20::int[])
-                          as u(saga, step, kind, attempt, started, outcome, class, error, key, status, worker, dur)),
-               o as (
-                   insert into outbox (topic, message_key, event_id, event_type, payload, headers)
-                   select t, k, i, e, p::json, h
-                     from unnest($12::text[], $13::text[], $14::uuid[], $15::text[], $16::text[], $17::jsonb[])
-                          as u(t, k, i, e, p, h))
-               select count(pg_notify($18, n)) from unnest($19::text[]) n"#,
-        )
-        .bind(&self.h_saga)
-        .bind(&self.h_step)
-        .bind(&self.h_kind)
-        .bind(&self.h_attempt)
-        .bind(&self.h_started)
-        .bind(&self.h_outcome)
-        .bind(&self.h_class)
-        .bind(&self.h_error)
-        .bind(&self.h_key)
-        .bind(&self.h_status)
-        .bind(&self.h_worker)
-        .bind(&c.topics)
-        .bind(&c.keys)
-        .bind(&c.ids)
-        .bind(&c.types)
-        .bind(&c.payloads)
-        .bind(&c.headers)
-        .bind(wake::CHANNEL)
-        .bind(&self.notify)
-        .bind(&self.h_duration)
-        .execute(&mut *conn)
-        .await?;
+        sqlx::query(STAGE_WRITES_SQL)
+            .bind(&self.h_saga)
+            .bind(&self.h_step)
+            .bind(&self.h_kind)
+            .bind(&self.h_attempt)
+            .bind(&self.h_started)
+            .bind(&self.h_outcome)
+            .bind(&self.h_class)
+            .bind(&self.h_error)
+            .bind(&self.h_key)
+            .bind(&self.h_status)
+            .bind(&self.h_worker)
+            .bind(&c.topics)
+            .bind(&c.keys)
+            .bind(&c.ids)
+            .bind(&c.types)
+            .bind(&c.payloads)
+            .bind(&c.headers)
+            .bind(wake::CHANNEL)
+            .bind(&self.notify)
+            .bind(&self.h_duration)
+            .execute(&mut *conn)
+            .await?;
         *self = Batch::default();
         Ok(())
     }
@@ -448,13 +442,9 @@ pub async fn lock_many(conn: &mut PgConnection, ids: &[Uuid]) -> Result<HashMap<
     if ids.is_empty() {
         return Ok(HashMap::new());
     }
-    let rows = sqlx::query!(
-        "select saga_id, fence, cancel_requested, answered_pending, state, step, attempt
-           from sagas where saga_id = any($1) order by saga_id for update",
-        ids
-    )
-    .fetch_all(&mut *conn)
-    .await?;
+    let rows = sqlx::query_file!("src/saga/sql/lock_many.sql", ids)
+        .fetch_all(&mut *conn)
+        .await?;
     Ok(rows
         .into_iter()
         .map(|r| {

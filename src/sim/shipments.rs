@@ -72,7 +72,7 @@ const CREATE: &str = "create";
 const CANCEL: &str = "cancel";
 
 /// Default topic of the TrackingEvents.
-pub const DEFAULT_TRACKING_TOPIC: &str = "shipments.tracking-events";
+pub const DEFAULT_TRACKING_TOPIC: &str = crate::topics::TRACKING_EVENTS;
 
 /// How many published events `GET /sim/events` remembers.
 const EVENT_LOG_CAPACITY: usize = 100_000;

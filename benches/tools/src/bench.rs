@@ -1,4 +1,4 @@
-//! `ostore-orders bench`: the load benchmark. It starts a whole stack (a fresh database, both
+//! `ostore-tools bench`: the load benchmark. It starts a whole stack (a fresh database, both
 //! simulators, a Kafka-protocol broker — the in-process mock unless KAFKA_BOOTSTRAP_SERVERS names
 //! one — and the service as a child process with all its roles) or targets a running one
 //! (`--base-url`). It then
@@ -21,8 +21,11 @@ use clap::Args;
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
-use crate::auth::Role;
-use crate::config::ServiceConfig;
+use ostore_orders::auth::Role;
+use ostore_orders::config::ServiceConfig;
+
+/// The service binary the bench starts (beside this one, or in PATH).
+const SERVICE_PROGRAM: &str = "ostore-orders";
 
 /// `bench` options.
 #[derive(Debug, Args)]
@@ -180,13 +183,11 @@ pub(crate) fn cpu_delta(
 
 /// The database of the bench: DATABASE_URL's server, its name with `_bench`, its parameters kept.
 fn bench_database_url(url: &str) -> anyhow::Result<String> {
-    let (prefix, db) = url
+    let (_, db) = url
         .rsplit_once('/')
         .context("DATABASE_URL has no database name")?;
-    Ok(match db.split_once('?') {
-        Some((name, query)) => format!("{prefix}/{name}_bench?{query}"),
-        None => format!("{prefix}/{db}_bench"),
-    })
+    let name = db.split_once('?').map_or(db, |(name, _)| name);
+    crate::bench_kafka::database_url_for(url, &format!("{name}_bench"))
 }
 
 struct Stack {
@@ -196,7 +197,7 @@ struct Stack {
     db_url: Option<String>,
     service: Option<tokio::process::Child>,
     service_log: Option<std::path::PathBuf>,
-    _broker: Option<crate::kafka::EmbeddedBroker>,
+    _broker: Option<ostore_orders::kafka::EmbeddedBroker>,
     shutdown: tokio_util::sync::CancellationToken,
 }
 
@@ -227,7 +228,7 @@ impl Stack {
 async fn start_stack(args: &BenchArgs) -> anyhow::Result<Stack> {
     let cfg = args.config.clone();
     cfg.validate(true)?;
-    let url = bench_database_url(&cfg.database_url)?;
+    let url = bench_database_url(&cfg.database.database_url)?;
     {
         let opts: sqlx::postgres::PgConnectOptions = url.parse()?;
         let name = opts.get_database().unwrap_or("ostore_bench").to_string();
@@ -243,41 +244,37 @@ async fn start_stack(args: &BenchArgs) -> anyhow::Result<Stack> {
         .await?;
         admin.close().await;
     }
-    crate::db::create_database_if_missing(&url).await?;
-    let pool = crate::db::connect(&url, 4).await?;
-    crate::db::migrate(&pool).await?;
+    ostore_orders::db::create_database_if_missing(&url).await?;
+    let pool = ostore_orders::db::connect(&url, 4).await?;
+    ostore_orders::db::migrate(&pool).await?;
     let shutdown = tokio_util::sync::CancellationToken::new();
     let t = &cfg.topics;
     let broker = match &cfg.kafka_bootstrap_servers {
         Some(_) => None,
-        None => Some(crate::kafka::EmbeddedBroker::start(&[
-            &t.order_events,
-            &t.saga_events,
-            &t.tracking_events,
-            &t.notifications,
-            &t.tracking_dlq,
-        ])?),
+        None => Some(ostore_orders::kafka::EmbeddedBroker::start(&t.all())?),
     };
     let kafka = match &broker {
         Some(b) => b.bootstrap_servers().to_string(),
         None => cfg.kafka_bootstrap_servers.clone().unwrap_or_default(),
     };
-    let catalog = crate::sim::catalog::CatalogSim::new();
+    let catalog = ostore_orders::sim::catalog::CatalogSim::new();
     for p in 1..=20 {
         catalog.put_product(p, 1_000_000_000, format!("{}.99", p).parse()?, "USD");
     }
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let catalog_url = format!("http://{}", l.local_addr()?);
-    tokio::spawn(crate::sim::serve(l, catalog.router(), shutdown.clone()));
-    let shipments = crate::sim::shipments::ShipmentsSim::new(crate::sim::shipments::ShipmentsSimConfig {
-        // Saga-only: the shipper publishes nothing (not even `created`), so no tracking events.
-        kafka_bootstrap_servers: (args.mode == Mode::Full).then(|| kafka.clone()),
-        tracking_topic: cfg.topics.tracking_events.clone(),
-        auto_advance_ms: args.advance_ms(),
-    })?;
+    tokio::spawn(ostore_orders::sim::serve(l, catalog.router(), shutdown.clone()));
+    let shipments = ostore_orders::sim::shipments::ShipmentsSim::new(
+        ostore_orders::sim::shipments::ShipmentsSimConfig {
+            // Saga-only: the shipper publishes nothing (not even `created`), so no tracking events.
+            kafka_bootstrap_servers: (args.mode == Mode::Full).then(|| kafka.clone()),
+            tracking_topic: cfg.topics.tracking_events.clone(),
+            auto_advance_ms: args.advance_ms(),
+        },
+    )?;
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let shipments_url = format!("http://{}", l.local_addr()?);
-    tokio::spawn(crate::sim::serve(l, shipments.router(), shutdown.clone()));
+    tokio::spawn(ostore_orders::sim::serve(l, shipments.router(), shutdown.clone()));
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
     let listen = l.local_addr()?;
     drop(l);
@@ -288,7 +285,7 @@ async fn start_stack(args: &BenchArgs) -> anyhow::Result<Stack> {
     let log = std::fs::File::create(&log_path)?;
     let secret: String =
         uuid::Uuid::new_v4().simple().to_string() + &uuid::Uuid::new_v4().simple().to_string();
-    let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
+    let mut cmd = tokio::process::Command::new(ostore_orders::cli::sibling_program(SERVICE_PROGRAM));
     cmd.arg("serve")
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -315,7 +312,11 @@ async fn start_stack(args: &BenchArgs) -> anyhow::Result<Stack> {
         .stdout(log.try_clone()?)
         .stderr(log)
         .kill_on_drop(true);
-    let mut child = cmd.spawn().context("cannot start the service")?;
+    let mut child = cmd.spawn().with_context(|| {
+        format!(
+            "cannot start the service: {SERVICE_PROGRAM} beside this program or in PATH (build the workspace: `cargo build --workspace`)"
+        )
+    })?;
     let http = reqwest::Client::new();
     let mut ready = false;
     for _ in 0..300 {
@@ -345,12 +346,12 @@ async fn start_stack(args: &BenchArgs) -> anyhow::Result<Stack> {
     }
     let rss_ready = rss_mb(child.id());
     // Customers: one hash for all (hashing is not what is measured).
-    let hash = crate::auth::password::hash_blocking("bench-password")?;
+    let hash = ostore_orders::auth::password::hash_blocking("bench-password")?;
     let mut tokens = Vec::new();
     for i in 0..args.concurrency {
         let email = format!("bench{i}@ostore.dev");
         let mut conn = pool.acquire().await?;
-        crate::auth::users::create(&mut conn, &email, &hash, Role::User).await?;
+        ostore_orders::auth::users::create(&mut conn, &email, &hash, Role::User).await?;
         tokens.push(login(&http, &base, &email, "bench-password").await?);
     }
     if !args.json {

@@ -1,16 +1,16 @@
-//! `ostore-orders bench-relay` and `ostore-orders bench-consumer`: the Kafka side of the
+//! `ostore-tools bench-relay` and `ostore-tools bench-consumer`: the Kafka side of the
 //! performance figures (docs/performance.md, "Kafka side").
 //!
 //! - **bench-relay** fills the outbox of a fresh database with N rows as the service writes them
 //!   (the saga's and the order's events, `outbox::enqueue`), then measures (a) a raw producer with
 //!   the relay's producer settings sending the same records (read once from the outbox; only the
 //!   producing is timed, up to the last delivery report) to topics of their own on the same broker,
-//!   and (b) the real relay ([`crate::outbox::relay::run`], started as the service starts it)
+//!   and (b) the real relay ([`ostore_orders::outbox::relay::run`], started as the service starts it)
 //!   draining the same rows, from its start until every row is acknowledged and marked. It prints
 //!   both rates and their ratio.
 //! - **bench-consumer** creates K confirmed orders (with their sagas and shipments), produces their
 //!   TrackingEvents as the shipper does (`created` → `delivered`, interleaved across orders, some
-//!   redelivered later), then starts the real tracking consumer ([`crate::tracking::run`]) and
+//!   redelivered later), then starts the real tracking consumer ([`ostore_orders::tracking::run`]) and
 //!   times how fast it applies them (the inbox is polled), and checks the result.
 //!
 //! The broker is `--kafka-bootstrap-servers` (KAFKA_BOOTSTRAP_SERVERS), or librdkafka's mock
@@ -34,24 +34,20 @@ use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::config::LogFormat;
-use crate::contract::{TRACKING_EVENT_TYPE, TrackingEvent, TrackingStatus};
-use crate::kafka::{self, EmbeddedBroker, ProducerSettings};
-use crate::outbox::relay::{self, OutboxRow, RelayConfig};
-use crate::outbox::{NewEvent, Topics, enqueue};
-use crate::tracking::{self, ConsumerConfig};
+use ostore_orders::config::{DatabaseArgs, LogFormat};
+use ostore_orders::downstream::contract::{TRACKING_EVENT_TYPE, TrackingEvent, TrackingStatus};
+use ostore_orders::kafka::{self, EmbeddedBroker, ProducerSettings};
+use ostore_orders::outbox::relay::{self, OutboxRow, RelayConfig};
+use ostore_orders::outbox::{NewEvent, Topics, enqueue};
+use ostore_orders::tracking::{self, ConsumerConfig};
 
 /// Options both Kafka benchmarks share.
 #[derive(Debug, Clone, Args)]
 pub struct KafkaBenchCommon {
     /// PostgreSQL server (and connection parameters, e.g. `?sslmode=disable`); the benchmark
     /// creates a database of its own on it (`kbench_…`) and drops it afterwards.
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/ostore"
-    )]
-    pub database_url: String,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
     /// Kafka cluster to measure against; librdkafka's mock cluster in this process when unset.
     #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS")]
     pub kafka_bootstrap_servers: Option<String>,
@@ -153,29 +149,11 @@ impl Broker {
 
 /// Topics named after the run (`kbench.<run>.<role>.<topic>`), so runs never share records.
 fn run_topics(run: &str, role: &str) -> Topics {
-    let d = Topics::default();
-    let name = |t: &str| format!("kbench.{run}.{role}.{t}");
-    Topics {
-        order_events: name(&d.order_events),
-        saga_events: name(&d.saga_events),
-        tracking_events: name(&d.tracking_events),
-        notifications: name(&d.notifications),
-        tracking_dlq: name(&d.tracking_dlq),
-    }
-}
-
-fn topic_names(t: &Topics) -> [&str; 5] {
-    [
-        &t.order_events,
-        &t.saga_events,
-        &t.tracking_events,
-        &t.notifications,
-        &t.tracking_dlq,
-    ]
+    Topics::default().renamed(|t| format!("kbench.{run}.{role}.{t}"))
 }
 
 /// `url` with its database replaced by `name`, keeping its query parameters.
-fn database_url_for(url: &str, name: &str) -> anyhow::Result<String> {
+pub(crate) fn database_url_for(url: &str, name: &str) -> anyhow::Result<String> {
     let (prefix, rest) = url
         .rsplit_once('/')
         .context("DATABASE_URL has no database name")?;
@@ -195,10 +173,10 @@ struct BenchDb {
 impl BenchDb {
     async fn create(common: &KafkaBenchCommon, kind: &str, run: &str) -> anyhow::Result<BenchDb> {
         let name = format!("kbench_{kind}_{run}");
-        let url = database_url_for(&common.database_url, &name)?;
-        crate::db::create_database_if_missing(&url).await?;
-        let pool = crate::db::connect(&url, 16).await?;
-        crate::db::migrate(&pool).await?;
+        let url = database_url_for(&common.database.database_url, &name)?;
+        ostore_orders::db::create_database_if_missing(&url).await?;
+        let pool = ostore_orders::db::connect(&url, 16).await?;
+        ostore_orders::db::migrate(&pool).await?;
         Ok(BenchDb { name, url, pool })
     }
 
@@ -208,7 +186,7 @@ impl BenchDb {
             eprintln!(
                 "kept database {} ({})",
                 self.name,
-                crate::config::mask_url_password(&self.url)
+                ostore_orders::config::mask_url_password(&self.url)
             );
             return Ok(());
         }
@@ -437,11 +415,9 @@ pub async fn run_relay(args: BenchRelayArgs) -> anyhow::Result<()> {
     let relay_topics = run_topics(&run, "relay");
     let raw_topics = run_topics(&run, "raw");
     broker
-        .create_topics(&topic_names(&relay_topics), common.partitions)
+        .create_topics(&relay_topics.all(), common.partitions)
         .await?;
-    broker
-        .create_topics(&topic_names(&raw_topics), common.partitions)
-        .await?;
+    broker.create_topics(&raw_topics.all(), common.partitions).await?;
     let db = BenchDb::create(common, "relay", &run).await?;
     let result = relay_measure(&args, &broker, &bootstrap, &db, &relay_topics, &raw_topics).await;
     db.finish(common.keep_database).await?;
@@ -496,13 +472,14 @@ async fn relay_measure(
     let settings = ProducerSettings::default();
 
     // (a) The raw producer: same records, same producer settings, topics of its own.
-    let topic_of: HashMap<String, String> = topic_names(relay_topics)
+    let topic_of: HashMap<String, String> = relay_topics
+        .all()
         .into_iter()
-        .zip(topic_names(raw_topics))
+        .zip(raw_topics.all())
         .map(|(a, b)| (a.to_string(), b.to_string()))
         .collect();
     let (raw_producer, _) = kafka::producer(bootstrap, &settings)?;
-    warm_up(&raw_producer, &topic_names(raw_topics)).await?;
+    warm_up(&raw_producer, &raw_topics.all()).await?;
     if !quiet {
         eprintln!("bench-relay: raw producer sending {n} records");
     }
@@ -512,7 +489,7 @@ async fn relay_measure(
 
     // (b) The relay, as the service runs it, draining the same rows.
     let (producer, _) = kafka::producer(bootstrap, &settings)?;
-    warm_up(&producer, &topic_names(relay_topics)).await?;
+    warm_up(&producer, &relay_topics.all()).await?;
     let cfg = RelayConfig {
         batch_size: args.batch_size,
         retention: Duration::from_secs(args.retention_secs),
@@ -756,9 +733,7 @@ pub async fn run_consumer(args: BenchConsumerArgs) -> anyhow::Result<()> {
     let broker = Broker::start(common)?;
     let bootstrap = broker.bootstrap().to_string();
     let topics = run_topics(&run, "consumer");
-    broker
-        .create_topics(&topic_names(&topics), common.partitions)
-        .await?;
+    broker.create_topics(&topics.all(), common.partitions).await?;
     let db = BenchDb::create(common, "consumer", &run).await?;
     let result = consumer_measure(&args, &broker, &bootstrap, &db, &topics).await;
     db.finish(common.keep_database).await?;

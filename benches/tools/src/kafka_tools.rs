@@ -1,4 +1,4 @@
-//! `ostore-orders kafka …`: two small Kafka tools for development, tests and operators.
+//! `ostore-tools kafka …`: two small Kafka tools for development, tests and operators.
 //!
 //! - **`kafka mock`** serves librdkafka's mock cluster (the broker `dev` embeds) as a process of its
 //!   own on a random loopback port, with the service's topics created, and prints its bootstrap
@@ -23,8 +23,8 @@ use rdkafka::message::{Headers as _, Message as _};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{Map, Value, json};
 
-use crate::kafka::{DEFAULT_PARTITIONS, EmbeddedBroker};
-use crate::outbox::Topics;
+use ostore_orders::kafka::{DEFAULT_PARTITIONS, EmbeddedBroker};
+use ostore_orders::outbox::Topics;
 
 /// `kafka` subcommands.
 #[derive(Debug, Subcommand)]
@@ -87,16 +87,7 @@ async fn serve_mock(args: MockArgs) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     anyhow::ensure!(args.partitions >= 1, "--partitions must be at least 1");
     let t = &args.topics;
-    let broker = EmbeddedBroker::start_with(
-        &[
-            &t.order_events,
-            &t.saga_events,
-            &t.tracking_events,
-            &t.notifications,
-            &t.tracking_dlq,
-        ],
-        args.partitions,
-    )?;
+    let broker = EmbeddedBroker::start_with(&t.all(), args.partitions)?;
     let mut down = signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?;
     let mut up = signal(SignalKind::user_defined2()).context("installing the SIGUSR2 handler")?;
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -140,14 +131,14 @@ pub fn dump(
     out: &mut impl Write,
 ) -> anyhow::Result<u64> {
     let deadline = Instant::now() + timeout;
-    let mut config = crate::kafka::base_config(bootstrap, "ostore-orders-dump");
+    let mut config = ostore_orders::kafka::base_config(bootstrap, "ostore-orders-dump");
     config
         // Required by librdkafka for a consumer; with `assign` no group is joined.
         .set("group.id", "ostore-orders-dump")
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "false");
-    let consumer: BaseConsumer = crate::kafka::finish(config)
+    let consumer: BaseConsumer = ostore_orders::kafka::finish(config)
         .create()
         .with_context(|| format!("creating a Kafka consumer for {bootstrap}"))?;
     let metadata = consumer
