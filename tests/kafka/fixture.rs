@@ -74,6 +74,18 @@ impl Fixture {
         self.bus().producer()
     }
 
+    /// The relay, running on the database and the broker until the token is cancelled.
+    pub fn spawn_relay(&self, cfg: RelayConfig) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(relay::run(
+            self.pool.clone(),
+            self.producer(),
+            cfg,
+            shutdown.clone(),
+        ));
+        (shutdown, task)
+    }
+
     /// The tracking consumer on the broker and the database, with an unknown-order window.
     pub fn start_consumer(&self, window: Duration) -> RunningConsumer {
         RunningConsumer::start_on(
@@ -297,6 +309,20 @@ pub fn consumer_config(window: Duration) -> ConsumerConfig {
         heartbeat_interval: Duration::from_millis(500),
         batch_size: 500,
     }
+}
+
+/// Waits until the relay's floor has passed every outbox row (nothing pending), or fails the test
+/// after `timeout`.
+pub async fn until_all_published(pool: &PgPool, timeout: Duration, what: &str) {
+    eventually(timeout, what, || async {
+        count(
+            pool,
+            "select count(*) from outbox where id > outbox_published_through()",
+        )
+        .await
+            == 0
+    })
+    .await;
 }
 
 /// Polls `check` until it returns true, or fails the test after `timeout`.

@@ -77,15 +77,7 @@ async fn two_relays_at_once_keep_each_orders_events_in_order() {
                 .push(id.to_string());
         }
     }
-    eventually(Duration::from_secs(60), "every row to be published", || async {
-        count(
-            &pool,
-            "select count(*) from outbox where id > outbox_published_through()",
-        )
-        .await
-            == 0
-    })
-    .await;
+    until_all_published(&pool, Duration::from_secs(60), "every row to be published").await;
     shutdown_b.cancel();
     relay_b.await.unwrap();
 
@@ -104,13 +96,7 @@ async fn two_relays_at_once_keep_each_orders_events_in_order() {
 async fn a_row_committed_late_below_published_rows_is_still_published_in_its_orders_order() {
     let f = Fixture::new(6).await;
     let (pool, t) = (f.pool.clone(), f.topics());
-    let shutdown = CancellationToken::new();
-    let relay_task = tokio::spawn(relay::run(
-        pool.clone(),
-        f.producer(),
-        relay_config(),
-        shutdown.clone(),
-    ));
+    let (shutdown, relay_task) = f.spawn_relay(relay_config());
     // Rows the relay published (the floor cannot pass the late row while it is open).
     let published = || async {
         count(
@@ -155,19 +141,7 @@ async fn a_row_committed_late_below_published_rows_is_still_published_in_its_ord
     late.commit().await.unwrap();
     let confirmed = write_event(&pool, &t.order_events, "OrderConfirmed", 99, &HashMap::new()).await;
     // Well inside the relay's safety-net rescan (RelayConfig::cleanup_interval, 60 s).
-    eventually(
-        Duration::from_secs(15),
-        "the late row to be published",
-        || async {
-            count(
-                &pool,
-                "select count(*) from outbox where id > outbox_published_through()",
-            )
-            .await
-                == 0
-        },
-    )
-    .await;
+    until_all_published(&pool, Duration::from_secs(15), "the late row to be published").await;
     shutdown.cancel();
     relay_task.await.unwrap();
     let messages = read_topic(f.bootstrap(), &t.order_events, 62).await;
@@ -187,27 +161,14 @@ async fn a_long_transaction_that_writes_no_outbox_row_does_not_hold_the_publishe
         .execute(&mut *long)
         .await
         .unwrap();
-    let shutdown = CancellationToken::new();
-    let relay_task = tokio::spawn(relay::run(
-        pool.clone(),
-        f.producer(),
-        relay_config(),
-        shutdown.clone(),
-    ));
+    let (shutdown, relay_task) = f.spawn_relay(relay_config());
     for order in 1..=10 {
         write_event(&pool, &t.order_events, "OrderCreated", order, &HashMap::new()).await;
     }
-    eventually(
+    until_all_published(
+        &pool,
         Duration::from_secs(15),
         "the floor to pass every row while the long transaction runs",
-        || async {
-            count(
-                &pool,
-                "select count(*) from outbox where id > outbox_published_through()",
-            )
-            .await
-                == 0
-        },
     )
     .await;
     long.rollback().await.unwrap();
@@ -229,17 +190,11 @@ async fn late_commits_never_let_a_later_event_of_an_order_overtake_an_earlier_on
     for _ in 0..24 {
         orders.push(insert_order(&pool, "confirmed").await);
     }
-    let shutdown = CancellationToken::new();
-    let relay_task = tokio::spawn(relay::run(
-        pool.clone(),
-        f.producer(),
-        RelayConfig {
-            batch_size: 2,
-            poll_interval: Duration::from_millis(5),
-            ..relay_config()
-        },
-        shutdown.clone(),
-    ));
+    let (shutdown, relay_task) = f.spawn_relay(RelayConfig {
+        batch_size: 2,
+        poll_interval: Duration::from_millis(5),
+        ..relay_config()
+    });
     let mut writers = Vec::new();
     for (w, &order) in orders.iter().enumerate() {
         let (pool, topic) = (pool.clone(), t.order_events.clone());

@@ -138,17 +138,10 @@ async fn rows_added_while_the_broker_is_down(bus: Bus) {
     assert!(backlog.oldest_pending_age_seconds.unwrap() >= 2.0);
 
     f.bus().up().await;
-    eventually(
+    until_all_published(
+        &pool,
         Duration::from_secs(90),
         "the backlog to drain after the outage",
-        || async {
-            count(
-                &pool,
-                "select count(*) from outbox where id > outbox_published_through()",
-            )
-            .await
-                == 0
-        },
     )
     .await;
     shutdown.cancel();
