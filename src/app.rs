@@ -17,7 +17,8 @@ use crate::auth::limiter::UserLimiter;
 use crate::config::ServiceConfig;
 use crate::downstream::catalog::CatalogClient;
 use crate::downstream::shipments::ShipmentsClient;
-use crate::saga::engine::{Engine, EngineConfig, load_create_order};
+use crate::saga::engine::{Engine, EngineConfig};
+use crate::saga::steps::load_create_order;
 
 /// A role a process can run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

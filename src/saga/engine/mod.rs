@@ -41,10 +41,9 @@ use uuid::Uuid;
 
 use crate::orders::answer::Answer;
 use crate::outbox::Topics;
-use crate::saga::definition::{CREATE_ORDER_FILE, CREATE_ORDER_TOML, DefinitionError, SagaDef};
+use crate::saga::definition::SagaDef;
 use crate::saga::machine::{Attempt, Machine, Next, Saga, SagaHooks, SagaState, StepShape};
 use crate::saga::registry::{Registry, Resolved};
-use crate::saga::steps;
 use crate::saga::store::{self, Created, NewSaga};
 
 /// Engine settings.
@@ -197,17 +196,6 @@ struct Inner {
 /// The saga engine (cheap to clone).
 #[derive(Clone)]
 pub struct Engine(Arc<Inner>);
-
-/// Loads and validates the CreateOrder definition embedded in the binary (its steps: see
-/// [`steps::create_order`]).
-pub fn load_create_order() -> Result<SagaDef, DefinitionError> {
-    SagaDef::load(
-        CREATE_ORDER_FILE,
-        CREATE_ORDER_TOML,
-        "create_order",
-        &steps::create_order_impls(),
-    )
-}
 
 impl Engine {
     /// A new engine; call `start` to run its committers, poller and listener.

@@ -13,7 +13,7 @@ use crate::downstream::catalog::CatalogClient;
 use crate::downstream::shipments::ShipmentsClient;
 use crate::downstream::{DownstreamError, FailureKind};
 use crate::saga::create_order::CreateOrder;
-use crate::saga::definition::{CREATE_ORDER_FILE, SagaDef, StepImpl};
+use crate::saga::definition::{CREATE_ORDER_FILE, CREATE_ORDER_TOML, DefinitionError, SagaDef, StepImpl};
 use crate::saga::engine::SagaType;
 use crate::saga::machine::{Outcome, StepShape};
 use crate::saga::registry::Registry;
@@ -40,7 +40,17 @@ pub const CREATE_ORDER: [StepShape; 3] = [
     },
 ];
 
-/// The CreateOrder saga as the engine runs it: `def` (from [`crate::saga::engine::load_create_order`]),
+/// Loads and validates the CreateOrder definition embedded in the binary against its steps.
+pub fn load_create_order() -> Result<SagaDef, DefinitionError> {
+    SagaDef::load(
+        CREATE_ORDER_FILE,
+        CREATE_ORDER_TOML,
+        "create_order",
+        &create_order_impls(),
+    )
+}
+
+/// The CreateOrder saga as the engine runs it: `def` (from [`load_create_order`]),
 /// its steps registered with the downstream clients they call, and its hooks.
 pub fn create_order(def: SagaDef, catalog: CatalogClient, shipments: ShipmentsClient) -> SagaType {
     let mut registry = Registry::new();
@@ -106,7 +116,6 @@ impl From<DownstreamError> for Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::saga::engine::load_create_order;
 
     #[test]
     fn the_registry_resolves_create_order_to_its_steps_in_order() {
