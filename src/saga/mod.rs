@@ -9,3 +9,4 @@ pub mod machine;
 pub mod registry;
 pub mod steps;
 pub mod store;
+pub mod views;
