@@ -37,6 +37,7 @@ use crate::api::admin::BulkRetryRequest;
 use crate::api::extract::{AdminUser, ApiJson, AuthUser};
 use crate::auth::{Claims, Role};
 use crate::error::ApiError;
+use crate::saga::machine::SagaState;
 use html::{Who, cell, columns, esc, kv_table, page, select, state_badge, text_of, url_enc};
 
 /// Name of the session cookie.
@@ -50,13 +51,13 @@ pub const CSP: &str = "default-src 'none'; style-src 'self'; img-src 'self'; for
 const CSS: &str = include_str!("console.css");
 
 /// Saga states, in the order the counts are shown (stuck first).
-const STATES: [&str; 6] = [
-    "stuck",
-    "running",
-    "compensating",
-    "failed",
-    "compensated",
-    "completed",
+const STATES: [SagaState; 6] = [
+    SagaState::Stuck,
+    SagaState::Running,
+    SagaState::Compensating,
+    SagaState::Failed,
+    SagaState::Compensated,
+    SagaState::Completed,
 ];
 
 /// Step names offered by the filter (free text is accepted too).
@@ -451,7 +452,12 @@ fn filter_form(p: &HashMap<String, String>) -> String {
 <label>Order <input name="orderID" inputmode="numeric" size="8" value="{}"></label>
 <button type="submit">Filter</button> <a href="/console/sagas">Clear</a>
 {}{}</form>"#,
-        select("state", "State", &STATES, p.get("state").map(String::as_str)),
+        select(
+            "state",
+            "State",
+            &STATES.map(SagaState::as_str),
+            p.get("state").map(String::as_str)
+        ),
         v("step"),
         v("errorClass"),
         v("olderThanSeconds"),
@@ -467,9 +473,9 @@ fn bulk_form(s: &Session, p: &HashMap<String, String>) -> String {
         .get("state")
         .map(String::as_str)
         .filter(|s| !s.is_empty())
-        .unwrap_or("stuck");
+        .unwrap_or(SagaState::Stuck.as_str());
     let mut states = String::new();
-    for st in ["stuck", "running", "compensating"] {
+    for st in [SagaState::Stuck, SagaState::Running, SagaState::Compensating].map(SagaState::as_str) {
         let sel = if st == state { " selected" } else { "" };
         let _ = write!(states, r#"<option value="{st}"{sel}>{st}</option>"#);
     }
@@ -522,7 +528,7 @@ async fn sagas_page(
     let mut conn = state.db.acquire().await?;
     // Counts per state under the other filters.
     let mut counts = String::from(r#"<ul class="counts" aria-label="Sagas per state">"#);
-    for st in STATES {
+    for st in STATES.map(SagaState::as_str) {
         let f = SagaFilter {
             state: Some(st.to_string()),
             ..filter.clone()
@@ -544,7 +550,7 @@ async fn sagas_page(
     let mut items = Vec::new();
     if filter.state.is_none() && after.is_none() {
         let stuck = SagaFilter {
-            state: Some("stuck".into()),
+            state: Some(SagaState::Stuck.as_str().into()),
             ..filter.clone()
         };
         items = admin::list_sagas(&mut conn, &stuck, None, PAGE).await?;
@@ -559,7 +565,7 @@ async fn sagas_page(
     let stuck_shown = items.len();
     items.extend(
         rest.into_iter()
-            .filter(|x| filter.state.is_some() || x.state != "stuck"),
+            .filter(|x| filter.state.is_some() || x.state != SagaState::Stuck.as_str()),
     );
     if stuck_shown > 0 {
         let _ = write!(
@@ -624,7 +630,7 @@ async fn bulk_retry(
         })?;
     let dry_run = get("mode").as_deref() != Some("run");
     let req = BulkRetryRequest {
-        state: get("state").unwrap_or_else(|| "stuck".into()),
+        state: get("state").unwrap_or_else(|| SagaState::Stuck.as_str().into()),
         step: get("step"),
         error_class: get("errorClass"),
         older_than_seconds: older,
@@ -774,13 +780,14 @@ fn timeline(history: &[Value]) -> String {
 }
 
 fn action_forms(s: &Session, id: Uuid, saga_state: &str) -> String {
-    if matches!(saga_state, "completed" | "compensated" | "failed") {
+    let state = SagaState::parse(saga_state);
+    if state.is_some_and(SagaState::is_terminal) {
         return format!(
             r#"<p class="muted">The saga is {}: nothing can change it any more.</p>"#,
             esc(saga_state)
         );
     }
-    let retry_label = if saga_state == "stuck" {
+    let retry_label = if state == Some(SagaState::Stuck) {
         "Re-drive (continue the compensation)"
     } else {
         "Run the next attempt now"
