@@ -322,23 +322,15 @@ where
     while !shutdown.is_cancelled() {
         if !leading {
             match try_lead(&pool, &mut session).await {
-                Ok(true) => match stored_floor(session.as_mut()).await {
-                    Ok(stored) => {
-                        leading = true;
-                        floor = Floor::resume(stored);
-                        tracing::info!(
-                            published_through = stored,
-                            "outbox relay: leading (holds the relay lock)"
-                        );
-                    }
-                    Err(e) => {
-                        session = None;
-                        tracing::warn!(error = %e, "outbox relay: cannot read the published floor");
-                        pause(backoff.next().unwrap_or(cfg.backoff_max), &shutdown).await;
-                        continue;
-                    }
-                },
-                Ok(false) => {
+                Ok(Some(stored)) => {
+                    leading = true;
+                    floor = Floor::resume(stored);
+                    tracing::info!(
+                        published_through = stored,
+                        "outbox relay: leading (holds the relay lock)"
+                    );
+                }
+                Ok(None) => {
                     pause(cfg.standby_interval, &shutdown).await;
                     continue;
                 }
@@ -433,13 +425,13 @@ where
     C: ClientContext + 'static,
 {
     let mut session = None;
-    if !try_lead(pool, &mut session).await? {
+    let Some(stored) = try_lead(pool, &mut session).await? else {
         tracing::debug!("outbox relay: another relay holds the lock");
         return Ok(0);
-    }
+    };
     let Some(mut conn) = session else { return Ok(0) };
     let result = async {
-        let mut floor = Floor::resume(stored_floor(Some(&mut conn)).await?);
+        let mut floor = Floor::resume(stored);
         let mut total = 0;
         // Passes until one publishes nothing and the floor has caught up with what was read (a
         // bounded number: writers running beside may keep it from settling).
@@ -467,24 +459,18 @@ const RUN_ONCE_PASSES: usize = 50;
 /// transactions running at that pass have ended).
 const BEHIND_POLL: Duration = Duration::from_millis(50);
 
-/// The floor the last leader stored (`outbox_relay_floor`, migration 0014).
-async fn stored_floor(conn: Option<&mut PgConnection>) -> Result<i64, sqlx::Error> {
-    let Some(conn) = conn else {
-        return Err(sqlx::Error::PoolClosed);
-    };
+/// The floor the leader stored (`outbox_relay_floor`, migration 0014): every row up to the
+/// returned id is published (or set aside).
+pub async fn published_through(conn: &mut PgConnection) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar("select through from outbox_relay_floor")
         .fetch_one(conn)
         .await
 }
 
-/// Every row up to the returned id is published (or set aside); for readers.
-pub async fn published_through(conn: &mut PgConnection) -> Result<i64, sqlx::Error> {
-    stored_floor(Some(conn)).await
-}
-
 /// Takes (or keeps) the leadership lock on a connection of its own (detached from the pool, so
-/// the lock dies with the connection). `Ok(false)` while another relay leads.
-async fn try_lead(pool: &PgPool, session: &mut Option<PgConnection>) -> Result<bool, sqlx::Error> {
+/// the lock dies with the connection). Holding it: the floor the last leader stored, which the new
+/// leader starts from; `Ok(None)` while another relay leads.
+async fn try_lead(pool: &PgPool, session: &mut Option<PgConnection>) -> Result<Option<i64>, sqlx::Error> {
     if session.is_none() {
         let mut conn = pool.acquire().await?.detach();
         // What the leader writes (the floor, the counts) may be lost to a database crash: rows are
@@ -495,12 +481,15 @@ async fn try_lead(pool: &PgPool, session: &mut Option<PgConnection>) -> Result<b
         *session = Some(conn);
     }
     let Some(conn) = session.as_mut() else {
-        return Ok(false);
+        return Ok(None);
     };
     let got = sqlx::query_scalar!(r#"select pg_try_advisory_lock($1) as "got!""#, RELAY_LOCK_KEY)
-        .fetch_one(conn)
+        .fetch_one(&mut *conn)
         .await?;
-    Ok(got)
+    if !got {
+        return Ok(None);
+    }
+    Ok(Some(published_through(conn).await?))
 }
 
 async fn listen(pool: &PgPool) -> Option<PgListener> {
