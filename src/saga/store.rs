@@ -285,8 +285,11 @@ pub async fn claim_due(
     let rows = sqlx::query_as!(
         SagaRow,
         r#"with due as (
+               -- open sagas through sagas_unfinished_idx (no index on next_attempt_at: the
+               -- transitions that change it stay HOT, migration 0015)
                select saga_id from sagas
-                where next_attempt_at <= now()
+                where state in ('running', 'compensating')
+                  and next_attempt_at <= now()
                   and (lease_expires_at is null or lease_expires_at < now())
                 order by next_attempt_at
                 limit $3
