@@ -80,7 +80,7 @@ impl EngineConfig {
             lease: Duration::from_secs(30),
             retry_scale,
             max_in_flight: 2048,
-            committers: 3,
+            committers: 1,
             batch_max: 128,
             poll_interval: Duration::from_millis(500),
             drive: true,
