@@ -164,7 +164,7 @@ pub async fn run(
                     bootstrap.clone(),
                     cfg.topics.clone(),
                     shutdown.clone(),
-                    cfg.consumer(),
+                    crate::tracking::ConsumerConfig::from_config(&cfg),
                 );
                 tracker.spawn(async move {
                     if let Err(e) = crate::tracking::run(pool, consumer, &b, &topics, s.clone()).await {
