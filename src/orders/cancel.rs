@@ -6,9 +6,9 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::orders::OrderStatus;
+use crate::orders::saga::steps::create_shipment;
 use crate::orders::store as order_store;
 use crate::saga::machine::{Failure, FailureClass, SagaState};
-use crate::saga::steps::create_shipment;
 use crate::saga::store as saga_store;
 
 /// Result of a cancellation request.

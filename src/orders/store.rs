@@ -11,7 +11,8 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::orders::OrderStatus;
-use crate::saga::machine::{PersistedItem, money, rfc3339};
+use crate::orders::saga::PersistedItem;
+use crate::saga::machine::{money, rfc3339};
 
 /// One line of an order as clients see it.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]

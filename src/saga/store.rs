@@ -7,8 +7,8 @@
 //! This store is also the unit-of-work writer of the shared commit: where one statement writes
 //! several tables for speed it is here, and says so (the new-saga insert writes the idempotency
 //! record and the order placeholder with the saga; the batch's history statement writes the
-//! outbox and sends the NOTIFY). Order changes of a transition are the orders store's SQL, run in
-//! the same transaction.
+//! outbox and sends the NOTIFY). A saga type's own changes of a transition (CreateOrder: the
+//! order's) are its hooks' SQL (`SagaHooks::apply`), run in the same transaction.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,11 +20,8 @@ use sqlx::postgres::types::PgInterval;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::orders::answer::Answer;
-use crate::orders::store as order_store;
-use crate::orders::validate::Line;
 use crate::outbox::{self, NewEvent, Topics};
-use crate::saga::machine::{Effect, Failure, FailureClass, OrderChange, Saga, SagaData, SagaState, Stream};
+use crate::saga::machine::{Effect, Failure, FailureClass, Saga, SagaHooks, SagaState, Stream};
 use crate::wake::{self, Wake};
 
 // The statements of the saga's write path, one definition each: the functions below run them, and
@@ -79,7 +76,7 @@ fn interval(d: Duration) -> PgInterval {
     }
 }
 
-/// A new CreateOrder saga to insert.
+/// A new saga to insert.
 #[derive(Debug, Clone)]
 pub struct NewSaga {
     /// Saga id (also the catalog reservation id).
@@ -90,8 +87,9 @@ pub struct NewSaga {
     pub idempotency_key: String,
     /// Fingerprint of the request body.
     pub request_hash: Vec<u8>,
-    /// Requested lines.
-    pub lines: Vec<Line>,
+    /// What the saga is asked to do (`sagas.input`, the saga type's JSON; CreateOrder:
+    /// `orders::saga::input`).
+    pub input: Value,
     /// W3C trace context of the request.
     pub trace: HashMap<String, String>,
     /// Saga type.
@@ -125,8 +123,8 @@ pub enum Created {
 }
 
 /// Inserts the idempotency record, the order placeholder (`pending`) and the saga (leased to
-/// `worker`), and stages the `SagaStarted` / `OrderCreated` events in `batch` — or reports the key's
-/// earlier use.
+/// `worker`), and stages the `SagaStarted` event and what the saga type's hooks add when a saga
+/// starts (CreateOrder: `OrderCreated`) in `batch` — or reports the key's earlier use.
 ///
 /// Unit of work: one statement writes `idempotency_keys`, `orders` and `sagas` together (one round
 /// trip per new saga in the shared commit), so this store owns it although two of the tables are
@@ -138,8 +136,9 @@ pub async fn create(
     worker: Option<&str>,
     lease: Duration,
     topics: &Topics,
+    hooks: &dyn SagaHooks,
 ) -> Result<Created, sqlx::Error> {
-    let input = json!({"items": n.lines});
+    let input = &n.input;
     let trace = serde_json::to_value(&n.trace).unwrap_or(json!({}));
     // One statement: the key, the placeholder order and the saga, or nothing when the key exists.
     let row: Option<(i32, OffsetDateTime, OffsetDateTime)> = sqlx::query_as(CREATE_SQL)
@@ -151,7 +150,7 @@ pub async fn create(
         .bind(n.version)
         .bind(worker)
         .bind(interval(lease))
-        .bind(&input)
+        .bind(input)
         .bind(&trace)
         .bind(interval(n.deadline))
         .bind(&n.first_step)
@@ -179,8 +178,8 @@ pub async fn create(
         state: SagaState::Running,
         step: 0,
         attempt: 0,
-        input: n.lines.clone(),
-        data: SagaData::default(),
+        input: n.input.clone(),
+        data: json!({}),
         failure: None,
         cancel_requested: None,
         answered_pending: false,
@@ -191,25 +190,37 @@ pub async fn create(
         last_error: None,
         last_error_class: None,
     };
-    let items = json!(n.lines);
-    batch.events.extend([
-        NewEvent::new(
-            &topics.saga_events,
-            "SagaStarted",
-            order_id,
-            Some(n.saga_id),
-            json!({"sagaType": n.saga_type, "version": n.version, "userID": n.user_id}),
-            &n.trace,
-        ),
-        NewEvent::new(
-            &topics.order_events,
-            "OrderCreated",
-            order_id,
-            Some(n.saga_id),
-            json!({"userID": n.user_id, "status": "pending", "orderItems": items}),
-            &n.trace,
-        ),
-    ]);
+    batch.events.push(NewEvent::new(
+        &topics.saga_events,
+        "SagaStarted",
+        order_id,
+        Some(n.saga_id),
+        json!({"sagaType": n.saga_type, "version": n.version, "userID": n.user_id}),
+        &n.trace,
+    ));
+    let mut fx = Vec::new();
+    hooks.started(&saga, &mut fx);
+    for e in fx {
+        if let Effect::Event {
+            stream,
+            event_type,
+            data,
+        } = e
+        {
+            let topic = match stream {
+                Stream::Saga => &topics.saga_events,
+                Stream::Order => &topics.order_events,
+            };
+            batch.events.push(NewEvent::new(
+                topic,
+                event_type,
+                order_id,
+                Some(n.saga_id),
+                data,
+                &n.trace,
+            ));
+        }
+    }
     Ok(Created::New(Box::new(saga)))
 }
 
@@ -238,9 +249,6 @@ fn to_saga(r: SagaRow) -> Result<Saga, sqlx::Error> {
     let decode = |what: &str, e: serde_json::Error| {
         sqlx::Error::Decode(format!("saga {}: {what}: {e}", r.saga_id).into())
     };
-    let input: Vec<Line> =
-        serde_json::from_value(r.input["items"].clone()).map_err(|e| decode("input", e))?;
-    let data: SagaData = serde_json::from_value(r.data.clone()).map_err(|e| decode("data", e))?;
     let failure: Option<Failure> = match r.failure.clone() {
         Some(v) if !v.is_null() => Some(serde_json::from_value(v).map_err(|e| decode("failure", e))?),
         _ => None,
@@ -255,8 +263,8 @@ fn to_saga(r: SagaRow) -> Result<Saga, sqlx::Error> {
             .ok_or_else(|| sqlx::Error::Decode(format!("unknown saga state {}", r.state).into()))?,
         step: r.step.max(0) as usize,
         attempt: r.attempt.max(0) as u32,
-        input,
-        data,
+        input: r.input,
+        data: r.data,
         failure,
         cancel_requested: r.cancel_requested,
         answered_pending: r.answered_pending,
@@ -475,6 +483,7 @@ pub async fn stage_transition(
     conn: &mut PgConnection,
     batch: &mut Batch,
     saga: &Saga,
+    hooks: &dyn SagaHooks,
     step_name: &str,
     effects: &[(Effect, Arc<HashMap<String, String>>)],
     keep_lease: bool,
@@ -501,20 +510,9 @@ pub async fn stage_transition(
                 batch.h_duration.push(h.duration_ms);
                 batch.h_worker.push(worker.to_string());
             }
-            Effect::Order(change) => {
-                // The order's rows are the orders store's: it writes them in this transaction.
-                order_changed = match change {
-                    OrderChange::Status { to, reason } => {
-                        order_store::set_status(conn, saga.order_id, *to, reason.as_deref()).await?
-                    }
-                    OrderChange::Confirm { shipment_id } => {
-                        order_store::confirm(conn, saga.order_id, shipment_id).await?
-                    }
-                    OrderChange::Delete => {
-                        order_store::delete_placeholder(conn, saga.order_id).await?;
-                        false
-                    }
-                };
+            Effect::Hook(change) => {
+                // The saga type's own rows: its hooks write them in this transaction.
+                order_changed = hooks.apply(conn, saga, change).await?;
             }
             Effect::Event {
                 stream,
@@ -524,7 +522,8 @@ pub async fn stage_transition(
                 let topic = match stream {
                     Stream::Saga => &topics.saga_events,
                     Stream::Order => {
-                        // An order event only when the order really changed.
+                        // An event of the saga's subject only when the hook effect before it
+                        // really changed something.
                         if !order_changed {
                             continue;
                         }
@@ -553,7 +552,7 @@ pub async fn stage_transition(
             Effect::Finished { answer: a } => {
                 finished = true;
                 if let Some(a) = a {
-                    answer = Some(a.to_stored());
+                    answer = Some(a.clone());
                 }
             }
         }
@@ -563,9 +562,7 @@ pub async fn stage_transition(
     batch.s_step.push(saga.step as i32);
     batch.s_attempt.push(saga.attempt as i32);
     batch.s_next.push(saga.next_attempt_at);
-    batch
-        .s_data
-        .push(serde_json::to_value(&saga.data).unwrap_or(json!({})));
+    batch.s_data.push(saga.data.clone());
     batch.s_failure.push(
         saga.failure
             .as_ref()
@@ -731,8 +728,8 @@ pub async fn cancel_completed(
 /// What a saga's row says for an idempotent replay of `POST /orders`.
 #[derive(Debug)]
 pub struct ReplayState {
-    /// The stored answer, once finished.
-    pub answer: Option<Answer>,
+    /// The stored answer, once finished (the saga type's JSON; CreateOrder: `orders::answer`).
+    pub answer: Option<Value>,
     /// The first request answered 202.
     pub answered_pending: bool,
     /// The order.
@@ -750,20 +747,11 @@ pub async fn replay_state(
     )
     .fetch_optional(&mut *conn)
     .await?;
-    r.map(|r| {
-        let answer = match r.answer {
-            Some(v) => Some(Answer::from_stored(&v).ok_or_else(|| {
-                sqlx::Error::Decode(format!("saga {saga_id}: unreadable stored answer {v}").into())
-            })?),
-            None => None,
-        };
-        Ok(ReplayState {
-            answer,
-            answered_pending: r.answered_pending,
-            order_id: r.order_id,
-        })
-    })
-    .transpose()
+    Ok(r.map(|r| ReplayState {
+        answer: r.answer,
+        answered_pending: r.answered_pending,
+        order_id: r.order_id,
+    }))
 }
 
 /// Records that the creating request answers 202, if the saga has not finished with an answer;

@@ -9,9 +9,9 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{Applied, Inner, Job, StepTrace, Trace, trace_of};
-use crate::orders::answer::Answer;
 use crate::saga::machine::{Attempt, Effect, Next, Saga};
 use crate::saga::store::{self, Created, NewSaga};
+use serde_json::Value;
 
 impl Inner {
     /// Applies one step job in `conn`'s transaction (the saga row is locked: `locked`).
@@ -23,7 +23,7 @@ impl Inner {
         attempt: Option<&Attempt>,
         trace: &StepTrace,
         locked: Option<&store::Locked>,
-    ) -> Result<(Applied, bool, Option<Answer>), sqlx::Error> {
+    ) -> Result<(Applied, bool, Option<Value>), sqlx::Error> {
         let Some(locked) = locked.filter(|l| l.fence == saga.fence) else {
             return Ok((Applied::Fenced, false, None));
         };
@@ -76,6 +76,7 @@ impl Inner {
             conn,
             batch,
             &saga,
+            &*self.hooks,
             machine.step_name(&saga),
             &fx,
             keep,
@@ -104,7 +105,16 @@ impl Inner {
         } else {
             None
         };
-        store::create(conn, batch, new, worker, self.cfg.lease, &self.topics).await
+        store::create(
+            conn,
+            batch,
+            new,
+            worker,
+            self.cfg.lease,
+            &self.topics,
+            &*self.hooks,
+        )
+        .await
     }
 
     pub(super) async fn committer(self: Arc<Self>) {
@@ -276,5 +286,5 @@ fn db_error_type(e: &sqlx::Error) -> String {
 
 enum JobResult {
     Created(Created),
-    Step(Applied, bool, Option<Answer>),
+    Step(Applied, bool, Option<Value>),
 }

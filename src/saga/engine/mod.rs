@@ -39,7 +39,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
-use crate::orders::answer::Answer;
 use crate::outbox::Topics;
 use crate::saga::definition::SagaDef;
 use crate::saga::machine::{Attempt, Machine, Next, Saga, SagaHooks, SagaState, StepShape};
@@ -102,8 +101,9 @@ pub enum Applied {
 pub struct Finished {
     /// The state it finished in.
     pub state: SagaState,
-    /// The answer for `POST /orders` (None when learnt from another instance: read the row).
-    pub answer: Option<Answer>,
+    /// The answer to the saga's creator as its hooks gave it (CreateOrder: `POST /orders`'s,
+    /// `orders::answer`); None when learnt from another instance: read the row.
+    pub answer: Option<serde_json::Value>,
 }
 
 /// One saga type as the engine runs it: its definition, the handlers of its steps and its hooks.
