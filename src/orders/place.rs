@@ -70,7 +70,7 @@ pub async fn place(
             engine.forget_waiters(saga_id);
             let mut conn = pool.acquire().await?;
             if finished.is_err() && saga_store::mark_answered_pending(&mut conn, saga_id).await? {
-                return Ok(Placed::Pending(saga.order_id));
+                return Ok(Placed::Pending(crate::orders::saga::order_id(&saga)?));
             }
             // Finished meanwhile (or learnt from another instance, or stuck): read the row.
             match replay_state(&mut conn, saga_id).await? {
@@ -81,7 +81,7 @@ pub async fn place(
                         Ok(Placed::Pending(st.order_id))
                     }
                 },
-                None => Ok(Placed::Pending(saga.order_id)),
+                None => Ok(Placed::Pending(crate::orders::saga::order_id(&saga)?)),
             }
         }
         Created::Existing(existing) => {
@@ -166,7 +166,9 @@ async fn replay_state(
     Ok(Some(ReplayState {
         answer: st.answer.map(|a| decode(saga_id, &a)).transpose()?,
         answered_pending: st.answered_pending,
-        order_id: st.order_id,
+        order_id: st
+            .order_id
+            .ok_or_else(|| sqlx::Error::Decode(format!("saga {saga_id} names no order").into()))?,
     }))
 }
 

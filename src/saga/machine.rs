@@ -130,8 +130,9 @@ pub struct Failure {
 pub struct Saga {
     /// Saga id.
     pub id: Uuid,
-    /// The order it creates.
-    pub order_id: i32,
+    /// The order it is about (`sagas.order_id`; CreateOrder's sagas always have one, a saga of a
+    /// type that places no order has none). Events of the saga are keyed by it, else by the saga.
+    pub order_id: Option<i32>,
     /// The customer.
     pub user_id: i32,
     /// Lease fencing token held by this worker.
@@ -323,6 +324,11 @@ pub enum Next {
 /// events) and answers, how its own effects are written, and when a refused compensation ends a
 /// cancellation. The engine and the machine know nothing else of a saga type.
 pub trait SagaHooks: Send + Sync {
+    /// The statement that creates a saga of this type, with the binds and result of
+    /// `saga::store::CREATE_SQL` (None: that generic insert, which names no order).
+    fn create_sql(&self) -> Option<&'static str> {
+        None
+    }
     /// The saga was created: effects it adds after `SagaStarted` (events only; CreateOrder:
     /// `OrderCreated`).
     fn started(&self, _s: &Saga, _fx: &mut Vec<Effect>) {}

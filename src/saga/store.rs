@@ -5,9 +5,10 @@
 //! transaction) so a state change and its outbox rows commit together.
 //!
 //! This store is also the unit-of-work writer of the shared commit: where one statement writes
-//! several tables for speed it is here, and says so (the new-saga insert writes the idempotency
-//! record and the order placeholder with the saga; the batch's history statement writes the
-//! outbox and sends the NOTIFY). A saga type's own changes of a transition (CreateOrder: the
+//! several tables for speed it is here, and says so (the generic new-saga insert writes the
+//! idempotency record with the saga; the batch's history statement writes the outbox and sends the
+//! NOTIFY). CreateOrder's new-saga insert, which also writes the order placeholder, is the orders
+//! store's (`orders::store::CREATE_ORDER_SAGA_SQL`), run here through the type's hooks. A saga type's own changes of a transition (CreateOrder: the
 //! order's) are its hooks' SQL (`SagaHooks::apply`), run in the same transaction.
 
 use std::collections::HashMap;
@@ -28,25 +29,26 @@ use crate::wake::{self, Wake};
 // the benchmark (`ostore-tools bench`) renders them into the pgbench script of the PostgreSQL
 // ceiling, so the two cannot drift apart. The checked ones are files (`sql/`, `query_file!`).
 
-/// The key, the placeholder order and the saga in one statement, or nothing when the key exists (`create`).
+/// The key and the saga in one statement, or nothing when the key exists (`create`): the new-saga
+/// insert of a saga type whose hooks bring no statement of their own (`SagaHooks::create_sql`).
+/// The saga names no order (`order_id` null). Its binds, which a type's own statement takes too:
+/// $1 user, $2 key, $3 request hash, $4 saga id, $5 type, $6 version, $7 worker (lease holder or
+/// null), $8 lease, $9 input, $10 trace context, $11 deadline from now, $12 first step; it returns
+/// the order id (null), the creation time and the deadline.
 pub const CREATE_SQL: &str = r#"with k as (
                insert into idempotency_keys (user_id, key, request_hash, saga_id, order_id)
-               values ($1, $2, $3, $4, nextval('orders_order_id_seq')::int)
+               values ($1, $2, $3, $4, null)
                on conflict (user_id, key) do nothing
-               returning order_id),
-           o as (
-               insert into orders (order_id, user_id, status, saga_id)
-               select order_id, $1, 'pending', $4 from k
-               returning order_id, order_date),
+               returning saga_id),
            s as (
                insert into sagas (saga_id, saga_type, definition_version, order_id, user_id, state, step, attempt,
                                   next_attempt_at, lease_owner, lease_expires_at, fence, input, trace_context,
                                   deadline_at, created_at, step_name)
-               select $4, $5, $6, o.order_id, $1, 'running', 0, 0, o.order_date, $7,
-                      case when $7::text is not null then now() + $8 end, 1, $9, $10, o.order_date + $11,
-                      o.order_date, $12
-                 from o)
-           select order_id, order_date, order_date + $11 as deadline_at from o"#;
+               select k.saga_id, $5, $6, null, $1, 'running', 0, 0, now(), $7,
+                      case when $7::text is not null then now() + $8 end, 1, $9, $10, now() + $11, now(), $12
+                 from k
+               returning created_at, deadline_at)
+           select null::int as order_id, created_at, deadline_at from s"#;
 /// A shared commit's history rows, outbox events and wake-ups in one statement (`Batch::flush`).
 pub const STAGE_WRITES_SQL: &str = r#"with h as (
                    insert into saga_steps (saga_id, step, kind, attempt, started_at, outcome, error_class, error,
@@ -109,8 +111,8 @@ pub struct ExistingKey {
     pub request_hash: Vec<u8>,
     /// Its saga.
     pub saga_id: Uuid,
-    /// Its order.
-    pub order_id: i32,
+    /// Its order (None for a saga that places none).
+    pub order_id: Option<i32>,
 }
 
 /// Result of trying to create a saga.
@@ -122,13 +124,14 @@ pub enum Created {
     Existing(ExistingKey),
 }
 
-/// Inserts the idempotency record, the order placeholder (`pending`) and the saga (leased to
-/// `worker`), and stages the `SagaStarted` event and what the saga type's hooks add when a saga
-/// starts (CreateOrder: `OrderCreated`) in `batch` — or reports the key's earlier use.
+/// Inserts the idempotency record and the saga (leased to `worker`) with the statement of its
+/// type ([`CREATE_SQL`] unless its hooks bring their own: CreateOrder's also writes the order
+/// placeholder, `orders::store::CREATE_ORDER_SAGA_SQL`), and stages the `SagaStarted` event and
+/// what the saga type's hooks add when a saga starts (CreateOrder: `OrderCreated`) in `batch` — or
+/// reports the key's earlier use.
 ///
-/// Unit of work: one statement writes `idempotency_keys`, `orders` and `sagas` together (one round
-/// trip per new saga in the shared commit), so this store owns it although two of the tables are
-/// the orders module's.
+/// Unit of work: one statement per new saga writes the idempotency record and the saga (and, for
+/// CreateOrder, the order) together: one round trip per new saga in the shared commit.
 pub async fn create(
     conn: &mut PgConnection,
     batch: &mut Batch,
@@ -140,8 +143,9 @@ pub async fn create(
 ) -> Result<Created, sqlx::Error> {
     let input = &n.input;
     let trace = serde_json::to_value(&n.trace).unwrap_or(json!({}));
-    // One statement: the key, the placeholder order and the saga, or nothing when the key exists.
-    let row: Option<(i32, OffsetDateTime, OffsetDateTime)> = sqlx::query_as(CREATE_SQL)
+    // One statement: the key and the saga (and the type's own rows), or nothing when the key exists.
+    let sql = hooks.create_sql().unwrap_or(CREATE_SQL);
+    let row: Option<(Option<i32>, OffsetDateTime, OffsetDateTime)> = sqlx::query_as(sql)
         .bind(n.user_id)
         .bind(&n.idempotency_key)
         .bind(&n.request_hash)
@@ -190,11 +194,11 @@ pub async fn create(
         last_error: None,
         last_error_class: None,
     };
-    batch.events.push(NewEvent::new(
+    batch.events.push(NewEvent::of_saga(
         &topics.saga_events,
         "SagaStarted",
         order_id,
-        Some(n.saga_id),
+        n.saga_id,
         json!({"sagaType": n.saga_type, "version": n.version, "userID": n.user_id}),
         &n.trace,
     ));
@@ -211,13 +215,8 @@ pub async fn create(
                 Stream::Saga => &topics.saga_events,
                 Stream::Order => &topics.order_events,
             };
-            batch.events.push(NewEvent::new(
-                topic,
-                event_type,
-                order_id,
-                Some(n.saga_id),
-                data,
-                &n.trace,
+            batch.events.push(NewEvent::of_saga(
+                topic, event_type, order_id, n.saga_id, data, &n.trace,
             ));
         }
     }
@@ -226,7 +225,7 @@ pub async fn create(
 
 struct SagaRow {
     saga_id: Uuid,
-    order_id: i32,
+    order_id: Option<i32>,
     user_id: i32,
     fence: i64,
     state: String,
@@ -534,11 +533,11 @@ pub async fn stage_transition(
                 if *stream == Stream::Saga && data.is_object() {
                     data["state"] = json!(saga.state.as_str());
                 }
-                batch.events.push(NewEvent::new(
+                batch.events.push(NewEvent::of_saga(
                     topic,
                     event_type,
                     saga.order_id,
-                    Some(saga.id),
+                    saga.id,
                     data,
                     trace,
                 ));
@@ -732,8 +731,8 @@ pub struct ReplayState {
     pub answer: Option<Value>,
     /// The first request answered 202.
     pub answered_pending: bool,
-    /// The order.
-    pub order_id: i32,
+    /// The order (None for a saga that places none).
+    pub order_id: Option<i32>,
 }
 
 /// Reads what a replay needs.

@@ -2,6 +2,7 @@
 //! same engine as CreateOrder: a happy path, a refusal whose compensations run in reverse order,
 //! and a worker that dies mid-saga while another finishes it with no step effect done twice. The
 //! engine knows neither saga by name: were it to dispatch CreateOrder's steps, these would fail.
+//! The toy saga places no order: no order row is written for it, and its sagas name none.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -202,6 +203,28 @@ async fn history(pool: &PgPool, saga_id: Uuid) -> Vec<(String, String)> {
         .unwrap()
 }
 
+/// The toy saga wrote no order, and its sagas (and their idempotency records) name none.
+async fn assert_no_order(pool: &PgPool) {
+    let orders: i64 = sqlx::query_scalar("select count(*) from orders")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(orders, 0, "the toy saga creates no order row");
+    let with_order: i64 = sqlx::query_scalar(
+        "select (select count(*) from sagas where order_id is not null)
+              + (select count(*) from idempotency_keys where order_id is not null)",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(with_order, 0, "the toy sagas name no order");
+    let sagas: i64 = sqlx::query_scalar("select count(*) from sagas")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert!(sagas > 0, "the toy sagas exist");
+}
+
 async fn run_to_end(engine: &Engine, new: NewSaga) -> SagaState {
     let waiter = engine.waiter(new.saga_id);
     engine.create(new).await.unwrap();
@@ -232,6 +255,19 @@ async fn a_second_saga_type_runs_every_step_through_the_same_engine() {
         (state.as_str(), step_name.as_str(), saga_type.as_str()),
         ("completed", "notify", "toy_transfer")
     );
+    assert_no_order(&pool).await;
+    // Its events are keyed by the saga, with no order member.
+    let keys: Vec<(String, Option<String>)> =
+        sqlx::query_as("select message_key, payload->>'orderID' from outbox where payload->>'sagaID' = $1")
+            .bind(id.to_string())
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert!(!keys.is_empty());
+    assert!(
+        keys.iter().all(|(k, o)| *k == id.to_string() && o.is_none()),
+        "{keys:?}"
+    );
     shutdown.cancel();
 }
 
@@ -257,6 +293,7 @@ async fn a_refused_toy_step_compensates_the_steps_before_it_in_reverse_order() {
         .await
         .unwrap();
     assert_eq!(class.as_deref(), Some("http_4xx"));
+    assert_no_order(&pool).await;
     shutdown.cancel();
 }
 
@@ -322,5 +359,6 @@ async fn a_toy_saga_whose_worker_dies_mid_step_is_finished_by_another_with_each_
         ["debit succeeded", "record succeeded", "notify succeeded"],
         "each step ran to an outcome once"
     );
+    assert_no_order(&pool).await;
     second_stop.cancel();
 }

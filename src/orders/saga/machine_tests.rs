@@ -51,7 +51,7 @@ fn saga() -> Saga {
     let now = OffsetDateTime::now_utc();
     Saga {
         id: Uuid::now_v7(),
-        order_id: 7,
+        order_id: Some(7),
         user_id: 3,
         fence: 1,
         state: SagaState::Running,

@@ -81,6 +81,13 @@ impl CreateOrderData {
     }
 }
 
+/// The order of a CreateOrder saga (its new-saga insert always names one; a row without is
+/// unreadable as CreateOrder's).
+pub fn order_id(s: &Saga) -> Result<i32, sqlx::Error> {
+    s.order_id
+        .ok_or_else(|| sqlx::Error::Decode(format!("saga {} names no order", s.id).into()))
+}
+
 /// The input of a CreateOrder saga as stored in `sagas.input`.
 pub fn input(lines: &[Line]) -> Value {
     json!({"items": lines})
@@ -161,6 +168,10 @@ impl OrderChange {
 pub struct CreateOrder;
 
 impl SagaHooks for CreateOrder {
+    fn create_sql(&self) -> Option<&'static str> {
+        Some(order_store::CREATE_ORDER_SAGA_SQL)
+    }
+
     fn started(&self, s: &Saga, fx: &mut Vec<Effect>) {
         let items = json!(lines(s));
         fx.push(order_event(
@@ -222,7 +233,8 @@ impl SagaHooks for CreateOrder {
             },
             _ => Answer::Cancelled {
                 detail: customer_text(failure),
-                order_id: s.order_id,
+                // Always set for CreateOrder (see `order_id`).
+                order_id: s.order_id.unwrap_or_default(),
             },
         };
         if no_order_placed {
@@ -264,15 +276,16 @@ impl SagaHooks for CreateOrder {
                 sqlx::Error::Decode(format!("saga {}: order change {effect}: {e}", s.id).into())
             })?;
             // The order's rows are the orders store's: it writes them in the engine's transaction.
+            let order = order_id(s)?;
             Ok(match change {
                 OrderChange::Status { to, reason } => {
-                    order_store::set_status(conn, s.order_id, to, reason.as_deref()).await?
+                    order_store::set_status(conn, order, to, reason.as_deref()).await?
                 }
                 OrderChange::Confirm { shipment_id } => {
-                    order_store::confirm(conn, s.order_id, &shipment_id).await?
+                    order_store::confirm(conn, order, &shipment_id).await?
                 }
                 OrderChange::Delete => {
-                    order_store::delete_placeholder(conn, s.order_id).await?;
+                    order_store::delete_placeholder(conn, order).await?;
                     false
                 }
             })

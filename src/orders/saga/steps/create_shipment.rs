@@ -20,18 +20,26 @@ pub const ACTION: &str = "create_shipment";
 /// Persisted compensation name.
 pub const COMPENSATION: &str = "cancel_shipment";
 
-fn request(saga: &Saga) -> CreateShipmentRequest {
-    CreateShipmentRequest {
-        order_id: saga.order_id,
+fn request(saga: &Saga) -> Result<CreateShipmentRequest, Outcome> {
+    let order_id = crate::orders::saga::order_id(saga).map_err(|e| Outcome::Fatal {
+        class: FailureClass::Unknown,
+        detail: e.to_string(),
+    })?;
+    Ok(CreateShipmentRequest {
+        order_id,
         user_id: saga.user_id,
         items: super::line_items(saga),
-    }
+    })
 }
 
 /// Runs the action once.
 pub async fn action(client: &ShipmentsClient, saga: &Saga, timeout: Duration) -> Outcome {
+    let req = match request(saga) {
+        Ok(r) => r,
+        Err(o) => return o,
+    };
     match client
-        .create(&idempotency_key(saga.id, ACTION), &request(saga), timeout)
+        .create(&idempotency_key(saga.id, ACTION), &req, timeout)
         .await
     {
         Ok(sh) => Outcome::Succeeded(Output::Shipment(sh).into()),
@@ -54,8 +62,12 @@ pub async fn compensation(client: &ShipmentsClient, saga: &Saga, timeout: Durati
             if refused {
                 return Outcome::Skipped("the shipper refused the shipment: none was created".into());
             }
+            let req = match request(saga) {
+                Ok(r) => r,
+                Err(o) => return o,
+            };
             match client
-                .create(&idempotency_key(saga.id, ACTION), &request(saga), timeout)
+                .create(&idempotency_key(saga.id, ACTION), &req, timeout)
                 .await
             {
                 Ok(sh) => sh.shipment_id,

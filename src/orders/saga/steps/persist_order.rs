@@ -6,7 +6,7 @@ use rust_decimal::Decimal;
 use sqlx::PgConnection;
 
 use crate::orders::OrderStatus;
-use crate::orders::saga::{CreateOrderData, Output, PersistedItem, lines};
+use crate::orders::saga::{CreateOrderData, Output, PersistedItem, lines, order_id};
 use crate::orders::store as order_store;
 use crate::saga::machine::{FailureClass, Kind, Outcome, Saga};
 use crate::saga::registry::{LocalRun, LocalStep, Registry};
@@ -105,7 +105,7 @@ async fn persist(conn: &mut PgConnection, saga: &Saga) -> Result<Persisted, sqlx
     let currency = currency.unwrap_or_default();
     let items = order_store::insert_lines(
         conn,
-        saga.order_id,
+        order_id(saga)?,
         &products,
         &quantities,
         &prices,
@@ -128,7 +128,8 @@ pub async fn compensation(conn: &mut PgConnection, saga: &Saga) -> Result<Outcom
         .map(crate::orders::saga::customer_text)
         .unwrap_or_else(|| "compensated".into());
     // No-op when the order is cancelled already, or can no longer move.
-    let changed = order_store::set_status(conn, saga.order_id, OrderStatus::Cancelled, Some(&reason)).await?;
+    let changed =
+        order_store::set_status(conn, order_id(saga)?, OrderStatus::Cancelled, Some(&reason)).await?;
     Ok(Outcome::Succeeded(Output::OrderCancelled(changed).into()))
 }
 
