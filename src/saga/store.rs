@@ -8,8 +8,9 @@
 //! several tables for speed it is here, and says so (the generic new-saga insert writes the
 //! idempotency record with the saga; the batch's history statement writes the outbox and sends the
 //! NOTIFY). CreateOrder's new-saga insert, which also writes the order placeholder, is the orders
-//! store's (`orders::store::CREATE_ORDER_SAGA_SQL`), run here through the type's hooks. A saga type's own changes of a transition (CreateOrder: the
-//! order's) are its hooks' SQL (`SagaHooks::apply`), run in the same transaction.
+//! store's (`orders::store::CREATE_ORDER_SAGA_SQL`), run here through the type's hooks. A saga
+//! type's own changes of a transition (CreateOrder: the order's) are its hooks' SQL
+//! (`SagaHooks::apply`), run in the same transaction.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -474,7 +475,8 @@ pub async fn lock_many(conn: &mut PgConnection, ids: &[Uuid]) -> Result<HashMap<
 /// (drive) that wrote to the saga; the next session links to it.
 pub const SESSION_TRACE_KEY: &str = "session-traceparent";
 
-/// Stages a transition: order changes are written now (in the caller's transaction); the saga row,
+/// Stages a transition: the saga type's own effects (CreateOrder: order changes) are written now by
+/// its hooks (in the caller's transaction); the saga row,
 /// history rows, outbox events and, for a finished saga, its answer and a wake-up for waiters on
 /// other instances go to `batch`. `keep_lease` keeps the lease when the worker continues at once.
 #[allow(clippy::too_many_arguments)]

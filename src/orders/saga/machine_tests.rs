@@ -30,8 +30,8 @@ fn with_data(s: &mut Saga, f: impl FnOnce(&mut CreateOrderData)) {
 
 fn def() -> SagaDef {
     SagaDef::load(
-        crate::saga::definition::CREATE_ORDER_FILE,
-        crate::saga::definition::CREATE_ORDER_TOML,
+        super::steps::CREATE_ORDER_FILE,
+        super::steps::CREATE_ORDER_TOML,
         "create_order",
         &create_order_impls(),
     )
@@ -479,4 +479,26 @@ fn money_has_exactly_two_places() {
     assert_eq!(money(Decimal::new(5, 0)), "5.00");
     assert_eq!(money(Decimal::new(59980, 3)), "59.98");
     assert_eq!(money(Decimal::new(1, 3)), "0.00");
+}
+
+#[test]
+fn create_order_data_keeps_the_stored_field_names() {
+    // `sagas.data` and `sagas.input` as earlier releases wrote them: the admin API, the console and
+    // operators read these names.
+    let stored = json!({
+        "reservation": {"reservationID": "r", "items": [
+            {"productID": 1, "quantity": 2, "unitPrice": "2.50", "currency": "USD"}]},
+        "items": [{"orderItemID": 5, "productID": 1, "quantity": 2, "price": "2.50"}],
+        "total": "5.00",
+        "currency": "USD",
+        "shipment": {"shipmentID": "shp", "status": "created"},
+    });
+    let mut s = saga();
+    s.data = stored.clone();
+    let d = CreateOrderData::of(&s);
+    assert_eq!(d.items.as_ref().map(Vec::len), Some(1));
+    assert_eq!(d.shipment.as_ref().map(|x| x.shipment_id.as_str()), Some("shp"));
+    assert_eq!(d.to_value(), stored);
+    assert_eq!(CreateOrderData::default().to_value(), json!({}));
+    assert_eq!(s.input, json!({"items": [{"productID": 1, "quantity": 2}]}));
 }

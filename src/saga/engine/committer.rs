@@ -169,8 +169,9 @@ impl Inner {
     }
 
     /// One transaction for `jobs`: the saga rows they advance are locked in one statement, each job
-    /// writes what is its own (idempotency key, order rows), and what every job writes alike (saga
-    /// rows, history, outbox, NOTIFY) goes out in one statement each before the commit.
+    /// writes what is its own (idempotency key, its type's rows: CreateOrder's order), and what
+    /// every job writes alike (saga rows, history, outbox, NOTIFY) goes out in one statement each
+    /// before the commit.
     async fn try_batch(&self, jobs: &[Job]) -> Result<Vec<JobResult>, sqlx::Error> {
         // A CLIENT span for the shared commit in the trace of every saga riding in it.
         let spans: Vec<tracing::Span> = jobs

@@ -282,7 +282,8 @@ impl Engine {
         });
     }
 
-    /// Creates a saga (with its order placeholder and idempotency record) in a shared commit. When
+    /// Creates a saga (with its idempotency record, and what its type's new-saga statement adds:
+    /// CreateOrder's order placeholder) in a shared commit. When
     /// this process drives sagas and has room, it takes the lease and starts at once.
     pub async fn create(&self, new: NewSaga) -> Result<Created, sqlx::Error> {
         let permit = if self.0.cfg.drive && !self.0.shutdown.is_cancelled() {

@@ -3,8 +3,8 @@
 //! One pgbench transaction script = one order = the three commits the service makes for it, each
 //! statement the service's own, taken from `ostore_orders::saga::store` (`LOCK_MANY_SQL`,
 //! `UPDATE_SAGAS_SQL`, `STAGE_WRITES_SQL`) and `ostore_orders::orders::store` (CreateOrder's
-//! `CREATE_ORDER_SAGA_SQL`, `PERSIST_ORDER_SQL`, `CONFIRM_ORDER_SQL`), the constants the stores run, rendered with literals and pgbench
-//! variables where the service binds values, so the script cannot drift from the service: create
+//! `CREATE_ORDER_SAGA_SQL`, `PERSIST_ORDER_SQL`, `CONFIRM_ORDER_SQL`), the constants the stores
+//! run, rendered with literals and pgbench variables where the service binds values, so the script cannot drift from the service: create
 //! (idempotency key with the order id from the sequence, order placeholder, saga row) and its
 //! events; reservation + persist_order (row lock, order items and total, saga update, step
 //! history and events in one statement) and shipment (row lock, order confirmation, saga update

@@ -13,10 +13,15 @@ use crate::downstream::catalog::CatalogClient;
 use crate::downstream::shipments::ShipmentsClient;
 use crate::downstream::{DownstreamError, FailureKind};
 use crate::orders::saga::CreateOrder;
-use crate::saga::definition::{CREATE_ORDER_FILE, CREATE_ORDER_TOML, DefinitionError, SagaDef, StepImpl};
+use crate::saga::definition::{DefinitionError, SagaDef, StepImpl};
 use crate::saga::engine::SagaType;
 use crate::saga::machine::{Outcome, Saga, StepShape};
 use crate::saga::registry::Registry;
+
+/// The embedded CreateOrder definition's file name.
+pub const CREATE_ORDER_FILE: &str = "sagas/create_order.toml";
+/// The embedded CreateOrder definition.
+pub const CREATE_ORDER_TOML: &str = include_str!("../../../../sagas/create_order.toml");
 
 /// The CreateOrder saga's steps, in order.
 pub const CREATE_ORDER: [StepShape; 3] = [
