@@ -82,7 +82,7 @@ pub async fn cancel(
                 class: FailureClass::Cancelled,
                 detail: format!("cancelled: {reason}"),
                 step: create_shipment::ACTION.into(),
-                unavailable: None,
+                refusal: None,
                 after_completion: true,
             };
             saga_store::cancel_completed(conn, saga_id, last_step, reason, &failure).await?;

@@ -17,7 +17,6 @@ use sqlx::PgConnection;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::downstream::contract::Unavailable;
 use crate::saga::definition::SagaDef;
 pub use crate::saga::failure::FailureClass;
 
@@ -111,9 +110,10 @@ pub struct Failure {
     pub detail: String,
     /// The step that failed (or the step at which the saga was cancelled).
     pub step: String,
-    /// Unavailable products (stock refusals).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub unavailable: Option<Vec<Unavailable>>,
+    /// What the refusal named, for the saga type's answer (CreateOrder: the unavailable products of
+    /// a stock refusal); stored as `unavailable`, the name earlier releases wrote.
+    #[serde(default, rename = "unavailable", skip_serializing_if = "Option::is_none")]
+    pub refusal: Option<Value>,
     /// A customer's cancellation of a completed saga (the shipment exists): the order stays as it
     /// is until `cancel_shipment` succeeds (then `cancel_order` cancels it), and a shipper that
     /// refuses the cancellation (409: the parcel was picked up) returns the saga to `completed`.
@@ -185,8 +185,9 @@ pub enum Outcome {
         detail: String,
         /// HTTP status of the downstream answer.
         status: Option<u16>,
-        /// Unavailable products (stock refusal).
-        unavailable: Option<Vec<Unavailable>>,
+        /// What the refusal named, kept in the saga's failure for its hooks (CreateOrder: the
+        /// unavailable products of a stock refusal).
+        refusal: Option<Value>,
     },
     /// Our own failure that no retry can mend (the saga's data does not allow the step): an
     /// action compensates at once; a compensation leaves the saga stuck for an operator.
@@ -410,7 +411,7 @@ impl Machine<'_> {
                     class: FailureClass::Cancelled,
                     detail: format!("cancelled: {reason}"),
                     step: self.shapes[last].action.into(),
-                    unavailable: None,
+                    refusal: None,
                     after_completion: false,
                 });
                 self.begin_compensation(s, Some(last), now, &mut fx);
@@ -435,7 +436,7 @@ impl Machine<'_> {
             class,
             detail: detail.clone(),
             step: self.shapes[s.step].action.into(),
-            unavailable: None,
+            refusal: None,
             after_completion: false,
         });
         s.last_error = Some(detail);
@@ -529,7 +530,7 @@ impl Machine<'_> {
                     class,
                     detail,
                     status,
-                    unavailable,
+                    refusal,
                 },
                 Kind::Action,
             ) => {
@@ -542,16 +543,7 @@ impl Machine<'_> {
                     "StepFailed",
                     json!({"step": name, "attempt": a.number, "errorClass": class, "error": detail}),
                 ));
-                self.fail_forward(
-                    s,
-                    a.step,
-                    *class,
-                    detail,
-                    unavailable.clone(),
-                    false,
-                    now,
-                    &mut fx,
-                );
+                self.fail_forward(s, a.step, *class, detail, refusal.clone(), false, now, &mut fx);
             }
             (Outcome::Fatal { class, detail }, Kind::Action) => {
                 row.outcome = "failed";
@@ -658,7 +650,7 @@ impl Machine<'_> {
         step: usize,
         class: FailureClass,
         detail: &str,
-        unavailable: Option<Vec<Unavailable>>,
+        refusal: Option<Value>,
         may_have_effect: bool,
         now: OffsetDateTime,
         fx: &mut Vec<Effect>,
@@ -667,7 +659,7 @@ impl Machine<'_> {
             class,
             detail: detail.into(),
             step: self.shapes[step].action.into(),
-            unavailable,
+            refusal,
             after_completion: false,
         });
         s.last_error = Some(detail.into());
@@ -719,7 +711,7 @@ impl Machine<'_> {
             class: FailureClass::Unknown,
             detail: "compensated".into(),
             step: String::new(),
-            unavailable: None,
+            refusal: None,
             after_completion: false,
         });
         let cancelled = failure.class == FailureClass::Cancelled;

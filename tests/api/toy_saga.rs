@@ -60,7 +60,7 @@ impl RemoteStep for Remote {
                         class: FailureClass::Downstream(Downstream::Http4xx),
                         detail: "the toy downstream refuses account 13".into(),
                         status: Some(422),
-                        unavailable: None,
+                        refusal: None,
                     };
                 }
             }

@@ -190,7 +190,7 @@ fn a_reservation_moves_to_the_local_persist_step_and_a_stock_refusal_fails_witho
         class: FailureClass::InsufficientStock,
         detail: "no".into(),
         status: Some(409),
-        unavailable: Some(vec![]),
+        refusal: Some(json!([])),
     };
     let fx = m.record(&mut s, &attempt(0, Kind::Action, 1, refused), now, 0.5);
     assert_eq!(s.state, SagaState::Failed);
@@ -215,7 +215,7 @@ fn a_stock_refusal_after_a_202_rejects_the_order_instead_of_deleting_it() {
         class: FailureClass::InsufficientStock,
         detail: "no".into(),
         status: Some(409),
-        unavailable: None,
+        refusal: None,
     };
     let fx = m.record(
         &mut s,
@@ -247,7 +247,7 @@ fn a_shipment_refusal_compensates_in_reverse_order_and_ends_failed() {
         class: FailureClass::Downstream(Downstream::Http4xx),
         detail: "422".into(),
         status: Some(422),
-        unavailable: None,
+        refusal: None,
     };
     m.record(&mut s, &attempt(2, Kind::Action, 1, refused), now, 0.5);
     // The shipment was refused, so its compensation is skipped: cancel_order (local) is next.
@@ -390,7 +390,7 @@ fn cancelling_a_completed_saga() -> Saga {
         class: FailureClass::Cancelled,
         detail: "cancelled: by the customer".into(),
         step: "create_shipment".into(),
-        unavailable: None,
+        refusal: None,
         after_completion: true,
     });
     s
@@ -401,7 +401,7 @@ fn picked_up() -> Outcome {
         class: FailureClass::Downstream(Downstream::Http4xx),
         detail: "HTTP 409 Conflict: shipment is already picked_up".into(),
         status: Some(409),
-        unavailable: None,
+        refusal: None,
     }
 }
 
@@ -447,7 +447,7 @@ fn other_compensation_refusals_are_still_retried() {
         class: FailureClass::Downstream(Downstream::Http4xx),
         detail: "422".into(),
         status: Some(422),
-        unavailable: None,
+        refusal: None,
     };
     m.record(&mut s, &attempt(2, Kind::Compensation, 1, refused), now, 0.5);
     assert_eq!((s.state, s.step), (SagaState::Compensating, 2));

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sqlx::PgConnection;
 
-use crate::downstream::contract::{Reservation, Shipment};
+use crate::downstream::contract::{Reservation, Shipment, Unavailable};
 use crate::orders::OrderStatus;
 use crate::orders::answer::Answer;
 use crate::orders::store as order_store;
@@ -226,7 +226,11 @@ impl SagaHooks for CreateOrder {
             !persisted && !s.answered_pending && (stock || failure.class == FailureClass::TotalOverflow);
         let answer = match failure.class {
             FailureClass::InsufficientStock => Answer::InsufficientStock {
-                unavailable: failure.unavailable.clone().unwrap_or_default(),
+                unavailable: failure
+                    .refusal
+                    .as_ref()
+                    .and_then(|v| Vec::<Unavailable>::deserialize(v).ok())
+                    .unwrap_or_default(),
             },
             FailureClass::TotalOverflow => Answer::TotalTooLarge {
                 detail: failure.detail.clone(),

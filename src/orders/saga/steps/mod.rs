@@ -108,7 +108,7 @@ impl From<DownstreamError> for Outcome {
                 class: e.class.into(),
                 detail: e.message,
                 status: e.status,
-                unavailable: None,
+                refusal: None,
             },
         }
     }

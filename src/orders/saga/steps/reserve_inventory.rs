@@ -35,7 +35,7 @@ pub async fn action(catalog: &CatalogClient, saga: &Saga, timeout: Duration) -> 
                 list.len()
             ),
             status: Some(409),
-            unavailable: Some(list),
+            refusal: Some(serde_json::json!(list)),
         },
         Err(ReserveError::Failed(e)) => e.into(),
     }
