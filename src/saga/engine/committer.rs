@@ -5,13 +5,13 @@
 
 use std::sync::Arc;
 
+use serde_json::Value;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{Applied, Inner, Job, StepTrace, Trace, trace_of};
 use crate::saga::machine::{Attempt, Effect, Next, Saga};
 use crate::saga::store::{self, Created, NewSaga};
-use serde_json::Value;
 
 impl Inner {
     /// Applies one step job in `conn`'s transaction (the saga row is locked: `locked`).
