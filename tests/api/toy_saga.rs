@@ -25,6 +25,7 @@ use ostore_orders::saga::machine::{
 };
 use ostore_orders::saga::registry::{LocalRun, LocalStep, Registry, RemoteRun, RemoteStep};
 use ostore_orders::saga::store::NewSaga;
+use ostore_orders::saga::views;
 
 const TOY_FILE: &str = "tests/api/toy_saga.toml";
 const TOY_TOML: &str = include_str!("toy_saga.toml");
@@ -256,6 +257,15 @@ async fn a_second_saga_type_runs_every_step_through_the_same_engine() {
         ("completed", "notify", "toy_transfer")
     );
     assert_no_order(&pool).await;
+    // The operators' views show it with no order.
+    let mut conn = pool.acquire().await.unwrap();
+    let detail = views::get_saga(&mut conn, id).await.unwrap().expect("the saga");
+    assert_eq!(detail.summary.order_id, None);
+    let listed = views::list_sagas(&mut conn, &views::SagaFilter::default(), None, 10)
+        .await
+        .unwrap();
+    assert!(listed.iter().any(|s| s.saga_id == id && s.order_id.is_none()));
+    drop(conn);
     // Its events are keyed by the saga, with no order member.
     let keys: Vec<(String, Option<String>)> =
         sqlx::query_as("select message_key, payload->>'orderID' from outbox where payload->>'sagaID' = $1")
