@@ -17,8 +17,8 @@ use crate::auth::limiter::UserLimiter;
 use crate::config::ServiceConfig;
 use crate::downstream::catalog::CatalogClient;
 use crate::downstream::shipments::ShipmentsClient;
+use crate::orders::saga::steps::load_create_order;
 use crate::saga::engine::{Engine, EngineConfig};
-use crate::saga::steps::load_create_order;
 
 /// A role a process can run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -51,7 +51,7 @@ pub fn build_engine(cfg: &ServiceConfig, db: PgPool, drive: bool) -> anyhow::Res
     ecfg.max_in_flight = cfg.saga_max_in_flight;
     ecfg.committers = cfg.saga_committers;
     ecfg.drive = drive;
-    let saga = crate::saga::steps::create_order(
+    let saga = crate::orders::saga::steps::create_order(
         def,
         CatalogClient::new(&cfg.catalog_url, http.clone()),
         ShipmentsClient::new(&cfg.shipments_url, http),
@@ -164,7 +164,7 @@ pub async fn run(
                     bootstrap.clone(),
                     cfg.topics.clone(),
                     shutdown.clone(),
-                    cfg.consumer(),
+                    crate::tracking::ConsumerConfig::from_config(&cfg),
                 );
                 tracker.spawn(async move {
                     if let Err(e) = crate::tracking::run(pool, consumer, &b, &topics, s.clone()).await {

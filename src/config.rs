@@ -259,14 +259,19 @@ impl ServiceConfig {
         Duration::from_secs(self.outbox_retention_seconds)
     }
 
-    /// The tracking consumer's settings: the defaults with the `TRACKING_*` windows.
-    pub fn consumer(&self) -> crate::tracking::ConsumerConfig {
-        crate::tracking::ConsumerConfig {
-            unknown_order_window: Duration::from_secs(self.tracking_unknown_order_window_seconds),
-            retry_initial_delay: Duration::from_millis(self.tracking_retry_initial_delay_ms),
-            retry_max_delay: Duration::from_millis(self.tracking_retry_max_delay_ms),
-            ..Default::default()
-        }
+    /// How long the tracking consumer retries an event whose order is unknown
+    /// (`TRACKING_UNKNOWN_ORDER_WINDOW_SECONDS`).
+    pub fn tracking_unknown_order_window(&self) -> Duration {
+        Duration::from_secs(self.tracking_unknown_order_window_seconds)
+    }
+
+    /// The tracking consumer's first and longest delay between retries of a parked event
+    /// (`TRACKING_RETRY_INITIAL_DELAY_MS`, `TRACKING_RETRY_MAX_DELAY_MS`).
+    pub fn tracking_retry_delays(&self) -> (Duration, Duration) {
+        (
+            Duration::from_millis(self.tracking_retry_initial_delay_ms),
+            Duration::from_millis(self.tracking_retry_max_delay_ms),
+        )
     }
 
     /// The effective settings as `(VARIABLE, value)` pairs with secrets masked.
@@ -422,10 +427,12 @@ mod tests {
 
     #[test]
     fn the_tracking_consumers_windows_are_settings_and_nonsense_is_refused() {
-        let d = cfg(&[]).consumer();
-        assert_eq!(d.unknown_order_window, Duration::from_secs(300));
-        assert_eq!(d.retry_initial_delay, Duration::from_secs(1));
-        assert_eq!(d.retry_max_delay, Duration::from_secs(30));
+        let d = cfg(&[]);
+        assert_eq!(d.tracking_unknown_order_window(), Duration::from_secs(300));
+        assert_eq!(
+            d.tracking_retry_delays(),
+            (Duration::from_secs(1), Duration::from_secs(30))
+        );
         let c = cfg(&[
             "--tracking-unknown-order-window-seconds",
             "0",
@@ -434,9 +441,11 @@ mod tests {
             "--tracking-retry-max-delay-ms",
             "4000",
         ]);
-        assert!(c.consumer().unknown_order_window.is_zero());
-        assert_eq!(c.consumer().retry_initial_delay, Duration::from_millis(250));
-        assert_eq!(c.consumer().retry_max_delay, Duration::from_secs(4));
+        assert!(c.tracking_unknown_order_window().is_zero());
+        assert_eq!(
+            c.tracking_retry_delays(),
+            (Duration::from_millis(250), Duration::from_secs(4))
+        );
         assert!(format!("{:?}", c.describe()).contains("(\"TRACKING_UNKNOWN_ORDER_WINDOW_SECONDS\", \"0\")"));
         assert!(c.validate(true).is_ok());
         let backwards = cfg(&[

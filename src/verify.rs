@@ -167,8 +167,8 @@ fn list(v: &Value) -> &[Value] {
 pub async fn run(pool: &PgPool, options: &Options) -> anyhow::Result<Report> {
     let sagas: Vec<SagaRow> = sqlx::query_as!(
         SagaRow,
-        r#"select saga_id::text as "id!", order_id, state, step_name, last_error, last_error_class
-             from sagas"#
+        r#"select saga_id::text as "id!", order_id as "order_id!", state, step_name, last_error, last_error_class
+             from sagas where order_id is not null"#
     )
     .fetch_all(pool)
     .await?;

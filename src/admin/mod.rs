@@ -90,7 +90,7 @@ pub async fn cancel(
                 class: FailureClass::Cancelled,
                 detail: format!("cancelled: {reason}"),
                 step: l.step_name.clone(),
-                unavailable: None,
+                refusal: None,
                 after_completion: false,
             };
             saga_store::resume_compensation(conn, saga_id, Some((&reason, &failure))).await?;

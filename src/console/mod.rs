@@ -417,7 +417,7 @@ fn summary_rows(items: &[admin::SagaSummary]) -> String {
         let _ = write!(
             out,
             r#"<tr><td><a href="/console/sagas/{id}">{id}</a></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class="wrap">{}</td><td>{}</td><td>{}</td></tr>"#,
-            s.order_id,
+            s.order_id.map_or_else(|| "—".to_string(), |o| o.to_string()),
             state_badge(&s.state),
             esc(&s.step),
             s.attempt,
@@ -832,14 +832,13 @@ struct SetAside {
     replayed_at: Option<time::OffsetDateTime>,
 }
 
-async fn outbox_events(conn: &mut sqlx::PgConnection, order_id: i32) -> Result<String, sqlx::Error> {
-    let key = order_id.to_string();
+async fn outbox_events(conn: &mut sqlx::PgConnection, key: &str) -> Result<String, sqlx::Error> {
     let rows: Vec<OutboxEvent> = sqlx::query_as(
         r#"select id, topic, event_type, event_id, created_at, outbox_published_at(id) as published_at from outbox
             where id > (select coalesce(max(id), 0) from outbox) - $2 and message_key = $1
             order by id"#,
     )
-    .bind(&key)
+    .bind(key)
     .bind(OUTBOX_WINDOW)
     .fetch_all(&mut *conn)
     .await?;
@@ -847,7 +846,7 @@ async fn outbox_events(conn: &mut sqlx::PgConnection, order_id: i32) -> Result<S
         r#"select id, topic, event_type, event_id, failed_at, error, replayed_at from outbox_dead_letters
             where message_key = $1 order by id"#,
     )
-    .bind(&key)
+    .bind(key)
     .fetch_all(&mut *conn)
     .await?;
     let t = crate::saga::machine::rfc3339;
@@ -958,7 +957,10 @@ async fn saga_page(
         state_badge(st),
         esc(&detail.summary.step),
         detail.summary.attempt,
-        detail.summary.order_id
+        detail
+            .summary
+            .order_id
+            .map_or_else(|| "none".to_string(), |o| o.to_string())
     );
     let trace = match &detail.summary.trace_id {
         Some(t) if !state.config.trace_ui_url.is_empty() => format!(
@@ -983,9 +985,19 @@ async fn saga_page(
     body.push_str("<h2>Timeline</h2>");
     body.push_str(&timeline(&history));
     body.push_str("<h2>Order</h2>");
-    body.push_str(&order_section(&mut conn, id, detail.summary.order_id).await?);
+    // A saga of a type that places no order has none to show; its events are keyed by the saga.
+    let key = match detail.summary.order_id {
+        Some(order_id) => {
+            body.push_str(&order_section(&mut conn, id, order_id).await?);
+            order_id.to_string()
+        }
+        None => {
+            body.push_str(r#"<p class="muted">This saga places no order.</p>"#);
+            id.to_string()
+        }
+    };
     body.push_str("<h2>Outbox events</h2>");
-    body.push_str(&outbox_events(&mut conn, detail.summary.order_id).await?);
+    body.push_str(&outbox_events(&mut conn, &key).await?);
     body.push_str("<h2>Audit</h2>");
     let audit = admin::audit_of_saga(&mut conn, id, 100).await?;
     body.push_str(&audit_table(&audit, highlight));

@@ -6,9 +6,9 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::orders::OrderStatus;
+use crate::orders::saga::steps::create_shipment;
 use crate::orders::store as order_store;
 use crate::saga::machine::{Failure, FailureClass, SagaState};
-use crate::saga::steps::create_shipment;
 use crate::saga::store as saga_store;
 
 /// Result of a cancellation request.
@@ -82,7 +82,7 @@ pub async fn cancel(
                 class: FailureClass::Cancelled,
                 detail: format!("cancelled: {reason}"),
                 step: create_shipment::ACTION.into(),
-                unavailable: None,
+                refusal: None,
                 after_completion: true,
             };
             saga_store::cancel_completed(conn, saga_id, last_step, reason, &failure).await?;

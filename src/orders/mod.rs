@@ -4,6 +4,7 @@
 pub mod answer;
 pub mod cancel;
 pub mod place;
+pub mod saga;
 pub mod status;
 pub mod store;
 pub mod validate;

@@ -9,7 +9,7 @@ use uuid::Uuid;
 use crate::orders::answer::Answer;
 use crate::orders::validate::{Line, request_hash};
 use crate::saga::engine::Engine;
-use crate::saga::store::{self as saga_store, Created, NewSaga, ReplayState};
+use crate::saga::store::{self as saga_store, Created, NewSaga};
 
 /// What `POST /orders` answers.
 #[derive(Debug)]
@@ -44,7 +44,7 @@ pub async fn place(
             user_id,
             idempotency_key: key.to_string(),
             request_hash: hash.clone(),
-            lines,
+            input: crate::orders::saga::input(&lines),
             trace,
             saga_type: def.name.clone(),
             version: def.version as i32,
@@ -65,15 +65,15 @@ pub async fn place(
             if let Ok(Ok(f)) = &finished
                 && let Some(answer) = &f.answer
             {
-                return Ok(Placed::Answer(answer.clone()));
+                return Ok(Placed::Answer(decode(saga_id, answer)?));
             }
             engine.forget_waiters(saga_id);
             let mut conn = pool.acquire().await?;
             if finished.is_err() && saga_store::mark_answered_pending(&mut conn, saga_id).await? {
-                return Ok(Placed::Pending(saga.order_id));
+                return Ok(Placed::Pending(crate::orders::saga::order_id(&saga)?));
             }
             // Finished meanwhile (or learnt from another instance, or stuck): read the row.
-            match saga_store::replay_state(&mut conn, saga_id).await? {
+            match replay_state(&mut conn, saga_id).await? {
                 Some(st) => match st.answer {
                     Some(a) if !st.answered_pending => Ok(Placed::Answer(a)),
                     _ => {
@@ -81,7 +81,7 @@ pub async fn place(
                         Ok(Placed::Pending(st.order_id))
                     }
                 },
-                None => Ok(Placed::Pending(saga.order_id)),
+                None => Ok(Placed::Pending(crate::orders::saga::order_id(&saga)?)),
             }
         }
         Created::Existing(existing) => {
@@ -90,7 +90,7 @@ pub async fn place(
                 return Ok(Placed::KeyReused);
             }
             let mut conn = pool.acquire().await?;
-            match saga_store::replay_state(&mut conn, existing.saga_id).await? {
+            match replay_state(&mut conn, existing.saga_id).await? {
                 Some(st) if st.answered_pending => Ok(Placed::Pending(st.order_id)),
                 Some(ReplayState { answer: Some(a), .. }) => Ok(Placed::Answer(a)),
                 Some(st) if first_request_gone(&mut conn, existing.saga_id, wait).await? => {
@@ -102,7 +102,7 @@ pub async fn place(
                         return Ok(Placed::Pending(st.order_id));
                     }
                     // It finished meanwhile.
-                    match saga_store::replay_state(&mut conn, existing.saga_id).await? {
+                    match replay_state(&mut conn, existing.saga_id).await? {
                         Some(ReplayState {
                             answer: Some(a),
                             answered_pending: false,
@@ -143,4 +143,37 @@ pub async fn purge_idempotency_keys(
     .execute(conn)
     .await?;
     Ok(r.rows_affected())
+}
+
+/// What a saga's row says for an idempotent replay, its stored answer decoded.
+#[derive(Debug)]
+struct ReplayState {
+    /// The stored answer, once finished.
+    answer: Option<Answer>,
+    /// The first request answered 202.
+    answered_pending: bool,
+    /// The order.
+    order_id: i32,
+}
+
+async fn replay_state(
+    conn: &mut sqlx::PgConnection,
+    saga_id: Uuid,
+) -> Result<Option<ReplayState>, sqlx::Error> {
+    let Some(st) = saga_store::replay_state(conn, saga_id).await? else {
+        return Ok(None);
+    };
+    Ok(Some(ReplayState {
+        answer: st.answer.map(|a| decode(saga_id, &a)).transpose()?,
+        answered_pending: st.answered_pending,
+        order_id: st
+            .order_id
+            .ok_or_else(|| sqlx::Error::Decode(format!("saga {saga_id} names no order").into()))?,
+    }))
+}
+
+/// The CreateOrder saga's answer as the engine carries and stores it.
+fn decode(saga_id: Uuid, v: &serde_json::Value) -> Result<Answer, sqlx::Error> {
+    Answer::from_stored(v)
+        .ok_or_else(|| sqlx::Error::Decode(format!("saga {saga_id}: unreadable stored answer {v}").into()))
 }

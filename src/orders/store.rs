@@ -1,7 +1,7 @@
 //! The SQL of the `orders` and `order_items` tables (their one owner): the order view (one query
 //! with its lines), the caller's orders newest first with a cursor, and the writes of the saga's
-//! order steps and of a cancellation (in the caller's transaction). The placeholder order of a new
-//! saga is written by the saga store's one-statement insert (see `saga::store::create`).
+//! order steps and of a cancellation (in the caller's transaction), and CreateOrder's one-statement
+//! new-saga insert ([`CREATE_ORDER_SAGA_SQL`]).
 
 use rust_decimal::Decimal;
 use serde::Serialize;
@@ -11,7 +11,33 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::orders::OrderStatus;
-use crate::saga::machine::{PersistedItem, money, rfc3339};
+use crate::orders::saga::PersistedItem;
+use crate::saga::machine::{money, rfc3339};
+
+/// CreateOrder's new saga: the idempotency record, the placeholder order (`pending`) and the saga
+/// in one statement, or nothing when the key exists (binds and result: `saga::store::CREATE_SQL`'s;
+/// the saga store runs it through CreateOrder's hooks). Unit of work: it writes
+/// `idempotency_keys`, `orders` and `sagas` together (one round trip per order in the shared
+/// commit, docs/performance.md finding 9); this store owns it because the order row is the reason
+/// for it, although `sagas` is the saga store's table.
+pub const CREATE_ORDER_SAGA_SQL: &str = r#"with k as (
+               insert into idempotency_keys (user_id, key, request_hash, saga_id, order_id)
+               values ($1, $2, $3, $4, nextval('orders_order_id_seq')::int)
+               on conflict (user_id, key) do nothing
+               returning order_id),
+           o as (
+               insert into orders (order_id, user_id, status, saga_id)
+               select order_id, $1, 'pending', $4 from k
+               returning order_id, order_date),
+           s as (
+               insert into sagas (saga_id, saga_type, definition_version, order_id, user_id, state, step, attempt,
+                                  next_attempt_at, lease_owner, lease_expires_at, fence, input, trace_context,
+                                  deadline_at, created_at, step_name)
+               select $4, $5, $6, o.order_id, $1, 'running', 0, 0, o.order_date, $7,
+                      case when $7::text is not null then now() + $8 end, 1, $9, $10, o.order_date + $11,
+                      o.order_date, $12
+                 from o)
+           select order_id, order_date, order_date + $11 as deadline_at from o"#;
 
 /// One line of an order as clients see it.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]

@@ -33,9 +33,10 @@ pub struct Envelope {
     /// When the change happened (RFC 3339).
     #[serde(with = "time::serde::rfc3339")]
     pub occurred_at: OffsetDateTime,
-    /// The order; also the message key.
-    #[serde(rename = "orderID")]
-    pub order_id: i32,
+    /// The order; also the message key. None only for an event of a saga that places no order
+    /// (then the member is left out and the saga id is the key).
+    #[serde(rename = "orderID", skip_serializing_if = "Option::is_none")]
+    pub order_id: Option<i32>,
     /// The saga, when a saga made the change.
     #[serde(rename = "sagaID", skip_serializing_if = "Option::is_none")]
     pub saga_id: Option<Uuid>,
@@ -71,12 +72,27 @@ impl NewEvent {
                 event_type: event_type.to_string(),
                 event_version: 1,
                 occurred_at: OffsetDateTime::now_utc(),
-                order_id,
+                order_id: Some(order_id),
                 saga_id,
                 data,
             },
             trace: trace.clone(),
         }
+    }
+
+    /// An event of `event_type` (version 1) that saga `saga_id` writes about its order, if it
+    /// has one (keyed by the order, else by the saga).
+    pub fn of_saga(
+        topic: &str,
+        event_type: &str,
+        order_id: Option<i32>,
+        saga_id: Uuid,
+        data: Value,
+        trace: &HashMap<String, String>,
+    ) -> Self {
+        let mut e = NewEvent::new(topic, event_type, 0, Some(saga_id), data, trace);
+        e.envelope.order_id = order_id;
+        e
     }
 
     /// The Kafka headers of the message.
@@ -129,7 +145,11 @@ impl Columns {
         };
         for e in events {
             c.topics.push(e.topic.clone());
-            c.keys.push(e.envelope.order_id.to_string());
+            c.keys.push(match (e.envelope.order_id, e.envelope.saga_id) {
+                (Some(order), _) => order.to_string(),
+                (None, Some(saga)) => saga.to_string(),
+                (None, None) => String::new(),
+            });
             c.ids.push(e.envelope.event_id);
             c.types.push(e.envelope.event_type.clone());
             // The envelope's text goes in as is (`payload` is `json`: the relay reads back these

@@ -5,11 +5,6 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-/// The embedded CreateOrder definition and its file name.
-pub const CREATE_ORDER_FILE: &str = "sagas/create_order.toml";
-/// The embedded CreateOrder definition.
-pub const CREATE_ORDER_TOML: &str = include_str!("../../sagas/create_order.toml");
-
 /// A retry policy: exponential backoff with a cap and jitter, a per-attempt timeout and a bound on
 /// attempts.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -175,6 +170,10 @@ impl SagaDef {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A real definition as the loader's fixture (CreateOrder's; the loader knows no saga type).
+    const CREATE_ORDER_FILE: &str = "sagas/create_order.toml";
+    const CREATE_ORDER_TOML: &str = include_str!("../../sagas/create_order.toml");
 
     const IMPLS: [StepImpl; 3] = [
         StepImpl {

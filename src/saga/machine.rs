@@ -1,22 +1,22 @@
 //! The saga state machine, pure: given a saga and the outcome of one attempt, it decides the next
 //! state and lists the effects to write in the same transaction (history rows, outbox events, and
-//! what the saga's [`SagaHooks`] add: order changes, the answer for `POST /orders`). No I/O here,
-//! so every rule is unit-tested. The rules are the same for every saga; what one saga type does
-//! at its ends is its hooks' business (`saga/create_order.rs` for CreateOrder).
+//! what the saga's [`SagaHooks`] add: for CreateOrder, order changes and the answer for
+//! `POST /orders`). No I/O here, so every rule is unit-tested (CreateOrder's run of them:
+//! `orders/saga/machine_tests.rs`). The rules are the same for every saga; a saga's input, the
+//! data its steps produce, its step outputs, its own effects and its answer are JSON to the
+//! machine, read and written by its hooks (`orders/saga/` for CreateOrder).
 
 use std::collections::HashMap;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use sqlx::PgConnection;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::downstream::contract::{Reservation, Shipment, Unavailable};
-use crate::orders::OrderStatus;
-use crate::orders::answer::Answer;
-use crate::orders::validate::Line;
 use crate::saga::definition::SagaDef;
 pub use crate::saga::failure::FailureClass;
 
@@ -100,41 +100,6 @@ impl Kind {
     }
 }
 
-/// A persisted order line (with its id and catalog price).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PersistedItem {
-    /// Order item id.
-    #[serde(rename = "orderItemID")]
-    pub order_item_id: i32,
-    /// Product.
-    #[serde(rename = "productID")]
-    pub product_id: i32,
-    /// Quantity.
-    pub quantity: i32,
-    /// Unit price from the catalog.
-    pub price: Decimal,
-}
-
-/// What the steps produced so far.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct SagaData {
-    /// The catalog's reservation (reserve_inventory).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reservation: Option<Reservation>,
-    /// The persisted lines (persist_order).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub items: Option<Vec<PersistedItem>>,
-    /// Order total (persist_order).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub total: Option<Decimal>,
-    /// Currency of the prices (persist_order).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub currency: Option<String>,
-    /// The created shipment (create_shipment).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub shipment: Option<Shipment>,
-}
-
 /// Why a saga compensates.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Failure {
@@ -145,9 +110,10 @@ pub struct Failure {
     pub detail: String,
     /// The step that failed (or the step at which the saga was cancelled).
     pub step: String,
-    /// Unavailable products (stock refusals).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub unavailable: Option<Vec<Unavailable>>,
+    /// What the refusal named, for the saga type's answer (CreateOrder: the unavailable products of
+    /// a stock refusal); stored as `unavailable`, the name earlier releases wrote.
+    #[serde(default, rename = "unavailable", skip_serializing_if = "Option::is_none")]
+    pub refusal: Option<Value>,
     /// A customer's cancellation of a completed saga (the shipment exists): the order stays as it
     /// is until `cancel_shipment` succeeds (then `cancel_order` cancels it), and a shipper that
     /// refuses the cancellation (409: the parcel was picked up) returns the saga to `completed`.
@@ -164,8 +130,9 @@ pub struct Failure {
 pub struct Saga {
     /// Saga id.
     pub id: Uuid,
-    /// The order it creates.
-    pub order_id: i32,
+    /// The order it is about (`sagas.order_id`; CreateOrder's sagas always have one, a saga of a
+    /// type that places no order has none). Events of the saga are keyed by it, else by the saga.
+    pub order_id: Option<i32>,
     /// The customer.
     pub user_id: i32,
     /// Lease fencing token held by this worker.
@@ -176,10 +143,11 @@ pub struct Saga {
     pub step: usize,
     /// Attempts already made of that action/compensation.
     pub attempt: u32,
-    /// Requested lines.
-    pub input: Vec<Line>,
-    /// Step outputs.
-    pub data: SagaData,
+    /// What the saga was asked to do (`sagas.input`, as its creator wrote it; CreateOrder:
+    /// `{"items": [lines]}`).
+    pub input: Value,
+    /// What its steps produced so far (`sagas.data`, kept by its hooks; `{}` at the start).
+    pub data: Value,
     /// Why it compensates.
     pub failure: Option<Failure>,
     /// A cancellation was asked for (the reason).
@@ -200,33 +168,12 @@ pub struct Saga {
     pub last_error_class: Option<FailureClass>,
 }
 
-/// What a step produced.
-#[derive(Debug, Clone, PartialEq)]
-pub enum StepOutput {
-    /// reserve_inventory.
-    Reservation(Reservation),
-    /// persist_order.
-    Persisted {
-        /// Lines with ids and prices.
-        items: Vec<PersistedItem>,
-        /// Total.
-        total: Decimal,
-        /// Currency.
-        currency: String,
-    },
-    /// create_shipment.
-    Shipment(Shipment),
-    /// cancel_order: whether the order's status changed (false when it already was cancelled).
-    OrderCancelled(bool),
-    /// A compensation (nothing to keep).
-    Done,
-}
-
 /// The outcome of one attempt, classified by the step where the cause is known.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    /// It worked.
-    Succeeded(StepOutput),
+    /// It worked, with what the step produced (the saga's hooks keep it: `keep_output`,
+    /// `compensated`); `Value::Null` when there is nothing to keep.
+    Succeeded(Value),
     /// A compensation had nothing to undo (for example no shipment was ever created).
     Skipped(String),
     /// A business refusal by a downstream service: an action is not retried (the saga
@@ -238,8 +185,9 @@ pub enum Outcome {
         detail: String,
         /// HTTP status of the downstream answer.
         status: Option<u16>,
-        /// Unavailable products (stock refusal).
-        unavailable: Option<Vec<Unavailable>>,
+        /// What the refusal named, kept in the saga's failure for its hooks (CreateOrder: the
+        /// unavailable products of a stock refusal).
+        refusal: Option<Value>,
     },
     /// Our own failure that no retry can mend (the saga's data does not allow the step): an
     /// action compensates at once; a compensation leaves the saga stuck for an operator.
@@ -309,32 +257,13 @@ pub struct HistoryRow {
     pub duration_ms: Option<i32>,
 }
 
-/// A change to the order row that a transition makes.
-#[derive(Debug, Clone, PartialEq)]
-pub enum OrderChange {
-    /// Move to a status (only if the transition table allows it).
-    Status {
-        /// Target status.
-        to: OrderStatus,
-        /// Why.
-        reason: Option<String>,
-    },
-    /// The shipment exists: store its id and confirm the order.
-    Confirm {
-        /// Shipment id.
-        shipment_id: String,
-    },
-    /// No order was placed after all (a stock refusal answered synchronously): remove the
-    /// placeholder row.
-    Delete,
-}
-
 /// Which topic an event goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stream {
     /// `orders.saga-events`.
     Saga,
-    /// `orders.events`.
+    /// The topic of the saga's subject (`orders.events` for CreateOrder): an event there is
+    /// written only when the hook effect before it changed something.
     Order,
 }
 
@@ -352,15 +281,16 @@ pub enum Effect {
         /// Payload.
         data: Value,
     },
-    /// An order change.
-    Order(OrderChange),
+    /// A change of the saga type's own rows (CreateOrder: the order's status), written in the
+    /// transition's transaction by [`SagaHooks::apply`]; the JSON is the hooks' own.
+    Hook(Value),
     /// The shipper refused a customer's cancellation of a completed saga: the saga's stored
     /// cancellation request is cleared (the saga is `completed` again).
     ClearCancelRequest,
     /// The saga finished (terminal or stuck): store the answer (if any) and wake waiters.
     Finished {
-        /// The answer the saga's creator gives (its hooks decide it).
-        answer: Option<Answer>,
+        /// The answer the saga's creator gives (its hooks decide it; stored as `sagas.answer`).
+        answer: Option<Value>,
     },
 }
 
@@ -392,18 +322,38 @@ pub enum Next {
 
 /// What one saga type adds to the engine's rules at its ends: how a step's output is kept, what a
 /// completed or compensated saga writes besides its own row and saga events (order changes, order
-/// events) and answers, and when a refused compensation ends a cancellation. The engine and the
-/// machine know nothing else of a saga type.
+/// events) and answers, how its own effects are written, and when a refused compensation ends a
+/// cancellation. The engine and the machine know nothing else of a saga type.
 pub trait SagaHooks: Send + Sync {
+    /// The statement that creates a saga of this type, with the binds and result of
+    /// `saga::store::CREATE_SQL` (None: that generic insert, which names no order).
+    fn create_sql(&self) -> Option<&'static str> {
+        None
+    }
+    /// The saga was created: effects it adds after `SagaStarted` (events only; CreateOrder:
+    /// `OrderCreated`).
+    fn started(&self, _s: &Saga, _fx: &mut Vec<Effect>) {}
     /// Keeps what a successful action produced in the saga's data.
-    fn keep_output(&self, s: &mut Saga, out: &StepOutput);
+    fn keep_output(&self, s: &mut Saga, out: &Value);
     /// A compensation succeeded with `out`: effects it adds (after `CompensationSucceeded`).
-    fn compensated(&self, s: &Saga, out: &StepOutput, fx: &mut Vec<Effect>);
+    fn compensated(&self, s: &Saga, out: &Value, fx: &mut Vec<Effect>);
     /// Every step succeeded: effects it adds (before `SagaCompleted`), and the answer.
-    fn completed(&self, s: &Saga, fx: &mut Vec<Effect>) -> Option<Answer>;
+    fn completed(&self, s: &Saga, fx: &mut Vec<Effect>) -> Option<Value>;
     /// Compensation finished (`s.state` is `compensated` or `failed`): effects it adds (before
     /// `SagaCompensated` / `SagaFailed`), and the answer.
-    fn compensation_finished(&self, s: &Saga, failure: &Failure, fx: &mut Vec<Effect>) -> Option<Answer>;
+    fn compensation_finished(&self, s: &Saga, failure: &Failure, fx: &mut Vec<Effect>) -> Option<Value>;
+    /// Writes one of its [`Effect::Hook`]s in the transition's transaction (one statement per
+    /// effect, as the shared commit counts them); returns whether it changed anything (the
+    /// [`Stream::Order`] events after it are written only then). A saga type that emits no hook
+    /// effect keeps this default, which writes nothing.
+    fn apply<'a>(
+        &'a self,
+        _conn: &'a mut PgConnection,
+        _s: &'a Saga,
+        _effect: &'a Value,
+    ) -> BoxFuture<'a, Result<bool, sqlx::Error>> {
+        Box::pin(async { Ok(false) })
+    }
     /// Whether this refused compensation attempt ends a cancellation for good: the saga returns to
     /// `completed` instead of retrying.
     fn refuses_cancellation(&self, s: &Saga, a: &Attempt, last_step: bool) -> bool;
@@ -461,7 +411,7 @@ impl Machine<'_> {
                     class: FailureClass::Cancelled,
                     detail: format!("cancelled: {reason}"),
                     step: self.shapes[last].action.into(),
-                    unavailable: None,
+                    refusal: None,
                     after_completion: false,
                 });
                 self.begin_compensation(s, Some(last), now, &mut fx);
@@ -486,7 +436,7 @@ impl Machine<'_> {
             class,
             detail: detail.clone(),
             step: self.shapes[s.step].action.into(),
-            unavailable: None,
+            refusal: None,
             after_completion: false,
         });
         s.last_error = Some(detail);
@@ -580,7 +530,7 @@ impl Machine<'_> {
                     class,
                     detail,
                     status,
-                    unavailable,
+                    refusal,
                 },
                 Kind::Action,
             ) => {
@@ -593,16 +543,7 @@ impl Machine<'_> {
                     "StepFailed",
                     json!({"step": name, "attempt": a.number, "errorClass": class, "error": detail}),
                 ));
-                self.fail_forward(
-                    s,
-                    a.step,
-                    *class,
-                    detail,
-                    unavailable.clone(),
-                    false,
-                    now,
-                    &mut fx,
-                );
+                self.fail_forward(s, a.step, *class, detail, refusal.clone(), false, now, &mut fx);
             }
             (Outcome::Fatal { class, detail }, Kind::Action) => {
                 row.outcome = "failed";
@@ -709,7 +650,7 @@ impl Machine<'_> {
         step: usize,
         class: FailureClass,
         detail: &str,
-        unavailable: Option<Vec<Unavailable>>,
+        refusal: Option<Value>,
         may_have_effect: bool,
         now: OffsetDateTime,
         fx: &mut Vec<Effect>,
@@ -718,7 +659,7 @@ impl Machine<'_> {
             class,
             detail: detail.into(),
             step: self.shapes[step].action.into(),
-            unavailable,
+            refusal,
             after_completion: false,
         });
         s.last_error = Some(detail.into());
@@ -770,7 +711,7 @@ impl Machine<'_> {
             class: FailureClass::Unknown,
             detail: "compensated".into(),
             step: String::new(),
-            unavailable: None,
+            refusal: None,
             after_completion: false,
         });
         let cancelled = failure.class == FailureClass::Cancelled;
@@ -877,464 +818,5 @@ pub fn order_event(event_type: &'static str, data: Value) -> Effect {
         stream: Stream::Order,
         event_type,
         data,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::downstream::contract::{ReservedItem, Shipment};
-    use crate::saga::create_order::CreateOrder;
-    use crate::saga::definition::SagaDef;
-    use crate::saga::failure::Downstream;
-    use crate::saga::steps::{CREATE_ORDER, create_order_impls};
-
-    fn def() -> SagaDef {
-        SagaDef::load(
-            crate::saga::definition::CREATE_ORDER_FILE,
-            crate::saga::definition::CREATE_ORDER_TOML,
-            "create_order",
-            &create_order_impls(),
-        )
-        .unwrap()
-    }
-
-    fn machine(d: &SagaDef) -> Machine<'_> {
-        Machine {
-            def: d,
-            shapes: &CREATE_ORDER,
-            hooks: &CreateOrder,
-            retry_scale: 1.0,
-        }
-    }
-
-    fn saga() -> Saga {
-        let now = OffsetDateTime::now_utc();
-        Saga {
-            id: Uuid::now_v7(),
-            order_id: 7,
-            user_id: 3,
-            fence: 1,
-            state: SagaState::Running,
-            step: 0,
-            attempt: 0,
-            input: vec![Line {
-                product_id: 1,
-                quantity: 2,
-            }],
-            data: SagaData::default(),
-            failure: None,
-            cancel_requested: None,
-            answered_pending: false,
-            trace: HashMap::new(),
-            deadline_at: now + Duration::from_secs(600),
-            next_attempt_at: Some(now),
-            created_at: now,
-            last_error: None,
-            last_error_class: None,
-        }
-    }
-
-    fn attempt(step: usize, kind: Kind, number: u32, outcome: Outcome) -> Attempt {
-        Attempt {
-            step,
-            kind,
-            number,
-            started_at: OffsetDateTime::now_utc(),
-            idempotency_key: Some("k".into()),
-            downstream_status: None,
-            duration: None,
-            outcome,
-        }
-    }
-
-    fn transient() -> Outcome {
-        Outcome::Transient {
-            class: FailureClass::Downstream(Downstream::Http5xx),
-            detail: "503".into(),
-            status: Some(503),
-            retry_after: None,
-        }
-    }
-
-    fn reservation() -> Outcome {
-        Outcome::Succeeded(StepOutput::Reservation(Reservation {
-            reservation_id: "r".into(),
-            items: vec![ReservedItem {
-                product_id: 1,
-                quantity: 2,
-                unit_price: Decimal::new(250, 2),
-                currency: "USD".into(),
-            }],
-        }))
-    }
-
-    fn events(fx: &[Effect]) -> Vec<&'static str> {
-        fx.iter()
-            .filter_map(|e| match e {
-                Effect::Event { event_type, .. } => Some(*event_type),
-                _ => None,
-            })
-            .collect()
-    }
-
-    fn history(fx: &[Effect]) -> Vec<&HistoryRow> {
-        fx.iter()
-            .filter_map(|e| match e {
-                Effect::History(h) => Some(h),
-                _ => None,
-            })
-            .collect()
-    }
-
-    #[test]
-    fn every_attempt_records_its_downstream_status_and_duration_successes_included() {
-        let d = def();
-        let m = machine(&d);
-        let mut s = saga();
-        let now = OffsetDateTime::now_utc();
-        let mut failed = attempt(0, Kind::Action, 1, transient());
-        failed.downstream_status = Some(503);
-        failed.duration = Some(Duration::from_millis(7));
-        let fx = m.record(&mut s, &failed, now, 0.5);
-        let rows = history(&fx);
-        assert_eq!(
-            (rows[0].downstream_status, rows[0].duration_ms),
-            (Some(503), Some(7))
-        );
-        let mut ok = attempt(0, Kind::Action, 2, reservation());
-        ok.downstream_status = Some(201);
-        ok.duration = Some(Duration::from_micros(12_400));
-        let fx = m.record(&mut s, &ok, now, 0.5);
-        let rows = history(&fx);
-        assert_eq!(rows[0].outcome, "succeeded");
-        assert_eq!(
-            (rows[0].downstream_status, rows[0].duration_ms),
-            (Some(201), Some(12))
-        );
-    }
-
-    #[test]
-    fn a_transient_failure_schedules_a_retry_until_the_policy_is_exhausted() {
-        let d = def();
-        let m = machine(&d);
-        let mut s = saga();
-        let now = OffsetDateTime::now_utc();
-        let fx = m.record(&mut s, &attempt(0, Kind::Action, 1, transient()), now, 0.5);
-        assert_eq!(s.state, SagaState::Running);
-        assert_eq!(s.next_attempt_at, Some(now + Duration::from_millis(200)));
-        assert_eq!(events(&fx), ["RetryScheduled"]);
-        // A longer Retry-After wins over the computed delay.
-        let mut ra = transient();
-        if let Outcome::Transient { retry_after, .. } = &mut ra {
-            *retry_after = Some(Duration::from_secs(3));
-        }
-        m.record(&mut s, &attempt(0, Kind::Action, 2, ra), now, 0.5);
-        assert_eq!(s.next_attempt_at, Some(now + Duration::from_secs(3)));
-        // The last allowed attempt fails: compensation includes the step itself.
-        m.record(&mut s, &attempt(0, Kind::Action, 8, transient()), now, 0.5);
-        assert_eq!((s.state, s.step), (SagaState::Compensating, 0));
-        assert_eq!(m.next(&s, now), Next::Remote(0, Kind::Compensation));
-    }
-
-    #[test]
-    fn a_reservation_moves_to_the_local_persist_step_and_a_stock_refusal_fails_without_compensation() {
-        let d = def();
-        let m = machine(&d);
-        let now = OffsetDateTime::now_utc();
-        let mut s = saga();
-        m.record(&mut s, &attempt(0, Kind::Action, 1, reservation()), now, 0.5);
-        assert_eq!(m.next(&s, now), Next::Local(1, Kind::Action));
-
-        let mut s = saga();
-        let refused = Outcome::Refused {
-            class: FailureClass::InsufficientStock,
-            detail: "no".into(),
-            status: Some(409),
-            unavailable: Some(vec![]),
-        };
-        let fx = m.record(&mut s, &attempt(0, Kind::Action, 1, refused), now, 0.5);
-        assert_eq!(s.state, SagaState::Failed);
-        assert!(
-            fx.contains(&Effect::Order(OrderChange::Delete)),
-            "a synchronous stock-out places no order"
-        );
-        let answer = fx.iter().find_map(|e| match e {
-            Effect::Finished { answer } => answer.clone(),
-            _ => None,
-        });
-        assert_eq!(answer.unwrap().to_stored()["status"], 409);
-    }
-
-    #[test]
-    fn a_stock_refusal_after_a_202_rejects_the_order_instead_of_deleting_it() {
-        let d = def();
-        let m = machine(&d);
-        let mut s = saga();
-        s.answered_pending = true;
-        let refused = Outcome::Refused {
-            class: FailureClass::InsufficientStock,
-            detail: "no".into(),
-            status: Some(409),
-            unavailable: None,
-        };
-        let fx = m.record(
-            &mut s,
-            &attempt(0, Kind::Action, 1, refused),
-            OffsetDateTime::now_utc(),
-            0.5,
-        );
-        assert!(fx.contains(&Effect::Order(OrderChange::Status {
-            to: OrderStatus::Rejected,
-            reason: Some("some products are not available in the requested quantity".into())
-        })));
-        assert!(events(&fx).contains(&"OrderRejected"));
-    }
-
-    #[test]
-    fn a_shipment_refusal_compensates_in_reverse_order_and_ends_failed() {
-        let d = def();
-        let m = machine(&d);
-        let now = OffsetDateTime::now_utc();
-        let mut s = saga();
-        s.step = 2;
-        s.data.items = Some(vec![]);
-        let refused = Outcome::Refused {
-            class: FailureClass::Downstream(Downstream::Http4xx),
-            detail: "422".into(),
-            status: Some(422),
-            unavailable: None,
-        };
-        m.record(&mut s, &attempt(2, Kind::Action, 1, refused), now, 0.5);
-        // The shipment was refused, so its compensation is skipped: cancel_order (local) is next.
-        assert_eq!(
-            (s.state, m.next(&s, now)),
-            (SagaState::Compensating, Next::Local(1, Kind::Compensation))
-        );
-        let fx = m.record(
-            &mut s,
-            &attempt(
-                1,
-                Kind::Compensation,
-                1,
-                Outcome::Succeeded(StepOutput::OrderCancelled(true)),
-            ),
-            now,
-            0.5,
-        );
-        assert!(events(&fx).contains(&"OrderCancelled"));
-        assert_eq!(m.next(&s, now), Next::Remote(0, Kind::Compensation));
-        let fx = m.record(
-            &mut s,
-            &attempt(0, Kind::Compensation, 1, Outcome::Succeeded(StepOutput::Done)),
-            now,
-            0.5,
-        );
-        assert_eq!(s.state, SagaState::Failed);
-        assert!(events(&fx).contains(&"SagaFailed"));
-        assert_eq!(m.step_name(&s), "create_shipment");
-    }
-
-    #[test]
-    fn an_exhausted_compensation_leaves_the_saga_stuck() {
-        let d = def();
-        let m = machine(&d);
-        let mut s = saga();
-        s.state = SagaState::Compensating;
-        let fx = m.record(
-            &mut s,
-            &attempt(0, Kind::Compensation, 12, transient()),
-            OffsetDateTime::now_utc(),
-            0.5,
-        );
-        assert_eq!(s.state, SagaState::Stuck);
-        assert_eq!(s.next_attempt_at, None);
-        assert!(
-            s.last_error
-                .as_deref()
-                .unwrap()
-                .contains("release_reservation failed after 12 attempts")
-        );
-        assert!(events(&fx).contains(&"SagaStuck"));
-        assert_eq!(m.step_name(&s), "release_reservation");
-    }
-
-    #[test]
-    fn a_retry_after_beyond_the_deadline_wakes_the_saga_at_its_deadline() {
-        let d = def();
-        let m = machine(&d);
-        let now = OffsetDateTime::now_utc();
-        let mut s = saga();
-        s.deadline_at = now + Duration::from_secs(600);
-        let mut ra = transient();
-        if let Outcome::Transient { retry_after, .. } = &mut ra {
-            *retry_after = Some(Duration::from_secs(24 * 3600));
-        }
-        m.record(&mut s, &attempt(0, Kind::Action, 1, ra), now, 0.5);
-        let next = s.next_attempt_at.unwrap();
-        assert!(
-            next > s.deadline_at && next <= s.deadline_at + Duration::from_millis(1),
-            "woken at the deadline, not a day later: {next} vs {}",
-            s.deadline_at
-        );
-        // Then the boundary check compensates.
-        m.check_boundary(&mut s, next);
-        assert_eq!(s.failure.as_ref().unwrap().class, FailureClass::DeadlineExceeded);
-    }
-
-    #[test]
-    fn cancellation_and_deadline_turn_a_running_saga_at_the_boundary() {
-        let d = def();
-        let m = machine(&d);
-        let now = OffsetDateTime::now_utc();
-        let mut s = saga();
-        s.step = 2;
-        s.cancel_requested = Some("customer".into());
-        m.check_boundary(&mut s, now);
-        // The remote step in progress may have taken effect with no attempt recorded (its commit
-        // lost): its compensation runs too.
-        assert_eq!((s.state, s.step), (SagaState::Compensating, 2));
-        assert_eq!(s.failure.as_ref().unwrap().class, FailureClass::Cancelled);
-
-        let mut s = saga();
-        s.deadline_at = now - Duration::from_secs(1);
-        m.check_boundary(&mut s, now);
-        assert_eq!(s.failure.as_ref().unwrap().class, FailureClass::DeadlineExceeded);
-        assert_eq!(
-            (s.state, s.step),
-            (SagaState::Compensating, 0),
-            "a reservation may exist even without a recorded attempt: release it"
-        );
-
-        // Cancelled while its last step was in flight: the completed saga compensates everything.
-        let mut s = saga();
-        s.step = 2;
-        s.cancel_requested = Some("customer".into());
-        s.data.shipment = Some(Shipment {
-            shipment_id: "shp".into(),
-            status: "created".into(),
-        });
-        m.record(
-            &mut s,
-            &attempt(
-                2,
-                Kind::Action,
-                1,
-                Outcome::Succeeded(StepOutput::Shipment(Shipment {
-                    shipment_id: "shp".into(),
-                    status: "created".into(),
-                })),
-            ),
-            now,
-            0.5,
-        );
-        assert_eq!(s.state, SagaState::Completed);
-        m.check_boundary(&mut s, now);
-        assert_eq!((s.state, s.step), (SagaState::Compensating, 2));
-    }
-
-    fn cancelling_a_completed_saga() -> Saga {
-        let mut s = saga();
-        s.state = SagaState::Compensating;
-        s.step = 2;
-        s.data.items = Some(vec![]);
-        s.data.shipment = Some(Shipment {
-            shipment_id: "shp".into(),
-            status: "created".into(),
-        });
-        s.cancel_requested = Some("by the customer".into());
-        s.failure = Some(Failure {
-            class: FailureClass::Cancelled,
-            detail: "cancelled: by the customer".into(),
-            step: "create_shipment".into(),
-            unavailable: None,
-            after_completion: true,
-        });
-        s
-    }
-
-    fn picked_up() -> Outcome {
-        Outcome::Refused {
-            class: FailureClass::Downstream(Downstream::Http4xx),
-            detail: "HTTP 409 Conflict: shipment is already picked_up".into(),
-            status: Some(409),
-            unavailable: None,
-        }
-    }
-
-    #[test]
-    fn a_shipper_refusing_a_customer_cancellation_returns_the_saga_to_completed() {
-        let d = def();
-        let m = machine(&d);
-        let now = OffsetDateTime::now_utc();
-        let mut s = cancelling_a_completed_saga();
-        let fx = m.record(&mut s, &attempt(2, Kind::Compensation, 1, picked_up()), now, 0.5);
-        assert_eq!(s.state, SagaState::Completed);
-        assert_eq!(s.step, 3);
-        assert_eq!(s.failure, None);
-        assert_eq!(s.cancel_requested, None);
-        assert_eq!(s.next_attempt_at, None);
-        assert_eq!(s.last_error_class, Some(FailureClass::CancelRefused));
-        assert_eq!(events(&fx), ["CancellationRefused"]);
-        assert!(fx.contains(&Effect::ClearCancelRequest));
-        assert!(fx.contains(&Effect::Finished { answer: None }));
-        assert!(
-            !fx.iter().any(|e| matches!(e, Effect::Order(_))),
-            "the order keeps its status: {fx:?}"
-        );
-        let row = fx.iter().find_map(|e| match e {
-            Effect::History(h) => Some(h.clone()),
-            _ => None,
-        });
-        assert_eq!(row.unwrap().outcome, "failed");
-        // Nothing more to do, and no boundary check undoes it again.
-        assert!(m.check_boundary(&mut s, now).is_empty());
-        assert_eq!(m.next(&s, now), Next::Done);
-        assert_eq!(m.step_name(&s), "create_shipment");
-    }
-
-    #[test]
-    fn other_compensation_refusals_are_still_retried() {
-        let d = def();
-        let m = machine(&d);
-        let now = OffsetDateTime::now_utc();
-        // A refusal that is not "can no longer be cancelled" (422) is retried.
-        let mut s = cancelling_a_completed_saga();
-        let refused = Outcome::Refused {
-            class: FailureClass::Downstream(Downstream::Http4xx),
-            detail: "422".into(),
-            status: Some(422),
-            unavailable: None,
-        };
-        m.record(&mut s, &attempt(2, Kind::Compensation, 1, refused), now, 0.5);
-        assert_eq!((s.state, s.step), (SagaState::Compensating, 2));
-        // A cancellation while the order was pending (already cancelled for the customer) keeps
-        // compensating: a 409 is retried and, exhausted, leaves the saga stuck for ops.
-        let mut s = cancelling_a_completed_saga();
-        s.failure.as_mut().unwrap().after_completion = false;
-        let fx = m.record(&mut s, &attempt(2, Kind::Compensation, 1, picked_up()), now, 0.5);
-        assert_eq!((s.state, s.step), (SagaState::Compensating, 2));
-        assert_eq!(events(&fx), ["RetryScheduled"]);
-    }
-
-    #[test]
-    fn a_failure_reads_without_the_after_completion_flag() {
-        let f: Failure =
-            serde_json::from_value(json!({"class": "cancelled", "detail": "d", "step": "create_shipment"}))
-                .unwrap();
-        assert!(!f.after_completion);
-        let f: Failure = serde_json::from_value(
-            json!({"class": "cancelled", "detail": "d", "step": "create_shipment", "afterCompletion": true}),
-        )
-        .unwrap();
-        assert!(f.after_completion);
-        assert_eq!(serde_json::to_value(&f).unwrap()["afterCompletion"], true);
-    }
-
-    #[test]
-    fn money_has_exactly_two_places() {
-        assert_eq!(money(Decimal::new(5, 0)), "5.00");
-        assert_eq!(money(Decimal::new(59980, 3)), "59.98");
-        assert_eq!(money(Decimal::new(1, 3)), "0.00");
     }
 }

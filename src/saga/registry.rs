@@ -17,6 +17,12 @@ use sqlx::PgConnection;
 use crate::saga::definition::{DefinitionError, SagaDef};
 use crate::saga::machine::{Outcome, Saga, StepShape};
 
+/// The Idempotency-Key of a step's action or compensation: the same for every attempt, so a retry
+/// or a resumed saga never acts twice.
+pub fn idempotency_key(saga_id: uuid::Uuid, name: &str) -> String {
+    format!("saga-{saga_id}-{name}")
+}
+
 /// What a remote handler's run resolves to.
 pub type RemoteRun<'a> = BoxFuture<'a, Outcome>;
 

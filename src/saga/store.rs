@@ -5,10 +5,12 @@
 //! transaction) so a state change and its outbox rows commit together.
 //!
 //! This store is also the unit-of-work writer of the shared commit: where one statement writes
-//! several tables for speed it is here, and says so (the new-saga insert writes the idempotency
-//! record and the order placeholder with the saga; the batch's history statement writes the
-//! outbox and sends the NOTIFY). Order changes of a transition are the orders store's SQL, run in
-//! the same transaction.
+//! several tables for speed it is here, and says so (the generic new-saga insert writes the
+//! idempotency record with the saga; the batch's history statement writes the outbox and sends the
+//! NOTIFY). CreateOrder's new-saga insert, which also writes the order placeholder, is the orders
+//! store's (`orders::store::CREATE_ORDER_SAGA_SQL`), run here through the type's hooks. A saga
+//! type's own changes of a transition (CreateOrder: the order's) are its hooks' SQL
+//! (`SagaHooks::apply`), run in the same transaction.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,36 +22,34 @@ use sqlx::postgres::types::PgInterval;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::orders::answer::Answer;
-use crate::orders::store as order_store;
-use crate::orders::validate::Line;
 use crate::outbox::{self, NewEvent, Topics};
-use crate::saga::machine::{Effect, Failure, FailureClass, OrderChange, Saga, SagaData, SagaState, Stream};
+use crate::saga::machine::{Effect, Failure, FailureClass, Saga, SagaHooks, SagaState, Stream};
 use crate::wake::{self, Wake};
 
 // The statements of the saga's write path, one definition each: the functions below run them, and
 // the benchmark (`ostore-tools bench`) renders them into the pgbench script of the PostgreSQL
 // ceiling, so the two cannot drift apart. The checked ones are files (`sql/`, `query_file!`).
 
-/// The key, the placeholder order and the saga in one statement, or nothing when the key exists (`create`).
+/// The key and the saga in one statement, or nothing when the key exists (`create`): the new-saga
+/// insert of a saga type whose hooks bring no statement of their own (`SagaHooks::create_sql`).
+/// The saga names no order (`order_id` null). Its binds, which a type's own statement takes too:
+/// $1 user, $2 key, $3 request hash, $4 saga id, $5 type, $6 version, $7 worker (lease holder or
+/// null), $8 lease, $9 input, $10 trace context, $11 deadline from now, $12 first step; it returns
+/// the order id (null), the creation time and the deadline.
 pub const CREATE_SQL: &str = r#"with k as (
                insert into idempotency_keys (user_id, key, request_hash, saga_id, order_id)
-               values ($1, $2, $3, $4, nextval('orders_order_id_seq')::int)
+               values ($1, $2, $3, $4, null)
                on conflict (user_id, key) do nothing
-               returning order_id),
-           o as (
-               insert into orders (order_id, user_id, status, saga_id)
-               select order_id, $1, 'pending', $4 from k
-               returning order_id, order_date),
+               returning saga_id),
            s as (
                insert into sagas (saga_id, saga_type, definition_version, order_id, user_id, state, step, attempt,
                                   next_attempt_at, lease_owner, lease_expires_at, fence, input, trace_context,
                                   deadline_at, created_at, step_name)
-               select $4, $5, $6, o.order_id, $1, 'running', 0, 0, o.order_date, $7,
-                      case when $7::text is not null then now() + $8 end, 1, $9, $10, o.order_date + $11,
-                      o.order_date, $12
-                 from o)
-           select order_id, order_date, order_date + $11 as deadline_at from o"#;
+               select k.saga_id, $5, $6, null, $1, 'running', 0, 0, now(), $7,
+                      case when $7::text is not null then now() + $8 end, 1, $9, $10, now() + $11, now(), $12
+                 from k
+               returning created_at, deadline_at)
+           select null::int as order_id, created_at, deadline_at from s"#;
 /// A shared commit's history rows, outbox events and wake-ups in one statement (`Batch::flush`).
 pub const STAGE_WRITES_SQL: &str = r#"with h as (
                    insert into saga_steps (saga_id, step, kind, attempt, started_at, outcome, error_class, error,
@@ -79,7 +79,7 @@ fn interval(d: Duration) -> PgInterval {
     }
 }
 
-/// A new CreateOrder saga to insert.
+/// A new saga to insert.
 #[derive(Debug, Clone)]
 pub struct NewSaga {
     /// Saga id (also the catalog reservation id).
@@ -90,8 +90,9 @@ pub struct NewSaga {
     pub idempotency_key: String,
     /// Fingerprint of the request body.
     pub request_hash: Vec<u8>,
-    /// Requested lines.
-    pub lines: Vec<Line>,
+    /// What the saga is asked to do (`sagas.input`, the saga type's JSON; CreateOrder:
+    /// `orders::saga::input`).
+    pub input: Value,
     /// W3C trace context of the request.
     pub trace: HashMap<String, String>,
     /// Saga type.
@@ -111,8 +112,8 @@ pub struct ExistingKey {
     pub request_hash: Vec<u8>,
     /// Its saga.
     pub saga_id: Uuid,
-    /// Its order.
-    pub order_id: i32,
+    /// Its order (None for a saga that places none).
+    pub order_id: Option<i32>,
 }
 
 /// Result of trying to create a saga.
@@ -124,13 +125,14 @@ pub enum Created {
     Existing(ExistingKey),
 }
 
-/// Inserts the idempotency record, the order placeholder (`pending`) and the saga (leased to
-/// `worker`), and stages the `SagaStarted` / `OrderCreated` events in `batch` — or reports the key's
-/// earlier use.
+/// Inserts the idempotency record and the saga (leased to `worker`) with the statement of its
+/// type ([`CREATE_SQL`] unless its hooks bring their own: CreateOrder's also writes the order
+/// placeholder, `orders::store::CREATE_ORDER_SAGA_SQL`), and stages the `SagaStarted` event and
+/// what the saga type's hooks add when a saga starts (CreateOrder: `OrderCreated`) in `batch` — or
+/// reports the key's earlier use.
 ///
-/// Unit of work: one statement writes `idempotency_keys`, `orders` and `sagas` together (one round
-/// trip per new saga in the shared commit), so this store owns it although two of the tables are
-/// the orders module's.
+/// Unit of work: one statement per new saga writes the idempotency record and the saga (and, for
+/// CreateOrder, the order) together: one round trip per new saga in the shared commit.
 pub async fn create(
     conn: &mut PgConnection,
     batch: &mut Batch,
@@ -138,11 +140,13 @@ pub async fn create(
     worker: Option<&str>,
     lease: Duration,
     topics: &Topics,
+    hooks: &dyn SagaHooks,
 ) -> Result<Created, sqlx::Error> {
-    let input = json!({"items": n.lines});
+    let input = &n.input;
     let trace = serde_json::to_value(&n.trace).unwrap_or(json!({}));
-    // One statement: the key, the placeholder order and the saga, or nothing when the key exists.
-    let row: Option<(i32, OffsetDateTime, OffsetDateTime)> = sqlx::query_as(CREATE_SQL)
+    // One statement: the key and the saga (and the type's own rows), or nothing when the key exists.
+    let sql = hooks.create_sql().unwrap_or(CREATE_SQL);
+    let row: Option<(Option<i32>, OffsetDateTime, OffsetDateTime)> = sqlx::query_as(sql)
         .bind(n.user_id)
         .bind(&n.idempotency_key)
         .bind(&n.request_hash)
@@ -151,7 +155,7 @@ pub async fn create(
         .bind(n.version)
         .bind(worker)
         .bind(interval(lease))
-        .bind(&input)
+        .bind(input)
         .bind(&trace)
         .bind(interval(n.deadline))
         .bind(&n.first_step)
@@ -179,8 +183,8 @@ pub async fn create(
         state: SagaState::Running,
         step: 0,
         attempt: 0,
-        input: n.lines.clone(),
-        data: SagaData::default(),
+        input: n.input.clone(),
+        data: json!({}),
         failure: None,
         cancel_requested: None,
         answered_pending: false,
@@ -191,31 +195,38 @@ pub async fn create(
         last_error: None,
         last_error_class: None,
     };
-    let items = json!(n.lines);
-    batch.events.extend([
-        NewEvent::new(
-            &topics.saga_events,
-            "SagaStarted",
-            order_id,
-            Some(n.saga_id),
-            json!({"sagaType": n.saga_type, "version": n.version, "userID": n.user_id}),
-            &n.trace,
-        ),
-        NewEvent::new(
-            &topics.order_events,
-            "OrderCreated",
-            order_id,
-            Some(n.saga_id),
-            json!({"userID": n.user_id, "status": "pending", "orderItems": items}),
-            &n.trace,
-        ),
-    ]);
+    batch.events.push(NewEvent::of_saga(
+        &topics.saga_events,
+        "SagaStarted",
+        order_id,
+        n.saga_id,
+        json!({"sagaType": n.saga_type, "version": n.version, "userID": n.user_id}),
+        &n.trace,
+    ));
+    let mut fx = Vec::new();
+    hooks.started(&saga, &mut fx);
+    for e in fx {
+        if let Effect::Event {
+            stream,
+            event_type,
+            data,
+        } = e
+        {
+            let topic = match stream {
+                Stream::Saga => &topics.saga_events,
+                Stream::Order => &topics.order_events,
+            };
+            batch.events.push(NewEvent::of_saga(
+                topic, event_type, order_id, n.saga_id, data, &n.trace,
+            ));
+        }
+    }
     Ok(Created::New(Box::new(saga)))
 }
 
 struct SagaRow {
     saga_id: Uuid,
-    order_id: i32,
+    order_id: Option<i32>,
     user_id: i32,
     fence: i64,
     state: String,
@@ -238,9 +249,6 @@ fn to_saga(r: SagaRow) -> Result<Saga, sqlx::Error> {
     let decode = |what: &str, e: serde_json::Error| {
         sqlx::Error::Decode(format!("saga {}: {what}: {e}", r.saga_id).into())
     };
-    let input: Vec<Line> =
-        serde_json::from_value(r.input["items"].clone()).map_err(|e| decode("input", e))?;
-    let data: SagaData = serde_json::from_value(r.data.clone()).map_err(|e| decode("data", e))?;
     let failure: Option<Failure> = match r.failure.clone() {
         Some(v) if !v.is_null() => Some(serde_json::from_value(v).map_err(|e| decode("failure", e))?),
         _ => None,
@@ -255,8 +263,8 @@ fn to_saga(r: SagaRow) -> Result<Saga, sqlx::Error> {
             .ok_or_else(|| sqlx::Error::Decode(format!("unknown saga state {}", r.state).into()))?,
         step: r.step.max(0) as usize,
         attempt: r.attempt.max(0) as u32,
-        input,
-        data,
+        input: r.input,
+        data: r.data,
         failure,
         cancel_requested: r.cancel_requested,
         answered_pending: r.answered_pending,
@@ -470,7 +478,8 @@ pub async fn lock_many(conn: &mut PgConnection, ids: &[Uuid]) -> Result<HashMap<
 /// (drive) that wrote to the saga; the next session links to it.
 pub const SESSION_TRACE_KEY: &str = "session-traceparent";
 
-/// Stages a transition: order changes are written now (in the caller's transaction); the saga row,
+/// Stages a transition: the saga type's own effects (CreateOrder: order changes) are written now by
+/// its hooks (in the caller's transaction); the saga row,
 /// history rows, outbox events and, for a finished saga, its answer and a wake-up for waiters on
 /// other instances go to `batch`. `keep_lease` keeps the lease when the worker continues at once.
 #[allow(clippy::too_many_arguments)]
@@ -478,6 +487,7 @@ pub async fn stage_transition(
     conn: &mut PgConnection,
     batch: &mut Batch,
     saga: &Saga,
+    hooks: &dyn SagaHooks,
     step_name: &str,
     effects: &[(Effect, Arc<HashMap<String, String>>)],
     keep_lease: bool,
@@ -504,20 +514,9 @@ pub async fn stage_transition(
                 batch.h_duration.push(h.duration_ms);
                 batch.h_worker.push(worker.to_string());
             }
-            Effect::Order(change) => {
-                // The order's rows are the orders store's: it writes them in this transaction.
-                order_changed = match change {
-                    OrderChange::Status { to, reason } => {
-                        order_store::set_status(conn, saga.order_id, *to, reason.as_deref()).await?
-                    }
-                    OrderChange::Confirm { shipment_id } => {
-                        order_store::confirm(conn, saga.order_id, shipment_id).await?
-                    }
-                    OrderChange::Delete => {
-                        order_store::delete_placeholder(conn, saga.order_id).await?;
-                        false
-                    }
-                };
+            Effect::Hook(change) => {
+                // The saga type's own rows: its hooks write them in this transaction.
+                order_changed = hooks.apply(conn, saga, change).await?;
             }
             Effect::Event {
                 stream,
@@ -527,7 +526,8 @@ pub async fn stage_transition(
                 let topic = match stream {
                     Stream::Saga => &topics.saga_events,
                     Stream::Order => {
-                        // An order event only when the order really changed.
+                        // An event of the saga's subject only when the hook effect before it
+                        // really changed something.
                         if !order_changed {
                             continue;
                         }
@@ -538,11 +538,11 @@ pub async fn stage_transition(
                 if *stream == Stream::Saga && data.is_object() {
                     data["state"] = json!(saga.state.as_str());
                 }
-                batch.events.push(NewEvent::new(
+                batch.events.push(NewEvent::of_saga(
                     topic,
                     event_type,
                     saga.order_id,
-                    Some(saga.id),
+                    saga.id,
                     data,
                     trace,
                 ));
@@ -556,7 +556,7 @@ pub async fn stage_transition(
             Effect::Finished { answer: a } => {
                 finished = true;
                 if let Some(a) = a {
-                    answer = Some(a.to_stored());
+                    answer = Some(a.clone());
                 }
             }
         }
@@ -566,9 +566,7 @@ pub async fn stage_transition(
     batch.s_step.push(saga.step as i32);
     batch.s_attempt.push(saga.attempt as i32);
     batch.s_next.push(saga.next_attempt_at);
-    batch
-        .s_data
-        .push(serde_json::to_value(&saga.data).unwrap_or(json!({})));
+    batch.s_data.push(saga.data.clone());
     batch.s_failure.push(
         saga.failure
             .as_ref()
@@ -734,12 +732,12 @@ pub async fn cancel_completed(
 /// What a saga's row says for an idempotent replay of `POST /orders`.
 #[derive(Debug)]
 pub struct ReplayState {
-    /// The stored answer, once finished.
-    pub answer: Option<Answer>,
+    /// The stored answer, once finished (the saga type's JSON; CreateOrder: `orders::answer`).
+    pub answer: Option<Value>,
     /// The first request answered 202.
     pub answered_pending: bool,
-    /// The order.
-    pub order_id: i32,
+    /// The order (None for a saga that places none).
+    pub order_id: Option<i32>,
 }
 
 /// Reads what a replay needs.
@@ -753,20 +751,11 @@ pub async fn replay_state(
     )
     .fetch_optional(&mut *conn)
     .await?;
-    r.map(|r| {
-        let answer = match r.answer {
-            Some(v) => Some(Answer::from_stored(&v).ok_or_else(|| {
-                sqlx::Error::Decode(format!("saga {saga_id}: unreadable stored answer {v}").into())
-            })?),
-            None => None,
-        };
-        Ok(ReplayState {
-            answer,
-            answered_pending: r.answered_pending,
-            order_id: r.order_id,
-        })
-    })
-    .transpose()
+    Ok(r.map(|r| ReplayState {
+        answer: r.answer,
+        answered_pending: r.answered_pending,
+        order_id: r.order_id,
+    }))
 }
 
 /// Records that the creating request answers 202, if the saga has not finished with an answer;

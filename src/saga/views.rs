@@ -33,9 +33,9 @@ pub struct SagaSummary {
     /// Saga id.
     #[serde(rename = "sagaID")]
     pub saga_id: Uuid,
-    /// Order id.
+    /// Order id (null for a saga of a type that places no order).
     #[serde(rename = "orderID")]
-    pub order_id: i32,
+    pub order_id: Option<i32>,
     /// Saga type.
     #[serde(rename = "sagaType")]
     pub saga_type: String,
@@ -69,7 +69,7 @@ pub struct SagaSummary {
 
 struct SummaryRow {
     saga_id: Uuid,
-    order_id: i32,
+    order_id: Option<i32>,
     saga_type: String,
     state: String,
     step_name: String,

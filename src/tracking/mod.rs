@@ -122,6 +122,17 @@ impl Default for ConsumerConfig {
 }
 
 impl ConsumerConfig {
+    /// The defaults with the service's `TRACKING_*` windows.
+    pub fn from_config(cfg: &crate::config::ServiceConfig) -> ConsumerConfig {
+        let (retry_initial_delay, retry_max_delay) = cfg.tracking_retry_delays();
+        ConsumerConfig {
+            unknown_order_window: cfg.tracking_unknown_order_window(),
+            retry_initial_delay,
+            retry_max_delay,
+            ..Default::default()
+        }
+    }
+
     /// The delay before retry number `attempt` (0-based) of a parked event.
     pub fn retry_delay(&self, attempt: u32) -> Duration {
         ExponentialBuilder::default()

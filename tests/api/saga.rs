@@ -46,10 +46,10 @@ fn new_saga(user_id: i32, key: &str) -> NewSaga {
         user_id,
         idempotency_key: key.into(),
         request_hash: vec![1],
-        lines: vec![Line {
+        input: ostore_orders::orders::saga::input(&[Line {
             product_id: 1,
             quantity: 1,
-        }],
+        }]),
         trace: Default::default(),
         saga_type: "create_order".into(),
         version: 1,

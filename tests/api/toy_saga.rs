@@ -2,11 +2,13 @@
 //! same engine as CreateOrder: a happy path, a refusal whose compensations run in reverse order,
 //! and a worker that dies mid-saga while another finishes it with no step effect done twice. The
 //! engine knows neither saga by name: were it to dispatch CreateOrder's steps, these would fail.
+//! The toy saga places no order: no order row is written for it, and its sagas name none.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use serde_json::{Value, json};
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -14,22 +16,21 @@ use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use crate::support::TestDb;
-use ostore_orders::orders::answer::Answer;
-use ostore_orders::orders::validate::Line;
 use ostore_orders::outbox::Topics;
 use ostore_orders::saga::definition::{SagaDef, StepImpl};
 use ostore_orders::saga::engine::{Engine, EngineConfig, SagaType};
 use ostore_orders::saga::failure::Downstream;
 use ostore_orders::saga::machine::{
-    Attempt, Effect, Failure, FailureClass, Outcome, Saga, SagaHooks, SagaState, StepOutput,
+    Attempt, Effect, Failure, FailureClass, Outcome, Saga, SagaHooks, SagaState,
 };
 use ostore_orders::saga::registry::{LocalRun, LocalStep, Registry, RemoteRun, RemoteStep};
 use ostore_orders::saga::store::NewSaga;
+use ostore_orders::saga::views;
 
 const TOY_FILE: &str = "tests/api/toy_saga.toml";
 const TOY_TOML: &str = include_str!("toy_saga.toml");
-/// A transfer of this product is refused by `notify`.
-const REFUSED_PRODUCT: i32 = 13;
+/// A transfer from this account is refused by `notify`.
+const REFUSED_ACCOUNT: i32 = 13;
 
 /// What the toy "downstream" does, shared by one engine's steps.
 #[derive(Default)]
@@ -55,17 +56,17 @@ impl RemoteStep for Remote {
                     self.control.notify_entered.notify_one();
                     std::future::pending::<()>().await;
                 }
-                if saga.input[0].product_id == REFUSED_PRODUCT {
+                if saga.input["account"] == REFUSED_ACCOUNT {
                     return Outcome::Refused {
                         class: FailureClass::Downstream(Downstream::Http4xx),
-                        detail: "the toy downstream refuses product 13".into(),
+                        detail: "the toy downstream refuses account 13".into(),
                         status: Some(422),
-                        unavailable: None,
+                        refusal: None,
                     };
                 }
             }
             match effect(&mut self.pool.acquire().await.unwrap(), saga.id, self.name).await {
-                Ok(()) => Outcome::Succeeded(StepOutput::Done),
+                Ok(()) => Outcome::Succeeded(Value::Null),
                 Err(e) => Outcome::Transient {
                     class: FailureClass::Downstream(Downstream::Connect),
                     detail: e.to_string(),
@@ -84,7 +85,7 @@ impl LocalStep for Local {
     fn run<'a>(&'a self, conn: &'a mut PgConnection, saga: &'a Saga) -> LocalRun<'a> {
         Box::pin(async move {
             effect(conn, saga.id, self.0).await?;
-            Ok(Outcome::Succeeded(StepOutput::Done))
+            Ok(Outcome::Succeeded(Value::Null))
         })
     }
 }
@@ -102,12 +103,12 @@ async fn effect(conn: &mut PgConnection, saga_id: Uuid, name: &str) -> Result<()
 struct ToyHooks;
 
 impl SagaHooks for ToyHooks {
-    fn keep_output(&self, _: &mut Saga, _: &StepOutput) {}
-    fn compensated(&self, _: &Saga, _: &StepOutput, _: &mut Vec<Effect>) {}
-    fn completed(&self, _: &Saga, _: &mut Vec<Effect>) -> Option<Answer> {
+    fn keep_output(&self, _: &mut Saga, _: &Value) {}
+    fn compensated(&self, _: &Saga, _: &Value, _: &mut Vec<Effect>) {}
+    fn completed(&self, _: &Saga, _: &mut Vec<Effect>) -> Option<Value> {
         None
     }
-    fn compensation_finished(&self, _: &Saga, _: &Failure, _: &mut Vec<Effect>) -> Option<Answer> {
+    fn compensation_finished(&self, _: &Saga, _: &Failure, _: &mut Vec<Effect>) -> Option<Value> {
         None
     }
     fn refuses_cancellation(&self, _: &Saga, _: &Attempt, _: bool) -> bool {
@@ -171,17 +172,14 @@ async fn toy_db() -> (TestDb, PgPool, i32) {
     (db, pool, user)
 }
 
-fn transfer(engine: &Engine, user_id: i32, product_id: i32) -> NewSaga {
+fn transfer(engine: &Engine, user_id: i32, account: i32) -> NewSaga {
     let def = engine.definition();
     NewSaga {
         saga_id: Uuid::now_v7(),
         user_id,
         idempotency_key: Uuid::now_v7().to_string(),
         request_hash: vec![1],
-        lines: vec![Line {
-            product_id,
-            quantity: 1,
-        }],
+        input: json!({"account": account, "amount": 1}),
         trace: Default::default(),
         saga_type: def.name.clone(),
         version: def.version as i32,
@@ -204,6 +202,28 @@ async fn history(pool: &PgPool, saga_id: Uuid) -> Vec<(String, String)> {
         .fetch_all(pool)
         .await
         .unwrap()
+}
+
+/// The toy saga wrote no order, and its sagas (and their idempotency records) name none.
+async fn assert_no_order(pool: &PgPool) {
+    let orders: i64 = sqlx::query_scalar("select count(*) from orders")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(orders, 0, "the toy saga creates no order row");
+    let with_order: i64 = sqlx::query_scalar(
+        "select (select count(*) from sagas where order_id is not null)
+              + (select count(*) from idempotency_keys where order_id is not null)",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(with_order, 0, "the toy sagas name no order");
+    let sagas: i64 = sqlx::query_scalar("select count(*) from sagas")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert!(sagas > 0, "the toy sagas exist");
 }
 
 async fn run_to_end(engine: &Engine, new: NewSaga) -> SagaState {
@@ -236,6 +256,28 @@ async fn a_second_saga_type_runs_every_step_through_the_same_engine() {
         (state.as_str(), step_name.as_str(), saga_type.as_str()),
         ("completed", "notify", "toy_transfer")
     );
+    assert_no_order(&pool).await;
+    // The operators' views show it with no order.
+    let mut conn = pool.acquire().await.unwrap();
+    let detail = views::get_saga(&mut conn, id).await.unwrap().expect("the saga");
+    assert_eq!(detail.summary.order_id, None);
+    let listed = views::list_sagas(&mut conn, &views::SagaFilter::default(), None, 10)
+        .await
+        .unwrap();
+    assert!(listed.iter().any(|s| s.saga_id == id && s.order_id.is_none()));
+    drop(conn);
+    // Its events are keyed by the saga, with no order member.
+    let keys: Vec<(String, Option<String>)> =
+        sqlx::query_as("select message_key, payload->>'orderID' from outbox where payload->>'sagaID' = $1")
+            .bind(id.to_string())
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert!(!keys.is_empty());
+    assert!(
+        keys.iter().all(|(k, o)| *k == id.to_string() && o.is_none()),
+        "{keys:?}"
+    );
     shutdown.cancel();
 }
 
@@ -245,7 +287,7 @@ async fn a_refused_toy_step_compensates_the_steps_before_it_in_reverse_order() {
     let engine = toy_engine(&pool, true, Duration::from_secs(5), Default::default());
     let shutdown = CancellationToken::new();
     engine.start(&TaskTracker::new(), shutdown.clone());
-    let new = transfer(&engine, user, REFUSED_PRODUCT);
+    let new = transfer(&engine, user, REFUSED_ACCOUNT);
     let id = new.saga_id;
     assert_eq!(run_to_end(&engine, new).await, SagaState::Failed);
     // The refused notify took no effect, so it is not undone; record then debit are.
@@ -261,6 +303,7 @@ async fn a_refused_toy_step_compensates_the_steps_before_it_in_reverse_order() {
         .await
         .unwrap();
     assert_eq!(class.as_deref(), Some("http_4xx"));
+    assert_no_order(&pool).await;
     shutdown.cancel();
 }
 
@@ -326,5 +369,6 @@ async fn a_toy_saga_whose_worker_dies_mid_step_is_finished_by_another_with_each_
         ["debit succeeded", "record succeeded", "notify succeeded"],
         "each step ran to an outcome once"
     );
+    assert_no_order(&pool).await;
     second_stop.cancel();
 }

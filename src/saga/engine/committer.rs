@@ -5,11 +5,11 @@
 
 use std::sync::Arc;
 
+use serde_json::Value;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{Applied, Inner, Job, StepTrace, Trace, trace_of};
-use crate::orders::answer::Answer;
 use crate::saga::machine::{Attempt, Effect, Next, Saga};
 use crate::saga::store::{self, Created, NewSaga};
 
@@ -23,7 +23,7 @@ impl Inner {
         attempt: Option<&Attempt>,
         trace: &StepTrace,
         locked: Option<&store::Locked>,
-    ) -> Result<(Applied, bool, Option<Answer>), sqlx::Error> {
+    ) -> Result<(Applied, bool, Option<Value>), sqlx::Error> {
         let Some(locked) = locked.filter(|l| l.fence == saga.fence) else {
             return Ok((Applied::Fenced, false, None));
         };
@@ -76,6 +76,7 @@ impl Inner {
             conn,
             batch,
             &saga,
+            &*self.hooks,
             machine.step_name(&saga),
             &fx,
             keep,
@@ -104,7 +105,16 @@ impl Inner {
         } else {
             None
         };
-        store::create(conn, batch, new, worker, self.cfg.lease, &self.topics).await
+        store::create(
+            conn,
+            batch,
+            new,
+            worker,
+            self.cfg.lease,
+            &self.topics,
+            &*self.hooks,
+        )
+        .await
     }
 
     pub(super) async fn committer(self: Arc<Self>) {
@@ -159,8 +169,9 @@ impl Inner {
     }
 
     /// One transaction for `jobs`: the saga rows they advance are locked in one statement, each job
-    /// writes what is its own (idempotency key, order rows), and what every job writes alike (saga
-    /// rows, history, outbox, NOTIFY) goes out in one statement each before the commit.
+    /// writes what is its own (idempotency key, its type's rows: CreateOrder's order), and what
+    /// every job writes alike (saga rows, history, outbox, NOTIFY) goes out in one statement each
+    /// before the commit.
     async fn try_batch(&self, jobs: &[Job]) -> Result<Vec<JobResult>, sqlx::Error> {
         // A CLIENT span for the shared commit in the trace of every saga riding in it.
         let spans: Vec<tracing::Span> = jobs
@@ -276,5 +287,5 @@ fn db_error_type(e: &sqlx::Error) -> String {
 
 enum JobResult {
     Created(Created),
-    Step(Applied, bool, Option<Answer>),
+    Step(Applied, bool, Option<Value>),
 }

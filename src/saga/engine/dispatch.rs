@@ -9,8 +9,7 @@ use tracing::Instrument as _;
 
 use super::{Applied, Inner, StepTrace, Trace, trace_of};
 use crate::saga::machine::{Attempt, Kind, Next, Outcome, Saga, SagaState};
-use crate::saga::registry::Handler;
-use crate::saga::steps;
+use crate::saga::registry::{Handler, idempotency_key};
 use crate::saga::store;
 
 impl Inner {
@@ -120,7 +119,7 @@ impl Inner {
         let (outcome, downstream_status) = crate::downstream::observed(fut.instrument(span.clone())).await;
         let duration = started.elapsed();
         // Every attempt of a step carries the same key; a skipped compensation called nothing.
-        let key = (!matches!(outcome, Outcome::Skipped(_))).then(|| steps::idempotency_key(saga.id, name));
+        let key = (!matches!(outcome, Outcome::Skipped(_))).then(|| idempotency_key(saga.id, name));
         let attempt = Attempt {
             step,
             kind,

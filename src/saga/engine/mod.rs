@@ -39,7 +39,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
-use crate::orders::answer::Answer;
 use crate::outbox::Topics;
 use crate::saga::definition::SagaDef;
 use crate::saga::machine::{Attempt, Machine, Next, Saga, SagaHooks, SagaState, StepShape};
@@ -102,8 +101,9 @@ pub enum Applied {
 pub struct Finished {
     /// The state it finished in.
     pub state: SagaState,
-    /// The answer for `POST /orders` (None when learnt from another instance: read the row).
-    pub answer: Option<Answer>,
+    /// The answer to the saga's creator as its hooks gave it (CreateOrder: `POST /orders`'s,
+    /// `orders::answer`); None when learnt from another instance: read the row.
+    pub answer: Option<serde_json::Value>,
 }
 
 /// One saga type as the engine runs it: its definition, the handlers of its steps and its hooks.
@@ -282,7 +282,8 @@ impl Engine {
         });
     }
 
-    /// Creates a saga (with its order placeholder and idempotency record) in a shared commit. When
+    /// Creates a saga (with its idempotency record, and what its type's new-saga statement adds:
+    /// CreateOrder's order placeholder) in a shared commit. When
     /// this process drives sagas and has room, it takes the lease and starts at once.
     pub async fn create(&self, new: NewSaga) -> Result<Created, sqlx::Error> {
         let permit = if self.0.cfg.drive && !self.0.shutdown.is_cancelled() {

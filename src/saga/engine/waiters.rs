@@ -9,7 +9,6 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::Finished;
-use crate::orders::answer::Answer;
 use crate::saga::machine::SagaState;
 
 /// Who waits for which saga.
@@ -41,7 +40,7 @@ impl Waiters {
     }
 
     /// This process wrote the saga's end: wakes its waiters with the answer.
-    pub(super) fn finished(&self, saga_id: Uuid, state: SagaState, answer: Option<Answer>) {
+    pub(super) fn finished(&self, saga_id: Uuid, state: SagaState, answer: Option<serde_json::Value>) {
         let list = self.0.lock().expect("waiters").remove(&saga_id);
         for w in list.into_iter().flatten() {
             let _ = w.send(Finished {

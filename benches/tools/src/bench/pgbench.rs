@@ -1,10 +1,10 @@
 //! The Postgres ceiling: PostgreSQL's pgbench running the saga's own write set.
 //!
 //! One pgbench transaction script = one order = the three commits the service makes for it, each
-//! statement the service's own, taken from `ostore_orders::saga::store` (`CREATE_SQL`,
-//! `LOCK_MANY_SQL`, `UPDATE_SAGAS_SQL`, `STAGE_WRITES_SQL`) and `ostore_orders::orders::store`
-//! (`PERSIST_ORDER_SQL`, `CONFIRM_ORDER_SQL`), the constants the stores run, rendered with literals and pgbench
-//! variables where the service binds values, so the script cannot drift from the service: create
+//! statement the service's own, taken from `ostore_orders::saga::store` (`LOCK_MANY_SQL`,
+//! `UPDATE_SAGAS_SQL`, `STAGE_WRITES_SQL`) and `ostore_orders::orders::store` (CreateOrder's
+//! `CREATE_ORDER_SAGA_SQL`, `PERSIST_ORDER_SQL`, `CONFIRM_ORDER_SQL`), the constants the stores
+//! run, rendered with literals and pgbench variables where the service binds values, so the script cannot drift from the service: create
 //! (idempotency key with the order id from the sequence, order placeholder, saga row) and its
 //! events; reservation + persist_order (row lock, order items and total, saga update, step
 //! history and events in one statement) and shipment (row lock, order confirmation, saga update
@@ -205,7 +205,7 @@ async fn script(pool: &PgPool) -> anyhow::Result<String> {
         "select s.saga_id, s.order_id, s.saga_type, s.definition_version, s.input::text, s.data::text,
                 s.answer::text, s.trace_context::text
            from sagas s
-          where s.state = 'completed'
+          where s.state = 'completed' and s.order_id is not null
             and (select count(*) from saga_steps h where h.saga_id = s.saga_id and h.outcome <> 'succeeded') = 0
           order by s.created_at desc limit 1",
     )
@@ -305,7 +305,7 @@ async fn script(pool: &PgPool) -> anyhow::Result<String> {
     let mut s = String::new();
     writeln!(
         s,
-        "-- The saga's write set, one order per script, with the service's own statements\n-- (ostore_orders::saga::store::*_SQL); values copied from saga {saga_id}."
+        "-- The saga's write set, one order per script, with the service's own statements\n-- (ostore_orders::saga::store, ostore_orders::orders::store: *_SQL); values copied from saga {saga_id}."
     )?;
     writeln!(s, "\\set uid random({min_uid}, {max_uid})")?;
     for v in ["s1", "s2", "s3", "s4"] {
@@ -314,7 +314,7 @@ async fn script(pool: &PgPool) -> anyhow::Result<String> {
     // Commit 1: create (the key, the placeholder order and the saga), its events.
     s.push_str("BEGIN;\n");
     let create = render(
-        store::CREATE_SQL,
+        order_store::CREATE_ORDER_SAGA_SQL,
         &[
             ":uid".into(),
             "'pgbench-' || gen_random_uuid()".into(),
@@ -502,6 +502,7 @@ mod tests {
         use ostore_orders::orders::store as order_store;
         use ostore_orders::saga::store;
         for (sql, n) in [
+            (order_store::CREATE_ORDER_SAGA_SQL, 12),
             (store::CREATE_SQL, 12),
             (order_store::PERSIST_ORDER_SQL, 6),
             (order_store::CONFIRM_ORDER_SQL, 2),

@@ -7,9 +7,10 @@ use std::time::Duration;
 use crate::downstream::catalog::{CatalogClient, ReserveError};
 use crate::downstream::contract::ReservationRequest;
 
-use crate::saga::machine::{FailureClass, Kind, Outcome, Saga, StepOutput};
+use crate::orders::saga::Output;
+use crate::orders::saga::steps::idempotency_key;
+use crate::saga::machine::{FailureClass, Kind, Outcome, Saga};
 use crate::saga::registry::{Registry, RemoteRun, RemoteStep};
-use crate::saga::steps::idempotency_key;
 
 /// Persisted action name.
 pub const ACTION: &str = "reserve_inventory";
@@ -26,7 +27,7 @@ pub async fn action(catalog: &CatalogClient, saga: &Saga, timeout: Duration) -> 
         .reserve(&idempotency_key(saga.id, ACTION), &req, timeout)
         .await
     {
-        Ok(res) => Outcome::Succeeded(StepOutput::Reservation(res)),
+        Ok(res) => Outcome::Succeeded(Output::Reservation(res).into()),
         Err(ReserveError::Unavailable(list)) => Outcome::Refused {
             class: FailureClass::InsufficientStock,
             detail: format!(
@@ -34,7 +35,7 @@ pub async fn action(catalog: &CatalogClient, saga: &Saga, timeout: Duration) -> 
                 list.len()
             ),
             status: Some(409),
-            unavailable: Some(list),
+            refusal: Some(serde_json::json!(list)),
         },
         Err(ReserveError::Failed(e)) => e.into(),
     }
@@ -44,7 +45,7 @@ pub async fn action(catalog: &CatalogClient, saga: &Saga, timeout: Duration) -> 
 pub async fn compensation(catalog: &CatalogClient, saga: &Saga, timeout: Duration) -> Outcome {
     let key = idempotency_key(saga.id, COMPENSATION);
     match catalog.release(&key, &saga.id.to_string(), timeout).await {
-        Ok(()) => Outcome::Succeeded(StepOutput::Done),
+        Ok(()) => Outcome::Succeeded(serde_json::Value::Null),
         Err(e) => e.into(),
     }
 }

@@ -6,8 +6,9 @@ use rust_decimal::Decimal;
 use sqlx::PgConnection;
 
 use crate::orders::OrderStatus;
+use crate::orders::saga::{CreateOrderData, Output, PersistedItem, lines, order_id};
 use crate::orders::store as order_store;
-use crate::saga::machine::{FailureClass, Kind, Outcome, PersistedItem, Saga, StepOutput};
+use crate::saga::machine::{FailureClass, Kind, Outcome, Saga};
 use crate::saga::registry::{LocalRun, LocalStep, Registry};
 
 /// Persisted action name.
@@ -22,11 +23,14 @@ pub async fn action(conn: &mut PgConnection, saga: &Saga) -> Result<Outcome, sql
             items,
             total,
             currency,
-        } => Outcome::Succeeded(StepOutput::Persisted {
-            items,
-            total,
-            currency,
-        }),
+        } => Outcome::Succeeded(
+            Output::Persisted {
+                items,
+                total,
+                currency,
+            }
+            .into(),
+        ),
         Persisted::Overflow(detail) => Outcome::Fatal {
             class: FailureClass::TotalOverflow,
             detail,
@@ -58,15 +62,16 @@ enum Persisted {
 /// persist_order: the order's lines with the catalog's prices and its total, in the caller's
 /// transaction.
 async fn persist(conn: &mut PgConnection, saga: &Saga) -> Result<Persisted, sqlx::Error> {
-    let Some(res) = &saga.data.reservation else {
+    let Some(res) = CreateOrderData::of(saga).reservation else {
         return Ok(Persisted::Inconsistent("no reservation recorded".into()));
     };
+    let input = lines(saga);
     let mut total = Decimal::ZERO;
-    let mut products = Vec::with_capacity(saga.input.len());
-    let mut quantities = Vec::with_capacity(saga.input.len());
-    let mut prices = Vec::with_capacity(saga.input.len());
+    let mut products = Vec::with_capacity(input.len());
+    let mut quantities = Vec::with_capacity(input.len());
+    let mut prices = Vec::with_capacity(input.len());
     let mut currency: Option<String> = None;
-    for line in &saga.input {
+    for line in &input {
         let Some(item) = res.items.iter().find(|i| i.product_id == line.product_id) else {
             return Ok(Persisted::Inconsistent(format!(
                 "product {} missing from the reservation",
@@ -100,7 +105,7 @@ async fn persist(conn: &mut PgConnection, saga: &Saga) -> Result<Persisted, sqlx
     let currency = currency.unwrap_or_default();
     let items = order_store::insert_lines(
         conn,
-        saga.order_id,
+        order_id(saga)?,
         &products,
         &quantities,
         &prices,
@@ -120,11 +125,12 @@ pub async fn compensation(conn: &mut PgConnection, saga: &Saga) -> Result<Outcom
     let reason = saga
         .failure
         .as_ref()
-        .map(crate::saga::create_order::customer_text)
+        .map(crate::orders::saga::customer_text)
         .unwrap_or_else(|| "compensated".into());
     // No-op when the order is cancelled already, or can no longer move.
-    let changed = order_store::set_status(conn, saga.order_id, OrderStatus::Cancelled, Some(&reason)).await?;
-    Ok(Outcome::Succeeded(StepOutput::OrderCancelled(changed)))
+    let changed =
+        order_store::set_status(conn, order_id(saga)?, OrderStatus::Cancelled, Some(&reason)).await?;
+    Ok(Outcome::Succeeded(Output::OrderCancelled(changed).into()))
 }
 
 /// The handler of either half (both local).

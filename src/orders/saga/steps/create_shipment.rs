@@ -9,31 +9,40 @@ use crate::downstream::contract::CreateShipmentRequest;
 
 use crate::downstream::FailureKind;
 use crate::downstream::shipments::ShipmentsClient;
+use crate::orders::saga::steps::idempotency_key;
+use crate::orders::saga::{CreateOrderData, Output};
 use crate::saga::failure::Downstream;
-use crate::saga::machine::{FailureClass, Kind, Outcome, Saga, StepOutput};
+use crate::saga::machine::{FailureClass, Kind, Outcome, Saga};
 use crate::saga::registry::{Registry, RemoteRun, RemoteStep};
-use crate::saga::steps::idempotency_key;
 
 /// Persisted action name.
 pub const ACTION: &str = "create_shipment";
 /// Persisted compensation name.
 pub const COMPENSATION: &str = "cancel_shipment";
 
-fn request(saga: &Saga) -> CreateShipmentRequest {
-    CreateShipmentRequest {
-        order_id: saga.order_id,
+fn request(saga: &Saga) -> Result<CreateShipmentRequest, Outcome> {
+    let order_id = crate::orders::saga::order_id(saga).map_err(|e| Outcome::Fatal {
+        class: FailureClass::Unknown,
+        detail: e.to_string(),
+    })?;
+    Ok(CreateShipmentRequest {
+        order_id,
         user_id: saga.user_id,
         items: super::line_items(saga),
-    }
+    })
 }
 
 /// Runs the action once.
 pub async fn action(client: &ShipmentsClient, saga: &Saga, timeout: Duration) -> Outcome {
+    let req = match request(saga) {
+        Ok(r) => r,
+        Err(o) => return o,
+    };
     match client
-        .create(&idempotency_key(saga.id, ACTION), &request(saga), timeout)
+        .create(&idempotency_key(saga.id, ACTION), &req, timeout)
         .await
     {
-        Ok(sh) => Outcome::Succeeded(StepOutput::Shipment(sh)),
+        Ok(sh) => Outcome::Succeeded(Output::Shipment(sh).into()),
         Err(e) => e.into(),
     }
 }
@@ -44,7 +53,7 @@ pub async fn action(client: &ShipmentsClient, saga: &Saga, timeout: Duration) ->
 /// gives back the same shipment (or creates one, which is then cancelled at once), and cancels it.
 /// Only a create the shipper refused for good (a 4xx: nothing was created) is skipped.
 pub async fn compensation(client: &ShipmentsClient, saga: &Saga, timeout: Duration) -> Outcome {
-    let shipment_id = match &saga.data.shipment {
+    let shipment_id = match &CreateOrderData::of(saga).shipment {
         Some(sh) => sh.shipment_id.clone(),
         None => {
             let refused = saga.failure.as_ref().is_some_and(|f| {
@@ -53,8 +62,12 @@ pub async fn compensation(client: &ShipmentsClient, saga: &Saga, timeout: Durati
             if refused {
                 return Outcome::Skipped("the shipper refused the shipment: none was created".into());
             }
+            let req = match request(saga) {
+                Ok(r) => r,
+                Err(o) => return o,
+            };
             match client
-                .create(&idempotency_key(saga.id, ACTION), &request(saga), timeout)
+                .create(&idempotency_key(saga.id, ACTION), &req, timeout)
                 .await
             {
                 Ok(sh) => sh.shipment_id,
@@ -72,7 +85,7 @@ pub async fn compensation(client: &ShipmentsClient, saga: &Saga, timeout: Durati
         .cancel(&idempotency_key(saga.id, COMPENSATION), &shipment_id, timeout)
         .await
     {
-        Ok(()) => Outcome::Succeeded(StepOutput::Done),
+        Ok(()) => Outcome::Succeeded(serde_json::Value::Null),
         Err(e) => e.into(),
     }
 }

@@ -12,11 +12,16 @@ use std::sync::Arc;
 use crate::downstream::catalog::CatalogClient;
 use crate::downstream::shipments::ShipmentsClient;
 use crate::downstream::{DownstreamError, FailureKind};
-use crate::saga::create_order::CreateOrder;
-use crate::saga::definition::{CREATE_ORDER_FILE, CREATE_ORDER_TOML, DefinitionError, SagaDef, StepImpl};
+use crate::orders::saga::CreateOrder;
+use crate::saga::definition::{DefinitionError, SagaDef, StepImpl};
 use crate::saga::engine::SagaType;
-use crate::saga::machine::{Outcome, StepShape};
+use crate::saga::machine::{Outcome, Saga, StepShape};
 use crate::saga::registry::Registry;
+
+/// The embedded CreateOrder definition's file name.
+pub const CREATE_ORDER_FILE: &str = "sagas/create_order.toml";
+/// The embedded CreateOrder definition.
+pub const CREATE_ORDER_TOML: &str = include_str!("../../../../sagas/create_order.toml");
 
 /// The CreateOrder saga's steps, in order.
 pub const CREATE_ORDER: [StepShape; 3] = [
@@ -76,15 +81,11 @@ pub fn create_order_impls() -> Vec<StepImpl> {
         .collect()
 }
 
-/// The Idempotency-Key of a step's action or compensation: the same for every attempt, so a retry
-/// or a resumed saga never acts twice.
-pub fn idempotency_key(saga_id: uuid::Uuid, name: &str) -> String {
-    format!("saga-{saga_id}-{name}")
-}
+pub use crate::saga::registry::idempotency_key;
 
 /// The saga's requested lines as the downstream contracts spell them.
-pub fn line_items(saga: &crate::saga::machine::Saga) -> Vec<crate::downstream::contract::LineItem> {
-    saga.input
+pub fn line_items(saga: &Saga) -> Vec<crate::downstream::contract::LineItem> {
+    super::lines(saga)
         .iter()
         .map(|l| crate::downstream::contract::LineItem {
             product_id: l.product_id,
@@ -107,7 +108,7 @@ impl From<DownstreamError> for Outcome {
                 class: e.class.into(),
                 detail: e.message,
                 status: e.status,
-                unavailable: None,
+                refusal: None,
             },
         }
     }
