@@ -14,30 +14,35 @@ use crate::orders::OrderStatus;
 use crate::orders::saga::PersistedItem;
 use crate::saga::machine::{money, rfc3339};
 
-/// CreateOrder's new saga: the idempotency record, the placeholder order (`pending`) and the saga
-/// in one statement, or nothing when the key exists (binds and result: `saga::store::CREATE_SQL`'s;
+/// CreateOrder's new sagas: for each, the idempotency record, the placeholder order (`pending`)
+/// and the saga, in one statement for every new saga of a shared commit; a saga whose key exists
+/// writes nothing and is missing from the result (binds and result: `saga::store::CREATE_SQL`'s;
 /// the saga store runs it through CreateOrder's hooks). Unit of work: it writes
-/// `idempotency_keys`, `orders` and `sagas` together (one round trip per order in the shared
-/// commit, docs/performance.md finding 9); this store owns it because the order row is the reason
-/// for it, although `sagas` is the saga store's table.
-pub const CREATE_ORDER_SAGA_SQL: &str = r#"with k as (
+/// `idempotency_keys`, `orders` and `sagas` together (docs/performance.md, findings 9 and 18);
+/// this store owns it because the order row is the reason for it, although `sagas` is the saga
+/// store's table.
+pub const CREATE_ORDER_SAGA_SQL: &str = r#"with n as (
+               select * from unnest($1::int[], $2::text[], $3::bytea[], $4::uuid[], $7::text[], $9::jsonb[],
+                                    $10::jsonb[])
+                   as n(user_id, key, hash, saga_id, worker, input, trace)),
+           k as (
                insert into idempotency_keys (user_id, key, request_hash, saga_id, order_id)
-               values ($1, $2, $3, $4, nextval('orders_order_id_seq')::int)
+               select user_id, key, hash, saga_id, nextval('orders_order_id_seq')::int from n
                on conflict (user_id, key) do nothing
-               returning order_id),
+               returning saga_id, order_id),
            o as (
                insert into orders (order_id, user_id, status, saga_id)
-               select order_id, $1, 'pending', $4 from k
-               returning order_id, order_date),
+               select k.order_id, n.user_id, 'pending', k.saga_id from k join n using (saga_id)
+               returning saga_id, order_id, order_date),
            s as (
                insert into sagas (saga_id, saga_type, definition_version, order_id, user_id, state, step, attempt,
                                   next_attempt_at, lease_owner, lease_expires_at, fence, input, trace_context,
                                   deadline_at, created_at, step_name)
-               select $4, $5, $6, o.order_id, $1, 'running', 0, 0, o.order_date, $7,
-                      case when $7::text is not null then now() + $8 end, 1, $9, $10, o.order_date + $11,
-                      o.order_date, $12
-                 from o)
-           select order_id, order_date, order_date + $11 as deadline_at from o"#;
+               select o.saga_id, $5, $6, o.order_id, n.user_id, 'running', 0, 0, o.order_date, n.worker,
+                      case when n.worker is not null then now() + $8 end, 1, n.input, n.trace,
+                      o.order_date + $11, o.order_date, $12
+                 from o join n using (saga_id))
+           select saga_id, order_id, order_date, order_date + $11 as deadline_at from o"#;
 
 /// One line of an order as clients see it.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]

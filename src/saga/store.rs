@@ -30,26 +30,33 @@ use crate::wake::{self, Wake};
 // the benchmark (`ostore-tools bench`) renders them into the pgbench script of the PostgreSQL
 // ceiling, so the two cannot drift apart. The checked ones are files (`sql/`, `query_file!`).
 
-/// The key and the saga in one statement, or nothing when the key exists (`create`): the new-saga
+/// The keys and the sagas of a shared commit's new sagas of one type, in one statement; a saga
+/// whose key exists writes nothing and is missing from the result (`create_many`): the new-saga
 /// insert of a saga type whose hooks bring no statement of their own (`SagaHooks::create_sql`).
-/// The saga names no order (`order_id` null). Its binds, which a type's own statement takes too:
-/// $1 user, $2 key, $3 request hash, $4 saga id, $5 type, $6 version, $7 worker (lease holder or
-/// null), $8 lease, $9 input, $10 trace context, $11 deadline from now, $12 first step; it returns
-/// the order id (null), the creation time and the deadline.
-pub const CREATE_SQL: &str = r#"with k as (
+/// The sagas name no order (`order_id` null). Its binds, which a type's own statement takes too:
+/// one array element per new saga for $1 users, $2 keys, $3 request hashes, $4 saga ids, $7 workers
+/// (lease holder or null), $9 inputs, $10 trace contexts; one value for all of them for $5 type,
+/// $6 version, $8 lease, $11 deadline from now, $12 first step. It returns, per saga written, its
+/// id, order id (null here), creation time and deadline.
+pub const CREATE_SQL: &str = r#"with n as (
+               select * from unnest($1::int[], $2::text[], $3::bytea[], $4::uuid[], $7::text[], $9::jsonb[],
+                                    $10::jsonb[])
+                   as n(user_id, key, hash, saga_id, worker, input, trace)),
+           k as (
                insert into idempotency_keys (user_id, key, request_hash, saga_id, order_id)
-               values ($1, $2, $3, $4, null)
+               select user_id, key, hash, saga_id, null from n
                on conflict (user_id, key) do nothing
                returning saga_id),
            s as (
                insert into sagas (saga_id, saga_type, definition_version, order_id, user_id, state, step, attempt,
                                   next_attempt_at, lease_owner, lease_expires_at, fence, input, trace_context,
                                   deadline_at, created_at, step_name)
-               select k.saga_id, $5, $6, null, $1, 'running', 0, 0, now(), $7,
-                      case when $7::text is not null then now() + $8 end, 1, $9, $10, now() + $11, now(), $12
-                 from k
-               returning created_at, deadline_at)
-           select null::int as order_id, created_at, deadline_at from s"#;
+               select k.saga_id, $5, $6, null, n.user_id, 'running', 0, 0, now(), n.worker,
+                      case when n.worker is not null then now() + $8 end, 1, n.input, n.trace, now() + $11,
+                      now(), $12
+                 from k join n using (saga_id)
+               returning saga_id, created_at, deadline_at)
+           select saga_id, null::int as order_id, created_at, deadline_at from s"#;
 /// A shared commit's history rows, outbox events and wake-ups in one statement (`Batch::flush`).
 pub const STAGE_WRITES_SQL: &str = r#"with h as (
                    insert into saga_steps (saga_id, step, kind, attempt, started_at, outcome, error_class, error,
@@ -125,56 +132,112 @@ pub enum Created {
     Existing(ExistingKey),
 }
 
-/// Inserts the idempotency record and the saga (leased to `worker`) with the statement of its
-/// type ([`CREATE_SQL`] unless its hooks bring their own: CreateOrder's also writes the order
-/// placeholder, `orders::store::CREATE_ORDER_SAGA_SQL`), and stages the `SagaStarted` event and
-/// what the saga type's hooks add when a saga starts (CreateOrder: `OrderCreated`) in `batch` — or
-/// reports the key's earlier use.
+/// A new saga of a shared commit, and who leases it (`None`: the poller will).
+pub struct ToCreate<'a> {
+    /// The saga.
+    pub new: &'a NewSaga,
+    /// The lease holder.
+    pub worker: Option<&'a str>,
+}
+
+/// Inserts the idempotency records and the sagas (each leased to its `worker`) of `sagas`, all of
+/// one saga type, with the statement of that type ([`CREATE_SQL`] unless its hooks bring their
+/// own: CreateOrder's also writes the order placeholders, `orders::store::CREATE_ORDER_SAGA_SQL`),
+/// and stages, saga by saga, the `SagaStarted` event and what the type's hooks add when a saga
+/// starts (CreateOrder: `OrderCreated`) in `batch`; a saga whose key exists reports the key's
+/// earlier use instead. The answers are in the order of `sagas`.
 ///
-/// Unit of work: one statement per new saga writes the idempotency record and the saga (and, for
-/// CreateOrder, the order) together: one round trip per new saga in the shared commit.
-pub async fn create(
+/// Unit of work: one statement for all of them writes the idempotency records and the sagas (and,
+/// for CreateOrder, the orders) together: one round trip per saga type in the shared commit.
+pub async fn create_many(
     conn: &mut PgConnection,
     batch: &mut Batch,
-    n: &NewSaga,
-    worker: Option<&str>,
+    sagas: &[ToCreate<'_>],
     lease: Duration,
     topics: &Topics,
     hooks: &dyn SagaHooks,
-) -> Result<Created, sqlx::Error> {
-    let input = &n.input;
-    let trace = serde_json::to_value(&n.trace).unwrap_or(json!({}));
-    // One statement: the key and the saga (and the type's own rows), or nothing when the key exists.
-    let sql = hooks.create_sql().unwrap_or(CREATE_SQL);
-    let row: Option<(Option<i32>, OffsetDateTime, OffsetDateTime)> = sqlx::query_as(sql)
-        .bind(n.user_id)
-        .bind(&n.idempotency_key)
-        .bind(&n.request_hash)
-        .bind(n.saga_id)
-        .bind(&n.saga_type)
-        .bind(n.version)
-        .bind(worker)
-        .bind(interval(lease))
-        .bind(input)
-        .bind(&trace)
-        .bind(interval(n.deadline))
-        .bind(&n.first_step)
-        .fetch_optional(&mut *conn)
-        .await?;
-    let Some((order_id, created_at, deadline_at)) = row else {
-        let row = sqlx::query!(
-            "select request_hash, saga_id, order_id from idempotency_keys where user_id = $1 and key = $2",
-            n.user_id,
-            n.idempotency_key
-        )
-        .fetch_one(&mut *conn)
-        .await?;
-        return Ok(Created::Existing(ExistingKey {
-            request_hash: row.request_hash,
-            saga_id: row.saga_id,
-            order_id: row.order_id,
-        }));
+) -> Result<Vec<Created>, sqlx::Error> {
+    let Some(first) = sagas.first().map(|c| c.new) else {
+        return Ok(Vec::new());
     };
+    debug_assert!(sagas.iter().all(|c| c.new.saga_type == first.saga_type
+        && c.new.version == first.version
+        && c.new.deadline == first.deadline
+        && c.new.first_step == first.first_step));
+    let traces: Vec<Value> = sagas
+        .iter()
+        .map(|c| serde_json::to_value(&c.new.trace).unwrap_or(json!({})))
+        .collect();
+    // One statement: the keys and the sagas (and the type's own rows); none for a key that exists.
+    let sql = hooks.create_sql().unwrap_or(CREATE_SQL);
+    let rows: Vec<(Uuid, Option<i32>, OffsetDateTime, OffsetDateTime)> = sqlx::query_as(sql)
+        .bind(sagas.iter().map(|c| c.new.user_id).collect::<Vec<_>>())
+        .bind(
+            sagas
+                .iter()
+                .map(|c| c.new.idempotency_key.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            sagas
+                .iter()
+                .map(|c| c.new.request_hash.as_slice())
+                .collect::<Vec<_>>(),
+        )
+        .bind(sagas.iter().map(|c| c.new.saga_id).collect::<Vec<_>>())
+        .bind(&first.saga_type)
+        .bind(first.version)
+        .bind(sagas.iter().map(|c| c.worker).collect::<Vec<_>>())
+        .bind(interval(lease))
+        .bind(sagas.iter().map(|c| &c.new.input).collect::<Vec<_>>())
+        .bind(&traces)
+        .bind(interval(first.deadline))
+        .bind(&first.first_step)
+        .fetch_all(&mut *conn)
+        .await?;
+    let written: HashMap<Uuid, (Option<i32>, OffsetDateTime, OffsetDateTime)> =
+        rows.into_iter().map(|(id, o, c, d)| (id, (o, c, d))).collect();
+    let mut out = Vec::with_capacity(sagas.len());
+    for c in sagas {
+        let n = c.new;
+        let Some(&(order_id, created_at, deadline_at)) = written.get(&n.saga_id) else {
+            let row = sqlx::query!(
+                "select request_hash, saga_id, order_id from idempotency_keys where user_id = $1 and key = $2",
+                n.user_id,
+                n.idempotency_key
+            )
+            .fetch_one(&mut *conn)
+            .await?;
+            out.push(Created::Existing(ExistingKey {
+                request_hash: row.request_hash,
+                saga_id: row.saga_id,
+                order_id: row.order_id,
+            }));
+            continue;
+        };
+        out.push(started(
+            batch,
+            n,
+            order_id,
+            created_at,
+            deadline_at,
+            topics,
+            hooks,
+        ));
+    }
+    Ok(out)
+}
+
+/// The saga just written, with its start's events staged in `batch`.
+fn started(
+    batch: &mut Batch,
+    n: &NewSaga,
+    order_id: Option<i32>,
+    created_at: OffsetDateTime,
+    deadline_at: OffsetDateTime,
+    topics: &Topics,
+    hooks: &dyn SagaHooks,
+) -> Created {
     let saga = Saga {
         id: n.saga_id,
         order_id,
@@ -221,7 +284,7 @@ pub async fn create(
             ));
         }
     }
-    Ok(Created::New(Box::new(saga)))
+    Created::New(Box::new(saga))
 }
 
 struct SagaRow {

@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::{Applied, Inner, Job, StepTrace, Trace, trace_of};
 use crate::saga::machine::{Attempt, Effect, Next, Saga};
-use crate::saga::store::{self, Created, NewSaga};
+use crate::saga::store::{self, Created};
 
 impl Inner {
     /// Applies one step job in `conn`'s transaction (the saga row is locked: `locked`).
@@ -93,28 +93,24 @@ impl Inner {
         Ok((Applied::Written(Box::new(saga)), finished, answer.flatten()))
     }
 
-    async fn apply_create(
+    /// Writes the new sagas of `jobs` (one statement for all of them), in their order.
+    async fn apply_creates(
         &self,
         conn: &mut sqlx::PgConnection,
         batch: &mut store::Batch,
-        new: &NewSaga,
-        lease: bool,
-    ) -> Result<Created, sqlx::Error> {
-        let worker = if lease {
-            Some(self.cfg.worker_id.as_str())
-        } else {
-            None
-        };
-        store::create(
-            conn,
-            batch,
-            new,
-            worker,
-            self.cfg.lease,
-            &self.topics,
-            &*self.hooks,
-        )
-        .await
+        jobs: &[Job],
+    ) -> Result<Vec<Created>, sqlx::Error> {
+        let creates: Vec<store::ToCreate<'_>> = jobs
+            .iter()
+            .filter_map(|j| match j {
+                Job::Create { new, lease, .. } => Some(store::ToCreate {
+                    new,
+                    worker: lease.then_some(self.cfg.worker_id.as_str()),
+                }),
+                Job::Step { .. } => None,
+            })
+            .collect();
+        store::create_many(conn, batch, &creates, self.cfg.lease, &self.topics, &*self.hooks).await
     }
 
     pub(super) async fn committer(self: Arc<Self>) {
@@ -204,12 +200,15 @@ impl Inner {
             .collect();
         let locked = store::lock_many(&mut tx, &ids).await?;
         let mut batch = store::Batch::default();
+        let mut created = self.apply_creates(&mut tx, &mut batch, jobs).await?.into_iter();
         let mut out = Vec::with_capacity(jobs.len());
         for job in jobs {
             let r = match job {
-                Job::Create { new, lease, .. } => {
-                    JobResult::Created(self.apply_create(&mut tx, &mut batch, new, *lease).await?)
-                }
+                Job::Create { .. } => JobResult::Created(
+                    created
+                        .next()
+                        .ok_or_else(|| sqlx::Error::Protocol("a new saga without its answer".into()))?,
+                ),
                 Job::Step {
                     saga, attempt, trace, ..
                 } => {

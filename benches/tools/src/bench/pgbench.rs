@@ -315,17 +315,18 @@ async fn script(pool: &PgPool) -> anyhow::Result<String> {
     s.push_str("BEGIN;\n");
     let create = render(
         order_store::CREATE_ORDER_SAGA_SQL,
+        // One new saga: an array of one element where the service binds one per new saga.
         &[
-            ":uid".into(),
-            "'pgbench-' || gen_random_uuid()".into(),
-            format!("decode('{hex}', 'hex')"),
-            SAGA_ID.into(),
+            array([":uid".into()]),
+            array(["'pgbench-' || gen_random_uuid()".into()]),
+            array([format!("decode('{hex}', 'hex')")]),
+            array([SAGA_ID.into()]),
             lit(&saga_type),
             version.to_string(),
-            WORKER.into(),
+            array([WORKER.into()]),
             LEASE.into(),
-            format!("{}::jsonb", lit(&input)),
-            format!("{}::jsonb", lit(&trace)),
+            array([format!("{}::jsonb", lit(&input))]),
+            array([format!("{}::jsonb", lit(&trace))]),
             "interval '15 minutes'".into(),
             lit(&steps.first().map_or_else(String::new, |h| h.step.clone())),
         ],
