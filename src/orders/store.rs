@@ -3,6 +3,8 @@
 //! order steps and of a cancellation (in the caller's transaction), and CreateOrder's one-statement
 //! new-saga insert ([`CREATE_ORDER_SAGA_SQL`]).
 
+use std::collections::HashMap;
+
 use rust_decimal::Decimal;
 use serde::Serialize;
 use serde_json::Value;
@@ -235,16 +237,19 @@ pub const PERSIST_ORDER_SQL: &str = r#"with i as (
                returning order_item_id, product_id, quantity, price),
            u as (update orders set total_amount = $5, currency = $6 where order_id = $1)
            select order_item_id, product_id, quantity, price from i"#;
-/// The shipment on the order, and `pending` → `confirmed` (`confirm`); returns whether
-/// the order was pending.
+/// The shipments on their orders, and `pending` → `confirmed` (`confirm_many`): $1 the orders,
+/// $2 their shipments; returns each order with whether it was pending. The rows are locked in key
+/// order first, as every writer of `orders` does.
 pub const CONFIRM_ORDER_SQL: &str =
-    "with before as (select status from orders where order_id = $1 for update)
-                             update orders o
-                                set shipment_id = $2,
-                                    status = case when o.status = 'pending' then 'confirmed' else o.status end
-                               from before
-                              where o.order_id = $1
-                          returning before.status = 'pending'";
+    "with t as (select * from unnest($1::int[], $2::text[]) as t(order_id, shipment_id)),
+                               before as (select order_id, status from orders
+                                           where order_id = any($1::int[]) order by order_id for update)
+                          update orders o
+                             set shipment_id = t.shipment_id,
+                                 status = case when o.status = 'pending' then 'confirmed' else o.status end
+                            from t join before b using (order_id)
+                           where o.order_id = t.order_id
+                       returning o.order_id, b.status = 'pending'";
 
 /// Writes an order's priced lines and its total (the `persist_order` step) in the caller's
 /// transaction; returns the lines with their ids, in id order.
@@ -305,17 +310,21 @@ pub async fn set_status(
     Ok(r.rows_affected() == 1)
 }
 
-/// Stores the shipment of an order and confirms it; returns whether it was confirmed now. Only an
-/// order really going from pending to confirmed changes: a customer who cancelled while the
-/// shipment was being created keeps a cancelled order, and no OrderConfirmed may follow its
-/// OrderCancelled.
-pub async fn confirm(conn: &mut PgConnection, order_id: i32, shipment_id: &str) -> Result<bool, sqlx::Error> {
-    let confirmed: Option<bool> = sqlx::query_scalar(CONFIRM_ORDER_SQL)
-        .bind(order_id)
-        .bind(shipment_id)
-        .fetch_optional(&mut *conn)
+/// Stores the shipment of each order and confirms it (`orders[i]` gets `shipments[i]`), in one
+/// statement; returns, by order, whether it was confirmed now. Only an order really going from
+/// pending to confirmed changes: a customer who cancelled while the shipment was being created
+/// keeps a cancelled order, and no OrderConfirmed may follow its OrderCancelled.
+pub async fn confirm_many(
+    conn: &mut PgConnection,
+    orders: &[i32],
+    shipments: &[&str],
+) -> Result<HashMap<i32, bool>, sqlx::Error> {
+    let rows: Vec<(i32, bool)> = sqlx::query_as(CONFIRM_ORDER_SQL)
+        .bind(orders)
+        .bind(shipments)
+        .fetch_all(&mut *conn)
         .await?;
-    Ok(confirmed.unwrap_or(false))
+    Ok(rows.into_iter().collect())
 }
 
 /// Removes the placeholder of an order that was never placed (still `pending`).

@@ -320,6 +320,17 @@ pub enum Next {
     Done,
 }
 
+/// One [`Effect::Hook`] of a shared commit, with the saga that made it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HookEffect {
+    /// The saga.
+    pub saga_id: Uuid,
+    /// The order it places, if any.
+    pub order_id: Option<i32>,
+    /// The saga type's JSON.
+    pub effect: Value,
+}
+
 /// What one saga type adds to the engine's rules at its ends: how a step's output is kept, what a
 /// completed or compensated saga writes besides its own row and saga events (order changes, order
 /// events) and answers, how its own effects are written, and when a refused compensation ends a
@@ -342,17 +353,17 @@ pub trait SagaHooks: Send + Sync {
     /// Compensation finished (`s.state` is `compensated` or `failed`): effects it adds (before
     /// `SagaCompensated` / `SagaFailed`), and the answer.
     fn compensation_finished(&self, s: &Saga, failure: &Failure, fx: &mut Vec<Effect>) -> Option<Value>;
-    /// Writes one of its [`Effect::Hook`]s in the transition's transaction (one statement per
-    /// effect, as the shared commit counts them); returns whether it changed anything (the
-    /// [`Stream::Order`] events after it are written only then). A saga type that emits no hook
-    /// effect keeps this default, which writes nothing.
-    fn apply<'a>(
+    /// Writes a shared commit's [`Effect::Hook`]s in its transaction, all of them at once (so a
+    /// type can write them in one statement each of a kind), before the commit's outbox rows;
+    /// returns for each, in the order given, whether it changed anything (the [`Stream::Order`]
+    /// events staged after it in its transition are written only then). A saga type that emits no
+    /// hook effect keeps this default, which writes nothing.
+    fn apply_many<'a>(
         &'a self,
         _conn: &'a mut PgConnection,
-        _s: &'a Saga,
-        _effect: &'a Value,
-    ) -> BoxFuture<'a, Result<bool, sqlx::Error>> {
-        Box::pin(async { Ok(false) })
+        effects: &'a [HookEffect],
+    ) -> BoxFuture<'a, Result<Vec<bool>, sqlx::Error>> {
+        Box::pin(async move { Ok(vec![false; effects.len()]) })
     }
     /// Whether this refused compensation attempt ends a cancellation for good: the saga returns to
     /// `completed` instead of retrying.

@@ -23,7 +23,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::outbox::{self, NewEvent, Topics};
-use crate::saga::machine::{Effect, Failure, FailureClass, Saga, SagaHooks, SagaState, Stream};
+use crate::saga::machine::{Effect, Failure, FailureClass, HookEffect, Saga, SagaHooks, SagaState, Stream};
 use crate::wake::{self, Wake};
 
 // The statements of the saga's write path, one definition each: the functions below run them, and
@@ -258,14 +258,17 @@ fn started(
         last_error: None,
         last_error_class: None,
     };
-    batch.events.push(NewEvent::of_saga(
-        &topics.saga_events,
-        "SagaStarted",
-        order_id,
-        n.saga_id,
-        json!({"sagaType": n.saga_type, "version": n.version, "userID": n.user_id}),
-        &n.trace,
-    ));
+    batch.push_event(
+        NewEvent::of_saga(
+            &topics.saga_events,
+            "SagaStarted",
+            order_id,
+            n.saga_id,
+            json!({"sagaType": n.saga_type, "version": n.version, "userID": n.user_id}),
+            &n.trace,
+        ),
+        None,
+    );
     let mut fx = Vec::new();
     hooks.started(&saga, &mut fx);
     for e in fx {
@@ -279,9 +282,10 @@ fn started(
                 Stream::Saga => &topics.saga_events,
                 Stream::Order => &topics.order_events,
             };
-            batch.events.push(NewEvent::of_saga(
-                topic, event_type, order_id, n.saga_id, data, &n.trace,
-            ));
+            batch.push_event(
+                NewEvent::of_saga(topic, event_type, order_id, n.saga_id, data, &n.trace),
+                None,
+            );
         }
     }
     Created::New(Box::new(saga))
@@ -444,12 +448,40 @@ pub struct Batch {
     s_step_name: Vec<String>,
     s_session: Vec<Option<Value>>,
     events: Vec<NewEvent>,
+    /// Per event: the hook effect whose change it reports (written only if that changed anything).
+    event_cond: Vec<Option<usize>>,
+    hooks: Vec<HookEffect>,
     notify: Vec<String>,
 }
 
 impl Batch {
-    /// Writes everything staged (history, saga rows, outbox, NOTIFY) in `conn`'s transaction.
-    pub async fn flush(&mut self, conn: &mut PgConnection, lease: Duration) -> Result<(), sqlx::Error> {
+    /// An event to write, or to write only if the hook effect `cond` changed something.
+    fn push_event(&mut self, event: NewEvent, cond: Option<usize>) {
+        self.events.push(event);
+        self.event_cond.push(cond);
+    }
+
+    /// Writes everything staged (the saga type's own changes through `hooks`, then history, saga
+    /// rows, outbox, NOTIFY) in `conn`'s transaction.
+    pub async fn flush(
+        &mut self,
+        conn: &mut PgConnection,
+        lease: Duration,
+        hooks: &dyn SagaHooks,
+    ) -> Result<(), sqlx::Error> {
+        if !self.hooks.is_empty() {
+            let changed = hooks.apply_many(conn, &self.hooks).await?;
+            if changed.len() != self.hooks.len() {
+                return Err(sqlx::Error::Protocol(format!(
+                    "{} hook effects answered {} times",
+                    self.hooks.len(),
+                    changed.len()
+                )));
+            }
+            let cond = std::mem::take(&mut self.event_cond);
+            let mut keep = cond.iter().map(|c| c.is_none_or(|i| changed[i]));
+            self.events.retain(|_| keep.next().unwrap_or(true));
+        }
         if !self.s_id.is_empty() {
             sqlx::query_file!(
                 "src/saga/sql/update_sagas.sql",
@@ -541,16 +573,16 @@ pub async fn lock_many(conn: &mut PgConnection, ids: &[Uuid]) -> Result<HashMap<
 /// (drive) that wrote to the saga; the next session links to it.
 pub const SESSION_TRACE_KEY: &str = "session-traceparent";
 
-/// Stages a transition: the saga type's own effects (CreateOrder: order changes) are written now by
-/// its hooks (in the caller's transaction); the saga row,
-/// history rows, outbox events and, for a finished saga, its answer and a wake-up for waiters on
-/// other instances go to `batch`. `keep_lease` keeps the lease when the worker continues at once.
+/// Stages a transition in `batch`: the saga type's own effects (CreateOrder: order changes, which
+/// its hooks write for the whole commit at flush), the saga row, history rows, outbox events (a
+/// subject event after a hook effect only if that changed something) and, for a finished saga, its
+/// answer and a wake-up for waiters on other instances. `keep_lease` keeps the lease when the
+/// worker continues at once.
 #[allow(clippy::too_many_arguments)]
 pub async fn stage_transition(
     conn: &mut PgConnection,
     batch: &mut Batch,
     saga: &Saga,
-    hooks: &dyn SagaHooks,
     step_name: &str,
     effects: &[(Effect, Arc<HashMap<String, String>>)],
     keep_lease: bool,
@@ -560,7 +592,8 @@ pub async fn stage_transition(
 ) -> Result<(), sqlx::Error> {
     let mut answer: Option<Value> = None;
     let mut finished = false;
-    let mut order_changed = true;
+    // The hook effect the subject's events after it report (None: write them unconditionally).
+    let mut cond: Option<usize> = None;
     for (fx, trace) in effects {
         match fx {
             Effect::History(h) => {
@@ -578,37 +611,34 @@ pub async fn stage_transition(
                 batch.h_worker.push(worker.to_string());
             }
             Effect::Hook(change) => {
-                // The saga type's own rows: its hooks write them in this transaction.
-                order_changed = hooks.apply(conn, saga, change).await?;
+                // The saga type's own rows: its hooks write them in this transaction, with those
+                // of every other saga of the commit (`Batch::flush`).
+                cond = Some(batch.hooks.len());
+                batch.hooks.push(HookEffect {
+                    saga_id: saga.id,
+                    order_id: saga.order_id,
+                    effect: change.clone(),
+                });
             }
             Effect::Event {
                 stream,
                 event_type,
                 data,
             } => {
-                let topic = match stream {
-                    Stream::Saga => &topics.saga_events,
-                    Stream::Order => {
-                        // An event of the saga's subject only when the hook effect before it
-                        // really changed something.
-                        if !order_changed {
-                            continue;
-                        }
-                        &topics.order_events
-                    }
+                // An event of the saga's subject only when the hook effect before it really
+                // changed something.
+                let (topic, when) = match stream {
+                    Stream::Saga => (&topics.saga_events, None),
+                    Stream::Order => (&topics.order_events, cond),
                 };
                 let mut data = data.clone();
                 if *stream == Stream::Saga && data.is_object() {
                     data["state"] = json!(saga.state.as_str());
                 }
-                batch.events.push(NewEvent::of_saga(
-                    topic,
-                    event_type,
-                    saga.order_id,
-                    saga.id,
-                    data,
-                    trace,
-                ));
+                batch.push_event(
+                    NewEvent::of_saga(topic, event_type, saga.order_id, saga.id, data, trace),
+                    when,
+                );
             }
             Effect::ClearCancelRequest => {
                 sqlx::query("update sagas set cancel_requested = null where saga_id = $1")

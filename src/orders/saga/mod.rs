@@ -26,7 +26,8 @@ use crate::orders::store as order_store;
 use crate::orders::validate::Line;
 use crate::saga::failure::Downstream;
 use crate::saga::machine::{
-    Attempt, Effect, Failure, FailureClass, Kind, Outcome, Saga, SagaHooks, money, order_event, rfc3339,
+    Attempt, Effect, Failure, FailureClass, HookEffect, Kind, Outcome, Saga, SagaHooks, money, order_event,
+    rfc3339,
 };
 
 /// A persisted order line (with its id and catalog price).
@@ -269,30 +270,48 @@ impl SagaHooks for CreateOrder {
         Some(answer.to_stored())
     }
 
-    fn apply<'a>(
+    fn apply_many<'a>(
         &'a self,
         conn: &'a mut PgConnection,
-        s: &'a Saga,
-        effect: &'a Value,
-    ) -> BoxFuture<'a, Result<bool, sqlx::Error>> {
+        effects: &'a [HookEffect],
+    ) -> BoxFuture<'a, Result<Vec<bool>, sqlx::Error>> {
         Box::pin(async move {
-            let change = OrderChange::deserialize(effect).map_err(|e| {
-                sqlx::Error::Decode(format!("saga {}: order change {effect}: {e}", s.id).into())
-            })?;
-            // The order's rows are the orders store's: it writes them in the engine's transaction.
-            let order = order_id(s)?;
-            Ok(match change {
-                OrderChange::Status { to, reason } => {
-                    order_store::set_status(conn, order, to, reason.as_deref()).await?
+            // The order's rows are the orders store's: it writes them in the engine's transaction,
+            // the confirmations of the whole commit in one statement, the rarer changes one by one.
+            let mut changed = vec![false; effects.len()];
+            let mut confirms: Vec<(usize, i32, String)> = Vec::new();
+            for (i, e) in effects.iter().enumerate() {
+                let change = OrderChange::deserialize(&e.effect).map_err(|err| {
+                    sqlx::Error::Decode(
+                        format!("saga {}: order change {}: {err}", e.saga_id, e.effect).into(),
+                    )
+                })?;
+                let order = e.order_id.ok_or_else(|| {
+                    sqlx::Error::Decode(format!("saga {} names no order", e.saga_id).into())
+                })?;
+                changed[i] = match change {
+                    OrderChange::Status { to, reason } => {
+                        order_store::set_status(conn, order, to, reason.as_deref()).await?
+                    }
+                    OrderChange::Confirm { shipment_id } => {
+                        confirms.push((i, order, shipment_id));
+                        continue;
+                    }
+                    OrderChange::Delete => {
+                        order_store::delete_placeholder(conn, order).await?;
+                        false
+                    }
+                };
+            }
+            if !confirms.is_empty() {
+                let orders: Vec<i32> = confirms.iter().map(|c| c.1).collect();
+                let shipments: Vec<&str> = confirms.iter().map(|c| c.2.as_str()).collect();
+                let confirmed = order_store::confirm_many(conn, &orders, &shipments).await?;
+                for (i, order, _) in &confirms {
+                    changed[*i] = confirmed.get(order).copied().unwrap_or(false);
                 }
-                OrderChange::Confirm { shipment_id } => {
-                    order_store::confirm(conn, order, &shipment_id).await?
-                }
-                OrderChange::Delete => {
-                    order_store::delete_placeholder(conn, order).await?;
-                    false
-                }
-            })
+            }
+            Ok(changed)
         })
     }
 

@@ -76,7 +76,6 @@ impl Inner {
             conn,
             batch,
             &saga,
-            &*self.hooks,
             machine.step_name(&saga),
             &fx,
             keep,
@@ -227,7 +226,7 @@ impl Inner {
             };
             out.push(r);
         }
-        batch.flush(&mut tx, self.cfg.lease).await?;
+        batch.flush(&mut tx, self.cfg.lease, &*self.hooks).await?;
         tx.commit().await?;
         Ok(out)
     }

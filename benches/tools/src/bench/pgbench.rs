@@ -373,7 +373,7 @@ async fn script(pool: &PgPool) -> anyhow::Result<String> {
         "{};",
         render(
             order_store::CONFIRM_ORDER_SQL,
-            &[":order_id::int".into(), lit(&shipment_id)]
+            &[array([":order_id::int".into()]), array([lit(&shipment_id)])]
         )?
     )?;
     writeln!(
