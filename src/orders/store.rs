@@ -322,6 +322,10 @@ pub async fn confirm_many(
     let rows: Vec<(i32, bool)> = sqlx::query_as(CONFIRM_ORDER_SQL)
         .bind(orders)
         .bind(shipments)
+        // Planned for each commit with the arrays at hand (the unnamed statement): a plan cached
+        // while the table was small joins by a sequential scan of it (docs/performance.md,
+        // findings 8 and 18).
+        .persistent(false)
         .fetch_all(&mut *conn)
         .await?;
     Ok(rows.into_iter().collect())
