@@ -282,7 +282,7 @@ pub enum Effect {
         data: Value,
     },
     /// A change of the saga type's own rows (CreateOrder: the order's status), written in the
-    /// transition's transaction by [`SagaHooks::apply`]; the JSON is the hooks' own.
+    /// shared commit's transaction by [`SagaHooks::apply_many`]; the JSON is the hooks' own.
     Hook(Value),
     /// The shipper refused a customer's cancellation of a completed saga: the saga's stored
     /// cancellation request is cleared (the saga is `completed` again).

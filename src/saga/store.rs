@@ -10,7 +10,7 @@
 //! NOTIFY). CreateOrder's new-saga insert, which also writes the order placeholder, is the orders
 //! store's (`orders::store::CREATE_ORDER_SAGA_SQL`), run here through the type's hooks. A saga
 //! type's own changes of a transition (CreateOrder: the order's) are its hooks' SQL
-//! (`SagaHooks::apply`), run in the same transaction.
+//! (`SagaHooks::apply_many`), run in the same transaction.
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -137,7 +137,7 @@ impl Output {
 }
 
 /// A change to the order row that a transition makes (the JSON of `Effect::Hook`, applied by
-/// [`CreateOrder`]'s `apply` with the orders store's SQL in the transition's transaction).
+/// [`CreateOrder`]'s `apply_many` with the orders store's SQL in the shared commit's transaction).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum OrderChange {
     /// Move to a status (only if the transition table allows it).
