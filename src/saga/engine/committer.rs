@@ -4,6 +4,8 @@
 //! `store::Batch`). A failing batch is retried job by job, so one bad job never sinks the others.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use serde_json::Value;
 use time::OffsetDateTime;
@@ -12,6 +14,9 @@ use uuid::Uuid;
 use super::{Applied, Inner, Job, StepTrace, Trace, trace_of};
 use crate::saga::machine::{Attempt, Effect, Next, Saga};
 use crate::saga::store::{self, Created};
+
+/// How long a committer lets jobs gather behind a commit in flight before it commits them anyway.
+const COMMIT_STALL: Duration = Duration::from_millis(5);
 
 impl Inner {
     /// Applies one step job in `conn`'s transaction (the saga row is locked: `locked`).
@@ -129,6 +134,7 @@ impl Inner {
                     Some(j) => batch.push(j),
                     None => return,
                 }
+                self.behind_the_commit_in_flight().await;
                 while batch.len() < self.cfg.batch_max {
                     match rx.try_recv() {
                         Ok(j) => batch.push(j),
@@ -136,7 +142,27 @@ impl Inner {
                     }
                 }
             }
+            self.committing.fetch_add(1, Ordering::SeqCst);
             self.commit_batch(batch).await;
+            self.committing.fetch_sub(1, Ordering::SeqCst);
+            self.commit_ended.notify_waiters();
+        }
+    }
+
+    /// With another committer's transaction in flight, jobs gather behind it until it ends, so
+    /// commits grow with the load instead of competing (docs/performance.md, finding 17); but
+    /// never longer than [`COMMIT_STALL`]: one slow commit (a long fsync, a lock wait) does not
+    /// hold every saga up. With one committer nothing is ever in flight here.
+    async fn behind_the_commit_in_flight(&self) {
+        let until = tokio::time::Instant::now() + COMMIT_STALL;
+        loop {
+            let ended = self.commit_ended.notified();
+            if self.committing.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            if tokio::time::timeout_at(until, ended).await.is_err() {
+                return;
+            }
         }
     }
 

@@ -79,7 +79,7 @@ impl EngineConfig {
             lease: Duration::from_secs(30),
             retry_scale,
             max_in_flight: 2048,
-            committers: 1,
+            committers: 2,
             batch_max: 128,
             poll_interval: Duration::from_millis(500),
             drive: true,
@@ -191,6 +191,9 @@ struct Inner {
     /// Cancelled once the drives have finished at shutdown: the committers close the job queue,
     /// commit what is left in it, and stop.
     jobs_closed: CancellationToken,
+    /// Commits in flight, and a signal when one ends (`committer`).
+    committing: std::sync::atomic::AtomicUsize,
+    commit_ended: Notify,
 }
 
 /// The saga engine (cheap to clone).
@@ -236,6 +239,8 @@ impl Engine {
             drives: TaskTracker::new(),
             shutdown: CancellationToken::new(),
             jobs_closed: CancellationToken::new(),
+            committing: std::sync::atomic::AtomicUsize::new(0),
+            commit_ended: Notify::new(),
         })))
     }
 
