@@ -5,10 +5,9 @@
 
 use std::time::Duration;
 
-use crate::downstream::contract::CreateShipmentRequest;
-
-use crate::downstream::FailureKind;
+use crate::downstream::contract::{CreateShipmentRequest, Shipment};
 use crate::downstream::shipments::ShipmentsClient;
+use crate::downstream::{DownstreamError, FailureKind};
 use crate::orders::saga::steps::idempotency_key;
 use crate::orders::saga::{CreateOrderData, Output};
 use crate::saga::failure::Downstream;
@@ -32,18 +31,25 @@ fn request(saga: &Saga) -> Result<CreateShipmentRequest, Outcome> {
     })
 }
 
+/// Asks the shipper for the saga's shipment with the create's Idempotency-Key (the same shipment
+/// however often it is asked); `Err` when the saga cannot even say what to ship.
+async fn create(
+    client: &ShipmentsClient,
+    saga: &Saga,
+    timeout: Duration,
+) -> Result<Result<Shipment, DownstreamError>, Outcome> {
+    let req = request(saga)?;
+    Ok(client
+        .create(&idempotency_key(saga.id, ACTION), &req, timeout)
+        .await)
+}
+
 /// Runs the action once.
 pub async fn action(client: &ShipmentsClient, saga: &Saga, timeout: Duration) -> Outcome {
-    let req = match request(saga) {
-        Ok(r) => r,
-        Err(o) => return o,
-    };
-    match client
-        .create(&idempotency_key(saga.id, ACTION), &req, timeout)
-        .await
-    {
-        Ok(sh) => Outcome::Succeeded(Output::Shipment(sh).into()),
-        Err(e) => e.into(),
+    match create(client, saga, timeout).await {
+        Ok(Ok(sh)) => Outcome::Succeeded(Output::Shipment(sh).into()),
+        Ok(Err(e)) => e.into(),
+        Err(o) => o,
     }
 }
 
@@ -62,22 +68,16 @@ pub async fn compensation(client: &ShipmentsClient, saga: &Saga, timeout: Durati
             if refused {
                 return Outcome::Skipped("the shipper refused the shipment: none was created".into());
             }
-            let req = match request(saga) {
-                Ok(r) => r,
+            match create(client, saga, timeout).await {
                 Err(o) => return o,
-            };
-            match client
-                .create(&idempotency_key(saga.id, ACTION), &req, timeout)
-                .await
-            {
-                Ok(sh) => sh.shipment_id,
-                Err(e) if e.kind == FailureKind::Refused => {
+                Ok(Ok(sh)) => sh.shipment_id,
+                Ok(Err(e)) if e.kind == FailureKind::Refused => {
                     return Outcome::Skipped(format!(
                         "no shipment to cancel: the shipper refuses it ({})",
                         e.message
                     ));
                 }
-                Err(e) => return e.into(),
+                Ok(Err(e)) => return e.into(),
             }
         }
     };
