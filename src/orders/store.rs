@@ -230,13 +230,21 @@ pub fn max_total() -> Decimal {
 // functions below run them, and the benchmark (`ostore-tools bench`) renders them into the pgbench
 // script of the PostgreSQL ceiling.
 
-/// An order's lines and total in one statement (`insert_lines`, the `persist_order` step).
-pub const PERSIST_ORDER_SQL: &str = r#"with i as (
-               insert into order_items (order_id, product_id, quantity, price)
-               select $1, * from unnest($2::int[], $3::int[], $4::numeric[])
-               returning order_item_id, product_id, quantity, price),
-           u as (update orders set total_amount = $5, currency = $6 where order_id = $1)
-           select order_item_id, product_id, quantity, price from i"#;
+/// The priced lines and totals of a shared commit's orders in one statement (`insert_lines_many`,
+/// the `persist_order` step): $1–$4 the lines (order, product, quantity, price), $5–$7 the orders
+/// (order, total, currency). The order rows are locked in key order first, as every writer of
+/// `orders` does.
+pub const PERSIST_ORDER_SQL: &str = r#"with t as (select * from unnest($5::int[], $6::numeric[], $7::text[])
+                                           as t(order_id, total, currency)),
+           before as (select order_id from orders where order_id = any($5::int[])
+                       order by order_id for update),
+           i as (insert into order_items (order_id, product_id, quantity, price)
+                 select * from unnest($1::int[], $2::int[], $3::int[], $4::numeric[])
+                 returning order_item_id, order_id, product_id, quantity, price),
+           u as (update orders o set total_amount = t.total, currency = t.currency
+                   from t join before b using (order_id)
+                  where o.order_id = t.order_id)
+           select order_item_id, order_id, product_id, quantity, price from i"#;
 /// The shipments on their orders, and `pending` → `confirmed` (`confirm_many`): $1 the orders,
 /// $2 their shipments; returns each order with whether it was pending. The rows are locked in key
 /// order first, as every writer of `orders` does.
@@ -251,38 +259,69 @@ pub const CONFIRM_ORDER_SQL: &str =
                            where o.order_id = t.order_id
                        returning o.order_id, b.status = 'pending'";
 
-/// Writes an order's priced lines and its total (the `persist_order` step) in the caller's
-/// transaction; returns the lines with their ids, in id order.
-pub async fn insert_lines(
+/// One order's priced lines (product, quantity, unit price), its total and currency, as the
+/// `persist_order` step writes them.
+#[derive(Debug, Clone)]
+pub struct PricedOrder {
+    /// The order.
+    pub order_id: i32,
+    /// Its lines: product, quantity, unit price.
+    pub lines: Vec<(i32, i32, Decimal)>,
+    /// Their total.
+    pub total: Decimal,
+    /// The prices' currency.
+    pub currency: String,
+}
+
+/// Writes the priced lines and totals of `orders` (the `persist_order` step of every saga in a
+/// shared commit) in the caller's transaction, in one statement; returns each order's lines with
+/// their ids, in id order.
+pub async fn insert_lines_many(
     conn: &mut PgConnection,
-    order_id: i32,
-    products: &[i32],
-    quantities: &[i32],
-    prices: &[Decimal],
-    total: Decimal,
-    currency: &str,
-) -> Result<Vec<PersistedItem>, sqlx::Error> {
-    // One statement: the lines and the order's total.
-    let rows: Vec<(i32, i32, i32, Decimal)> = sqlx::query_as(PERSIST_ORDER_SQL)
-        .bind(order_id)
-        .bind(products)
-        .bind(quantities)
-        .bind(prices)
-        .bind(total)
-        .bind(currency)
+    orders: &[PricedOrder],
+) -> Result<HashMap<i32, Vec<PersistedItem>>, sqlx::Error> {
+    if orders.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let lines = orders
+        .iter()
+        .flat_map(|o| o.lines.iter().map(move |l| (o.order_id, l)));
+    let (line_orders, products, quantities, prices) = lines.fold(
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new()),
+        |(mut o, mut p, mut q, mut c), (id, &(product, quantity, price))| {
+            o.push(id);
+            p.push(product);
+            q.push(quantity);
+            c.push(price);
+            (o, p, q, c)
+        },
+    );
+    let rows: Vec<(i32, i32, i32, i32, Decimal)> = sqlx::query_as(PERSIST_ORDER_SQL)
+        .bind(&line_orders)
+        .bind(&products)
+        .bind(&quantities)
+        .bind(&prices)
+        .bind(orders.iter().map(|o| o.order_id).collect::<Vec<_>>())
+        .bind(orders.iter().map(|o| o.total).collect::<Vec<_>>())
+        .bind(orders.iter().map(|o| o.currency.as_str()).collect::<Vec<_>>())
+        // Planned per commit, like `CONFIRM_ORDER_SQL`: a generic plan made while `orders` was
+        // small joins it by a sequential scan (docs/performance.md, finding 18).
+        .persistent(false)
         .fetch_all(&mut *conn)
         .await?;
-    let mut items: Vec<_> = rows
-        .into_iter()
-        .map(|(order_item_id, product_id, quantity, price)| PersistedItem {
+    let mut out: HashMap<i32, Vec<PersistedItem>> = orders.iter().map(|o| (o.order_id, Vec::new())).collect();
+    for (order_item_id, order_id, product_id, quantity, price) in rows {
+        out.entry(order_id).or_default().push(PersistedItem {
             order_item_id,
             product_id,
             quantity,
             price,
-        })
-        .collect();
-    items.sort_by_key(|i| i.order_item_id);
-    Ok(items)
+        });
+    }
+    for items in out.values_mut() {
+        items.sort_by_key(|i| i.order_item_id);
+    }
+    Ok(out)
 }
 
 /// Moves an order to `to` if the transition table allows it from its current status; returns

@@ -29,6 +29,9 @@ pub type RemoteRun<'a> = BoxFuture<'a, Outcome>;
 /// What a local handler's run resolves to.
 pub type LocalRun<'a> = BoxFuture<'a, Result<Outcome, sqlx::Error>>;
 
+/// What a local handler's run over several sagas resolves to: one outcome per saga, in order.
+pub type LocalRunMany<'a> = BoxFuture<'a, Result<Vec<Outcome>, sqlx::Error>>;
+
 /// An action or compensation that calls a downstream service.
 pub trait RemoteStep: Send + Sync {
     /// Runs one attempt; `timeout` bounds the call (the definition's `attempt_timeout_ms`).
@@ -39,6 +42,19 @@ pub trait RemoteStep: Send + Sync {
 pub trait LocalStep: Send + Sync {
     /// Runs once in `conn`'s transaction; a database error sinks the whole commit (retried).
     fn run<'a>(&'a self, conn: &'a mut PgConnection, saga: &'a Saga) -> LocalRun<'a>;
+
+    /// Runs once for each of `sagas` (the sagas of one shared commit due to run this step) in
+    /// `conn`'s transaction; the outcomes in the order of `sagas`. A step written for throughput
+    /// does all of them in one statement; by default they run one after another.
+    fn run_many<'a>(&'a self, conn: &'a mut PgConnection, sagas: &'a [&'a Saga]) -> LocalRunMany<'a> {
+        Box::pin(async move {
+            let mut out = Vec::with_capacity(sagas.len());
+            for saga in sagas {
+                out.push(self.run(&mut *conn, saga).await?);
+            }
+            Ok(out)
+        })
+    }
 }
 
 /// A registered handler.

@@ -161,3 +161,107 @@ async fn a_worker_whose_lease_was_taken_over_cannot_commit() {
     stop_c.cancel();
     stop_s.cancel();
 }
+
+/// Sagas that reach `persist_order` in the same shared commit write their orders in one statement:
+/// each order still gets exactly its own lines, prices and total, and an order whose total does
+/// not fit is refused without touching the others.
+#[tokio::test]
+async fn orders_persisted_in_one_shared_commit_each_get_their_own_lines_and_total() {
+    use serde_json::json;
+    let app = crate::support::spawn_app().await;
+    for (id, price) in [
+        (1, "1.50"),
+        (2, "2.25"),
+        (3, "10.00"),
+        (4, "0.99"),
+        (9, "99999999.99"),
+    ] {
+        app.product(id, 1000, price);
+    }
+    // Every reservation answers after the same delay, so their outcomes reach the committer
+    // together and the orders are persisted by one call of the step.
+    app.catalog_faults(json!({"latencyMs": 300, "endpoint": "reserve"}))
+        .await;
+    let mut customers = Vec::new();
+    for i in 0..12 {
+        customers.push(app.customer(&format!("batch{i}@example.com")).await.1);
+    }
+    let lines = |i: i64| {
+        if i % 6 == 5 {
+            json!([{"productID": 1, "quantity": 1}, {"productID": 9, "quantity": 2}])
+        } else {
+            json!([{"productID": 1 + i % 4, "quantity": 1 + i}, {"productID": 1 + (i + 1) % 4, "quantity": 2}])
+        }
+    };
+    let places = customers
+        .iter()
+        .enumerate()
+        .map(|(i, token)| app.place(token, "batch", lines(i as i64)));
+    let answers = futures::future::join_all(places).await;
+    let price = |p: i64| {
+        ["1.50", "2.25", "10.00", "0.99"][(p - 1) as usize]
+            .parse::<rust_decimal::Decimal>()
+            .unwrap()
+    };
+    for (i, r) in answers.into_iter().enumerate() {
+        let i = i as i64;
+        if i % 6 == 5 {
+            assert_eq!(r.status(), 422, "order {i}: the total does not fit");
+            continue;
+        }
+        assert_eq!(r.status(), 201, "order {i}");
+        let body: serde_json::Value = r.json().await.unwrap();
+        let id = body["orderID"].as_i64().unwrap();
+        let got: serde_json::Value = app
+            .get(&format!("/orders/{id}"), Some(&customers[i as usize]))
+            .await
+            .json()
+            .await
+            .unwrap();
+        let want: Vec<(i64, i64, rust_decimal::Decimal)> = lines(i)
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| {
+                let p = l["productID"].as_i64().unwrap();
+                (p, l["quantity"].as_i64().unwrap(), price(p))
+            })
+            .collect();
+        let items: Vec<(i64, i64, rust_decimal::Decimal)> = got["orderItems"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|it| {
+                (
+                    it["productID"].as_i64().unwrap(),
+                    it["quantity"].as_i64().unwrap(),
+                    it["price"].as_str().unwrap().parse().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(items, want, "order {i}'s lines");
+        let total: rust_decimal::Decimal = want
+            .iter()
+            .map(|(_, q, p)| p * rust_decimal::Decimal::from(*q))
+            .sum();
+        assert_eq!(
+            got["totalAmount"]
+                .as_str()
+                .unwrap()
+                .parse::<rust_decimal::Decimal>()
+                .unwrap(),
+            total,
+            "order {i}'s total"
+        );
+        assert_eq!(got["status"], "confirmed");
+    }
+    assert_eq!(app.count("select count(*) from order_items").await, 10 * 2);
+    // The orders were persisted together: history rows of one call share their start.
+    let shared = app
+        .count(
+            "select coalesce(max(n), 0) from (select count(*) n from saga_steps
+              where step = 'persist_order' group by started_at) c",
+        )
+        .await;
+    assert!(shared >= 2, "no two orders were persisted by one call ({shared})");
+}

@@ -12,89 +12,141 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{Applied, Inner, Job, StepTrace, Trace, trace_of};
-use crate::saga::machine::{Attempt, Effect, Next, Saga};
+use crate::saga::machine::{Attempt, Effect, Kind, Next, Saga};
 use crate::saga::store::{self, Created};
 
 /// How long a committer lets jobs gather behind a commit in flight before it commits them anyway.
 const COMMIT_STALL: Duration = Duration::from_millis(5);
 
+/// A step job under way in a shared commit: its saga as it advances, and the effects so far, each
+/// with the context of the span that produced it (its events carry it).
+struct Advancing<'j> {
+    saga: Saga,
+    fx: Vec<(Effect, Arc<Trace>)>,
+    /// The session's context, for what the engine decides on its own.
+    session: Arc<Trace>,
+    trace: &'j StepTrace,
+}
+
 impl Inner {
-    /// Applies one step job in `conn`'s transaction (the saga row is locked: `locked`).
-    async fn apply_step(
+    /// Checks a step job against its saga's row as locked (`locked`) and records its attempt; None
+    /// when the saga was taken over or moved on (fenced: the job writes nothing).
+    fn begin_step<'j>(
         &self,
-        conn: &mut sqlx::PgConnection,
-        batch: &mut store::Batch,
         saga: &Saga,
         attempt: Option<&Attempt>,
-        trace: &StepTrace,
+        trace: &'j StepTrace,
         locked: Option<&store::Locked>,
-    ) -> Result<(Applied, bool, Option<Value>), sqlx::Error> {
-        let Some(locked) = locked.filter(|l| l.fence == saga.fence) else {
-            return Ok((Applied::Fenced, false, None));
-        };
+        now: OffsetDateTime,
+    ) -> Option<Advancing<'j>> {
+        let locked = locked.filter(|l| l.fence == saga.fence)?;
         if locked.state != saga.state.as_str()
             || locked.step != saga.step as i32
             || locked.attempt != saga.attempt as i32
         {
-            return Ok((Applied::Fenced, false, None));
+            return None;
         }
         let mut saga = saga.clone();
         saga.cancel_requested = locked.cancel_requested.clone();
         saga.answered_pending = locked.answered_pending;
-        let machine = self.machine();
-        let now = OffsetDateTime::now_utc();
-        // Each effect with the context of the span that produced it (its events carry it): the
-        // attempt's, a local step's, or the session's for what the engine decides on its own.
         let session = trace_of(&trace.session, &saga.trace);
         let mut fx: Vec<(Effect, Arc<Trace>)> = Vec::new();
         if let Some(a) = attempt {
             let by = trace.attempt.clone().unwrap_or_else(|| session.clone());
             fx.extend(
-                machine
+                self.machine()
                     .record(&mut saga, a, now, rand::random())
                     .into_iter()
                     .map(|e| (e, by.clone())),
             );
         }
-        loop {
-            fx.extend(
-                machine
-                    .check_boundary(&mut saga, now)
-                    .into_iter()
-                    .map(|e| (e, session.clone())),
-            );
-            match machine.next(&saga, now) {
-                Next::Local(step, kind) => {
-                    let (a, by) = self.run_local(conn, &saga, step, kind, &trace.session).await?;
-                    fx.extend(
-                        machine
-                            .record(&mut saga, &a, now, rand::random())
-                            .into_iter()
-                            .map(|e| (e, by.clone())),
-                    );
-                }
-                _ => break,
+        Some(Advancing {
+            saga,
+            fx,
+            session,
+            trace,
+        })
+    }
+
+    /// Passes a saga's boundaries (deadline, cancel request); the local step it must run next in
+    /// this transaction, if any.
+    fn settle(&self, a: &mut Advancing<'_>, now: OffsetDateTime) -> Option<(usize, Kind)> {
+        let machine = self.machine();
+        let session = a.session.clone();
+        a.fx.extend(
+            machine
+                .check_boundary(&mut a.saga, now)
+                .into_iter()
+                .map(|e| (e, session.clone())),
+        );
+        match machine.next(&a.saga, now) {
+            Next::Local(step, kind) => Some((step, kind)),
+            _ => None,
+        }
+    }
+
+    /// Runs the local steps the advancing sagas reach, until none is due: the sagas due for the same
+    /// step run it together (one call of its handler, one statement for a step written for it).
+    async fn run_locals(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        advancing: &mut [Advancing<'_>],
+        now: OffsetDateTime,
+    ) -> Result<(), sqlx::Error> {
+        let mut due: Vec<Option<(usize, Kind)>> = advancing.iter_mut().map(|a| self.settle(a, now)).collect();
+        while let Some(&next) = due.iter().flatten().next() {
+            let these: Vec<usize> = (0..due.len()).filter(|&k| due[k] == Some(next)).collect();
+            let sagas: Vec<&Saga> = these.iter().map(|&k| &advancing[k].saga).collect();
+            let sessions: Vec<&tracing::Span> = these.iter().map(|&k| &advancing[k].trace.session).collect();
+            let attempts = self
+                .run_local_many(conn, &sagas, &sessions, next.0, next.1)
+                .await?;
+            for (k, (attempt, by)) in these.into_iter().zip(attempts) {
+                let a = &mut advancing[k];
+                a.fx.extend(
+                    self.machine()
+                        .record(&mut a.saga, &attempt, now, rand::random())
+                        .into_iter()
+                        .map(|e| (e, by.clone())),
+                );
+                due[k] = self.settle(a, now);
             }
         }
-        let keep = matches!(machine.next(&saga, now), Next::Remote(..));
+        Ok(())
+    }
+
+    /// Stages what an advanced saga writes (`store::stage_transition`); what the job answers.
+    async fn stage_step(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        batch: &mut store::Batch,
+        a: Advancing<'_>,
+        now: OffsetDateTime,
+    ) -> Result<JobResult, sqlx::Error> {
+        let machine = self.machine();
+        let keep = matches!(machine.next(&a.saga, now), Next::Remote(..));
         store::stage_transition(
             conn,
             batch,
-            &saga,
-            machine.step_name(&saga),
-            &fx,
+            &a.saga,
+            machine.step_name(&a.saga),
+            &a.fx,
             keep,
-            trace.persist_session.as_deref(),
+            a.trace.persist_session.as_deref(),
             &self.topics,
             &self.cfg.worker_id,
         )
         .await?;
-        let answer = fx.iter().find_map(|(e, _)| match e {
+        let answer = a.fx.iter().find_map(|(e, _)| match e {
             Effect::Finished { answer } => Some(answer.clone()),
             _ => None,
         });
         let finished = answer.is_some();
-        Ok((Applied::Written(Box::new(saga)), finished, answer.flatten()))
+        Ok(JobResult::Step(
+            Applied::Written(Box::new(a.saga)),
+            finished,
+            answer.flatten(),
+        ))
     }
 
     /// Writes the new sagas of `jobs` (one statement for all of them), in their order.
@@ -226,32 +278,36 @@ impl Inner {
         let locked = store::lock_many(&mut tx, &ids).await?;
         let mut batch = store::Batch::default();
         let mut created = self.apply_creates(&mut tx, &mut batch, jobs).await?.into_iter();
-        let mut out = Vec::with_capacity(jobs.len());
-        for job in jobs {
-            let r = match job {
-                Job::Create { .. } => JobResult::Created(
-                    created
-                        .next()
-                        .ok_or_else(|| sqlx::Error::Protocol("a new saga without its answer".into()))?,
-                ),
+        let now = OffsetDateTime::now_utc();
+        // Each job's answer in its place; the step jobs that write advance together, so the sagas
+        // reaching the same local step run it in one call.
+        let mut out: Vec<Option<JobResult>> = Vec::with_capacity(jobs.len());
+        let mut advancing = Vec::new();
+        let mut places = Vec::new();
+        for (i, job) in jobs.iter().enumerate() {
+            out.push(match job {
+                Job::Create { .. } => {
+                    Some(JobResult::Created(created.next().ok_or_else(|| {
+                        sqlx::Error::Protocol("a new saga without its answer".into())
+                    })?))
+                }
                 Job::Step {
                     saga, attempt, trace, ..
-                } => {
-                    let (applied, finished, answer) = self
-                        .apply_step(
-                            &mut tx,
-                            &mut batch,
-                            saga,
-                            attempt.as_deref(),
-                            trace,
-                            locked.get(&saga.id),
-                        )
-                        .await?;
-                    JobResult::Step(applied, finished, answer)
-                }
-            };
-            out.push(r);
+                } => match self.begin_step(saga, attempt.as_deref(), trace, locked.get(&saga.id), now) {
+                    Some(a) => {
+                        advancing.push(a);
+                        places.push(i);
+                        None
+                    }
+                    None => Some(JobResult::Step(Applied::Fenced, false, None)),
+                },
+            });
         }
+        self.run_locals(&mut tx, &mut advancing, now).await?;
+        for (a, i) in advancing.into_iter().zip(places) {
+            out[i] = Some(self.stage_step(&mut tx, &mut batch, a, now).await?);
+        }
+        let out = out.into_iter().flatten().collect::<Vec<_>>();
         batch.flush(&mut tx, self.cfg.lease, &*self.hooks).await?;
         tx.commit().await?;
         Ok(out)

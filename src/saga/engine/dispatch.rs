@@ -150,16 +150,17 @@ impl Inner {
         (attempt, trace)
     }
 
-    /// Runs a local step in the shared commit's transaction, in a span of its own under the
-    /// saga's session; returns the attempt with that span's context.
-    pub(super) async fn run_local(
+    /// Runs a local step for `sagas` (those of a shared commit due to run it) in the commit's
+    /// transaction, in one call of its handler, each in a span of its own under its session
+    /// (`sessions`, in the same order); returns each attempt with its span's context.
+    pub(super) async fn run_local_many(
         &self,
         conn: &mut sqlx::PgConnection,
-        saga: &Saga,
+        sagas: &[&Saga],
+        sessions: &[&tracing::Span],
         step: usize,
         kind: Kind,
-        session: &tracing::Span,
-    ) -> Result<(Attempt, Arc<Trace>), sqlx::Error> {
+    ) -> Result<Vec<(Attempt, Arc<Trace>)>, sqlx::Error> {
         let resolved = &self.steps[step];
         let (name, handler) = match kind {
             Kind::Action => (resolved.shape.action, &resolved.action),
@@ -168,47 +169,67 @@ impl Inner {
         let Handler::Local(handler) = handler else {
             unreachable!("step {name} is not local")
         };
-        let number = saga.attempt + 1;
-        let span = tracing::info_span!(
-            parent: session,
-            "saga.step",
-            otel.name = format!("{} {}", kind.as_str(), name),
-            saga.step = name,
-            saga.step.kind = kind.as_str(),
-            saga.step.local = true,
-            saga.attempt = number,
-            saga.outcome = tracing::field::Empty,
-            error.r#type = tracing::field::Empty,
-            otel.status_code = tracing::field::Empty,
-        );
+        let spans: Vec<tracing::Span> = sagas
+            .iter()
+            .zip(sessions)
+            .map(|(saga, session)| {
+                tracing::info_span!(
+                    parent: *session,
+                    "saga.step",
+                    otel.name = format!("{} {}", kind.as_str(), name),
+                    saga.step = name,
+                    saga.step.kind = kind.as_str(),
+                    saga.step.local = true,
+                    saga.attempt = saga.attempt + 1,
+                    saga.outcome = tracing::field::Empty,
+                    error.r#type = tracing::field::Empty,
+                    otel.status_code = tracing::field::Empty,
+                )
+            })
+            .collect();
         let started = std::time::Instant::now();
         let started_at = OffsetDateTime::now_utc();
-        let work = handler.run(conn, saga);
-        let outcome = match work.instrument(span.clone()).await {
-            Ok(o) => o,
+        let outcomes = match handler.run_many(conn, sagas).await {
+            Ok(o) if o.len() == sagas.len() => o,
+            Ok(o) => {
+                return Err(sqlx::Error::Protocol(format!(
+                    "local step {name} answered {} times for {} sagas",
+                    o.len(),
+                    sagas.len()
+                )));
+            }
             Err(e) => {
-                span.record("error.type", "database");
-                span.record("otel.status_code", "error");
+                for span in &spans {
+                    span.record("error.type", "database");
+                    span.record("otel.status_code", "error");
+                }
                 return Err(e);
             }
         };
-        let attempt = Attempt {
-            step,
-            kind,
-            number,
-            started_at,
-            idempotency_key: None,
-            downstream_status: None,
-            duration: Some(started.elapsed()),
-            outcome,
-        };
-        let (label, class) = outcome_label(&attempt);
-        span.record("saga.outcome", label);
-        if let Some(c) = class {
-            span.record("error.type", c);
-            span.record("otel.status_code", "error");
-        }
-        Ok((attempt, trace_of(&span, &saga.trace)))
+        let duration = started.elapsed();
+        Ok(outcomes
+            .into_iter()
+            .zip(sagas.iter().zip(spans))
+            .map(|(outcome, (saga, span))| {
+                let attempt = Attempt {
+                    step,
+                    kind,
+                    number: saga.attempt + 1,
+                    started_at,
+                    idempotency_key: None,
+                    downstream_status: None,
+                    duration: Some(duration),
+                    outcome,
+                };
+                let (label, class) = outcome_label(&attempt);
+                span.record("saga.outcome", label);
+                if let Some(c) = class {
+                    span.record("error.type", c);
+                    span.record("otel.status_code", "error");
+                }
+                (attempt, trace_of(&span, &saga.trace))
+            })
+            .collect())
     }
 }
 

@@ -340,12 +340,13 @@ async fn script(pool: &PgPool) -> anyhow::Result<String> {
     let persist = render(
         order_store::PERSIST_ORDER_SQL,
         &[
-            ":order_id::int".into(),
+            array(items.iter().map(|_| ":order_id::int".to_string())),
             int_array(items.iter().map(|i| i.0.to_string()).collect()),
             int_array(items.iter().map(|i| i.1.to_string()).collect()),
             int_array(items.iter().map(|i| i.2.clone()).collect()),
-            total.clone(),
-            lit(&currency),
+            array([":order_id::int".into()]),
+            array([format!("{total}::numeric")]),
+            array([lit(&currency)]),
         ],
     )?;
     writeln!(s, "{persist};")?;
@@ -505,7 +506,7 @@ mod tests {
         for (sql, n) in [
             (order_store::CREATE_ORDER_SAGA_SQL, 12),
             (store::CREATE_SQL, 12),
-            (order_store::PERSIST_ORDER_SQL, 6),
+            (order_store::PERSIST_ORDER_SQL, 7),
             (order_store::CONFIRM_ORDER_SQL, 2),
             (store::STAGE_WRITES_SQL, 20),
             (store::UPDATE_SAGAS_SQL, 15),
