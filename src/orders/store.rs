@@ -91,6 +91,7 @@ pub struct OrderView {
     pub order_items: Vec<OrderItemView>,
 }
 
+#[derive(sqlx::FromRow)]
 struct Row {
     order_id: i32,
     user_id: i32,
@@ -144,26 +145,33 @@ fn to_view(r: Row) -> OrderView {
     }
 }
 
+/// An order as the API shows it: its row, its lines (as JSON, in id order) and its saga's input
+/// (the requested lines, shown until the order is priced). Followed by each reader's `where`.
+macro_rules! order_view_select {
+    () => {
+        r#"select o.order_id, o.user_id, o.order_date, o.status, o.total_amount, o.currency, o.shipment_id,
+                  o.status_reason,
+                  coalesce((select json_agg(json_build_object('orderItemID', i.order_item_id, 'productID', i.product_id,
+                                                              'quantity', i.quantity, 'price', i.price::text)
+                                            order by i.order_item_id)
+                              from order_items i where i.order_id = o.order_id), '[]'::json)::jsonb as items,
+                  s.input
+             from orders o join sagas s on s.saga_id = o.saga_id"#
+    };
+}
+
 /// The caller's order, or None when it does not exist or belongs to someone else.
 pub async fn get(
     conn: &mut PgConnection,
     order_id: i32,
     user_id: i32,
 ) -> Result<Option<OrderView>, sqlx::Error> {
-    let r = sqlx::query_as!(
-        Row,
-        r#"select o.order_id, o.user_id, o.order_date, o.status, o.total_amount, o.currency, o.shipment_id,
-                  o.status_reason,
-                  coalesce((select json_agg(json_build_object('orderItemID', i.order_item_id, 'productID', i.product_id,
-                                                              'quantity', i.quantity, 'price', i.price::text)
-                                            order by i.order_item_id)
-                              from order_items i where i.order_id = o.order_id), '[]'::json)::jsonb as "items!",
-                  s.input as "input!"
-             from orders o join sagas s on s.saga_id = o.saga_id
-            where o.order_id = $1 and o.user_id = $2"#,
-        order_id,
-        user_id
-    )
+    let r: Option<Row> = sqlx::query_as(concat!(
+        order_view_select!(),
+        " where o.order_id = $1 and o.user_id = $2"
+    ))
+    .bind(order_id)
+    .bind(user_id)
     .fetch_optional(&mut *conn)
     .await?;
     Ok(r.map(to_view))
@@ -176,23 +184,13 @@ pub async fn list(
     before: Option<i32>,
     limit: i64,
 ) -> Result<Vec<OrderView>, sqlx::Error> {
-    let rows = sqlx::query_as!(
-        Row,
-        r#"select o.order_id, o.user_id, o.order_date, o.status, o.total_amount, o.currency, o.shipment_id,
-                  o.status_reason,
-                  coalesce((select json_agg(json_build_object('orderItemID', i.order_item_id, 'productID', i.product_id,
-                                                              'quantity', i.quantity, 'price', i.price::text)
-                                            order by i.order_item_id)
-                              from order_items i where i.order_id = o.order_id), '[]'::json)::jsonb as "items!",
-                  s.input as "input!"
-             from orders o join sagas s on s.saga_id = o.saga_id
-            where o.user_id = $1 and ($2::int is null or o.order_id < $2)
-            order by o.order_id desc
-            limit $3"#,
-        user_id,
-        before,
-        limit
-    )
+    let rows: Vec<Row> = sqlx::query_as(concat!(
+        order_view_select!(),
+        " where o.user_id = $1 and ($2::int is null or o.order_id < $2) order by o.order_id desc limit $3"
+    ))
+    .bind(user_id)
+    .bind(before)
+    .bind(limit)
     .fetch_all(&mut *conn)
     .await?;
     Ok(rows.into_iter().map(to_view).collect())
