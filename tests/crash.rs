@@ -314,39 +314,40 @@ async fn a_service_killed_mid_saga_resumes_every_saga_without_duplicates() {
 
 #[tokio::test]
 async fn serve_stops_within_five_seconds_of_sigterm_keeping_its_in_flight_sagas() {
-    let Stack {
-        _keep,
-        pool,
-        stop,
-        catalog_url,
-        shipments_url,
-        mut svc,
-        http,
-    } = Stack::new().await;
+    let mut stack = Stack::new().await;
+    let (http, pool) = (stack.http.clone(), stack.pool.clone());
 
     // Idle: stops at once.
-    svc.start_ready(&http).await;
-    let (took, ok) = svc.terminate().await;
+    stack.svc.start_ready(&http).await;
+    let (took, ok) = stack.svc.terminate().await;
     assert!(ok, "serve exited with a failure after SIGTERM");
     assert!(took < STOP_BOUND, "an idle serve took {took:?} to stop");
 
     // Busy: one saga waits on a shipper that never answers, three on a slow catalog, when the
     // signal comes.
-    svc.start_ready(&http).await;
-    let token = login(&http, &svc.base()).await;
-    faults(&http, &shipments_url, json!({"hang": true, "endpoint": "create"})).await;
-    assert_eq!(place(&http, &svc.base(), &token, "hanging").await, 202);
+    stack.svc.start_ready(&http).await;
+    let token = login(&http, &stack.svc.base()).await;
     faults(
         &http,
-        &catalog_url,
+        &stack.shipments_url,
+        json!({"hang": true, "endpoint": "create"}),
+    )
+    .await;
+    assert_eq!(place(&http, &stack.svc.base(), &token, "hanging").await, 202);
+    faults(
+        &http,
+        &stack.catalog_url,
         json!({"latencyMs": 1500, "endpoint": "reserve"}),
     )
     .await;
     for i in 0..3 {
-        assert_eq!(place(&http, &svc.base(), &token, &format!("busy-{i}")).await, 202);
+        assert_eq!(
+            place(&http, &stack.svc.base(), &token, &format!("busy-{i}")).await,
+            202
+        );
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let (took, ok) = svc.terminate().await;
+    let (took, ok) = stack.svc.terminate().await;
     assert!(ok, "serve exited with a failure after SIGTERM");
     assert!(took < STOP_BOUND, "a busy serve took {took:?} to stop");
     // The sagas whose catalog call answered committed their step and gave their lease back; only
@@ -367,27 +368,30 @@ async fn serve_stops_within_five_seconds_of_sigterm_keeping_its_in_flight_sagas(
 
     // Nothing lost: after a restart every saga finishes, each with exactly one reservation and
     // one shipment.
-    let _ = http.delete(format!("{catalog_url}/sim/faults")).send().await;
-    let _ = http.delete(format!("{shipments_url}/sim/faults")).send().await;
-    svc.start_ready(&http).await;
+    for sim in [&stack.catalog_url, &stack.shipments_url] {
+        let _ = http.delete(format!("{sim}/sim/faults")).send().await;
+    }
+    stack.svc.start_ready(&http).await;
     wait_all_finished(&pool, 4).await;
     let completed: i64 = sqlx::query_scalar("select count(*) from orders where status = 'confirmed'")
         .fetch_one(&pool)
         .await
         .unwrap();
     assert_eq!(completed, 4, "every order placed before the signal is confirmed");
-    let reservations: Vec<Value> = client::get_json(&http, &format!("{catalog_url}/sim/reservations")).await;
+    let reservations: Vec<Value> =
+        client::get_json(&http, &format!("{}/sim/reservations", stack.catalog_url)).await;
     let active = reservations.iter().filter(|r| r["status"] == "active").count();
     assert_eq!(active, 4, "one reservation per order: {reservations:?}");
-    let shipped: Vec<Value> = client::get_json(&http, &format!("{shipments_url}/sim/shipments")).await;
+    let shipped: Vec<Value> =
+        client::get_json(&http, &format!("{}/sim/shipments", stack.shipments_url)).await;
     let created = shipped.iter().filter(|s| s["status"] == "created").count();
     assert_eq!(created, 4, "one shipment per order: {shipped:?}");
-    verify(&pool, &catalog_url, &shipments_url)
+    verify(&pool, &stack.catalog_url, &stack.shipments_url)
         .await
         .assert_hold(&[1, 2, 3, 7]);
-    let (took, ok) = svc.terminate().await;
+    let (took, ok) = stack.svc.terminate().await;
     assert!(ok && took < STOP_BOUND, "serve took {took:?} to stop");
-    stop.cancel();
+    stack.stop.cancel();
 }
 
 #[tokio::test]
