@@ -97,21 +97,7 @@ fn migrate_and_users_create_work_against_a_new_database() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = bin()
-        .args([
-            "users",
-            "create",
-            "--email",
-            "cli@example.com",
-            "--password",
-            "long-enough",
-            "--role",
-            "admin",
-            "--database-url",
-            &db,
-        ])
-        .output()
-        .unwrap();
+    let out = create_user(&db, "cli@example.com", &["--role", "admin"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let id: i32 = String::from_utf8(out.stdout)
         .unwrap()
@@ -120,19 +106,7 @@ fn migrate_and_users_create_work_against_a_new_database() {
         .expect("prints the new user's id");
     assert!(id > 0);
     // The same email again is refused with a clear message.
-    let out = bin()
-        .args([
-            "users",
-            "create",
-            "--email",
-            "CLI@example.com",
-            "--password",
-            "long-enough",
-            "--database-url",
-            &db,
-        ])
-        .output()
-        .unwrap();
+    let out = create_user(&db, "CLI@example.com", &[]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
 
@@ -167,20 +141,19 @@ fn migrate_and_users_create_work_against_a_new_database() {
         }
     }
     // The deleted account's email may be given to a new user.
-    let out = bin()
-        .args([
-            "users",
-            "create",
-            "--email",
-            "cli@example.com",
-            "--password",
-            "long-enough",
-        ])
-        .args(["--database-url", &db])
-        .output()
-        .unwrap();
+    let out = create_user(&db, "cli@example.com", &[]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     drop_db(&db);
+}
+
+/// `users create` of `email` (password `long-enough`, plus `extra` arguments) in the database at `db`.
+fn create_user(db: &str, email: &str, extra: &[&str]) -> std::process::Output {
+    bin()
+        .args(["users", "create", "--email", email, "--password", "long-enough"])
+        .args(extra)
+        .args(["--database-url", db])
+        .output()
+        .unwrap()
 }
 
 fn drop_db(url: &str) {

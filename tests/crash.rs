@@ -55,6 +55,12 @@ impl Service {
     fn base(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
+
+    /// Starts the service and waits until it answers ready.
+    async fn start_ready(&mut self, http: &reqwest::Client) {
+        self.start();
+        wait_ready(http, &self.base()).await;
+    }
 }
 
 impl Drop for Service {
@@ -149,11 +155,11 @@ async fn verify(
 /// A database with one customer, both simulators (product 1 in stock), and a service (not started
 /// yet) pointed at them, with a short lease and fast retries.
 struct Stack {
-    db: TestDb,
+    /// The database and the simulators, kept for the test's whole run (the database is dropped
+    /// with it; the simulators' servers serve their state).
+    _keep: (TestDb, CatalogSim, ShipmentsSim),
     pool: sqlx::PgPool,
     stop: CancellationToken,
-    /// The simulators, kept for the test's whole run (their servers serve their state).
-    _sims: (CatalogSim, ShipmentsSim),
     catalog_url: String,
     shipments_url: String,
     svc: Service,
@@ -193,10 +199,9 @@ impl Stack {
             .build()
             .unwrap();
         Stack {
-            db,
+            _keep: (db, catalog, shipments),
             pool,
             stop,
-            _sims: (catalog, shipments),
             catalog_url,
             shipments_url,
             svc,
@@ -208,70 +213,48 @@ impl Stack {
 #[tokio::test]
 async fn a_service_killed_mid_saga_resumes_every_saga_without_duplicates() {
     let Stack {
-        db: _db,
+        _keep,
         pool,
         stop,
-        _sims,
         catalog_url,
         shipments_url,
         mut svc,
         http,
     } = Stack::new().await;
-    svc.start();
-    wait_ready(&http, &svc.base()).await;
+    svc.start_ready(&http).await;
     let token = login(&http, &svc.base()).await;
 
-    // 1. Killed while reserve_inventory waits on the catalog.
-    faults(
-        &http,
-        &catalog_url,
-        json!({"latencyMs": 1500, "endpoint": "reserve"}),
-    )
-    .await;
-    assert_eq!(place(&http, &svc.base(), &token, "during-reserve").await, 202);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    svc.kill();
-    faults(&http, &catalog_url, json!([])).await;
-    svc.start();
-    wait_ready(&http, &svc.base()).await;
-    wait_all_finished(&pool, 1).await;
-
-    // 2. Killed while create_shipment waits on the shipper.
-    faults(
-        &http,
-        &shipments_url,
-        json!({"latencyMs": 1500, "endpoint": "create"}),
-    )
-    .await;
-    assert_eq!(place(&http, &svc.base(), &token, "during-shipment").await, 202);
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    svc.kill();
-    faults(&http, &shipments_url, json!([])).await;
-    svc.start();
-    wait_ready(&http, &svc.base()).await;
-    wait_all_finished(&pool, 2).await;
-
-    // 3. Killed during a compensation (release after a fatal shipment refusal).
-    faults(
-        &http,
-        &shipments_url,
-        json!({"failNext": 1, "failStatus": 422, "endpoint": "create"}),
-    )
-    .await;
-    faults(
-        &http,
-        &catalog_url,
-        json!({"latencyMs": 1500, "endpoint": "release"}),
-    )
-    .await;
-    let s = place(&http, &svc.base(), &token, "during-compensation").await;
-    assert_eq!(s, 202);
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    svc.kill();
-    faults(&http, &catalog_url, json!([])).await;
-    svc.start();
-    wait_ready(&http, &svc.base()).await;
-    wait_all_finished(&pool, 3).await;
+    // Killed while one call of a saga waits on a slow service: the faults that set it up, the
+    // service held up (its faults are lifted before the restart), the order's key, and how long
+    // after placing it the kill comes.
+    let slow = |endpoint: &str| json!({"latencyMs": 1500, "endpoint": endpoint});
+    let refuse_shipment = json!({"failNext": 1, "failStatus": 422, "endpoint": "create"});
+    let kills = [
+        // 1. While reserve_inventory waits on the catalog.
+        (vec![], &catalog_url, slow("reserve"), "during-reserve", 300),
+        // 2. While create_shipment waits on the shipper.
+        (vec![], &shipments_url, slow("create"), "during-shipment", 400),
+        // 3. During a compensation (release after a fatal shipment refusal).
+        (
+            vec![(&shipments_url, refuse_shipment)],
+            &catalog_url,
+            slow("release"),
+            "during-compensation",
+            500,
+        ),
+    ];
+    for (finished, (other_faults, held_up, held_up_fault, key, kill_after_ms)) in (1..).zip(kills) {
+        for (url, fault) in other_faults {
+            faults(&http, url, fault).await;
+        }
+        faults(&http, held_up, held_up_fault).await;
+        assert_eq!(place(&http, &svc.base(), &token, key).await, 202, "{key}");
+        tokio::time::sleep(Duration::from_millis(kill_after_ms)).await;
+        svc.kill();
+        faults(&http, held_up, json!([])).await;
+        svc.start_ready(&http).await;
+        wait_all_finished(&pool, finished).await;
+    }
 
     // 4. Killed at arbitrary instants while several orders are in flight.
     faults(&http, &catalog_url, json!({"latencyMs": 150})).await;
@@ -290,8 +273,7 @@ async fn a_service_killed_mid_saga_resumes_every_saga_without_duplicates() {
         )
         .await;
         svc.kill();
-        svc.start();
-        wait_ready(&http, &svc.base()).await;
+        svc.start_ready(&http).await;
     }
     faults(&http, &catalog_url, json!([])).await;
     faults(&http, &shipments_url, json!([])).await;
@@ -313,14 +295,7 @@ async fn a_service_killed_mid_saga_resumes_every_saga_without_duplicates() {
         .await
         .unwrap();
     let completed = sagas.iter().filter(|s| s.2 == "completed").count() as i64;
-    let product: Value = http
-        .get(format!("{catalog_url}/sim/products/1"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let product: Value = client::get_json(&http, &format!("{catalog_url}/sim/products/1")).await;
     assert_eq!(
         product["reserved"].as_i64().unwrap(),
         completed,
@@ -339,42 +314,40 @@ async fn a_service_killed_mid_saga_resumes_every_saga_without_duplicates() {
 
 #[tokio::test]
 async fn serve_stops_within_five_seconds_of_sigterm_keeping_its_in_flight_sagas() {
-    let Stack {
-        db: _db,
-        pool,
-        stop,
-        _sims,
-        catalog_url,
-        shipments_url,
-        mut svc,
-        http,
-    } = Stack::new().await;
+    let mut stack = Stack::new().await;
+    let (http, pool) = (stack.http.clone(), stack.pool.clone());
 
     // Idle: stops at once.
-    svc.start();
-    wait_ready(&http, &svc.base()).await;
-    let (took, ok) = svc.terminate().await;
+    stack.svc.start_ready(&http).await;
+    let (took, ok) = stack.svc.terminate().await;
     assert!(ok, "serve exited with a failure after SIGTERM");
     assert!(took < STOP_BOUND, "an idle serve took {took:?} to stop");
 
     // Busy: one saga waits on a shipper that never answers, three on a slow catalog, when the
     // signal comes.
-    svc.start();
-    wait_ready(&http, &svc.base()).await;
-    let token = login(&http, &svc.base()).await;
-    faults(&http, &shipments_url, json!({"hang": true, "endpoint": "create"})).await;
-    assert_eq!(place(&http, &svc.base(), &token, "hanging").await, 202);
+    stack.svc.start_ready(&http).await;
+    let token = login(&http, &stack.svc.base()).await;
     faults(
         &http,
-        &catalog_url,
+        &stack.shipments_url,
+        json!({"hang": true, "endpoint": "create"}),
+    )
+    .await;
+    assert_eq!(place(&http, &stack.svc.base(), &token, "hanging").await, 202);
+    faults(
+        &http,
+        &stack.catalog_url,
         json!({"latencyMs": 1500, "endpoint": "reserve"}),
     )
     .await;
     for i in 0..3 {
-        assert_eq!(place(&http, &svc.base(), &token, &format!("busy-{i}")).await, 202);
+        assert_eq!(
+            place(&http, &stack.svc.base(), &token, &format!("busy-{i}")).await,
+            202
+        );
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let (took, ok) = svc.terminate().await;
+    let (took, ok) = stack.svc.terminate().await;
     assert!(ok, "serve exited with a failure after SIGTERM");
     assert!(took < STOP_BOUND, "a busy serve took {took:?} to stop");
     // The sagas whose catalog call answered committed their step and gave their lease back; only
@@ -395,42 +368,30 @@ async fn serve_stops_within_five_seconds_of_sigterm_keeping_its_in_flight_sagas(
 
     // Nothing lost: after a restart every saga finishes, each with exactly one reservation and
     // one shipment.
-    let _ = http.delete(format!("{catalog_url}/sim/faults")).send().await;
-    let _ = http.delete(format!("{shipments_url}/sim/faults")).send().await;
-    svc.start();
-    wait_ready(&http, &svc.base()).await;
+    for sim in [&stack.catalog_url, &stack.shipments_url] {
+        let _ = http.delete(format!("{sim}/sim/faults")).send().await;
+    }
+    stack.svc.start_ready(&http).await;
     wait_all_finished(&pool, 4).await;
     let completed: i64 = sqlx::query_scalar("select count(*) from orders where status = 'confirmed'")
         .fetch_one(&pool)
         .await
         .unwrap();
     assert_eq!(completed, 4, "every order placed before the signal is confirmed");
-    let reservations: Vec<Value> = http
-        .get(format!("{catalog_url}/sim/reservations"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let reservations: Vec<Value> =
+        client::get_json(&http, &format!("{}/sim/reservations", stack.catalog_url)).await;
     let active = reservations.iter().filter(|r| r["status"] == "active").count();
     assert_eq!(active, 4, "one reservation per order: {reservations:?}");
-    let shipped: Vec<Value> = http
-        .get(format!("{shipments_url}/sim/shipments"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let shipped: Vec<Value> =
+        client::get_json(&http, &format!("{}/sim/shipments", stack.shipments_url)).await;
     let created = shipped.iter().filter(|s| s["status"] == "created").count();
     assert_eq!(created, 4, "one shipment per order: {shipped:?}");
-    verify(&pool, &catalog_url, &shipments_url)
+    verify(&pool, &stack.catalog_url, &stack.shipments_url)
         .await
         .assert_hold(&[1, 2, 3, 7]);
-    let (took, ok) = svc.terminate().await;
+    let (took, ok) = stack.svc.terminate().await;
     assert!(ok && took < STOP_BOUND, "serve took {took:?} to stop");
-    stop.cancel();
+    stack.stop.cancel();
 }
 
 #[tokio::test]

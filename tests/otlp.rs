@@ -18,11 +18,10 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use prost::Message as _;
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use support::spans::SpanLine;
-use support::{AppOptions, serve_router, spawn_app_with};
+use support::{place_traced_order_retried_once, serve_router};
 
 /// One span as received, flattened.
 #[derive(Debug, Clone)]
@@ -161,36 +160,14 @@ async fn a_sagas_trace_reaches_an_otlp_receiver_as_one_tree_with_the_conventions
         std::env::set_var("OTEL_METRICS_EXPORTER", "none");
     }
     let guard = ostore_orders::telemetry::init("ostore-orders", ostore_orders::telemetry::LogFormat::Pretty);
-    let app = spawn_app_with(AppOptions {
-        kafka: true,
-        auto_advance_ms: Some(200),
-        ..Default::default()
-    })
-    .await;
-    app.product(1, 10, "1.00");
-    // The catalog answers 503 once: the reservation is retried by a later session of the saga.
-    app.catalog_faults(json!({"failNext": 1, "endpoint": "reserve"}))
-        .await;
-    let (_, token) = app.customer("otlp@example.com").await;
     let trace_id = "5af7651916cd43dd8448eb211c80319d";
     let caller = "00f067aa0ba902b8";
-    let r = app
-        .place_traced(
-            &token,
-            "otlp",
-            &format!("00-{trace_id}-{caller}-01"),
-            json!([{"productID": 1, "quantity": 1}]),
-        )
-        .await;
+    // The catalog answers 503 once: the reservation is retried by a later session of the saga.
+    let (app, r) =
+        place_traced_order_retried_once("otlp@example.com", "otlp", &format!("00-{trace_id}-{caller}-01"))
+            .await;
     assert!(r.status().is_success(), "{}", r.status());
-    app.eventually_eq("select status from orders", "delivered", 30)
-        .await;
-    app.eventually_eq(
-        "select (count(*) = 0)::text from outbox where id > outbox_published_through()",
-        "true",
-        20,
-    )
-    .await;
+    app.wait_delivered_and_published().await;
     // Every notification of the delivery went out (the last hop of the trace).
     tokio::time::sleep(Duration::from_millis(1500)).await;
     guard.flush();

@@ -12,7 +12,7 @@ use opentelemetry_sdk::trace::{SpanData, SpanExporter};
 use serde_json::json;
 
 use support::spans::SpanLine;
-use support::{AppOptions, spawn_app_with};
+use support::{place_traced_order_retried_once, spawn_app_with_flags};
 
 #[derive(Debug, Clone, Default)]
 struct Collector(Arc<Mutex<Vec<SpanData>>>);
@@ -59,38 +59,19 @@ fn tree(spans: &[SpanData]) -> String {
 async fn one_trace_spans_the_request_the_steps_the_downstream_services_kafka_and_the_consumer() {
     let collector = Collector::default();
     let _guard = ostore_orders::telemetry::init_with_span_exporter("ostore-orders-test", collector.clone());
-    let app = spawn_app_with(AppOptions {
-        kafka: true,
-        auto_advance_ms: Some(200),
-        ..Default::default()
-    })
-    .await;
-    app.product(1, 10, "1.00");
-    // The catalog fails once, so a retry is part of the trace too.
-    app.catalog_faults(json!({"failNext": 1, "endpoint": "reserve"}))
-        .await;
-    let (_, token) = app.customer("trace@example.com").await;
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
-    let r = app
-        .place_traced(
-            &token,
-            "traced",
-            &format!("00-{trace_id}-00f067aa0ba902b7-01"),
-            json!([{"productID": 1, "quantity": 1}]),
-        )
-        .await;
+    // The catalog fails once, so a retry is part of the trace too.
+    let (app, r) = place_traced_order_retried_once(
+        "trace@example.com",
+        "traced",
+        &format!("00-{trace_id}-00f067aa0ba902b7-01"),
+    )
+    .await;
     assert_eq!(r.status(), 201);
     app.eventually_eq("select state from sagas", "completed", 10)
         .await;
     // The shipper's TrackingEvents come back through Kafka to the consumer, still in the trace.
-    app.eventually_eq("select status from orders", "delivered", 30)
-        .await;
-    app.eventually_eq(
-        "select (count(*) = 0)::text from outbox where id > outbox_published_through()",
-        "true",
-        20,
-    )
-    .await;
+    app.wait_delivered_and_published().await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let spans = collector.in_trace(trace_id);
     let names: Vec<String> = spans.iter().map(|s| s.name.to_string()).collect();
@@ -147,11 +128,7 @@ async fn one_trace_spans_the_request_the_steps_the_downstream_services_kafka_and
 async fn a_saga_resumed_by_another_worker_stays_in_its_trace_and_links_to_the_session_before() {
     let collector = Collector::default();
     let _guard = ostore_orders::telemetry::init_with_span_exporter("ostore-orders-test", collector.clone());
-    let app = spawn_app_with(AppOptions {
-        flags: vec!["--order-wait-ms", "100", "--saga-lease-ms", "6000"],
-        ..Default::default()
-    })
-    .await;
+    let app = spawn_app_with_flags(&["--order-wait-ms", "100", "--saga-lease-ms", "6000"]).await;
     app.product(1, 10, "1.00");
     let (_, token) = app.customer("resume@example.com").await;
     let trace_id = "0af7651916cd43dd8448eb211c80319c";
@@ -171,10 +148,7 @@ async fn a_saga_resumed_by_another_worker_stays_in_its_trace_and_links_to_the_se
     app.eventually_eq("select step_name from sagas", "create_shipment", 10)
         .await;
     // Resume from the database, as a restarted worker would: the trace context comes from the row.
-    sqlx::query("update sagas set lease_owner = null, lease_expires_at = null, fence = fence + 1, next_attempt_at = now()")
-        .execute(&app.db)
-        .await
-        .unwrap();
+    app.exec("update sagas set lease_owner = null, lease_expires_at = null, fence = fence + 1, next_attempt_at = now()").await;
     app.engine.run_due_once().await.unwrap();
     app.eventually_eq("select state from sagas", "completed", 10)
         .await;
@@ -206,11 +180,7 @@ async fn a_saga_resumed_by_another_worker_stays_in_its_trace_and_links_to_the_se
 async fn an_event_written_for_a_customers_cancel_is_in_the_orders_trace_linked_to_the_cancel_request() {
     let collector = Collector::default();
     let _guard = ostore_orders::telemetry::init_with_span_exporter("ostore-orders-test", collector.clone());
-    let app = spawn_app_with(AppOptions {
-        flags: vec!["--order-wait-ms", "100"],
-        ..Default::default()
-    })
-    .await;
+    let app = spawn_app_with_flags(&["--order-wait-ms", "100"]).await;
     app.product(1, 10, "1.00");
     let (_, token) = app.customer("cancel-trace@example.com").await;
     let order_trace = "1af7651916cd43dd8448eb211c80319e";

@@ -46,24 +46,40 @@ async fn snapshot_of(conn: &mut PgConnection, saga_id: Uuid) -> Result<Value, sq
         .unwrap_or(Value::Null))
 }
 
+/// Locks a saga for an operator's action; `Err` with the outcome when there is nothing to act on
+/// (no such saga, or a terminal one).
+async fn lock_live(
+    conn: &mut PgConnection,
+    saga_id: Uuid,
+) -> Result<Result<OperatorView, ActionOutcome>, sqlx::Error> {
+    Ok(match saga_store::lock_for_operator(conn, saga_id).await? {
+        None => Err(ActionOutcome::NotFound),
+        Some(l) if l.state.is_terminal() => Err(ActionOutcome::Terminal(l.state)),
+        Some(l) => Ok(l),
+    })
+}
+
+/// Ends an operator's action: wakes the workers and reports the saga as it was `before` and is now.
+async fn done(conn: &mut PgConnection, saga_id: Uuid, before: Value) -> Result<ActionOutcome, sqlx::Error> {
+    saga_store::wake_due(conn).await?;
+    let after = snapshot_of(conn, saga_id).await?;
+    Ok(ActionOutcome::Done { before, after })
+}
+
 /// Re-drives a saga: a stuck one continues its compensation with fresh attempts; a waiting one runs
 /// its next attempt now. Terminal sagas are refused. Harmless to repeat.
 pub async fn retry(conn: &mut PgConnection, saga_id: Uuid) -> Result<ActionOutcome, sqlx::Error> {
-    let Some(l) = saga_store::lock_for_operator(conn, saga_id).await? else {
-        return Ok(ActionOutcome::NotFound);
+    let l = match lock_live(conn, saga_id).await? {
+        Ok(l) => l,
+        Err(refused) => return Ok(refused),
     };
-    if l.state.is_terminal() {
-        return Ok(ActionOutcome::Terminal(l.state));
-    }
     let before = snapshot(&l);
     if l.state == SagaState::Stuck {
         saga_store::resume_compensation(conn, saga_id, None).await?;
     } else if !l.leased {
         saga_store::run_now(conn, saga_id).await?;
     }
-    saga_store::wake_due(conn).await?;
-    let after = snapshot_of(conn, saga_id).await?;
-    Ok(ActionOutcome::Done { before, after })
+    done(conn, saga_id, before).await
 }
 
 /// Compensates a running or stuck saga (a running one turns at its next step boundary). Refused for
@@ -73,12 +89,10 @@ pub async fn cancel(
     saga_id: Uuid,
     actor: i32,
 ) -> Result<ActionOutcome, sqlx::Error> {
-    let Some(l) = saga_store::lock_for_operator(conn, saga_id).await? else {
-        return Ok(ActionOutcome::NotFound);
+    let l = match lock_live(conn, saga_id).await? {
+        Ok(l) => l,
+        Err(refused) => return Ok(refused),
     };
-    if l.state.is_terminal() {
-        return Ok(ActionOutcome::Terminal(l.state));
-    }
     let before = snapshot(&l);
     let reason = format!("by admin {actor}");
     match l.state {
@@ -98,9 +112,7 @@ pub async fn cancel(
         // Compensating already: nothing more to do.
         _ => {}
     }
-    saga_store::wake_due(conn).await?;
-    let after = snapshot_of(conn, saga_id).await?;
-    Ok(ActionOutcome::Done { before, after })
+    done(conn, saga_id, before).await
 }
 
 /// Writes an audit row; returns its id.

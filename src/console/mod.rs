@@ -21,7 +21,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{ConnectInfo, Form, FromRequestParts, Path, Query, State};
+use axum::extract::{ConnectInfo, Form, FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
@@ -106,11 +106,23 @@ pub fn router() -> Router<AppState> {
         .route("/console/sagas", get(sagas_page))
         .route("/console/sagas/retry", post(bulk_retry))
         .route("/console/sagas/{id}", get(saga_page))
-        .route("/console/sagas/{id}/retry", post(saga_retry))
-        .route("/console/sagas/{id}/cancel", post(saga_cancel))
+        .route(
+            "/console/sagas/{id}/retry",
+            post(|state, id, form| saga_action(state, id, form, "saga.retry")),
+        )
+        .route(
+            "/console/sagas/{id}/cancel",
+            post(|state, id, form| saga_action(state, id, form, "saga.cancel")),
+        )
         .route("/console/pipeline", get(pipeline_page))
-        .route("/console/dead-letters/{id}/replay", post(replay_tracking))
-        .route("/console/outbox/dead-letters/{id}/replay", post(replay_outbox))
+        .route(
+            "/console/dead-letters/{id}/replay",
+            post(|state, id, form| replay(state, id, form, DeadLetter::Tracking)),
+        )
+        .route(
+            "/console/outbox/dead-letters/{id}/replay",
+            post(|state, id, form| replay(state, id, form, DeadLetter::Outbox)),
+        )
         .route("/console/audit", get(audit_page))
         .layer(axum::middleware::map_response(security_headers))
 }
@@ -276,6 +288,33 @@ fn check_form(headers: &HeaderMap, s: &Session, form: &HashMap<String, String>) 
     Ok(())
 }
 
+/// A state-changing form posted in a console session, checked before any handler sees it: sent
+/// from a page of this origin and carrying the session's CSRF token ([`check_form`]).
+struct SessionForm {
+    /// The session that posted it.
+    s: Session,
+    /// Its fields.
+    form: HashMap<String, String>,
+}
+
+impl FromRequest<AppState> for SessionForm {
+    type Rejection = Response;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let (mut parts, body) = req.into_parts();
+        let s = Session::from_request_parts(&mut parts, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let headers = parts.headers.clone();
+        let Form(form) =
+            Form::<HashMap<String, String>>::from_request(Request::from_parts(parts, body), state)
+                .await
+                .map_err(IntoResponse::into_response)?;
+        check_form(&headers, &s, &form).map_err(IntoResponse::into_response)?;
+        Ok(SessionForm { s, form })
+    }
+}
+
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
@@ -386,11 +425,8 @@ async fn login_submit(
 
 async fn logout(
     State(state): State<AppState>,
-    s: Session,
-    headers: HeaderMap,
-    Form(form): Form<HashMap<String, String>>,
+    SessionForm { s, .. }: SessionForm,
 ) -> Result<Response, Refusal> {
-    check_form(&headers, &s, &form)?;
     let _logged_out = crate::api::auth::logout(State(state), AuthUser(s.claims.clone()))
         .await
         .map_err(|e| fail(&s, e))?;
@@ -598,11 +634,8 @@ fn query_string(q: &HashMap<String, String>) -> String {
 
 async fn bulk_retry(
     State(state): State<AppState>,
-    s: Session,
-    headers: HeaderMap,
-    Form(raw): Form<HashMap<String, String>>,
+    SessionForm { s, form: raw }: SessionForm,
 ) -> Result<Response, Refusal> {
-    check_form(&headers, &s, &raw)?;
     let reason = reason(&raw, &s)?;
     let form: HashMap<String, String> = raw
         .into_iter()
@@ -832,6 +865,17 @@ struct SetAside {
     replayed_at: Option<time::OffsetDateTime>,
 }
 
+/// The cells of an event's row in the saga page's outbox table but the last (where it stands):
+/// outbox id, event, topic, eventID, and when it was written (or set aside).
+fn event_cells(id: i64, event_type: &str, topic: &str, event_id: Uuid, at: time::OffsetDateTime) -> String {
+    format!(
+        "<td>{id}</td><td>{}</td><td>{}</td><td>{event_id}</td><td>{}</td>",
+        esc(event_type),
+        esc(topic),
+        esc(&crate::saga::machine::rfc3339(at))
+    )
+}
+
 async fn outbox_events(conn: &mut sqlx::PgConnection, key: &str) -> Result<String, sqlx::Error> {
     let rows: Vec<OutboxEvent> = sqlx::query_as(
         r#"select id, topic, event_type, event_id, created_at, outbox_published_at(id) as published_at from outbox
@@ -861,30 +905,18 @@ async fn outbox_events(conn: &mut sqlx::PgConnection, key: &str) -> Result<Strin
             Some(p) => format!("published {}", t(p)),
             None => "waiting for the relay".into(),
         };
-        let _ = write!(
-            out,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            r.id,
-            esc(&r.event_type),
-            esc(&r.topic),
-            r.event_id,
-            esc(&t(r.created_at)),
-            esc(&stands)
-        );
+        let cells = event_cells(r.id, &r.event_type, &r.topic, r.event_id, r.created_at);
+        let _ = write!(out, "<tr>{cells}<td>{}</td></tr>", esc(&stands));
     }
     for r in &aside {
         let stands = match r.replayed_at {
             Some(p) => format!("refused by Kafka ({}), replayed {}", r.error, t(p)),
             None => format!("refused by Kafka, set aside: {}", r.error),
         };
+        let cells = event_cells(r.id, &r.event_type, &r.topic, r.event_id, r.failed_at);
         let _ = write!(
             out,
-            r#"<tr class="o-failed"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class="wrap">{} <a href="/console/pipeline">(dead letters)</a></td></tr>"#,
-            r.id,
-            esc(&r.event_type),
-            esc(&r.topic),
-            r.event_id,
-            esc(&t(r.failed_at)),
+            r#"<tr class="o-failed">{cells}<td class="wrap">{} <a href="/console/pipeline">(dead letters)</a></td></tr>"#,
             esc(&stands)
         );
     }
@@ -911,20 +943,10 @@ async fn order_section(
             let v = serde_json::to_value(&o).unwrap_or(Value::Null);
             let mut out = kv_table(&v, &["orderItems"]);
             if let Some(Value::Array(items)) = v.get("orderItems") {
-                let cols = columns(items, &["orderItemID", "productID", "quantity", "price"]);
-                out.push_str(r#"<table class="list"><thead><tr>"#);
-                for c in &cols {
-                    let _ = write!(out, r#"<th scope="col">{}</th>"#, esc(c));
-                }
-                out.push_str("</tr></thead><tbody>");
-                for it in items {
-                    out.push_str("<tr>");
-                    for c in &cols {
-                        let _ = write!(out, "<td>{}</td>", cell(it.get(c).unwrap_or(&Value::Null)));
-                    }
-                    out.push_str("</tr>");
-                }
-                out.push_str("</tbody></table>");
+                out.push_str(&generic_table(
+                    items,
+                    &["orderItemID", "productID", "quantity", "price"],
+                ));
             }
             out
         }
@@ -1004,41 +1026,20 @@ async fn saga_page(
     Ok(html(&s, &format!("Saga {id}"), &body))
 }
 
+/// A saga's retry or cancel form (`action` is the admin API's action, `saga.retry` or
+/// `saga.cancel`): on success, back to the saga's page at the audit entry written.
 async fn saga_action(
-    state: AppState,
-    s: Session,
-    headers: HeaderMap,
-    raw: String,
-    form: HashMap<String, String>,
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+    SessionForm { s, form }: SessionForm,
     action: &'static str,
 ) -> Result<Response, Refusal> {
-    check_form(&headers, &s, &form)?;
     let id = parse_saga_id(&s, &raw)?;
     let reason = reason(&form, &s)?;
     let (_, audit_id) = crate::api::admin::act(&state, s.claims.user_id(), id, action, Some(&reason))
         .await
         .map_err(|e| fail(&s, e))?;
     Ok(Redirect::to(&format!("/console/sagas/{id}?audit={audit_id}#written")).into_response())
-}
-
-async fn saga_retry(
-    State(state): State<AppState>,
-    s: Session,
-    headers: HeaderMap,
-    Path(raw): Path<String>,
-    Form(form): Form<HashMap<String, String>>,
-) -> Result<Response, Refusal> {
-    saga_action(state, s, headers, raw, form, "saga.retry").await
-}
-
-async fn saga_cancel(
-    State(state): State<AppState>,
-    s: Session,
-    headers: HeaderMap,
-    Path(raw): Path<String>,
-    Form(form): Form<HashMap<String, String>>,
-) -> Result<Response, Refusal> {
-    saga_action(state, s, headers, raw, form, "saga.cancel").await
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1232,54 +1233,51 @@ async fn replay_result(
     Ok(html(s, "Replay", &body))
 }
 
-async fn replay_tracking(
-    State(state): State<AppState>,
-    s: Session,
-    headers: HeaderMap,
-    Path(raw): Path<String>,
-    Form(form): Form<HashMap<String, String>>,
-) -> Result<Response, Refusal> {
-    check_form(&headers, &s, &form)?;
-    let answer = crate::api::admin::replay_dead_letter(
-        State(state.clone()),
-        AdminUser(s.claims.clone()),
-        Path(raw.clone()),
-    )
-    .await
-    .map_err(|e| fail(&s, e))?;
-    let v = serde_json::to_value(&answer.0).unwrap_or(Value::Null);
-    replay_result(
-        &state,
-        &s,
-        &format!("Dead letter {}", answer.0.id),
-        &format!("dead_letter:{}", answer.0.id),
-        v,
-    )
-    .await
+/// The two kinds of dead letter the console replays (through the admin API's handlers).
+#[derive(Clone, Copy)]
+enum DeadLetter {
+    /// A TrackingEvent the consumer set aside.
+    Tracking,
+    /// An outbox row the relay set aside.
+    Outbox,
 }
 
-async fn replay_outbox(
+impl DeadLetter {
+    /// Its name on the page, and the kind of its audit target.
+    fn names(self) -> (&'static str, &'static str) {
+        match self {
+            DeadLetter::Tracking => ("Dead letter", "dead_letter"),
+            DeadLetter::Outbox => ("Outbox dead letter", "outbox_dead_letter"),
+        }
+    }
+}
+
+/// A dead letter's replay form: replays it as the admin API does and shows the answer with the
+/// audit entry written.
+async fn replay(
     State(state): State<AppState>,
-    s: Session,
-    headers: HeaderMap,
     Path(raw): Path<String>,
-    Form(form): Form<HashMap<String, String>>,
+    SessionForm { s, .. }: SessionForm,
+    kind: DeadLetter,
 ) -> Result<Response, Refusal> {
-    check_form(&headers, &s, &form)?;
-    let answer = crate::api::admin::replay_outbox_dead_letter(
-        State(state.clone()),
-        AdminUser(s.claims.clone()),
-        Path(raw.clone()),
-    )
-    .await
-    .map_err(|e| fail(&s, e))?;
-    let v = serde_json::to_value(&answer.0).unwrap_or(Value::Null);
+    let (admin_state, admin, id) = (State(state.clone()), AdminUser(s.claims.clone()), Path(raw));
+    // Its id and the answer.
+    let replayed = match kind {
+        DeadLetter::Tracking => crate::api::admin::replay_dead_letter(admin_state, admin, id)
+            .await
+            .map(|answer| (answer.id, serde_json::to_value(&answer.0))),
+        DeadLetter::Outbox => crate::api::admin::replay_outbox_dead_letter(admin_state, admin, id)
+            .await
+            .map(|answer| (answer.id, serde_json::to_value(&answer.0))),
+    };
+    let (id, answer) = replayed.map_err(|e| fail(&s, e))?;
+    let (what, target) = kind.names();
     replay_result(
         &state,
         &s,
-        &format!("Outbox dead letter {}", answer.0.id),
-        &format!("outbox_dead_letter:{}", answer.0.id),
-        v,
+        &format!("{what} {id}"),
+        &format!("{target}:{id}"),
+        answer.unwrap_or(Value::Null),
     )
     .await
 }

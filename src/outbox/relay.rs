@@ -318,6 +318,12 @@ where
     let mut backoff = cfg.backoff();
     let mut last_cleanup: Option<Instant> = None;
     let mut floor = Floor::default();
+    let publisher = Publisher {
+        pool: &pool,
+        producer: &producer,
+        cfg: &cfg,
+        shutdown: Some(&shutdown),
+    };
     tracing::info!(batch_size = cfg.batch_size, "outbox relay started");
     while !shutdown.is_cancelled() {
         if !leading {
@@ -355,7 +361,7 @@ where
         };
         let pass = tokio::select! {
             _ = shutdown.cancelled() => break,
-            r = publish_pending(conn, &pool, &producer, &cfg, Some(&shutdown), &mut floor) => r,
+            r = publish_pending(conn, &publisher, &mut floor) => r,
         };
         let mut again = false;
         match pass {
@@ -430,13 +436,19 @@ where
         return Ok(0);
     };
     let Some(mut conn) = session else { return Ok(0) };
+    let publisher = Publisher {
+        pool,
+        producer,
+        cfg,
+        shutdown: None,
+    };
     let result = async {
         let mut floor = Floor::resume(stored);
         let mut total = 0;
         // Passes until one publishes nothing and the floor has caught up with what was read (a
         // bounded number: writers running beside may keep it from settling).
         for _ in 0..RUN_ONCE_PASSES {
-            let n = publish_pending(&mut conn, pool, producer, cfg, None, &mut floor).await?;
+            let n = publish_pending(&mut conn, &publisher, &mut floor).await?;
             total += n;
             if n == 0 && !floor.behind() {
                 break;
@@ -740,6 +752,16 @@ where
     send_rows(producer, rows).await.wait().await
 }
 
+/// What a publishing pass works with, besides the leader's connection and the floor.
+struct Publisher<'a, C: ClientContext + 'static> {
+    /// Where rows Kafka refused for good are set aside (outside the pass's snapshot).
+    pool: &'a PgPool,
+    producer: &'a FutureProducer<C>,
+    cfg: &'a RelayConfig,
+    /// When cancelled, the pass ends after the batches in flight (`None`: it runs to the end).
+    shutdown: Option<&'a CancellationToken>,
+}
+
 /// Publishes every unpublished row in id order, a batch at a time, and returns how many were
 /// published. A pipeline: while batch k is in flight, batch k+1 is read (on the leader's
 /// connection) and sent; so the database and the broker work at the same time. On the first
@@ -748,10 +770,7 @@ where
 /// written).
 async fn publish_pending<C>(
     conn: &mut PgConnection,
-    pool: &PgPool,
-    producer: &FutureProducer<C>,
-    cfg: &RelayConfig,
-    shutdown: Option<&CancellationToken>,
+    publisher: &Publisher<'_, C>,
     floor: &mut Floor,
 ) -> Result<usize, RelayError>
 where
@@ -767,27 +786,30 @@ where
         .execute(&mut *conn)
         .await?;
     let mut published = 0;
-    let pass = publish_in_snapshot(conn, pool, producer, cfg, shutdown, floor, &mut published).await;
+    let pass = publish_in_snapshot(conn, publisher, floor, &mut published).await;
     // Ends the snapshot whatever happened (after a failed statement too).
     let end = sqlx::query("rollback").execute(&mut *conn).await;
     let n = pass?;
     end?;
-    record(conn, floor, published, cfg.retention.is_zero()).await?;
+    record(conn, floor, published, publisher.cfg.retention.is_zero()).await?;
     Ok(n)
 }
 
 async fn publish_in_snapshot<C>(
     conn: &mut PgConnection,
-    pool: &PgPool,
-    producer: &FutureProducer<C>,
-    cfg: &RelayConfig,
-    shutdown: Option<&CancellationToken>,
+    publisher: &Publisher<'_, C>,
     floor: &mut Floor,
     published: &mut u64,
 ) -> Result<usize, RelayError>
 where
     C: ClientContext + 'static,
 {
+    let Publisher {
+        pool,
+        producer,
+        cfg,
+        shutdown,
+    } = *publisher;
     let batch_size = cfg.batch_size.max(1);
     // The snapshot's transaction horizon, for the floor (xid8 as bigint: exact below 2^63). When
     // the floor is held, also the transactions in progress (xids modulo 2^32), and those of them

@@ -1,6 +1,6 @@
 use serde_json::{Value, json};
 
-use crate::support::{AppOptions, TestApp, assert_problem, spawn_app, spawn_app_with};
+use crate::support::{TestApp, assert_problem, spawn_app, spawn_app_with_flags};
 
 /// Makes one saga stuck: the shipment is refused and the release keeps failing.
 async fn stuck_saga(app: &TestApp, token: &str, key: &str) {
@@ -57,12 +57,7 @@ async fn a_stuck_saga_is_found_re_driven_after_recovery_and_finishes() {
     stuck_saga(&app, &customer, "k1").await;
     app.eventually_eq("select state from sagas", "stuck", 30).await;
 
-    let page: Value = app
-        .get("/admin/sagas?state=stuck", Some(&admin))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let page: Value = app.get_json("/admin/sagas?state=stuck", Some(&admin)).await;
     let items = page["items"].as_array().unwrap();
     assert_eq!(items.len(), 1);
     let s = &items[0];
@@ -71,29 +66,18 @@ async fn a_stuck_saga_is_found_re_driven_after_recovery_and_finishes() {
     assert!(s["lastError"].as_str().unwrap().contains("release_reservation"));
     let id = s["sagaID"].as_str().unwrap().to_string();
     let filtered: Value = app
-        .get(
+        .get_json(
             "/admin/sagas?step=release_reservation&errorClass=http_5xx",
             Some(&admin),
         )
-        .await
-        .json()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(filtered["items"].as_array().unwrap().len(), 1);
     let none: Value = app
-        .get("/admin/sagas?state=stuck&olderThanSeconds=3600", Some(&admin))
-        .await
-        .json()
-        .await
-        .unwrap();
+        .get_json("/admin/sagas?state=stuck&olderThanSeconds=3600", Some(&admin))
+        .await;
     assert_eq!(none["items"].as_array().unwrap().len(), 0);
 
-    let detail: Value = app
-        .get(&format!("/admin/sagas/{id}"), Some(&admin))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let detail: Value = app.get_json(&format!("/admin/sagas/{id}"), Some(&admin)).await;
     let history = detail["history"].as_array().unwrap();
     assert_eq!(history[0]["step"], "reserve_inventory");
     assert_eq!(history[0]["outcome"], "succeeded");
@@ -124,7 +108,7 @@ async fn a_stuck_saga_is_found_re_driven_after_recovery_and_finishes() {
         .await;
     let p = assert_problem(again, 409).await;
     assert_eq!(p["state"], "failed");
-    let audit: Value = app.get("/admin/audit", Some(&admin)).await.json().await.unwrap();
+    let audit: Value = app.get_json("/admin/audit", Some(&admin)).await;
     let rows = audit["items"].as_array().unwrap();
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0]["actor"], admin_id);
@@ -201,11 +185,7 @@ async fn a_bulk_dry_run_changes_nothing_and_the_real_run_re_drives_each_match() 
 
 #[tokio::test]
 async fn an_admin_cancel_compensates_a_running_saga() {
-    let app = spawn_app_with(AppOptions {
-        flags: vec!["--order-wait-ms", "100"],
-        ..Default::default()
-    })
-    .await;
+    let app = spawn_app_with_flags(&["--order-wait-ms", "100"]).await;
     app.product(1, 10, "1.00");
     app.catalog_faults(json!({"latencyMs": 500, "endpoint": "reserve"}))
         .await;

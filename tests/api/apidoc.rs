@@ -8,7 +8,7 @@ use crate::support::{assert_problem, spawn_app};
 #[tokio::test]
 async fn every_error_response_in_the_openapi_document_is_a_problem_document() {
     let app = spawn_app().await;
-    let doc: Value = app.get("/openapi.json", None).await.json().await.unwrap();
+    let doc: Value = app.get_json("/openapi.json", None).await;
     let schema = &doc["components"]["schemas"]["Problem"];
     let props = schema["properties"].as_object().expect("a Problem schema");
     for member in ["type", "title", "status", "detail", "error"] {

@@ -5,7 +5,7 @@ use jsonwebtoken::{EncodingKey, Header};
 use ostore_orders::auth::Role;
 use serde_json::{Value, json};
 
-use crate::support::{AppOptions, TEST_JWT_SECRET, TestApp, assert_problem, spawn_app, spawn_app_with};
+use crate::support::{TEST_JWT_SECRET, TestApp, assert_problem, spawn_app, spawn_app_with_flags};
 
 fn b64(v: &Value) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(serde_json::to_vec(v).unwrap())
@@ -53,18 +53,12 @@ async fn login_returns_a_token_pair_that_opens_me() {
         .create_user("Ann@Example.com", "password-123", Role::User)
         .await;
     // Email is case-insensitive.
-    let r = app
-        .post_json(
-            "/auth/login",
-            &json!({"email": "ann@example.COM", "password": "password-123"}),
-            None,
-        )
-        .await;
+    let r = app.try_login("ann@example.COM", "password-123").await;
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["expiresIn"], 600);
     assert!(v["refreshToken"].as_str().unwrap().starts_with("rt_"));
-    let me: Value = app.get("/me", v["token"].as_str()).await.json().await.unwrap();
+    let me: Value = app.get_json("/me", v["token"].as_str()).await;
     assert_eq!(
         me,
         json!({"userID": id, "email": "Ann@Example.com", "roles": ["user"]})
@@ -92,22 +86,10 @@ async fn unknown_email_and_wrong_password_get_the_same_401() {
     app.create_user("bea@example.com", "password-123", Role::User)
         .await;
     let t0 = Instant::now();
-    let a = app
-        .post_json(
-            "/auth/login",
-            &json!({"email": "nobody@example.com", "password": "password-123"}),
-            None,
-        )
-        .await;
+    let a = app.try_login("nobody@example.com", "password-123").await;
     let unknown_took = t0.elapsed();
     let t1 = Instant::now();
-    let b = app
-        .post_json(
-            "/auth/login",
-            &json!({"email": "bea@example.com", "password": "wrong-password"}),
-            None,
-        )
-        .await;
+    let b = app.try_login("bea@example.com", "wrong-password").await;
     let wrong_took = t1.elapsed();
     let a = assert_problem(a, 401).await;
     let b = assert_problem(b, 401).await;
@@ -293,49 +275,22 @@ async fn logout_revokes_the_access_token_and_its_refresh_family() {
 
 #[tokio::test]
 async fn login_limit_answers_429_with_retry_after_even_for_the_right_password() {
-    let app = spawn_app_with(AppOptions {
-        flags: vec!["--login-limit-per-account", "3"],
-        ..Default::default()
-    })
-    .await;
+    let app = spawn_app_with_flags(&["--login-limit-per-account", "3"]).await;
     app.create_user("hal@example.com", "password-123", Role::User)
         .await;
     for _ in 0..3 {
-        let r = app
-            .post_json(
-                "/auth/login",
-                &json!({"email": "hal@example.com", "password": "nope-nope"}),
-                None,
-            )
-            .await;
+        let r = app.try_login("hal@example.com", "nope-nope").await;
         assert_eq!(r.status(), 401);
     }
-    let r = app
-        .post_json(
-            "/auth/login",
-            &json!({"email": "HAL@example.com", "password": "password-123"}),
-            None,
-        )
-        .await;
+    let r = app.try_login("HAL@example.com", "password-123").await;
     let retry: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
     assert!((1..=60).contains(&retry));
     assert_problem(r, 429).await;
     // Unknown emails are counted alike.
     for _ in 0..3 {
-        app.post_json(
-            "/auth/login",
-            &json!({"email": "ghost@example.com", "password": "x"}),
-            None,
-        )
-        .await;
+        app.try_login("ghost@example.com", "x").await;
     }
-    let r = app
-        .post_json(
-            "/auth/login",
-            &json!({"email": "ghost@example.com", "password": "x"}),
-            None,
-        )
-        .await;
+    let r = app.try_login("ghost@example.com", "x").await;
     assert_problem(r, 429).await;
     // Another account is not affected.
     app.create_user("ida@example.com", "password-123", Role::User)
@@ -345,28 +300,12 @@ async fn login_limit_answers_429_with_retry_after_even_for_the_right_password() 
 
 #[tokio::test]
 async fn address_limit_holds_across_accounts() {
-    let app = spawn_app_with(AppOptions {
-        flags: vec!["--login-limit-per-address", "4"],
-        ..Default::default()
-    })
-    .await;
+    let app = spawn_app_with_flags(&["--login-limit-per-address", "4"]).await;
     for i in 0..4 {
-        let r = app
-            .post_json(
-                "/auth/login",
-                &json!({"email": format!("u{i}@example.com"), "password": "x"}),
-                None,
-            )
-            .await;
+        let r = app.try_login(&format!("u{i}@example.com"), "x").await;
         assert_eq!(r.status(), 401);
     }
-    let r = app
-        .post_json(
-            "/auth/login",
-            &json!({"email": "u9@example.com", "password": "x"}),
-            None,
-        )
-        .await;
+    let r = app.try_login("u9@example.com", "x").await;
     assert!(r.headers().contains_key("retry-after"));
     assert_problem(r, 429).await;
 }
@@ -410,13 +349,7 @@ async fn sql_injection_in_the_email_is_just_a_wrong_login() {
         "kim@example.com'/*",
         "%' or email like '%",
     ] {
-        let r = app
-            .post_json(
-                "/auth/login",
-                &json!({"email": email, "password": "password-123"}),
-                None,
-            )
-            .await;
+        let r = app.try_login(email, "password-123").await;
         let code = r.status().as_u16();
         assert!(code == 401 || code == 422, "{email:?} → {code}");
     }
@@ -430,32 +363,18 @@ async fn bad_requests_get_problem_documents_and_change_nothing() {
     let big = json!({"email": "a@b.c", "password": "x".repeat(65 * 1024)});
     assert_problem(app.post_json("/auth/login", &big, None).await, 413).await;
 
-    let r = app
-        .http
-        .post(app.url("/auth/login"))
-        .header("content-type", "text/plain")
-        .body("{}")
-        .send()
-        .await
-        .unwrap();
-    assert_problem(r, 415).await;
-    let r = app
-        .http
-        .post(app.url("/auth/login"))
-        .body(r#"{"email":"a@b.c","password":"x"}"#)
-        .send()
-        .await
-        .unwrap();
-    assert_problem(r, 415).await;
-    let r = app
-        .http
-        .post(app.url("/auth/login"))
-        .header("content-type", "application/json")
-        .body("{\"email\":")
-        .send()
-        .await
-        .unwrap();
-    assert_problem(r, 400).await;
+    // Not sent as JSON: 415; sent as JSON but cut short: 400.
+    for (content_type, body, status) in [
+        (Some("text/plain"), "{}", 415),
+        (None, r#"{"email":"a@b.c","password":"x"}"#, 415),
+        (Some("application/json"), "{\"email\":", 400),
+    ] {
+        let mut rb = app.http.post(app.url("/auth/login")).body(body);
+        if let Some(content_type) = content_type {
+            rb = rb.header("content-type", content_type);
+        }
+        assert_problem(rb.send().await.unwrap(), status).await;
+    }
     let r = app
         .post_json(
             "/auth/login",
@@ -505,10 +424,8 @@ async fn spent_refresh_families_are_purged_and_live_ones_kept() {
             .await
             .unwrap();
     assert_eq!(families.len(), 2);
-    sqlx::query("update refresh_families set created_at = now() - interval '30 days', revoked_at = now()")
-        .execute(&app.db)
-        .await
-        .unwrap();
+    app.exec("update refresh_families set created_at = now() - interval '30 days', revoked_at = now()")
+        .await;
     // The first family's tokens expired long ago and were purged; the second still has its token.
     sqlx::query("delete from refresh_tokens where family_id = $1")
         .bind(families[0])
@@ -526,10 +443,7 @@ async fn spent_refresh_families_are_purged_and_live_ones_kept() {
         .unwrap();
     assert_eq!(left, [families[1]]);
     // An access token living longer than a refresh token and a day: nothing is purged.
-    sqlx::query("delete from refresh_tokens")
-        .execute(&app.db)
-        .await
-        .unwrap();
+    app.exec("delete from refresh_tokens").await;
     assert_eq!(
         ostore_orders::auth::tokens::purge_families(&mut conn, 3 * 86_400, 86_400)
             .await

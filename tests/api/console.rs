@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::support::{AppOptions, TestApp, spawn_app, spawn_app_with};
+use crate::support::{AppOptions, TestApp, spawn_app, spawn_app_with, spawn_app_with_flags};
 use ostore_orders::auth::Role;
 
 const ADMIN: (&str, &str) = ("ops@example.com", "password-123");
@@ -31,14 +31,34 @@ fn form(pairs: &[(&str, &str)]) -> String {
 
 /// Signs in through the console's form; returns the session token from the cookie.
 async fn console_login(app: &TestApp, email: &str, password: &str) -> reqwest::Response {
+    console_login_from(app, &app.base, email, password).await
+}
+
+/// Signs in through the console's form as posted from a page of `origin`.
+async fn console_login_from(app: &TestApp, origin: &str, email: &str, password: &str) -> reqwest::Response {
     client()
         .post(app.url("/console/login"))
-        .header("origin", &app.base)
+        .header("origin", origin)
         .header("content-type", "application/x-www-form-urlencoded")
         .body(form(&[("email", email), ("password", password)]))
         .send()
         .await
         .unwrap()
+}
+
+/// GETs a console page in the session `token`.
+async fn get_page(app: &TestApp, path: &str, token: &str) -> reqwest::Response {
+    client()
+        .get(app.url(path))
+        .header("cookie", format!("ostore_console={token}"))
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The text of a console page read in the session `token`.
+async fn page_text(app: &TestApp, path: &str, token: &str) -> String {
+    get_page(app, path, token).await.text().await.unwrap()
 }
 
 fn session_of(resp: &reqwest::Response) -> String {
@@ -59,6 +79,11 @@ fn session_of(resp: &reqwest::Response) -> String {
         .strip_prefix("ostore_console=")
         .unwrap()
         .to_string()
+}
+
+/// Posts a console form from the console's own pages in the session `token`.
+async fn submit(app: &TestApp, path: &str, token: &str, form: &[(&str, &str)]) -> reqwest::Response {
+    post_form(app, path, token, &app.base, form).await
 }
 
 async fn post_form(
@@ -103,14 +128,7 @@ async fn console_pages_need_an_admin_session_and_forms_need_the_session_csrf_tok
     assert_eq!(r.status(), 401);
     assert!(r.text().await.unwrap().contains("invalid email or password"));
     // A sign-in posted from another site is refused.
-    let r = client()
-        .post(app.url("/console/login"))
-        .header("origin", "https://evil.example")
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(form(&[("email", ADMIN.0), ("password", ADMIN.1)]))
-        .send()
-        .await
-        .unwrap();
+    let r = console_login_from(&app, "https://evil.example", ADMIN.0, ADMIN.1).await;
     assert_eq!(r.status(), 403);
     assert!(r.headers().get("set-cookie").is_none());
 
@@ -118,12 +136,7 @@ async fn console_pages_need_an_admin_session_and_forms_need_the_session_csrf_tok
     assert_eq!(r.status(), 303);
     let token = session_of(&r);
     let csrf = ostore_orders::console::csrf_of(&token);
-    let r = client()
-        .get(app.url("/console/sagas"))
-        .header("cookie", format!("ostore_console={token}"))
-        .send()
-        .await
-        .unwrap();
+    let r = get_page(&app, "/console/sagas", &token).await;
     assert_eq!(r.status(), 200);
     assert_eq!(
         r.headers()["content-security-policy"],
@@ -138,9 +151,9 @@ async fn console_pages_need_an_admin_session_and_forms_need_the_session_csrf_tok
     let id = uuid::Uuid::now_v7();
     let path = format!("/console/sagas/{id}/retry");
     let reason = ("reason", "drill");
-    let r = post_form(&app, &path, &token, &app.base, &[("csrf", "forged"), reason]).await;
+    let r = submit(&app, &path, &token, &[("csrf", "forged"), reason]).await;
     assert_eq!(r.status(), 403, "a wrong CSRF token is refused");
-    let r = post_form(&app, &path, &token, &app.base, &[reason]).await;
+    let r = submit(&app, &path, &token, &[reason]).await;
     assert_eq!(r.status(), 403, "a missing CSRF token is refused");
     let r = post_form(
         &app,
@@ -151,38 +164,21 @@ async fn console_pages_need_an_admin_session_and_forms_need_the_session_csrf_tok
     )
     .await;
     assert_eq!(r.status(), 403, "a post from another origin is refused");
-    let r = post_form(
-        &app,
-        &path,
-        &token,
-        &app.base,
-        &[("csrf", &csrf), ("reason", "  ")],
-    )
-    .await;
+    let r = submit(&app, &path, &token, &[("csrf", &csrf), ("reason", "  ")]).await;
     assert_eq!(r.status(), 422, "a reason is required");
-    let r = post_form(&app, &path, &token, &app.base, &[("csrf", &csrf), reason]).await;
+    let r = submit(&app, &path, &token, &[("csrf", &csrf), reason]).await;
     assert_eq!(r.status(), 404, "checks passed: the saga is looked up");
     assert_eq!(app.count("select count(*) from audit_log").await, 0);
 
     // Bad filter input: a clear message, nothing else.
-    let r = client()
-        .get(app.url("/console/sagas?state=lost"))
-        .header("cookie", format!("ostore_console={token}"))
-        .send()
-        .await
-        .unwrap();
+    let r = get_page(&app, "/console/sagas?state=lost", &token).await;
     assert_eq!(r.status(), 422);
     assert!(r.text().await.unwrap().contains("state must be one of"));
 
     // Signing out ends the session at once.
-    let r = post_form(&app, "/console/logout", &token, &app.base, &[("csrf", &csrf)]).await;
+    let r = submit(&app, "/console/logout", &token, &[("csrf", &csrf)]).await;
     assert_eq!(r.status(), 303);
-    let r = client()
-        .get(app.url("/console/sagas"))
-        .header("cookie", format!("ostore_console={token}"))
-        .send()
-        .await
-        .unwrap();
+    let r = get_page(&app, "/console/sagas", &token).await;
     assert_eq!(
         r.status(),
         303,
@@ -194,10 +190,8 @@ async fn console_pages_need_an_admin_session_and_forms_need_the_session_csrf_tok
 async fn hostile_payloads_and_audit_values_are_shown_escaped() {
     let app = spawn_app().await;
     app.create_user(ADMIN.0, ADMIN.1, Role::Admin).await;
-    sqlx::query("insert into audit_log (actor, action, target) values (1, 'x', '<script>alert(1)</script>')")
-        .execute(&app.db)
-        .await
-        .unwrap();
+    app.exec("insert into audit_log (actor, action, target) values (1, 'x', '<script>alert(1)</script>')")
+        .await;
     sqlx::query(
         "insert into dead_letters (topic, payload, reason) values ('t', convert_to('<img src=x onerror=alert(2)>', 'UTF8'), '\"><b>r</b>')",
     )
@@ -218,15 +212,7 @@ async fn hostile_payloads_and_audit_values_are_shown_escaped() {
         ),
         ("/console/pipeline", "<b>r</b>", "&quot;&gt;&lt;b&gt;r&lt;/b&gt;"),
     ] {
-        let page = client()
-            .get(app.url(path))
-            .header("cookie", format!("ostore_console={token}"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let page = page_text(&app, path, &token).await;
         assert!(!page.contains(raw), "{path} shows {raw} unescaped");
         assert!(page.contains(escaped), "{path} lacks {escaped}");
     }
@@ -403,7 +389,7 @@ async fn bulk_re_drive_shows_its_dry_run_before_the_real_run_and_every_action_ke
     // The dry run lists what would be re-driven, changes nothing, and offers the real run.
     let form = bulk("dry-run");
     let pairs: Vec<(&str, &str)> = form.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let r = post_form(&app, "/console/sagas/retry", &token, &app.base, &pairs).await;
+    let r = submit(&app, "/console/sagas/retry", &token, &pairs).await;
     assert_eq!(r.status(), 200);
     let page = r.text().await.unwrap();
     assert!(page.contains("Dry run: nothing was changed"));
@@ -434,21 +420,13 @@ async fn bulk_re_drive_shows_its_dry_run_before_the_real_run_and_every_action_ke
         .unwrap();
     assert!(r.status().is_success());
     let cancel = format!("/console/sagas/{}/cancel", ids[0]);
-    let r = post_form(
-        &app,
-        &cancel,
-        &token,
-        &app.base,
-        &[("csrf", &csrf), ("reason", "")],
-    )
-    .await;
+    let r = submit(&app, &cancel, &token, &[("csrf", &csrf), ("reason", "")]).await;
     assert_eq!(r.status(), 422);
     assert_eq!(app.count("select count(*) from audit_log").await, 0);
-    let r = post_form(
+    let r = submit(
         &app,
         &cancel,
         &token,
-        &app.base,
         &[("csrf", &csrf), ("reason", "customer asked")],
     )
     .await;
@@ -458,20 +436,12 @@ async fn bulk_re_drive_shows_its_dry_run_before_the_real_run_and_every_action_ke
         to.starts_with(&format!("/console/sagas/{}?audit=", ids[0])),
         "{to}"
     );
-    let page = client()
-        .get(app.url(&to))
-        .header("cookie", format!("ostore_console={token}"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = page_text(&app, &to, &token).await;
     assert!(page.contains(r#"id="written""#) && page.contains("customer asked"));
 
     let form = bulk("run");
     let pairs: Vec<(&str, &str)> = form.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let r = post_form(&app, "/console/sagas/retry", &token, &app.base, &pairs).await;
+    let r = submit(&app, "/console/sagas/retry", &token, &pairs).await;
     assert_eq!(r.status(), 200);
     let page = r.text().await.unwrap();
     assert!(
@@ -498,14 +468,7 @@ async fn bulk_re_drive_shows_its_dry_run_before_the_real_run_and_every_action_ke
     );
 
     // A finished saga: the console says so and changes nothing.
-    let r = post_form(
-        &app,
-        &cancel,
-        &token,
-        &app.base,
-        &[("csrf", &csrf), ("reason", "again")],
-    )
-    .await;
+    let r = submit(&app, &cancel, &token, &[("csrf", &csrf), ("reason", "again")]).await;
     assert_eq!(r.status(), 409);
     assert!(r.text().await.unwrap().contains("nothing can change it any more"));
     assert_eq!(app.count("select count(*) from audit_log").await, 2);
@@ -513,24 +476,14 @@ async fn bulk_re_drive_shows_its_dry_run_before_the_real_run_and_every_action_ke
 
 #[tokio::test]
 async fn a_saga_page_links_its_trace_to_the_configured_viewer() {
-    let app = spawn_app_with(AppOptions {
-        flags: vec!["--trace-ui-url", "https://traces.example/trace/{traceID}?x=1"],
-        ..Default::default()
-    })
-    .await;
+    let app = spawn_app_with_flags(&["--trace-ui-url", "https://traces.example/trace/{traceID}?x=1"]).await;
     app.product(1, 10, "5.00");
     app.create_user(ADMIN.0, ADMIN.1, Role::Admin).await;
     let (_, customer) = app.customer("cust@example.com").await;
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let r = app
-        .http
-        .post(app.url("/orders"))
-        .bearer_auth(&customer)
-        .header("Idempotency-Key", "t1")
-        .json(&json!({"orderItems": [{"productID": 1, "quantity": 1}]}))
-        .send()
-        .await
-        .unwrap();
+        .place(&customer, "t1", json!([{"productID": 1, "quantity": 1}]))
+        .await;
     assert_eq!(r.status(), 201);
     let saga_id: uuid::Uuid = sqlx::query_scalar("select saga_id from sagas")
         .fetch_one(&app.db)
@@ -543,15 +496,7 @@ async fn a_saga_page_links_its_trace_to_the_configured_viewer() {
         .await
         .unwrap();
     let token = session_of(&console_login(&app, ADMIN.0, ADMIN.1).await);
-    let page = client()
-        .get(app.url(&format!("/console/sagas/{saga_id}")))
-        .header("cookie", format!("ostore_console={token}"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = page_text(&app, &format!("/console/sagas/{saga_id}"), &token).await;
     assert!(
         page.contains(&format!(r#"href="https://traces.example/trace/{trace_id}?x=1""#)),
         "the trace link is missing:\n{page}"

@@ -105,10 +105,7 @@ async fn readyz_is_503_while_the_database_is_unreachable_and_200_once_it_is_back
 #[tokio::test]
 async fn readyz_is_503_when_migrations_are_missing() {
     let app = spawn_app().await;
-    sqlx::query("delete from _sqlx_migrations")
-        .execute(&app.db)
-        .await
-        .unwrap();
+    app.exec("delete from _sqlx_migrations").await;
     let r = app.get("/readyz", None).await;
     assert_eq!(r.status(), 503);
 }

@@ -2,7 +2,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::support::{AppOptions, TestApp, assert_problem, spawn_app, spawn_app_with};
+use crate::support::{AppOptions, TestApp, assert_problem, spawn_app, spawn_app_with, spawn_app_with_flags};
 
 #[tokio::test]
 async fn an_order_completes_with_catalog_prices_and_a_shipment() {
@@ -28,7 +28,7 @@ async fn an_order_completes_with_catalog_prices_and_a_shipment() {
     assert!(body["shipmentID"].as_str().unwrap().len() > 3);
     assert!(body["orderDate"].as_str().unwrap().contains('T'));
 
-    let got: Value = app.get(&loc, Some(&token)).await.json().await.unwrap();
+    let got: Value = app.get_json(&loc, Some(&token)).await;
     assert_eq!(got["userID"], uid);
     assert_eq!(got["status"], "confirmed");
     assert_eq!(got["shipmentID"], body["shipmentID"]);
@@ -95,7 +95,7 @@ async fn a_stock_out_lists_each_product_and_places_no_order() {
         ]
     );
     assert!(body.get("orderID").is_none());
-    let list: Value = app.get("/orders", Some(&token)).await.json().await.unwrap();
+    let list: Value = app.get_json("/orders", Some(&token)).await;
     assert_eq!(list["items"].as_array().unwrap().len(), 0);
     assert_eq!(app.count("select count(*) from orders").await, 0);
     assert!(app.reservations().await.iter().all(|r| r["status"] != "active"));
@@ -154,12 +154,7 @@ async fn a_fatal_shipment_refusal_releases_stock_and_cancels_the_order() {
     // internal URL) is for operators only.
     let customer_text = "the shipment could not be arranged: it was refused";
     assert_eq!(body["detail"], customer_text, "{body}");
-    let got: Value = app
-        .get(&format!("/orders/{id}"), Some(&token))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let got: Value = app.get_json(&format!("/orders/{id}"), Some(&token)).await;
     assert_eq!(got["status"], "cancelled");
     assert_eq!(got["statusReason"], customer_text, "{got}");
     app.eventually_eq("select state from sagas", "failed", 5).await;
@@ -234,11 +229,7 @@ async fn a_compensation_that_keeps_failing_leaves_the_saga_stuck_with_its_reason
 
 #[tokio::test]
 async fn a_slow_catalog_gets_202_and_the_order_completes_later() {
-    let app = spawn_app_with(AppOptions {
-        flags: vec!["--order-wait-ms", "200"],
-        ..Default::default()
-    })
-    .await;
+    let app = spawn_app_with_flags(&["--order-wait-ms", "200"]).await;
     app.product(1, 10, "3.00");
     app.catalog_faults(json!({"latencyMs": 800, "endpoint": "reserve"}))
         .await;
@@ -250,7 +241,7 @@ async fn a_slow_catalog_gets_202_and_the_order_completes_later() {
     let loc = r.headers()["location"].to_str().unwrap().to_string();
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["status"], "pending");
-    let pending: Value = app.get(&loc, Some(&token)).await.json().await.unwrap();
+    let pending: Value = app.get_json(&loc, Some(&token)).await;
     assert_eq!(pending["status"], "pending");
     // Replaying the key while it runs gives the same 202.
     let again = app
@@ -263,17 +254,13 @@ async fn a_slow_catalog_gets_202_and_the_order_completes_later() {
         10,
     )
     .await;
-    let done: Value = app.get(&loc, Some(&token)).await.json().await.unwrap();
+    let done: Value = app.get_json(&loc, Some(&token)).await;
     assert_eq!(done["totalAmount"], "3.00");
 }
 
 #[tokio::test]
 async fn stock_refused_after_a_202_leaves_a_readable_rejected_order() {
-    let app = spawn_app_with(AppOptions {
-        flags: vec!["--order-wait-ms", "150"],
-        ..Default::default()
-    })
-    .await;
+    let app = spawn_app_with_flags(&["--order-wait-ms", "150"]).await;
     app.product(1, 0, "3.00");
     app.catalog_faults(json!({"latencyMs": 700, "endpoint": "reserve"}))
         .await;
@@ -290,7 +277,7 @@ async fn stock_refused_after_a_202_leaves_a_readable_rejected_order() {
         10,
     )
     .await;
-    let got: Value = app.get(&loc, Some(&token)).await.json().await.unwrap();
+    let got: Value = app.get_json(&loc, Some(&token)).await;
     assert_eq!(got["status"], "rejected");
 }
 
@@ -382,7 +369,7 @@ async fn another_customers_order_is_invisible_and_cannot_be_cancelled() {
     assert_eq!(a, m, "another user's order must look exactly like a missing one");
     let c = app.cancel(&bob, id).await;
     assert_problem(c, 404).await;
-    let list: Value = app.get("/orders", Some(&bob)).await.json().await.unwrap();
+    let list: Value = app.get_json("/orders", Some(&bob)).await;
     assert_eq!(list["items"].as_array().unwrap().len(), 0);
     app.eventually_eq(
         &format!("select status from orders where order_id = {id}"),
@@ -452,10 +439,7 @@ async fn invalid_orders_name_the_field_and_write_nothing() {
     ];
     for (i, (body, field)) in cases.into_iter().enumerate() {
         let r = app
-            .http
-            .post(app.url("/orders"))
-            .bearer_auth(&token)
-            .header("Idempotency-Key", format!("v-{i}"))
+            .order_request(&token, &format!("v-{i}"))
             .json(&body)
             .send()
             .await
@@ -474,37 +458,25 @@ async fn invalid_orders_name_the_field_and_write_nothing() {
     let p = assert_problem(r, 400).await;
     assert!(p["detail"].as_str().unwrap().contains("Idempotency-Key"));
     let r = app
-        .http
-        .post(app.url("/orders"))
-        .bearer_auth(&token)
-        .header("Idempotency-Key", "x-1")
+        .order_request(&token, "x-1")
         .json(&json!({"userID": uid + 1, "orderItems": [{"productID": 1, "quantity": 1}]}))
         .send()
         .await
         .unwrap();
     assert_problem(r, 403).await;
-    let r = app
-        .http
-        .post(app.url("/orders"))
-        .bearer_auth(&token)
-        .header("Idempotency-Key", "x-2")
-        .header("content-type", "application/json")
-        .body("{\"orderItems\": [")
-        .send()
-        .await
-        .unwrap();
-    assert_problem(r, 400).await;
-    let r = app
-        .http
-        .post(app.url("/orders"))
-        .bearer_auth(&token)
-        .header("Idempotency-Key", "x-3")
-        .header("content-type", "text/plain")
-        .body("hi")
-        .send()
-        .await
-        .unwrap();
-    assert_problem(r, 415).await;
+    for (key, content_type, body, status) in [
+        ("x-2", "application/json", "{\"orderItems\": [", 400),
+        ("x-3", "text/plain", "hi", 415),
+    ] {
+        let r = app
+            .order_request(&token, key)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_problem(r, status).await;
+    }
     for table in ["orders", "sagas", "idempotency_keys", "outbox"] {
         assert_eq!(
             app.count(&format!("select count(*) from {table}")).await,
@@ -514,10 +486,7 @@ async fn invalid_orders_name_the_field_and_write_nothing() {
     }
     // The caller's own userID is fine.
     let r = app
-        .http
-        .post(app.url("/orders"))
-        .bearer_auth(&token)
-        .header("Idempotency-Key", "x-4")
+        .order_request(&token, "x-4")
         .json(&json!({"userID": uid, "orderItems": [{"productID": 1, "quantity": 1}]}))
         .send()
         .await
@@ -576,11 +545,7 @@ async fn a_shipped_order_cannot_be_cancelled() {
 
 #[tokio::test]
 async fn cancelling_a_pending_order_compensates_at_the_next_step() {
-    let app = spawn_app_with(AppOptions {
-        flags: vec!["--order-wait-ms", "100"],
-        ..Default::default()
-    })
-    .await;
+    let app = spawn_app_with_flags(&["--order-wait-ms", "100"]).await;
     app.product(1, 10, "1.00");
     app.catalog_faults(json!({"latencyMs": 600, "endpoint": "reserve"}))
         .await;
@@ -627,12 +592,7 @@ async fn orders_list_newest_first_by_pages() {
             .await;
         ids.push(r.json::<Value>().await.unwrap()["orderID"].as_i64().unwrap());
     }
-    let p1: Value = app
-        .get("/orders?limit=2", Some(&token))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let p1: Value = app.get_json("/orders?limit=2", Some(&token)).await;
     let got: Vec<i64> = p1["items"]
         .as_array()
         .unwrap()
@@ -642,11 +602,8 @@ async fn orders_list_newest_first_by_pages() {
     assert_eq!(got, vec![ids[2], ids[1]]);
     let cursor = p1["nextCursor"].as_str().unwrap();
     let p2: Value = app
-        .get(&format!("/orders?limit=2&cursor={cursor}"), Some(&token))
-        .await
-        .json()
-        .await
-        .unwrap();
+        .get_json(&format!("/orders?limit=2&cursor={cursor}"), Some(&token))
+        .await;
     let got: Vec<i64> = p2["items"]
         .as_array()
         .unwrap()
@@ -663,11 +620,7 @@ async fn orders_list_newest_first_by_pages() {
 
 #[tokio::test]
 async fn the_order_limit_per_user_answers_429() {
-    let app = spawn_app_with(AppOptions {
-        flags: vec!["--order-limit-per-user", "2"],
-        ..Default::default()
-    })
-    .await;
+    let app = spawn_app_with_flags(&["--order-limit-per-user", "2"]).await;
     app.product(1, 100, "1.00");
     let (_, token) = app.customer("qa@example.com").await;
     for i in 0..2 {
@@ -754,11 +707,7 @@ async fn a_cancel_waits_for_the_saga_row_before_locking_the_order() {
 /// "skipped" would leave the shipper shipping a cancelled order.
 #[tokio::test]
 async fn a_shipment_whose_answer_was_lost_is_found_and_cancelled_by_the_compensation() {
-    let app = spawn_app_with(AppOptions {
-        flags: vec!["--order-wait-ms", "100"],
-        ..Default::default()
-    })
-    .await;
+    let app = spawn_app_with_flags(&["--order-wait-ms", "100"]).await;
     app.product(1, 10, "1.00");
     app.shipment_faults(json!({"malformed": true, "endpoint": "create"}))
         .await;
@@ -886,10 +835,8 @@ async fn idempotency_keys_of_finished_orders_expire_and_running_ones_stay() {
         .await;
     assert_eq!(r.status(), 201);
     // Both keys are eight days old; the second one's saga is (made) still running.
-    sqlx::query("update idempotency_keys set created_at = now() - interval '8 days'")
-        .execute(&app.db)
-        .await
-        .unwrap();
+    app.exec("update idempotency_keys set created_at = now() - interval '8 days'")
+        .await;
     sqlx::query(
         "update sagas set state = 'running', next_attempt_at = null
           where saga_id = (select saga_id from idempotency_keys where key = 'running')",
@@ -931,11 +878,7 @@ async fn idempotency_keys_of_finished_orders_expire_and_running_ones_stay() {
 /// cancel's `OrderCancelled` (nor confirm the order).
 #[tokio::test]
 async fn a_cancel_while_the_shipment_is_created_publishes_no_order_confirmed() {
-    let app = spawn_app_with(AppOptions {
-        flags: vec!["--order-wait-ms", "100"],
-        ..Default::default()
-    })
-    .await;
+    let app = spawn_app_with_flags(&["--order-wait-ms", "100"]).await;
     app.product(1, 10, "1.00");
     app.shipment_faults(json!({"latencyMs": 1500, "endpoint": "create"}))
         .await;
@@ -1019,12 +962,7 @@ async fn a_cancel_the_shipper_refuses_after_pick_up_leaves_the_order_as_it_is() 
     let p = assert_problem(c, 409).await;
     assert!(p["type"].as_str().unwrap().ends_with("not-cancellable"), "{p}");
     assert_eq!(p["orderStatus"], "confirmed");
-    let got: Value = app
-        .get(&format!("/orders/{id}"), Some(&token))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let got: Value = app.get_json(&format!("/orders/{id}"), Some(&token)).await;
     assert_eq!(got["status"], "confirmed");
     assert_eq!(
         app.count(&format!(
@@ -1082,11 +1020,7 @@ async fn a_cancel_the_shipper_refuses_after_pick_up_leaves_the_order_as_it_is() 
 /// `OrderCancelled`; later cancels answer 200.
 #[tokio::test]
 async fn a_cancel_the_shipper_answers_late_is_accepted_and_converges() {
-    let app = spawn_app_with(AppOptions {
-        flags: vec!["--order-wait-ms", "1000"],
-        ..Default::default()
-    })
-    .await;
+    let app = spawn_app_with_flags(&["--order-wait-ms", "1000"]).await;
     app.product(1, 10, "1.00");
     let (_, token) = app.customer("slowcancel@example.com").await;
     let r = app
@@ -1114,12 +1048,7 @@ async fn a_cancel_the_shipper_answers_late_is_accepted_and_converges() {
         20,
     )
     .await;
-    let got: Value = app
-        .get(&format!("/orders/{id}"), Some(&token))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let got: Value = app.get_json(&format!("/orders/{id}"), Some(&token)).await;
     assert_eq!(got["status"], "cancelled");
     // Undone once: shipment cancelled, reservation released, stock back; a repeat answers the same.
     assert_cancel_undone_once(&app, &token, id).await;

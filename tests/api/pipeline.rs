@@ -214,20 +214,12 @@ async fn a_row_kafka_refuses_is_set_aside_and_every_other_event_is_still_publish
     );
 
     // Operators see it: counted in /admin/outbox, listed, readable whole, replayable.
-    let outbox: Value = app
-        .get("/admin/outbox", Some(&admin_token))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let outbox: Value = app.get_json("/admin/outbox", Some(&admin_token)).await;
     assert_eq!(outbox["pending"], 0, "{outbox}");
     assert_eq!(outbox["deadLettered"], 1, "{outbox}");
     let page: Value = app
-        .get("/admin/outbox/dead-letters", Some(&admin_token))
-        .await
-        .json()
-        .await
-        .unwrap();
+        .get_json("/admin/outbox/dead-letters", Some(&admin_token))
+        .await;
     let items = page["items"].as_array().unwrap();
     assert_eq!(items.len(), 1, "{page}");
     let item = &items[0];
@@ -245,11 +237,8 @@ async fn a_row_kafka_refuses_is_set_aside_and_every_other_event_is_still_publish
     );
     let id = item["id"].as_i64().unwrap();
     let whole: Value = app
-        .get(&format!("/admin/outbox/dead-letters/{id}"), Some(&admin_token))
-        .await
-        .json()
-        .await
-        .unwrap();
+        .get_json(&format!("/admin/outbox/dead-letters/{id}"), Some(&admin_token))
+        .await;
     assert_eq!(whole["payloadTruncated"], false);
     assert_eq!(
         whole["payload"].as_str().unwrap().len() as i64,

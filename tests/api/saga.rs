@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
-use crate::support::{AppOptions, spawn_app_with, test_config};
+use crate::support::{spawn_app_with_flags, test_config};
 use ostore_orders::orders::validate::Line;
 use ostore_orders::saga::engine::{Applied, Engine};
 use ostore_orders::saga::store::NewSaga;
@@ -61,11 +61,7 @@ fn new_saga(user_id: i32, key: &str) -> NewSaga {
 #[tokio::test]
 async fn two_engines_on_one_database_run_each_step_once_per_saga() {
     // Each worker drives at most 16 sagas at a time, so neither can take every saga at once.
-    let app = spawn_app_with(AppOptions {
-        flags: vec!["--saga-max-in-flight", "16"],
-        ..Default::default()
-    })
-    .await;
+    let app = spawn_app_with_flags(&["--saga-max-in-flight", "16"]).await;
     app.product(1, 1000, "1.00");
     let (uid, _) = app.customer("two@example.com").await;
     let (b, stop_b) = second_engine(&app, true, &["--saga-max-in-flight", "16"]).await;
@@ -113,11 +109,7 @@ async fn two_engines_on_one_database_run_each_step_once_per_saga() {
 #[tokio::test]
 async fn a_worker_whose_lease_was_taken_over_cannot_commit() {
     // The app's own poller sleeps; this test decides who claims when.
-    let app = spawn_app_with(AppOptions {
-        flags: vec!["--saga-poll-interval-ms", "600000"],
-        ..Default::default()
-    })
-    .await;
+    let app = spawn_app_with_flags(&["--saga-poll-interval-ms", "600000"]).await;
     app.product(1, 10, "1.00");
     let (uid, _) = app.customer("lease@example.com").await;
     let (creator, stop_c) = second_engine(&app, false, &[]).await;
@@ -128,10 +120,8 @@ async fn a_worker_whose_lease_was_taken_over_cannot_commit() {
     assert_eq!(claimed.len(), 1);
     let saga = claimed.remove(0);
     let attempt = stalled.attempt(&saga).await.expect("a remote step is due");
-    sqlx::query("update sagas set lease_expires_at = now() - interval '1 second'")
-        .execute(&app.db)
-        .await
-        .unwrap();
+    app.exec("update sagas set lease_expires_at = now() - interval '1 second'")
+        .await;
     // Another worker takes it over and finishes it.
     app.engine.run_due_once().await.unwrap();
     app.eventually_eq("select state from sagas", "completed", 10)

@@ -64,21 +64,9 @@ async fn disabling_a_user_refuses_every_session_at_once_and_enabling_lets_them_l
         (refresh_status(&app, &r1).await, refresh_status(&app, &r2).await),
         (401, 401)
     );
-    let wrong = app
-        .post_json(
-            "/auth/login",
-            &json!({"email": "ann@example.com", "password": "wrong-pass"}),
-            None,
-        )
-        .await;
+    let wrong = app.try_login("ann@example.com", "wrong-pass").await;
     let wrong = assert_problem(wrong, 401).await;
-    let right = app
-        .post_json(
-            "/auth/login",
-            &json!({"email": "ann@example.com", "password": "password-123"}),
-            None,
-        )
-        .await;
+    let right = app.try_login("ann@example.com", "password-123").await;
     // The same answer as a wrong password: the account's state is not disclosed.
     assert_eq!(assert_problem(right, 401).await, wrong);
     let revoked = app
@@ -125,13 +113,7 @@ async fn account_actions_need_the_admin_role_and_spare_the_callers_own_account()
         assert_problem(app.post_json(&path, &json!({}), Some(&ann)).await, 403).await;
         assert_problem(app.post_json(&path, &json!({}), None).await, 401).await;
     }
-    let r = app
-        .http
-        .delete(app.url(&format!("/admin/users/{ops_id}")))
-        .bearer_auth(&ann)
-        .send()
-        .await
-        .unwrap();
+    let r = app.delete(&format!("/admin/users/{ops_id}"), &ann).await;
     assert_problem(r, 403).await;
     assert_problem(app.get(&format!("/admin/users/{ann_id}"), Some(&ann)).await, 403).await;
     // An admin cannot lock themselves out through the API.
@@ -139,13 +121,7 @@ async fn account_actions_need_the_admin_role_and_spare_the_callers_own_account()
         .post_json(&format!("/admin/users/{ops_id}/disable"), &json!({}), Some(&ops))
         .await;
     assert_problem(r, 409).await;
-    let r = app
-        .http
-        .delete(app.url(&format!("/admin/users/{ops_id}")))
-        .bearer_auth(&ops)
-        .send()
-        .await
-        .unwrap();
+    let r = app.delete(&format!("/admin/users/{ops_id}"), &ops).await;
     assert_problem(r, 409).await;
     for bad in ["0", "-1", "abc", "99999", "2147483648"] {
         let r = app
@@ -170,41 +146,21 @@ async fn a_deleted_users_orders_stay_readable_to_admins() {
     assert_eq!(r.status(), 201);
     let order: Value = r.json().await.unwrap();
 
-    let r = app
-        .http
-        .delete(app.url(&format!("/admin/users/{ann_id}")))
-        .bearer_auth(&ops)
-        .send()
-        .await
-        .unwrap();
+    let r = app.delete(&format!("/admin/users/{ann_id}"), &ops).await;
     assert_eq!(r.status(), 200);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["status"], "deleted");
     assert_eq!(me_status(&app, &ann).await, 401);
-    let r = app
-        .post_json(
-            "/auth/login",
-            &json!({"email": "ann@example.com", "password": "password-123"}),
-            None,
-        )
-        .await;
+    let r = app.try_login("ann@example.com", "password-123").await;
     assert_problem(r, 401).await;
 
     // The account and its orders, for admins.
-    let account: Value = app
-        .get(&format!("/admin/users/{ann_id}"), Some(&ops))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let account: Value = app.get_json(&format!("/admin/users/{ann_id}"), Some(&ops)).await;
     assert_eq!(account["status"], "deleted");
     assert_eq!(account["email"], "ann@example.com");
     let page: Value = app
-        .get(&format!("/admin/users/{ann_id}/orders?limit=10"), Some(&ops))
-        .await
-        .json()
-        .await
-        .unwrap();
+        .get_json(&format!("/admin/users/{ann_id}/orders?limit=10"), Some(&ops))
+        .await;
     assert_eq!(page["items"][0]["orderID"], order["orderID"]);
     assert_eq!(page["items"][0]["totalAmount"], "10.00");
 
@@ -213,18 +169,12 @@ async fn a_deleted_users_orders_stay_readable_to_admins() {
         .post_json(&format!("/admin/users/{ann_id}/enable"), &json!({}), Some(&ops))
         .await;
     assert_eq!(assert_problem(r, 409).await["accountStatus"], "deleted");
-    let r = app
-        .http
-        .delete(app.url(&format!("/admin/users/{ann_id}")))
-        .bearer_auth(&ops)
-        .send()
-        .await
-        .unwrap();
+    let r = app.delete(&format!("/admin/users/{ann_id}"), &ops).await;
     assert_eq!(r.status(), 200);
     // The email may go to a new account, which is a different user.
     let (new_id, new) = app.customer("ann@example.com").await;
     assert_ne!(new_id, ann_id);
-    let mine: Value = app.get("/orders", Some(&new)).await.json().await.unwrap();
+    let mine: Value = app.get_json("/orders", Some(&new)).await;
     assert_eq!(mine["items"], json!([]));
     // Rows are never removed with SQL.
     let e = sqlx::query("delete from users where user_id = $1")

@@ -90,6 +90,44 @@ pub async fn spawn_app() -> TestApp {
     spawn_app_with(AppOptions::default()).await
 }
 
+/// Starts the app with these extra config flags.
+pub async fn spawn_app_with_flags(flags: &[&str]) -> TestApp {
+    spawn_app_with(AppOptions {
+        flags: flags.to_vec(),
+        ..Default::default()
+    })
+    .await
+}
+
+/// Starts the app with Kafka (the shipper advancing every 200 ms) and one product whose first
+/// reservation the catalog answers with a 503, then places one unit of it as a new customer, in
+/// the trace of `traceparent`: the retry is part of the trace too. Returns the app and the answer.
+pub async fn place_traced_order_retried_once(
+    email: &str,
+    key: &str,
+    traceparent: &str,
+) -> (TestApp, reqwest::Response) {
+    let app = spawn_app_with(AppOptions {
+        kafka: true,
+        auto_advance_ms: Some(200),
+        ..Default::default()
+    })
+    .await;
+    app.product(1, 10, "1.00");
+    app.catalog_faults(serde_json::json!({"failNext": 1, "endpoint": "reserve"}))
+        .await;
+    let (_, token) = app.customer(email).await;
+    let r = app
+        .place_traced(
+            &token,
+            key,
+            traceparent,
+            serde_json::json!([{"productID": 1, "quantity": 1}]),
+        )
+        .await;
+    (app, r)
+}
+
 /// Starts the app (and both simulators) on a fresh database.
 pub async fn spawn_app_with(opts: AppOptions<'_>) -> TestApp {
     let testdb = TestDb::new().await;
@@ -219,6 +257,40 @@ impl TestApp {
         rb.send().await.unwrap()
     }
 
+    /// GETs with an optional bearer token and reads the answer as JSON.
+    pub async fn get_json(&self, path: &str, token: Option<&str>) -> serde_json::Value {
+        self.get(path, token).await.json().await.unwrap()
+    }
+
+    /// DELETEs with a bearer token.
+    pub async fn delete(&self, path: &str, token: &str) -> reqwest::Response {
+        self.http
+            .delete(self.url(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// `POST /orders` as the customer holding `token`, with an idempotency key; the caller adds
+    /// the body (and any other header) and sends it.
+    pub fn order_request(&self, token: &str, key: &str) -> reqwest::RequestBuilder {
+        self.http
+            .post(self.url("/orders"))
+            .bearer_auth(token)
+            .header("Idempotency-Key", key)
+    }
+
+    /// `POST /auth/login` with these credentials, whatever it answers.
+    pub async fn try_login(&self, email: &str, password: &str) -> reqwest::Response {
+        self.post_json(
+            "/auth/login",
+            &serde_json::json!({"email": email, "password": password}),
+            None,
+        )
+        .await
+    }
+
     /// Logs in and returns `(access, refresh)`.
     pub async fn login(&self, email: &str, password: &str) -> (String, String) {
         client::login(&self.http, &self.base, email, password).await
@@ -287,14 +359,7 @@ impl TestApp {
 
     /// GETs a simulator path as JSON.
     pub async fn sim_get(&self, base: &str, path: &str) -> serde_json::Value {
-        self.http
-            .get(format!("{base}{path}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        client::get_json(&self.http, &format!("{base}{path}")).await
     }
 
     /// Every reservation the catalog simulator holds.
@@ -349,6 +414,27 @@ impl TestApp {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Runs one SQL statement on the test database (a test's shortcut past the API).
+    pub async fn exec(&self, sql: &str) {
+        sqlx::query(sqlx::AssertSqlSafe(sql.to_string()))
+            .execute(&self.db)
+            .await
+            .unwrap();
+    }
+
+    /// Waits until the (only) order is delivered and every outbox row is published: the shipper's
+    /// TrackingEvents came back through Kafka and their notifications went out.
+    pub async fn wait_delivered_and_published(&self) {
+        self.eventually_eq("select status from orders", "delivered", 30)
+            .await;
+        self.eventually_eq(
+            "select (count(*) = 0)::text from outbox where id > outbox_published_through()",
+            "true",
+            20,
+        )
+        .await;
     }
 
     /// A count from SQL.

@@ -19,6 +19,11 @@ pub async fn wait_ready(http: &reqwest::Client, base: &str) {
     panic!("the service at {base} did not become ready");
 }
 
+/// `GET {url}` read as JSON (a simulator's state, for one).
+pub async fn get_json<T: serde::de::DeserializeOwned>(http: &reqwest::Client, url: &str) -> T {
+    http.get(url).send().await.unwrap().json().await.unwrap()
+}
+
 /// Logs in and returns `(access, refresh)`.
 pub async fn login(http: &reqwest::Client, base: &str, email: &str, password: &str) -> (String, String) {
     let r = http

@@ -206,6 +206,66 @@ impl BenchDb {
     }
 }
 
+/// One benchmark's run: its broker (with the run's topics) and database, and whether it reports
+/// progress on stderr.
+struct Bench {
+    /// `relay` or `consumer`: progress lines start `bench-<kind>:`.
+    kind: &'static str,
+    /// Only the JSON report is asked for: no progress lines, no summary.
+    quiet: bool,
+    broker: Broker,
+    bootstrap: String,
+    db: BenchDb,
+}
+
+impl Bench {
+    /// Starts (or reaches) the broker, creates `topics` there, and creates the database.
+    async fn start(
+        common: &KafkaBenchCommon,
+        kind: &'static str,
+        run: &str,
+        topics: &[&Topics],
+    ) -> anyhow::Result<Bench> {
+        let broker = Broker::start(common)?;
+        let bootstrap = broker.bootstrap().to_string();
+        for t in topics {
+            broker.create_topics(&t.all(), common.partitions).await?;
+        }
+        let db = BenchDb::create(common, kind, run).await?;
+        Ok(Bench {
+            kind,
+            quiet: common.json,
+            broker,
+            bootstrap,
+            db,
+        })
+    }
+
+    /// A progress line on stderr (unless only JSON is asked for).
+    fn note(&self, line: impl std::fmt::Display) {
+        if !self.quiet {
+            eprintln!("bench-{}: {line}", self.kind);
+        }
+    }
+
+    /// Drops the database (or keeps it, as asked) whatever the measurement gave, then prints its
+    /// report: `summary` for people (unless only JSON is asked for), and the JSON.
+    async fn finish(
+        self,
+        keep_database: bool,
+        measured: anyhow::Result<Value>,
+        summary: impl FnOnce(&Value),
+    ) -> anyhow::Result<()> {
+        self.db.finish(keep_database).await?;
+        let report = measured?;
+        if !self.quiet {
+            summary(&report);
+        }
+        println!("{report}");
+        Ok(())
+    }
+}
+
 fn run_id() -> String {
     Uuid::new_v4().simple().to_string()[..10].to_string()
 }
@@ -408,59 +468,45 @@ async fn published(pool: &PgPool) -> anyhow::Result<i64> {
 
 /// Runs `bench-relay`.
 pub async fn run_relay(args: BenchRelayArgs) -> anyhow::Result<()> {
-    let common = &args.common;
     let run = run_id();
-    let broker = Broker::start(common)?;
-    let bootstrap = broker.bootstrap().to_string();
     let relay_topics = run_topics(&run, "relay");
     let raw_topics = run_topics(&run, "raw");
-    broker
-        .create_topics(&relay_topics.all(), common.partitions)
-        .await?;
-    broker.create_topics(&raw_topics.all(), common.partitions).await?;
-    let db = BenchDb::create(common, "relay", &run).await?;
-    let result = relay_measure(&args, &broker, &bootstrap, &db, &relay_topics, &raw_topics).await;
-    db.finish(common.keep_database).await?;
-    let report = result?;
-    if !common.json {
-        let r = &report;
-        println!(
-            "\n== ostore-orders bench-relay ({} rows, {} B average record, {} partitions)",
-            r["rows"], r["avgRecordBytes"], r["partitions"]
-        );
-        println!("  broker              {}", r["broker"].as_str().unwrap_or(""));
-        println!("  {:<24} {:>12} {:>10}", "", "records/s", "seconds");
-        println!(
-            "  {:<24} {:>12.0} {:>10.3}",
-            "raw producer",
-            r["raw"]["perSecond"].as_f64().unwrap_or(0.0),
-            r["raw"]["seconds"].as_f64().unwrap_or(0.0)
-        );
-        println!(
-            "  {:<24} {:>12.0} {:>10.3}",
-            format!("relay (retention {} s)", args.retention_secs),
-            r["relay"]["perSecond"].as_f64().unwrap_or(0.0),
-            r["relay"]["seconds"].as_f64().unwrap_or(0.0)
-        );
-        println!("  relay / raw         {:.2}×", r["ratio"].as_f64().unwrap_or(0.0));
-    }
-    println!("{report}");
-    Ok(())
+    let bench = Bench::start(&args.common, "relay", &run, &[&relay_topics, &raw_topics]).await?;
+    let measured = relay_measure(&args, &bench, &relay_topics, &raw_topics).await;
+    bench
+        .finish(args.common.keep_database, measured, |r| {
+            println!(
+                "\n== ostore-orders bench-relay ({} rows, {} B average record, {} partitions)",
+                r["rows"], r["avgRecordBytes"], r["partitions"]
+            );
+            println!("  broker              {}", r["broker"].as_str().unwrap_or(""));
+            println!("  {:<24} {:>12} {:>10}", "", "records/s", "seconds");
+            println!(
+                "  {:<24} {:>12.0} {:>10.3}",
+                "raw producer",
+                r["raw"]["perSecond"].as_f64().unwrap_or(0.0),
+                r["raw"]["seconds"].as_f64().unwrap_or(0.0)
+            );
+            println!(
+                "  {:<24} {:>12.0} {:>10.3}",
+                format!("relay (retention {} s)", args.retention_secs),
+                r["relay"]["perSecond"].as_f64().unwrap_or(0.0),
+                r["relay"]["seconds"].as_f64().unwrap_or(0.0)
+            );
+            println!("  relay / raw         {:.2}×", r["ratio"].as_f64().unwrap_or(0.0));
+        })
+        .await
 }
 
 async fn relay_measure(
     args: &BenchRelayArgs,
-    broker: &Broker,
-    bootstrap: &str,
-    db: &BenchDb,
+    bench: &Bench,
     relay_topics: &Topics,
     raw_topics: &Topics,
 ) -> anyhow::Result<Value> {
-    let quiet = args.common.json;
+    let (db, bootstrap) = (&bench.db, bench.bootstrap.as_str());
     let n = args.rows;
-    if !quiet {
-        eprintln!("bench-relay: writing {n} outbox rows to {}", db.name);
-    }
+    bench.note(format_args!("writing {n} outbox rows to {}", db.name));
     fill_outbox(&db.pool, relay_topics, n).await?;
     sqlx::query("vacuum analyze outbox").execute(&db.pool).await?;
     let rows = read_outbox(&db.pool).await?;
@@ -480,9 +526,7 @@ async fn relay_measure(
         .collect();
     let (raw_producer, _) = kafka::producer(bootstrap, &settings)?;
     warm_up(&raw_producer, &raw_topics.all()).await?;
-    if !quiet {
-        eprintln!("bench-relay: raw producer sending {n} records");
-    }
+    bench.note(format_args!("raw producer sending {n} records"));
     let raw = raw_produce(&raw_producer, &rows, &topic_of).await?;
     drop(raw_producer);
     drop(rows);
@@ -495,12 +539,10 @@ async fn relay_measure(
         retention: Duration::from_secs(args.retention_secs),
         ..RelayConfig::default()
     };
-    if !quiet {
-        eprintln!(
-            "bench-relay: relay publishing {n} rows (batch {}, retention {} s)",
-            cfg.batch_size, args.retention_secs
-        );
-    }
+    bench.note(format_args!(
+        "relay publishing {n} rows (batch {}, retention {} s)",
+        cfg.batch_size, args.retention_secs
+    ));
     let shutdown = CancellationToken::new();
     let started = Instant::now();
     let task = tokio::spawn(relay::run(db.pool.clone(), producer, cfg, shutdown.clone()));
@@ -540,7 +582,7 @@ async fn relay_measure(
     let relay_rate = rate(n, relay_time);
     Ok(json!({
         "bench": "relay",
-        "broker": broker.name(),
+        "broker": bench.broker.name(),
         "rows": n,
         "avgRecordBytes": bytes / n.max(1),
         "partitions": args.common.partitions,
@@ -612,6 +654,7 @@ async fn create_orders(pool: &PgPool, orders: usize) -> anyhow::Result<()> {
 }
 
 /// One TrackingEvent record as the shipper produces it.
+#[derive(Clone)]
 struct TrackingRecord {
     key: String,
     payload: Vec<u8>,
@@ -651,24 +694,12 @@ fn tracking_stream(orders: usize, duplicate_share: f64) -> (Vec<TrackingRecord>,
             }
         }
         for idx in again.drain(..) {
-            let copy = TrackingRecord {
-                key: out[idx].key.clone(),
-                payload: out[idx].payload.clone(),
-                event_id: out[idx].event_id.clone(),
-                traceparent: out[idx].traceparent.clone(),
-            };
-            out.push(copy);
+            out.push(out[idx].clone());
         }
         again = next_again;
     }
     for idx in again {
-        let copy = TrackingRecord {
-            key: out[idx].key.clone(),
-            payload: out[idx].payload.clone(),
-            event_id: out[idx].event_id.clone(),
-            traceparent: out[idx].traceparent.clone(),
-        };
-        out.push(copy);
+        out.push(out[idx].clone());
     }
     (out, distinct)
 }
@@ -728,18 +759,11 @@ async fn scalar(pool: &PgPool, sql: &'static str) -> anyhow::Result<i64> {
 
 /// Runs `bench-consumer`.
 pub async fn run_consumer(args: BenchConsumerArgs) -> anyhow::Result<()> {
-    let common = &args.common;
     let run = run_id();
-    let broker = Broker::start(common)?;
-    let bootstrap = broker.bootstrap().to_string();
     let topics = run_topics(&run, "consumer");
-    broker.create_topics(&topics.all(), common.partitions).await?;
-    let db = BenchDb::create(common, "consumer", &run).await?;
-    let result = consumer_measure(&args, &broker, &bootstrap, &db, &topics).await;
-    db.finish(common.keep_database).await?;
-    let report = result?;
-    if !common.json {
-        let r = &report;
+    let bench = Bench::start(&args.common, "consumer", &run, &[&topics]).await?;
+    let measured = consumer_measure(&args, &bench, &topics).await;
+    bench.finish(args.common.keep_database, measured, |r| {
         println!(
             "\n== ostore-orders bench-consumer ({} orders, {} messages: {} events + {} redelivered copies, {} partitions, batches of {})",
             r["orders"], r["messages"], r["events"], r["duplicates"], r["partitions"], r["batchSize"]
@@ -764,37 +788,24 @@ pub async fn run_consumer(args: BenchConsumerArgs) -> anyhow::Result<()> {
             r["rawConsumer"]["joinSeconds"].as_f64().unwrap_or(0.0)
         );
         println!("  checked                 {}", r["check"].as_str().unwrap_or(""));
-    }
-    println!("{report}");
-    Ok(())
+    })
+    .await
 }
 
-async fn consumer_measure(
-    args: &BenchConsumerArgs,
-    broker: &Broker,
-    bootstrap: &str,
-    db: &BenchDb,
-    topics: &Topics,
-) -> anyhow::Result<Value> {
-    let quiet = args.common.json;
+async fn consumer_measure(args: &BenchConsumerArgs, bench: &Bench, topics: &Topics) -> anyhow::Result<Value> {
+    let (db, bootstrap) = (&bench.db, bench.bootstrap.as_str());
     let k = args.orders;
-    if !quiet {
-        eprintln!("bench-consumer: creating {k} confirmed orders in {}", db.name);
-    }
+    bench.note(format_args!("creating {k} confirmed orders in {}", db.name));
     create_orders(&db.pool, k).await?;
     let (records, distinct) = tracking_stream(k, args.duplicate_share);
     let messages = records.len();
-    if !quiet {
-        eprintln!(
-            "bench-consumer: producing {messages} TrackingEvents ({distinct} distinct) to {}",
-            topics.tracking_events
-        );
-    }
+    bench.note(format_args!(
+        "producing {messages} TrackingEvents ({distinct} distinct) to {}",
+        topics.tracking_events
+    ));
     produce_tracking(bootstrap, &topics.tracking_events, &records).await?;
     drop(records);
-    if !quiet {
-        eprintln!("bench-consumer: reading them with a plain consumer (no database)");
-    }
+    bench.note("reading them with a plain consumer (no database)");
     let (raw_join, raw_read) = raw_consume(bootstrap, &topics.tracking_events, messages).await?;
 
     let cfg = ConsumerConfig {
@@ -802,12 +813,10 @@ async fn consumer_measure(
         batch_size: args.batch_size,
         ..ConsumerConfig::default()
     };
-    if !quiet {
-        eprintln!(
-            "bench-consumer: starting the tracking consumer (group {})",
-            cfg.group_id
-        );
-    }
+    bench.note(format_args!(
+        "starting the tracking consumer (group {})",
+        cfg.group_id
+    ));
     let shutdown = CancellationToken::new();
     let started = Instant::now();
     let task = {
@@ -839,7 +848,7 @@ async fn consumer_measure(
                 args.timeout_secs
             );
         }
-        if !quiet && last_report.elapsed() >= Duration::from_secs(1) {
+        if !bench.quiet && last_report.elapsed() >= Duration::from_secs(1) {
             last_report = Instant::now();
             eprintln!(
                 "  {:>5.1}s  {n} of {distinct} events applied",
@@ -884,7 +893,7 @@ async fn consumer_measure(
     );
     Ok(json!({
         "bench": "consumer",
-        "broker": broker.name(),
+        "broker": bench.broker.name(),
         "orders": k,
         "events": distinct,
         "duplicates": messages - distinct,
