@@ -194,7 +194,8 @@ pub async fn list_audit(
     before_id: Option<i64>,
     limit: i64,
 ) -> Result<Vec<AuditItem>, sqlx::Error> {
-    let rows = sqlx::query!(
+    let rows = sqlx::query_as!(
+        AuditRow,
         r#"select id, at, actor, action, target, before, after from audit_log
             where ($1::bigint is null or id < $1) order by id desc limit $2"#,
         before_id,
@@ -202,18 +203,7 @@ pub async fn list_audit(
     )
     .fetch_all(&mut *conn)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| AuditItem {
-            id: r.id,
-            at: rfc3339(r.at),
-            actor: r.actor,
-            action: r.action,
-            target: r.target,
-            before: r.before,
-            after: r.after,
-        })
-        .collect())
+    Ok(rows.into_iter().map(AuditItem::from).collect())
 }
 
 #[derive(sqlx::FromRow)]

@@ -123,14 +123,10 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
 /// (422 naming the parameter when the shape is wrong, an unknown parameter included).
 pub struct ApiQuery<T>(pub T);
 
-impl<S, T> FromRequestParts<S> for ApiQuery<T>
-where
-    S: Send + Sync,
-    T: DeserializeOwned,
-{
+impl<T: DeserializeOwned> FromRequestParts<AppState> for ApiQuery<T> {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(parts: &mut Parts, _state: &AppState) -> Result<Self, Self::Rejection> {
         parse_query(parts.uri.query().unwrap_or("")).map(ApiQuery)
     }
 }
