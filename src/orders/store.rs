@@ -228,34 +228,19 @@ pub fn max_total() -> Decimal {
 // functions below run them, and the benchmark (`ostore-tools bench`) renders them into the pgbench
 // script of the PostgreSQL ceiling.
 
-/// The priced lines and totals of a shared commit's orders in one statement (`insert_lines_many`,
-/// the `persist_order` step): $1–$4 the lines (order, product, quantity, price), $5–$7 the orders
-/// (order, total, currency). The order rows are locked in key order first, as every writer of
-/// `orders` does.
-pub const PERSIST_ORDER_SQL: &str = r#"with t as (select * from unnest($5::int[], $6::numeric[], $7::text[])
-                                           as t(order_id, total, currency)),
-           before as (select order_id from orders where order_id = any($5::int[])
-                       order by order_id for update),
-           i as (insert into order_items (order_id, product_id, quantity, price)
-                 select * from unnest($1::int[], $2::int[], $3::int[], $4::numeric[])
-                 returning order_item_id, order_id, product_id, quantity, price),
-           u as (update orders o set total_amount = t.total, currency = t.currency
-                   from t join before b using (order_id)
-                  where o.order_id = t.order_id)
-           select order_item_id, order_id, product_id, quantity, price from i"#;
+/// The priced lines and totals of a shared commit's orders in one call (`insert_lines_many`, the
+/// `persist_order` step): $1–$4 the lines (order, product, quantity, price), $5–$7 the orders
+/// (order, total, currency). The function (migration 0017) locks the order rows in key order first,
+/// as every writer of `orders` does, and is planned at each call with the arrays at hand.
+pub const PERSIST_ORDER_SQL: &str = "select item_id, item_order, item_product, item_quantity, item_price
+                                       from order_persist_many($1::int[], $2::int[], $3::int[], $4::numeric[],
+                                                               $5::int[], $6::numeric[], $7::text[])";
 /// The shipments on their orders, and `pending` → `confirmed` (`confirm_many`): $1 the orders,
-/// $2 their shipments; returns each order with whether it was pending. The rows are locked in key
-/// order first, as every writer of `orders` does.
+/// $2 their shipments; returns each order with whether it was pending. The function (migration
+/// 0017) locks the rows in key order first, as every writer of `orders` does, and is planned at
+/// each call with the arrays at hand.
 pub const CONFIRM_ORDER_SQL: &str =
-    "with t as (select * from unnest($1::int[], $2::text[]) as t(order_id, shipment_id)),
-                               before as (select order_id, status from orders
-                                           where order_id = any($1::int[]) order by order_id for update)
-                          update orders o
-                             set shipment_id = t.shipment_id,
-                                 status = case when o.status = 'pending' then 'confirmed' else o.status end
-                            from t join before b using (order_id)
-                           where o.order_id = t.order_id
-                       returning o.order_id, b.status = 'pending'";
+    "select confirmed_order, was_pending from order_confirm_many($1::int[], $2::text[])";
 
 /// One order's priced lines (product, quantity, unit price), its total and currency, as the
 /// `persist_order` step writes them.
@@ -302,9 +287,6 @@ pub async fn insert_lines_many(
         .bind(orders.iter().map(|o| o.order_id).collect::<Vec<_>>())
         .bind(orders.iter().map(|o| o.total).collect::<Vec<_>>())
         .bind(orders.iter().map(|o| o.currency.as_str()).collect::<Vec<_>>())
-        // Planned per commit, like `CONFIRM_ORDER_SQL`: a generic plan made while `orders` was
-        // small joins it by a sequential scan (docs/performance.md, finding 18).
-        .persistent(false)
         .fetch_all(&mut *conn)
         .await?;
     let mut out: HashMap<i32, Vec<PersistedItem>> = orders.iter().map(|o| (o.order_id, Vec::new())).collect();
@@ -359,10 +341,6 @@ pub async fn confirm_many(
     let rows: Vec<(i32, bool)> = sqlx::query_as(CONFIRM_ORDER_SQL)
         .bind(orders)
         .bind(shipments)
-        // Planned for each commit with the arrays at hand (the unnamed statement): a plan cached
-        // while the table was small joins by a sequential scan of it (docs/performance.md,
-        // findings 8 and 18).
-        .persistent(false)
         .fetch_all(&mut *conn)
         .await?;
     Ok(rows.into_iter().collect())

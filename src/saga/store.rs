@@ -501,10 +501,9 @@ impl Batch {
                 interval(lease),
                 &self.s_session as &[Option<Value>]
             )
-            // Planned for each commit with the arrays at hand (the unnamed statement): a plan cached
-            // while the table was small joins by a sequential scan of it, a cost that grows with
-            // every saga ever written (docs/performance.md, finding 8).
-            .persistent(false)
+            // The function is planned at each call with the arrays at hand (migration 0017): a
+            // plan cached while the table was small joins by a sequential scan of it, a cost that
+            // grows with every saga ever written (docs/performance.md, findings 8 and 20).
             .execute(&mut *conn)
             .await?;
         }
