@@ -231,14 +231,14 @@ pub fn max_total() -> Decimal {
 /// The priced lines and totals of a shared commit's orders in one call (`insert_lines_many`, the
 /// `persist_order` step): $1–$4 the lines (order, product, quantity, price), $5–$7 the orders
 /// (order, total, currency). The function (migration 0017) locks the order rows in key order first,
-/// as every writer of `orders` does, and is planned at each call with the arrays at hand.
+/// as every writer of `orders` does, and looks rows up by key only.
 pub const PERSIST_ORDER_SQL: &str = "select item_id, item_order, item_product, item_quantity, item_price
                                        from order_persist_many($1::int[], $2::int[], $3::int[], $4::numeric[],
                                                                $5::int[], $6::numeric[], $7::text[])";
 /// The shipments on their orders, and `pending` → `confirmed` (`confirm_many`): $1 the orders,
 /// $2 their shipments; returns each order with whether it was pending. The function (migration
-/// 0017) locks the rows in key order first, as every writer of `orders` does, and is planned at
-/// each call with the arrays at hand.
+/// 0017) locks the rows in key order first, as every writer of `orders` does, and looks rows up by
+/// key only.
 pub const CONFIRM_ORDER_SQL: &str =
     "select confirmed_order, was_pending from order_confirm_many($1::int[], $2::text[])";
 

@@ -501,9 +501,9 @@ impl Batch {
                 interval(lease),
                 &self.s_session as &[Option<Value>]
             )
-            // The function is planned at each call with the arrays at hand (migration 0017): a
-            // plan cached while the table was small joins by a sequential scan of it, a cost that
-            // grows with every saga ever written (docs/performance.md, findings 8 and 20).
+            // The function's plan looks the rows up by key however large the table (migration
+            // 0017): a plan cached while the table was small joined it by a sequential scan, a cost
+            // that grew with every saga ever written (docs/performance.md, findings 8 and 20).
             .execute(&mut *conn)
             .await?;
         }

@@ -1,8 +1,11 @@
 -- The shared commit's statements that join a table to the commit's arrays (the saga rows, the
--- orders a commit prices or confirms) run as functions planned at each call with the arrays at
--- hand: a plan cached while the table was small joins it by a sequential scan (docs/performance.md,
--- findings 8 and 18), and a statement the client does not keep prepared costs it two round trips
--- (parse, then execute) where a call of a prepared function costs one (finding 20).
+-- orders a commit prices or confirms) run as functions whose plans can only look rows up by key:
+-- sequential scans, hash and merge joins are switched off inside them. Prepared as plain
+-- statements, their generic plan, made while the table was small, joined it by a sequential scan
+-- that grew with every row (docs/performance.md, findings 8 and 18); planned at each call instead,
+-- they cost a second round trip (parse, then execute) and the planning itself. A prepared call
+-- costs one round trip and a cached plan that stays a key lookup however large the table grows
+-- (finding 20).
 
 -- The saga rows of a shared commit (`saga::store::UPDATE_SAGAS_SQL` calls it).
 create function saga_update_many(
@@ -11,7 +14,7 @@ create function saga_update_many(
     answers jsonb[], finisheds bool[], step_names text[], lease interval, sessions jsonb[])
 returns void
 language plpgsql
-set plan_cache_mode = force_custom_plan
+set enable_seqscan = off set enable_hashjoin = off set enable_mergejoin = off
 as $$
 begin
     update sagas s
@@ -40,7 +43,7 @@ create function order_persist_many(
     order_ids int[], totals numeric[], currencies text[])
 returns table (item_id int, item_order int, item_product int, item_quantity int, item_price numeric)
 language plpgsql
-set plan_cache_mode = force_custom_plan
+set enable_seqscan = off set enable_hashjoin = off set enable_mergejoin = off
 as $$
 begin
     return query
@@ -63,7 +66,7 @@ $$;
 create function order_confirm_many(order_ids int[], shipment_ids text[])
 returns table (confirmed_order int, was_pending bool)
 language plpgsql
-set plan_cache_mode = force_custom_plan
+set enable_seqscan = off set enable_hashjoin = off set enable_mergejoin = off
 as $$
 begin
     return query
