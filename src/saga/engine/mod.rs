@@ -191,7 +191,8 @@ struct Inner {
     /// Cancelled once the drives have finished at shutdown: the committers close the job queue,
     /// commit what is left in it, and stop.
     jobs_closed: CancellationToken,
-    /// Commits in flight, and a signal when one ends (`committer`).
+    /// The committers' transactions still writing their statements, and a signal when one is done
+    /// (`committer::Writing`).
     committing: std::sync::atomic::AtomicUsize,
     commit_ended: Notify,
 }
