@@ -1,6 +1,7 @@
 //! Step 2, `persist_order` (local): the order's lines with the catalog's prices and its total, written
 //! in the transaction that records the reservation (the orders of every saga in a shared commit in
-//! one statement). A total beyond NUMERIC(10,2) is fatal (`total_overflow`). Compensation `cancel_order` (local): the order becomes `cancelled`.
+//! one statement). A total beyond NUMERIC(10,2) is fatal (`total_overflow`). Compensation
+//! `cancel_order` (local): the order becomes `cancelled`.
 
 use rust_decimal::Decimal;
 use sqlx::PgConnection;
