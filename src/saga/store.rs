@@ -57,7 +57,8 @@ pub const CREATE_SQL: &str = r#"with n as (
                  from k join n using (saga_id)
                returning saga_id, created_at, deadline_at)
            select saga_id, null::int as order_id, created_at, deadline_at from s"#;
-/// A shared commit's history rows, outbox events and wake-ups in one statement (`Batch::flush`).
+/// A shared commit's saga rows, history rows, outbox events and wake-ups in one statement
+/// (`Batch::flush`).
 pub const STAGE_WRITES_SQL: &str = r#"with h as (
                    insert into saga_steps (saga_id, step, kind, attempt, started_at, outcome, error_class, error,
                                            idempotency_key, downstream_status, worker, duration_ms, finished_at)
@@ -72,9 +73,14 @@ pub const STAGE_WRITES_SQL: &str = r#"with h as (
                    select t, k, i, e, p::json, h
                      from unnest($12::text[], $13::text[], $14::uuid[], $15::text[], $16::text[], $17::jsonb[])
                           as u(t, k, i, e, p, h))
-               select count(pg_notify($18, n)) from unnest($19::text[]) n"#;
-/// The saga rows of a shared commit, one statement for all of them (`Batch::flush`).
-pub const UPDATE_SAGAS_SQL: &str = include_str!("sql/update_sagas.sql");
+               -- The saga rows through their function (migration 0017), evaluated once for the
+               -- one row an aggregate always yields, even when there is nothing to wake.
+               select count(pg_notify($18, n)),
+                      (select count(*) from (select saga_update_many(
+                           $21::uuid[], $22::text[], $23::int[], $24::int[], $25::timestamptz[], $26::jsonb[],
+                           $27::jsonb[], $28::text[], $29::text[], $30::bool[], $31::jsonb[], $32::bool[],
+                           $33::text[], $34, $35::jsonb[])) u)
+                 from unnest($19::text[]) n"#;
 /// The rows of the sagas a shared commit advances, locked in key order (`lock_many`).
 pub const LOCK_MANY_SQL: &str = include_str!("sql/lock_many.sql");
 
@@ -482,33 +488,10 @@ impl Batch {
             let mut keep = cond.iter().map(|c| c.is_none_or(|i| changed[i]));
             self.events.retain(|_| keep.next().unwrap_or(true));
         }
-        if !self.s_id.is_empty() {
-            sqlx::query_file!(
-                "src/saga/sql/update_sagas.sql",
-                &self.s_id,
-                &self.s_state,
-                &self.s_step,
-                &self.s_attempt,
-                &self.s_next as &[Option<OffsetDateTime>],
-                &self.s_data,
-                &self.s_failure as &[Option<Value>],
-                &self.s_error as &[Option<String>],
-                &self.s_class as &[Option<String>],
-                &self.s_keep,
-                &self.s_answer as &[Option<Value>],
-                &self.s_finished,
-                &self.s_step_name,
-                interval(lease),
-                &self.s_session as &[Option<Value>]
-            )
-            // The function's plan looks the rows up by key however large the table (migration
-            // 0017): a plan cached while the table was small joined it by a sequential scan, a cost
-            // that grew with every saga ever written (docs/performance.md, findings 8 and 20).
-            .execute(&mut *conn)
-            .await?;
-        }
-        // History, outbox and wake-ups in one statement (one round trip); each part is empty-safe.
-        if self.h_saga.is_empty() && self.events.is_empty() && self.notify.is_empty() {
+        // Saga rows, history, outbox and wake-ups in one statement (one round trip); each part is
+        // empty-safe.
+        if self.s_id.is_empty() && self.h_saga.is_empty() && self.events.is_empty() && self.notify.is_empty()
+        {
             *self = Batch::default();
             return Ok(());
         }
@@ -534,6 +517,21 @@ impl Batch {
             .bind(wake::CHANNEL)
             .bind(&self.notify)
             .bind(&self.h_duration)
+            .bind(&self.s_id)
+            .bind(&self.s_state)
+            .bind(&self.s_step)
+            .bind(&self.s_attempt)
+            .bind(&self.s_next)
+            .bind(&self.s_data)
+            .bind(&self.s_failure)
+            .bind(&self.s_error)
+            .bind(&self.s_class)
+            .bind(&self.s_keep)
+            .bind(&self.s_answer)
+            .bind(&self.s_finished)
+            .bind(&self.s_step_name)
+            .bind(interval(lease))
+            .bind(&self.s_session)
             .execute(&mut *conn)
             .await?;
         *self = Batch::default();

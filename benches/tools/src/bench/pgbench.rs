@@ -2,7 +2,7 @@
 //!
 //! One pgbench transaction script = one order = the three commits the service makes for it, each
 //! statement the service's own, taken from `ostore_orders::saga::store` (`LOCK_MANY_SQL`,
-//! `UPDATE_SAGAS_SQL`, `STAGE_WRITES_SQL`) and `ostore_orders::orders::store` (CreateOrder's
+//! `STAGE_WRITES_SQL`) and `ostore_orders::orders::store` (CreateOrder's
 //! `CREATE_ORDER_SAGA_SQL`, `PERSIST_ORDER_SQL`, `CONFIRM_ORDER_SQL`), the constants the stores
 //! run, rendered with literals and pgbench variables where the service binds values, so the script cannot drift from the service: create
 //! (idempotency key with the order id from the sequence, order placeholder, saga row) and its
@@ -122,7 +122,12 @@ const WORKER: &str = "'bench-worker'";
 const LEASE: &str = "interval '30 seconds'";
 
 /// `STAGE_WRITES_SQL` for one commit: its history rows, its events, and wake-ups.
-fn stage_writes(steps: &[&Step], events: &[&Event], notify: &[String]) -> anyhow::Result<String> {
+fn stage_writes(
+    steps: &[&Step],
+    events: &[&Event],
+    notify: &[String],
+    update: Option<&SagaUpdate>,
+) -> anyhow::Result<String> {
     let h = |f: &dyn Fn(&Step) -> String| array(steps.iter().map(|s| f(s)));
     let e = |f: &dyn Fn(&Event) -> String| array(events.iter().map(|e| f(e)));
     let num = |v: Option<i32>| v.map_or("null".into(), |v| v.to_string());
@@ -149,11 +154,14 @@ fn stage_writes(steps: &[&Step], events: &[&Event], notify: &[String]) -> anyhow
             lit(ostore_orders::wake::CHANNEL),
             array(notify.iter().cloned()),
             h(&|s| num(s.duration_ms)),
-        ],
+        ]
+        .into_iter()
+        .chain(update_params(update))
+        .collect::<Vec<_>>(),
     )
 }
 
-/// What `UPDATE_SAGAS_SQL` writes for the script's saga after a commit.
+/// What `STAGE_WRITES_SQL` writes to the script's saga row after a commit.
 struct SagaUpdate<'a> {
     state: &'a str,
     step: i32,
@@ -165,34 +173,39 @@ struct SagaUpdate<'a> {
     step_name: &'a str,
 }
 
-fn update_saga(u: &SagaUpdate) -> anyhow::Result<String> {
+/// `STAGE_WRITES_SQL`'s saga-row parameters ($21–$35): the script's saga, or none.
+fn update_params(u: Option<&SagaUpdate>) -> Vec<String> {
+    let Some(u) = u else {
+        let empty = || "'{}'".to_string();
+        let mut v: Vec<String> = (0..13).map(|_| empty()).collect();
+        v.push(LEASE.into());
+        v.push(empty());
+        return v;
+    };
     let one = |v: String| format!("array[{v}]");
-    render(
-        ostore_orders::saga::store::UPDATE_SAGAS_SQL,
-        &[
-            one(SAGA_ID.into()),
-            one(lit(u.state)),
-            one(u.step.to_string()),
-            one("0".into()),
-            one(if u.next_now {
-                "now()".into()
-            } else {
-                "null::timestamptz".into()
-            }),
-            one(format!("{}::jsonb", lit(u.data))),
-            one("null::jsonb".into()),
-            one("null::text".into()),
-            one("null::text".into()),
-            one(u.keep.to_string()),
-            one(u
-                .answer
-                .map_or("null::jsonb".into(), |a| format!("{}::jsonb", lit(a)))),
-            one(u.finished.to_string()),
-            one(lit(u.step_name)),
-            LEASE.into(),
-            one("null::jsonb".into()),
-        ],
-    )
+    vec![
+        one(SAGA_ID.into()),
+        one(lit(u.state)),
+        one(u.step.to_string()),
+        one("0".into()),
+        one(if u.next_now {
+            "now()".into()
+        } else {
+            "null::timestamptz".into()
+        }),
+        one(format!("{}::jsonb", lit(u.data))),
+        one("null::jsonb".into()),
+        one("null::text".into()),
+        one("null::text".into()),
+        one(u.keep.to_string()),
+        one(u
+            .answer
+            .map_or("null::jsonb".into(), |a| format!("{}::jsonb", lit(a)))),
+        one(u.finished.to_string()),
+        one(lit(u.step_name)),
+        LEASE.into(),
+        one("null::jsonb".into()),
+    ]
 }
 
 /// Builds the script from the newest completed saga of the database.
@@ -332,7 +345,7 @@ async fn script(pool: &PgPool) -> anyhow::Result<String> {
         ],
     )?;
     writeln!(s, "{create} \\gset")?;
-    writeln!(s, "{};", stage_writes(&st(0), &ev(0), &[])?)?;
+    writeln!(s, "{};", stage_writes(&st(0), &ev(0), &[], None)?)?;
     s.push_str("COMMIT;\n");
     // Commit 2: the reservation's outcome and persist_order.
     s.push_str("BEGIN;\n");
@@ -350,21 +363,17 @@ async fn script(pool: &PgPool) -> anyhow::Result<String> {
         ],
     )?;
     writeln!(s, "{persist};")?;
-    writeln!(
-        s,
-        "{};",
-        update_saga(&SagaUpdate {
-            state: "running",
-            step: 2,
-            next_now: true,
-            data: &data,
-            keep: true,
-            answer: None,
-            finished: false,
-            step_name: &step_name(2),
-        })?
-    )?;
-    writeln!(s, "{};", stage_writes(&st(1), &ev(1), &[])?)?;
+    let running = SagaUpdate {
+        state: "running",
+        step: 2,
+        next_now: true,
+        data: &data,
+        keep: true,
+        answer: None,
+        finished: false,
+        step_name: &step_name(2),
+    };
+    writeln!(s, "{};", stage_writes(&st(1), &ev(1), &[], Some(&running))?)?;
     s.push_str("COMMIT;\n");
     // Commit 3: the shipment's outcome; the saga completes and wakes waiters.
     s.push_str("BEGIN;\n");
@@ -377,26 +386,22 @@ async fn script(pool: &PgPool) -> anyhow::Result<String> {
             &[array([":order_id::int".into()]), array([lit(&shipment_id)])]
         )?
     )?;
-    writeln!(
-        s,
-        "{};",
-        update_saga(&SagaUpdate {
-            state: "completed",
-            step: 3,
-            next_now: false,
-            data: &data,
-            keep: false,
-            answer: Some(&answer),
-            finished: true,
-            step_name: &step_name(2),
-        })?
-    )?;
     let wake = format!(
         "{} || {SAGA_ID}::text || {}",
         lit("finished:"),
         lit(" bench-worker")
     );
-    writeln!(s, "{};", stage_writes(&st(2), &ev(2), &[wake])?)?;
+    let completed = SagaUpdate {
+        state: "completed",
+        step: 3,
+        next_now: false,
+        data: &data,
+        keep: false,
+        answer: Some(&answer),
+        finished: true,
+        step_name: &step_name(2),
+    };
+    writeln!(s, "{};", stage_writes(&st(2), &ev(2), &[wake], Some(&completed))?)?;
     s.push_str("COMMIT;\n");
     Ok(s)
 }
@@ -508,8 +513,7 @@ mod tests {
             (store::CREATE_SQL, 12),
             (order_store::PERSIST_ORDER_SQL, 7),
             (order_store::CONFIRM_ORDER_SQL, 2),
-            (store::STAGE_WRITES_SQL, 20),
-            (store::UPDATE_SAGAS_SQL, 15),
+            (store::STAGE_WRITES_SQL, 35),
             (store::LOCK_MANY_SQL, 1),
         ] {
             let out = render(sql, &params.iter().cycle().take(n).cloned().collect::<Vec<_>>()).unwrap();
