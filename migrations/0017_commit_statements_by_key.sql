@@ -7,7 +7,7 @@
 -- costs one round trip and a cached plan that stays a key lookup however large the table grows
 -- (finding 20).
 
--- The saga rows of a shared commit (`saga::store::UPDATE_SAGAS_SQL` calls it).
+-- The saga rows of a shared commit (`saga::store::STAGE_WRITES_SQL` calls it).
 create function saga_update_many(
     ids uuid[], states text[], steps int[], attempts int[], next_attempts timestamptz[],
     datas jsonb[], failures jsonb[], last_errors text[], last_error_classes text[], keeps bool[],

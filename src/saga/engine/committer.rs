@@ -306,7 +306,10 @@ impl Inner {
         for (a, i) in advancing.into_iter().zip(places) {
             out[i] = Some(self.stage_step(&mut tx, &mut batch, a, now).await?);
         }
-        let out = out.into_iter().flatten().collect::<Vec<_>>();
+        let out = out
+            .into_iter()
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| sqlx::Error::Protocol("a job without its answer".into()))?;
         batch.flush(&mut tx, self.cfg.lease, &*self.hooks).await?;
         writing.done();
         tx.commit().await?;
