@@ -81,7 +81,7 @@ pub const STAGE_WRITES_SQL: &str = r#"with h as (
                            $27::jsonb[], $28::text[], $29::text[], $30::bool[], $31::jsonb[], $32::bool[],
                            $33::text[], $34, $35::jsonb[])) u)
                  from unnest($19::text[]) n"#;
-/// The rows of the sagas a shared commit advances, locked in key order (`lock_many`).
+/// The rows of the sagas a shared commit advances, locked in key order (`Commit::begin_locking`).
 pub const LOCK_MANY_SQL: &str = include_str!("sql/lock_many.sql");
 
 fn interval(d: Duration) -> PgInterval {
@@ -539,31 +539,90 @@ impl Batch {
     }
 }
 
-/// Locks the rows of the sagas a shared commit advances (in one statement, in key order) and
-/// reports what each holds; the caller compares fences and states.
-pub async fn lock_many(conn: &mut PgConnection, ids: &[Uuid]) -> Result<HashMap<Uuid, Locked>, sqlx::Error> {
-    if ids.is_empty() {
-        return Ok(HashMap::new());
+/// A shared commit's transaction, begun in the round trip that locks the rows of the sagas it
+/// advances: `BEGIN` and [`LOCK_MANY_SQL`] go out as one simple query (the saga ids, which are
+/// ours, written into it as a `uuid[]` literal), one round trip fewer than a `BEGIN` of its own
+/// (docs/performance.md, finding 23). It derefs to its connection for the commit's statements.
+/// Dropped without [`Commit::commit`] (a statement failed, the task was cancelled) the connection
+/// is closed, never handed back to the pool inside a transaction.
+pub struct Commit {
+    conn: sqlx::pool::PoolConnection<sqlx::Postgres>,
+    open: bool,
+}
+
+impl Commit {
+    /// Begins the transaction on a connection of `pool` and locks the rows of `ids` (in key
+    /// order); what each row holds, for the caller to compare fences and states.
+    pub async fn begin_locking(
+        pool: &sqlx::PgPool,
+        ids: &[Uuid],
+    ) -> Result<(Commit, HashMap<Uuid, Locked>), sqlx::Error> {
+        use sqlx::Row;
+        let mut c = Commit {
+            conn: pool.acquire().await?,
+            open: true,
+        };
+        if ids.is_empty() {
+            sqlx::raw_sql("begin").execute(&mut *c.conn).await?;
+            return Ok((c, HashMap::new()));
+        }
+        let sql = format!("begin; {}", lock_many_literal(ids));
+        let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .fetch_all(&mut *c.conn)
+            .await?;
+        let locked = rows
+            .iter()
+            .map(|r| {
+                Ok((
+                    r.try_get("saga_id")?,
+                    Locked {
+                        fence: r.try_get("fence")?,
+                        cancel_requested: r.try_get("cancel_requested")?,
+                        answered_pending: r.try_get("answered_pending")?,
+                        state: r.try_get("state")?,
+                        step: r.try_get("step")?,
+                        attempt: r.try_get("attempt")?,
+                    },
+                ))
+            })
+            .collect::<Result<_, sqlx::Error>>()?;
+        Ok((c, locked))
     }
-    let rows = sqlx::query_file!("src/saga/sql/lock_many.sql", ids)
-        .fetch_all(&mut *conn)
-        .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| {
-            (
-                r.saga_id,
-                Locked {
-                    fence: r.fence,
-                    cancel_requested: r.cancel_requested,
-                    answered_pending: r.answered_pending,
-                    state: r.state,
-                    step: r.step,
-                    attempt: r.attempt,
-                },
-            )
-        })
-        .collect())
+
+    /// Commits (the connection goes back to the pool).
+    pub async fn commit(mut self) -> Result<(), sqlx::Error> {
+        sqlx::raw_sql("commit").execute(&mut *self.conn).await?;
+        self.open = false;
+        Ok(())
+    }
+}
+
+impl std::ops::Deref for Commit {
+    type Target = PgConnection;
+    fn deref(&self) -> &PgConnection {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for Commit {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        &mut self.conn
+    }
+}
+
+impl Drop for Commit {
+    fn drop(&mut self) {
+        if self.open {
+            self.conn.close_on_drop();
+        }
+    }
+}
+
+/// [`LOCK_MANY_SQL`] for `ids`, the array written as a literal (a UUID's text is hex digits and
+/// dashes only, so nothing in it needs quoting).
+fn lock_many_literal(ids: &[Uuid]) -> String {
+    let list: Vec<String> = ids.iter().map(Uuid::to_string).collect();
+    LOCK_MANY_SQL.replace("$1", &format!("'{{{}}}'::uuid[]", list.join(",")))
 }
 
 /// Key of the saga row's `trace_context` entry that holds the `traceparent` of the last session

@@ -183,10 +183,10 @@ pub(crate) fn cpu_delta(
 
 /// The database of the bench: DATABASE_URL's server, its name with `_bench`, its parameters kept.
 fn bench_database_url(url: &str) -> anyhow::Result<String> {
-    let (_, db) = url
+    let base = url.split_once('?').map_or(url, |(base, _)| base);
+    let (_, name) = base
         .rsplit_once('/')
         .context("DATABASE_URL has no database name")?;
-    let name = db.split_once('?').map_or(db, |(name, _)| name);
     crate::bench_kafka::database_url_for(url, &format!("{name}_bench"))
 }
 

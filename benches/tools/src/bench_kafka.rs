@@ -154,11 +154,16 @@ fn run_topics(run: &str, role: &str) -> Topics {
 
 /// `url` with its database replaced by `name`, keeping its query parameters.
 pub(crate) fn database_url_for(url: &str, name: &str) -> anyhow::Result<String> {
-    let (prefix, rest) = url
+    // The query may hold a path (`?host=/var/run/postgresql`, a Unix socket): split it off first.
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let (prefix, _) = base
         .rsplit_once('/')
         .context("DATABASE_URL has no database name")?;
-    Ok(match rest.split_once('?') {
-        Some((_, query)) => format!("{prefix}/{name}?{query}"),
+    Ok(match query {
+        Some(query) => format!("{prefix}/{name}?{query}"),
         None => format!("{prefix}/{name}"),
     })
 }

@@ -266,7 +266,6 @@ impl Inner {
 
     async fn try_batch_in(&self, jobs: &[Job]) -> Result<Vec<JobResult>, sqlx::Error> {
         let mut writing = Writing::new(self);
-        let mut tx = self.pool.begin().await?;
         let ids: Vec<Uuid> = jobs
             .iter()
             .filter_map(|j| match j {
@@ -274,7 +273,7 @@ impl Inner {
                 Job::Create { .. } => None,
             })
             .collect();
-        let locked = store::lock_many(&mut tx, &ids).await?;
+        let (mut tx, locked) = store::Commit::begin_locking(&self.pool, &ids).await?;
         let mut batch = store::Batch::default();
         let mut created = self.apply_creates(&mut tx, &mut batch, jobs).await?.into_iter();
         let now = OffsetDateTime::now_utc();
