@@ -31,6 +31,13 @@ struct OrderRow {
     status: String,
 }
 
+/// A parked event of one of the run's orders (`tracking_retries`).
+struct Waiting {
+    id: i64,
+    order_id: i32,
+    event_id: Uuid,
+}
+
 /// What [`plan`] decided for a run of events; nothing of it is written yet.
 pub(crate) struct Plan {
     /// One decision per event, in order.
@@ -44,7 +51,8 @@ pub(crate) struct Plan {
 /// The rules for a run of events inside the caller's transaction, with the result of applying
 /// them one after the other in their order: their orders are locked (in id order, so concurrent
 /// runs cannot deadlock), and every event is decided against the orders' statuses as the events
-/// before it left them. [`Plan::write`] then records them (inbox rows, status changes) in two
+/// before it left them (one statement reads the orders, locked, with what the run must know of them).
+/// [`Plan::write`] then records them (inbox rows, status changes) in two
 /// statements; the caller writes each event's messages, in order. `parks`: the caller parks the
 /// events that cannot be applied yet, so later events of their orders wait behind them.
 pub(crate) async fn plan(
@@ -65,26 +73,59 @@ pub(crate) async fn plan(
     let mut order_ids: Vec<i32> = items.iter().map(|i| i.event.order_id).collect();
     order_ids.sort_unstable();
     order_ids.dedup();
-    // An order another transaction holds (a saga confirming it, a cancellation) is not waited
-    // for: waiting would hold this batch's other orders locked behind it, and a saga's commit (with
-    // every saga sharing it) behind them. Its events wait like those of a pending order.
-    let mut orders: HashMap<i32, OrderRow> = sqlx::query!(
-        "select order_id, user_id, status from orders where order_id = any($1) order by order_id for update skip locked",
-        &order_ids
+    // One statement reads what deciding the run needs: its orders, locked; the parked events of
+    // these orders; the events already in the inbox. An order another transaction holds (a saga
+    // confirming it, a cancellation) is not waited for: waiting would hold this run's other
+    // orders locked behind it, and a saga's commit (with every saga sharing it) behind them. Its
+    // events wait like those of a pending order.
+    let event_ids: Vec<Uuid> = items.iter().map(|i| i.event.event_id).collect();
+    let rows = sqlx::query!(
+        r#"with o as (
+               select order_id, user_id, status from orders where order_id = any($1)
+                order by order_id for update skip locked)
+           select 'order' as "kind!", order_id as "order_id?", user_id as "user_id?", status as "status?",
+                  null::bigint as "retry_id?", null::uuid as "event_id?"
+             from o
+           union all
+           -- Parked events of these orders: a later event of the same order waits behind them.
+           select 'waiting', order_id, null, null, id, event_id from tracking_retries where order_id = any($1)
+           union all
+           select 'seen', null, null, null, null, event_id from tracking_inbox where event_id = any($2)"#,
+        &order_ids,
+        &event_ids
     )
     .fetch_all(&mut *conn)
-    .await?
-    .into_iter()
-    .map(|r| {
-        (
+    .await?;
+    let mut orders: HashMap<i32, OrderRow> = HashMap::new();
+    let mut waiting: Vec<Waiting> = Vec::new();
+    let mut seen: HashSet<Uuid> = HashSet::new();
+    for r in rows {
+        match (
+            r.kind.as_str(),
             r.order_id,
-            OrderRow {
-                user_id: r.user_id,
-                status: r.status,
-            },
-        )
-    })
-    .collect();
+            r.user_id,
+            r.status,
+            r.retry_id,
+            r.event_id,
+        ) {
+            ("order", Some(order_id), Some(user_id), Some(status), _, _) => {
+                orders.insert(order_id, OrderRow { user_id, status });
+            }
+            ("waiting", Some(order_id), _, _, Some(id), Some(event_id)) => waiting.push(Waiting {
+                id,
+                order_id,
+                event_id,
+            }),
+            ("seen", _, _, _, _, Some(event_id)) => {
+                seen.insert(event_id);
+            }
+            (kind, ..) => {
+                return Err(sqlx::Error::Protocol(format!(
+                    "the tracking run's read answered an incomplete {kind} row"
+                )));
+            }
+        }
+    }
     let skipped: Vec<i32> = order_ids
         .iter()
         .copied()
@@ -99,22 +140,6 @@ pub(crate) async fn plan(
             .into_iter()
             .collect()
     };
-    // Parked events of these orders: a later event of the same order waits behind them.
-    let waiting = sqlx::query!(
-        "select id, order_id, event_id from tracking_retries where order_id = any($1)",
-        &order_ids
-    )
-    .fetch_all(&mut *conn)
-    .await?;
-    let event_ids: Vec<Uuid> = items.iter().map(|i| i.event.event_id).collect();
-    let mut seen: HashSet<Uuid> = sqlx::query_scalar!(
-        "select event_id from tracking_inbox where event_id = any($1)",
-        &event_ids
-    )
-    .fetch_all(&mut *conn)
-    .await?
-    .into_iter()
-    .collect();
 
     let mut parked_here: Vec<(i32, Uuid)> = Vec::new();
     for item in items {
@@ -238,19 +263,10 @@ impl Plan {
                 statuses.push(to.as_str().to_string());
                 reasons.push(reason.clone());
             }
-            sqlx::query!(
-                "update orders set status = u.status, status_reason = u.reason
-                 from unnest($1::int[], $2::text[], $3::text[]) as u (order_id, status, reason)
-                 where orders.order_id = u.order_id",
-                &ids,
-                &statuses,
-                &reasons
-            )
-            // Planned for each batch (the unnamed statement): a generic plan made while `orders`
-            // was small joins by scanning it whole (docs/performance.md, finding 8).
-            .persistent(false)
-            .execute(&mut *conn)
-            .await?;
+            // A function whose cached plan looks the orders up by key (migration 0018).
+            sqlx::query_scalar!("select order_status_many($1, $2, $3)", &ids, &statuses, &reasons)
+                .fetch_one(&mut *conn)
+                .await?;
         }
         Ok(())
     }
