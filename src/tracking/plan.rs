@@ -51,10 +51,10 @@ pub(crate) struct Plan {
 /// The rules for a run of events inside the caller's transaction, with the result of applying
 /// them one after the other in their order: their orders are locked (in id order, so concurrent
 /// runs cannot deadlock), and every event is decided against the orders' statuses as the events
-/// before it left them (one statement reads the orders, locked, with what the run must know of them).
-/// [`Plan::write`] then records them (inbox rows, status changes) in two
-/// statements; the caller writes each event's messages, in order. `parks`: the caller parks the
-/// events that cannot be applied yet, so later events of their orders wait behind them.
+/// before it left them (one statement reads the orders, locked, with what the run must know of
+/// them). [`Plan::write`] then records them (inbox rows, status changes) in two statements; the
+/// caller writes each event's messages, in order. `parks`: the caller parks the events that
+/// cannot be applied yet, so later events of their orders wait behind them.
 pub(crate) async fn plan(
     conn: &mut PgConnection,
     topics: &Topics,

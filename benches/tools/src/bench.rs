@@ -183,10 +183,7 @@ pub(crate) fn cpu_delta(
 
 /// The database of the bench: DATABASE_URL's server, its name with `_bench`, its parameters kept.
 fn bench_database_url(url: &str) -> anyhow::Result<String> {
-    let base = url.split_once('?').map_or(url, |(base, _)| base);
-    let (_, name) = base
-        .rsplit_once('/')
-        .context("DATABASE_URL has no database name")?;
+    let (_, name, _) = crate::bench_kafka::split_database_url(url)?;
     crate::bench_kafka::database_url_for(url, &format!("{name}_bench"))
 }
 

@@ -154,18 +154,24 @@ fn run_topics(run: &str, role: &str) -> Topics {
 
 /// `url` with its database replaced by `name`, keeping its query parameters.
 pub(crate) fn database_url_for(url: &str, name: &str) -> anyhow::Result<String> {
-    // The query may hold a path (`?host=/var/run/postgresql`, a Unix socket): split it off first.
-    let (base, query) = match url.split_once('?') {
-        Some((base, query)) => (base, Some(query)),
-        None => (url, None),
-    };
-    let (prefix, _) = base
-        .rsplit_once('/')
-        .context("DATABASE_URL has no database name")?;
+    let (prefix, _, query) = split_database_url(url)?;
     Ok(match query {
         Some(query) => format!("{prefix}/{name}?{query}"),
         None => format!("{prefix}/{name}"),
     })
+}
+
+/// `url` as the part before its database, the database's name and the query, if any. The query
+/// is split off first: it may hold a path (`?host=/var/run/postgresql`, a Unix socket).
+pub(crate) fn split_database_url(url: &str) -> anyhow::Result<(&str, &str, Option<&str>)> {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let (prefix, name) = base
+        .rsplit_once('/')
+        .context("DATABASE_URL has no database name")?;
+    Ok((prefix, name, query))
 }
 
 /// A fresh, migrated database on DATABASE_URL's server, dropped by [`BenchDb::finish`].
@@ -930,6 +936,13 @@ mod tests {
             database_url_for("postgres://u@h/ostore", "kbench_x").unwrap(),
             "postgres://u@h/kbench_x"
         );
+        // A Unix socket's directory in the query: the database is the path's last part before it.
+        let socket = "postgres://postgres@localhost/ostore?host=/var/run/postgresql";
+        assert_eq!(
+            database_url_for(socket, "kbench_x").unwrap(),
+            "postgres://postgres@localhost/kbench_x?host=/var/run/postgresql"
+        );
+        assert_eq!(split_database_url(socket).unwrap().1, "ostore");
     }
 
     #[test]
