@@ -146,7 +146,7 @@ pub struct Floor {
     /// Every row with an id up to this one is published (or set aside, or will never be visible).
     done_through: i64,
     /// Passes that published every row they saw, up to `max_id`: those ids are done once every
-    /// transaction that was running at the pass's snapshot has ended (its `xmax` is at most a
+    /// transaction that was running at the pass's snapshot has ended (its `horizon` is at most a
     /// later snapshot's `xmin`). Oldest first.
     checkpoints: VecDeque<Checkpoint>,
     /// Rows above `done_through` the broker acknowledged under this leadership: a later pass
@@ -159,9 +159,14 @@ pub struct Floor {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Checkpoint {
     max_id: i64,
-    xmax: i64,
-    /// When the floor was held: the transactions (xids modulo 2^32) that held a write lock on
-    /// the outbox at the pass, the only ones that could still add a row below `max_id`.
+    /// Above every transaction id assigned when the pass took its snapshot (the next xid to be
+    /// assigned, read after it). Not the snapshot's `xmax`: that is one past the newest
+    /// *completed* transaction, and a transaction that took a higher xid and then an outbox id
+    /// below a row the pass saw runs on invisible to the snapshot and absent from its in-progress
+    /// list (finding 26 in docs/performance.md).
+    horizon: i64,
+    /// When the floor was held: the transactions (full xids) that may have written to the outbox
+    /// before the pass, the only ones that could still add a row below `max_id`.
     writers: Option<Vec<i64>>,
     /// When the pass ran.
     at: Instant,
@@ -178,6 +183,18 @@ const MAX_GAPS: usize = 10_000;
 /// Most checkpoints kept; older ones are merged (conservatively) when a writing transaction
 /// holds the floor for long.
 const MAX_CHECKPOINTS: usize = 64;
+
+/// What a pass's snapshot says of the cluster's transactions (full 64-bit xids).
+#[derive(Debug, Clone, Default)]
+struct Snapshot {
+    /// Every transaction below it had ended when the snapshot was taken.
+    xmin: i64,
+    /// One past the newest transaction that had ended; it and everything above counts in
+    /// progress for the snapshot.
+    xmax: i64,
+    /// When the floor is held ([`Floor::held`]): the transactions below `xmax` in progress.
+    running: Option<Vec<i64>>,
+}
 
 impl Floor {
     /// A floor starting from the stored one (a new leadership: what the previous leader published
@@ -233,26 +250,27 @@ impl Floor {
         self.checkpoints.front().is_some_and(|c| c.at.elapsed() >= HELD)
     }
 
-    /// After a pass whose snapshot has `xmin` (and, when [`Floor::held`], whose in-progress
-    /// transactions are `running`, xids modulo 2^32) published every row it saw above the floor:
-    /// raises the floor past every checkpoint whose transactions have all ended, or whose outbox
-    /// writers have (their rows, committed before this pass's snapshot, were read by this pass).
-    fn advance(&mut self, xmin: i64, running: Option<&[i64]>) {
+    /// After a pass whose snapshot `now` shows every row above the floor published: raises the
+    /// floor past every checkpoint whose transactions have all ended as `now` sees them (their
+    /// rows, committed before `now` was taken, were read by this pass), or, when `now` lists the
+    /// transactions in progress ([`Floor::held`]), whose outbox writers have.
+    fn advance(&mut self, now: &Snapshot) {
         while let Some(c) = self.checkpoints.front() {
-            if c.xmax > xmin {
+            if c.horizon > now.xmin {
                 break;
             }
             self.done_through = self.done_through.max(c.max_id);
             self.checkpoints.pop_front();
         }
-        if let Some(running) = running {
+        if let Some(running) = now.running.as_deref() {
             // The newest checkpoint whose outbox writers have all ended: everything up to its
-            // max_id is published (its pass read every row above the floor it could see).
-            let done = self.checkpoints.iter().rposition(|c| {
-                c.writers
-                    .as_ref()
-                    .is_some_and(|w| !w.iter().any(|x| running.contains(x)))
-            });
+            // max_id is published (its pass read every row above the floor it could see). A
+            // writer has ended when `now` counts it completed: below its xmax and not in progress.
+            let ended = |x: &i64| *x < now.xmax && !running.contains(x);
+            let done = self
+                .checkpoints
+                .iter()
+                .rposition(|c| c.writers.as_ref().is_some_and(|w| w.iter().all(ended)));
             if let Some(i) = done {
                 for c in self.checkpoints.drain(..=i) {
                     self.done_through = self.done_through.max(c.max_id);
@@ -264,9 +282,10 @@ impl Floor {
         }
     }
 
-    /// After a pass in a snapshot with `xmax` published every row it saw (it read ids above
-    /// `start()` up to `max_read`, none left behind): records the pass as a checkpoint.
-    fn drained(&mut self, xmax: i64, max_read: Option<i64>, writers: Option<Vec<i64>>) {
+    /// After a pass whose snapshot had `horizon` (see [`Checkpoint::horizon`]) published every
+    /// row it saw (it read ids above `start()` up to `max_read`, none left behind): records the
+    /// pass as a checkpoint.
+    fn drained(&mut self, horizon: i64, max_read: Option<i64>, writers: Option<Vec<i64>>) {
         if let Some(max_id) = max_read.filter(|m| *m > self.done_through) {
             if self.checkpoints.len() == MAX_CHECKPOINTS {
                 // Merge the two oldest: waiting for the later one's transactions covers both
@@ -285,7 +304,7 @@ impl Floor {
             }
             self.checkpoints.push_back(Checkpoint {
                 max_id,
-                xmax,
+                horizon,
                 writers,
                 at: Instant::now(),
             });
@@ -294,9 +313,13 @@ impl Floor {
 
     /// [`Floor::advance`] then [`Floor::drained`]: a whole pass that left nothing behind.
     #[cfg(test)]
-    fn passed(&mut self, xmin: i64, xmax: i64, max_read: Option<i64>) {
-        self.advance(xmin, None);
-        self.drained(xmax, max_read, None);
+    fn passed(&mut self, xmin: i64, horizon: i64, max_read: Option<i64>) {
+        self.advance(&Snapshot {
+            xmin,
+            xmax: horizon,
+            running: None,
+        });
+        self.drained(horizon, max_read, None);
     }
 
     /// Whether passes are still owed before the floor reaches what was read.
@@ -811,35 +834,54 @@ where
         shutdown,
     } = *publisher;
     let batch_size = cfg.batch_size.max(1);
-    // The snapshot's transaction horizon, for the floor (xid8 as bigint: exact below 2^63). When
-    // the floor is held, also the transactions in progress (xids modulo 2^32), and those of them
-    // that may have written to the outbox: all but the ones that, when the lock table is read
-    // (after the snapshot was taken), run without a write lock on the outbox. A transaction that
-    // drew an outbox id before the snapshot holds that lock until it ends (and one that ended in
-    // between stays counted); one that takes the lock after the snapshot draws its ids above every
-    // row this pass can see.
+    // What the snapshot says of the cluster's transactions, for the floor (xid8 as bigint: exact
+    // below 2^63), and the horizon above every xid assigned by then: `age()` measures from the
+    // next xid to be assigned, read once per transaction, after the snapshot (this read-only
+    // transaction takes no xid of its own). When the floor is held, also the transactions in
+    // progress, and those that may have written to the outbox before the snapshot: the ones in
+    // progress for it but for those that, when the lock table is read (after the snapshot), run
+    // without a write lock on the outbox (one that drew an outbox id holds that lock until it
+    // ends, and one that ended in between stays counted), and the ones with a higher xid than the
+    // snapshot's xmax that hold that lock (in progress, yet not listed by the snapshot). One that
+    // takes the lock after the snapshot draws its ids above every row this pass can see.
     let held = floor.held();
-    let (xmin, xmax, running, writers): (i64, i64, Option<Vec<i64>>, Option<Vec<i64>>) = sqlx::query_as(
-        "with locks as materialized (
-              select locktype, database, relation, mode, granted, virtualtransaction, transactionid
-                from pg_locks where $1)
-         select pg_snapshot_xmin(s)::text::bigint, pg_snapshot_xmax(s)::text::bigint,
-                case when $1 then array(select x::text::bigint % 4294967296 from pg_snapshot_xip(s) x) end,
-                case when $1 then array(
-                    select x::text::bigint % 4294967296 from pg_snapshot_xip(s) x
-                    except
-                    select l.transactionid::text::bigint from locks l
-                     where l.locktype = 'transactionid' and l.mode = 'ExclusiveLock' and l.granted
-                       and l.virtualtransaction not in (
-                           select r.virtualtransaction from locks r
-                            where r.locktype = 'relation' and r.relation = 'outbox'::regclass
-                              and r.mode = 'RowExclusiveLock'
-                              and r.database = (select oid from pg_database where datname = current_database()))) end
-           from pg_current_snapshot() s",
-    )
-    .bind(held)
-    .fetch_one(&mut *conn)
-    .await?;
+    let (xmin, xmax, horizon, running, writers): (i64, i64, i64, Option<Vec<i64>>, Option<Vec<i64>>) =
+        sqlx::query_as(
+            "with locks as materialized (
+                  select locktype, database, relation, mode, granted, virtualtransaction, transactionid
+                    from pg_locks where $1),
+              snap as materialized (
+                  select pg_snapshot_xmin(s)::text::bigint as xmin, pg_snapshot_xmax(s)::text::bigint as xmax,
+                         age(pg_snapshot_xmin(s)::xid) as ahead, s
+                    from pg_current_snapshot() s),
+              xids as materialized (
+                  select l.virtualtransaction,
+                         snap.xmax + (l.transactionid::text::bigint - snap.xmax % 4294967296
+                                      + 6442450944) % 4294967296 - 2147483648 as xid
+                    from locks l, snap
+                   where l.locktype = 'transactionid' and l.mode = 'ExclusiveLock' and l.granted),
+              outbox_writers as materialized (
+                  select r.virtualtransaction from locks r
+                   where r.locktype = 'relation' and r.relation = 'outbox'::regclass
+                     and r.mode = 'RowExclusiveLock'
+                     and r.database = (select oid from pg_database where datname = current_database()))
+             select xmin, xmax, xmin + ahead,
+                    case when $1 then array(select x::text::bigint from pg_snapshot_xip(s) x) end,
+                    case when $1 then array(
+                        (select x::text::bigint from pg_snapshot_xip(s) x
+                         except
+                         select xid from xids
+                          where virtualtransaction not in (select virtualtransaction from outbox_writers))
+                        union
+                        select xid from xids
+                         where xid >= snap.xmax
+                           and virtualtransaction in (select virtualtransaction from outbox_writers)) end
+               from snap",
+        )
+        .bind(held)
+        .fetch_one(&mut *conn)
+        .await?;
+    let now = Snapshot { xmin, xmax, running };
     let mut total = 0;
     let mut after = floor.start();
     // Rows sent between the floor and `hi` are not read again; the pass saw everything up to it.
@@ -876,8 +918,8 @@ where
         let Some(current) = std::mem::replace(&mut in_flight, next) else {
             if in_flight.is_none() && exhausted {
                 if drained {
-                    floor.advance(xmin, running.as_deref());
-                    floor.drained(xmax, max_read, writers);
+                    floor.advance(&now);
+                    floor.drained(horizon, max_read, writers);
                 }
                 return Ok(total);
             }
@@ -906,8 +948,8 @@ where
             // Every row this snapshot showed above the floor is published (a refused one is set
             // aside, which is as final).
             if drained {
-                floor.advance(xmin, running.as_deref());
-                floor.drained(xmax, max_read, writers);
+                floor.advance(&now);
+                floor.drained(horizon, max_read, writers);
             }
             return Ok(total);
         }
@@ -1187,17 +1229,29 @@ mod tests {
     fn a_long_transaction_that_does_not_write_the_outbox_holds_the_floor_only_until_the_writers_are_named() {
         let mut f = Floor::default();
         // xid 7 runs for ever (another database's, say): xmin stays at 7.
-        f.advance(7, None);
+        let at = |xmax: i64, running: Option<&[i64]>| Snapshot {
+            xmin: 7,
+            xmax,
+            running: running.map(<[i64]>::to_vec),
+        };
+        f.advance(&at(20, None));
         f.drained(20, Some(50), None);
         assert_eq!(f.start(), 0);
-        // A held pass names the outbox writers (xids 15 and 18) and reads up to 60.
-        f.advance(7, Some(&[7, 15, 18]));
+        // A held pass names the outbox writers (xids 15 and 18, and 26, which took its xid after
+        // the newest completed one, 24: in progress, yet above the snapshot's xmax) and reads up
+        // to 60.
+        f.advance(&at(25, Some(&[7, 15, 18])));
         assert_eq!(f.start(), 0, "the first checkpoint named no writers");
-        f.drained(25, Some(60), Some(vec![15, 18]));
-        // 18 still runs: nothing moves. Then 15 and 18 end, 7 goes on.
-        f.advance(7, Some(&[7, 18]));
+        f.drained(27, Some(60), Some(vec![15, 18, 26]));
+        // 18 still runs: nothing moves. Then 15 and 18 end, 7 goes on; 26 is not yet counted
+        // completed (the snapshot's xmax is not above it).
+        f.advance(&at(26, Some(&[7, 18])));
         assert_eq!(f.start(), 0);
-        f.advance(7, Some(&[7, 21]));
+        f.advance(&at(26, Some(&[7, 21])));
+        assert_eq!(f.start(), 0, "xid 26 may still write below 60");
+        f.advance(&at(30, Some(&[7, 21, 26])));
+        assert_eq!(f.start(), 0, "xid 26 runs");
+        f.advance(&at(30, Some(&[7, 21])));
         assert_eq!(
             f.start(),
             60,

@@ -149,6 +149,72 @@ async fn a_row_committed_late_below_published_rows_is_still_published_in_its_ord
     assert_eq!(by_key["99"], vec![late_id, confirmed.to_string()]);
 }
 
+/// A transaction that took its xid after another one, drew its outbox id before the other's, and
+/// runs on after the other committed: a relay snapshot then counts it neither completed nor in
+/// progress (its xid is not below the snapshot's xmax, one past the newest completed xid), and
+/// the floor must wait for it all the same. (The chaos suite lost a consumer transaction's first
+/// rows this way, the floor passing them while the transaction was still writing.)
+#[tokio::test]
+async fn a_row_drawn_before_a_published_one_by_a_transaction_with_a_newer_xid_is_published() {
+    let f = Fixture::new(6).await;
+    let (pool, t) = (f.pool.clone(), f.topics());
+    let xid = "select pg_current_xact_id()::text::bigint";
+    let mut older = pool.begin().await.unwrap();
+    let a: i64 = sqlx::query_scalar(xid).fetch_one(&mut *older).await.unwrap();
+    let mut late = pool.begin().await.unwrap();
+    let b: i64 = sqlx::query_scalar(xid).fetch_one(&mut *late).await.unwrap();
+    assert!(b > a);
+    let event = |order: i32, n: &str| {
+        NewEvent::new(
+            &t.order_events,
+            "OrderCreated",
+            order,
+            Some(Uuid::now_v7()),
+            json!({ "n": n }),
+            &HashMap::new(),
+        )
+    };
+    let late_event = event(7, "late");
+    let late_id = late_event.envelope.event_id.to_string();
+    enqueue(&mut late, &[late_event]).await.unwrap();
+    enqueue(&mut older, &[event(8, "older")]).await.unwrap();
+    older.commit().await.unwrap();
+    // The relay publishes the older transaction's row, above the late one's, and passes on.
+    let (shutdown, relay_task) = f.spawn_relay(RelayConfig {
+        poll_interval: Duration::from_millis(5),
+        ..relay_config()
+    });
+    eventually(
+        Duration::from_secs(20),
+        "the older row to be published",
+        || async {
+            count(
+                &pool,
+                "select coalesce(sum(published), 0)::bigint from outbox_relay_stats",
+            )
+            .await
+                == 1
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        count(
+            &pool,
+            "select count(*) from outbox where id <= outbox_published_through()"
+        )
+        .await,
+        0,
+        "the floor passed a row of a transaction still running"
+    );
+    late.commit().await.unwrap();
+    until_all_published(&pool, Duration::from_secs(15), "the late row to be published").await;
+    shutdown.cancel();
+    relay_task.await.unwrap();
+    let messages = read_topic(f.bootstrap(), &t.order_events, 2).await;
+    assert_eq!(first_occurrences_by_key(&messages)["7"], vec![late_id]);
+}
+
 /// A long transaction that writes nothing to the outbox (a report, a migration, another
 /// database's work on the same server) does not keep published rows counted as pending: the
 /// relay names the transactions that write to the outbox and waits for those alone.
