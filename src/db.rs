@@ -21,7 +21,13 @@ pub fn connect_lazy(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
         .context("DATABASE_URL is not a valid PostgreSQL connection string")?
         .application_name("ostore-orders")
         .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1));
-    Ok(PgPoolOptions::new()
+    Ok(pool_with(opts, max_connections))
+}
+
+/// A pool of up to `max_connections` connections made with `opts`, lazily: each on the runtime
+/// that first needs it (the saga committers' thread has a pool of its own this way).
+pub fn pool_with(opts: PgConnectOptions, max_connections: u32) -> PgPool {
+    PgPoolOptions::new()
         .max_connections(max_connections)
         .min_connections(0)
         .acquire_timeout(Duration::from_secs(3))
@@ -39,7 +45,7 @@ pub fn connect_lazy(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
                 Ok(true)
             })
         })
-        .connect_lazy_with(opts))
+        .connect_lazy_with(opts)
 }
 
 /// Opens a pool and checks that the database answers.

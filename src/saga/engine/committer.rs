@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use tokio::sync::oneshot;
+
 use serde_json::Value;
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -169,13 +171,59 @@ impl Inner {
         store::create_many(conn, batch, &creates, self.cfg.lease, &self.topics, &*self.hooks).await
     }
 
-    pub(super) async fn committer(self: Arc<Self>) {
+    /// Starts the committers on a thread of their own ("saga-commit", a single-threaded runtime),
+    /// with connections of their own: a commit is a chain of round trips, and on the shared
+    /// runtime each reply waited for a worker to come round to the committer among the HTTP
+    /// requests, the steps and the relay (docs/performance.md, finding 27). Resolves once every
+    /// committer has stopped. Should the thread not start, the committers run as tasks here.
+    pub(super) fn start_committers(self: Arc<Self>) -> impl Future<Output = ()> + Send + 'static {
+        let n = self.cfg.committers.max(1);
+        let (done, stopped) = oneshot::channel::<()>();
+        let inner = self.clone();
+        let started = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .and_then(|rt| {
+                std::thread::Builder::new()
+                    .name("saga-commit".into())
+                    .spawn(move || {
+                        rt.block_on(async move {
+                            let opts = (*inner.pool.connect_options()).clone();
+                            let pool = crate::db::pool_with(opts, u32::try_from(n).unwrap_or(u32::MAX));
+                            let _ = inner.commit_pool.set(pool.clone());
+                            futures::future::join_all((0..n).map(|_| inner.clone().committer())).await;
+                            pool.close().await;
+                        });
+                        let _ = done.send(());
+                    })
+            });
+        let fallback = match started {
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "saga committers: no thread of their own; they run as tasks");
+                Some(self)
+            }
+        };
+        async move {
+            match fallback {
+                Some(inner) => {
+                    futures::future::join_all((0..n).map(|_| tokio::spawn(inner.clone().committer()))).await;
+                }
+                None => {
+                    let _ = stopped.await;
+                }
+            }
+        }
+    }
+
+    async fn committer(self: Arc<Self>) {
         loop {
             let mut batch = Vec::new();
             {
                 let mut rx = self.job_rx.lock().await;
                 let first = tokio::select! {
                     j = rx.recv() => j,
+                    _ = self.orphaned.cancelled() => return,
                     _ = self.jobs_closed.cancelled() => {
                         // What is queued is still committed; then recv answers None.
                         rx.close();
@@ -273,7 +321,8 @@ impl Inner {
                 Job::Create { .. } => None,
             })
             .collect();
-        let (mut tx, locked) = store::Commit::begin_locking(&self.pool, &ids).await?;
+        let (mut tx, locked) =
+            store::Commit::begin_locking(self.commit_pool.get().unwrap_or(&self.pool), &ids).await?;
         let mut batch = store::Batch::default();
         let mut created = self.apply_creates(&mut tx, &mut batch, jobs).await?.into_iter();
         let now = OffsetDateTime::now_utc();

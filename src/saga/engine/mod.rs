@@ -12,6 +12,8 @@
 //!   few committer tasks; each committer takes every job waiting and applies them in one
 //!   transaction, so under load many sagas share a commit while an idle system commits a lone job at
 //!   once (no batch timer). A failing job never sinks the others: the batch is retried job by job.
+//!   The committers run on a thread of their own, with connections of their own, so a commit's
+//!   round trips never wait in the runtime's queue behind HTTP requests, steps and the relay.
 //! - **Local steps ride along.** A local step (`persist_order`, `cancel_order`) runs inside the
 //!   transaction that records the remote outcome before it: an order costs three commits.
 //! - **No sleeping on a connection.** Remote calls run without a database connection; a retry is a
@@ -171,6 +173,12 @@ fn trace_of(span: &tracing::Span, fallback: &Trace) -> Arc<Trace> {
 
 struct Inner {
     pool: PgPool,
+    /// The committers' connections, made on their thread ([`committer`]); until it runs (or if it
+    /// could not be started), they use `pool`.
+    commit_pool: std::sync::OnceLock<PgPool>,
+    /// Cancelled when the runtime that started the engine drops it without a shutdown (a test's
+    /// runtime ending): the committers' thread then stops too.
+    orphaned: CancellationToken,
     def: SagaDef,
     /// The steps of `def`, resolved in the registry (shape and handlers), in order.
     steps: Vec<Resolved>,
@@ -225,6 +233,8 @@ impl Engine {
         let (tx, rx) = mpsc::channel(cfg.max_in_flight * 2 + 1024);
         Ok(Engine(Arc::new(Inner {
             pool,
+            commit_pool: std::sync::OnceLock::new(),
+            orphaned: CancellationToken::new(),
             span_name: format!("saga {}", def.name),
             def,
             steps,
@@ -261,10 +271,12 @@ impl Engine {
     pub fn start(&self, tracker: &TaskTracker, shutdown: CancellationToken) {
         let inner = self.0.clone();
         // Committers outlive the shutdown signal until drives have finished writing.
-        for _ in 0..inner.cfg.committers.max(1) {
-            let i = inner.clone();
-            tracker.spawn(async move { i.committer().await });
-        }
+        let committers = inner.clone().start_committers();
+        let orphaned = inner.orphaned.clone().drop_guard();
+        tracker.spawn(async move {
+            let _orphaned = orphaned;
+            committers.await;
+        });
         if inner.cfg.drive {
             let i = inner.clone();
             tracker.spawn(async move { i.poll_loop().await });
