@@ -7,8 +7,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tokio::sync::oneshot;
-
 use serde_json::Value;
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -171,49 +169,23 @@ impl Inner {
         store::create_many(conn, batch, &creates, self.cfg.lease, &self.topics, &*self.hooks).await
     }
 
-    /// Starts the committers on a thread of their own ("saga-commit", a single-threaded runtime),
-    /// with connections of their own: a commit is a chain of round trips, and on the shared
-    /// runtime each reply waited for a worker to come round to the committer among the HTTP
-    /// requests, the steps and the relay (docs/performance.md, finding 27). Resolves once every
-    /// committer has stopped. Should the thread not start, the committers run as tasks here.
+    /// Starts the committers on a thread of their own ("saga-commit"), with connections of their
+    /// own (`db::apart`): a commit is a chain of round trips, and on the shared runtime each reply
+    /// waited for a worker to come round to the committer among the HTTP requests, the steps and
+    /// the relay (docs/performance.md, finding 27). Resolves once every committer has stopped.
     pub(super) fn start_committers(self: Arc<Self>) -> impl Future<Output = ()> + Send + 'static {
         let n = self.cfg.committers.max(1);
-        let (done, stopped) = oneshot::channel::<()>();
         let inner = self.clone();
-        let started = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .and_then(|rt| {
-                std::thread::Builder::new()
-                    .name("saga-commit".into())
-                    .spawn(move || {
-                        rt.block_on(async move {
-                            let opts = (*inner.pool.connect_options()).clone();
-                            let pool = crate::db::pool_with(opts, u32::try_from(n).unwrap_or(u32::MAX));
-                            let _ = inner.commit_pool.set(pool.clone());
-                            futures::future::join_all((0..n).map(|_| inner.clone().committer())).await;
-                            pool.close().await;
-                        });
-                        let _ = done.send(());
-                    })
-            });
-        let fallback = match started {
-            Ok(_) => None,
-            Err(e) => {
-                tracing::warn!(error = %e, "saga committers: no thread of their own; they run as tasks");
-                Some(self)
-            }
-        };
-        async move {
-            match fallback {
-                Some(inner) => {
-                    futures::future::join_all((0..n).map(|_| tokio::spawn(inner.clone().committer()))).await;
-                }
-                None => {
-                    let _ = stopped.await;
-                }
-            }
-        }
+        crate::db::apart(
+            "saga-commit",
+            &self.pool,
+            u32::try_from(n).unwrap_or(u32::MAX),
+            self.orphaned.clone(),
+            move |pool| async move {
+                let _ = inner.commit_pool.set(pool);
+                futures::future::join_all((0..n).map(|_| inner.clone().committer())).await;
+            },
+        )
     }
 
     async fn committer(self: Arc<Self>) {
