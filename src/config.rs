@@ -109,10 +109,11 @@ pub struct ServiceConfig {
     #[arg(long, env = "SAGA_MAX_IN_FLIGHT", default_value_t = 2048)]
     pub saga_max_in_flight: usize,
 
-    /// Committer tasks sharing saga commits (each uses one connection at a time). What queues
-    /// while a commit runs waits for it (up to 5 ms) and rides in the next one, so commits grow
-    /// with the load instead of competing for the same pages and locks; the second committer
-    /// takes over only from a commit that stalls (docs/performance.md, finding 17).
+    /// Committer tasks sharing saga commits, on a thread of their own, each with one connection of
+    /// its own (beside `DATABASE_MAX_CONNECTIONS`). What queues while a commit runs waits for it
+    /// (up to 5 ms) and rides in the next one, so commits grow with the load instead of competing
+    /// for the same pages and locks; the second committer takes over only from a commit that
+    /// stalls (docs/performance.md, findings 17 and 27).
     #[arg(long, env = "SAGA_COMMITTERS", default_value_t = 2)]
     pub saga_committers: usize,
 
