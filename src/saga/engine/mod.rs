@@ -176,6 +176,9 @@ struct Inner {
     /// The committers' connections, made on their thread ([`committer`]); until it runs (or if it
     /// could not be started), they use `pool`.
     commit_pool: std::sync::OnceLock<PgPool>,
+    /// The runtime of the thread the sagas are driven on (their steps' outside calls); until it
+    /// runs (or if it could not be started), they are driven on the runtime that asks.
+    drive_rt: std::sync::OnceLock<tokio::runtime::Handle>,
     /// Cancelled when the runtime that started the engine drops it without a shutdown (a test's
     /// runtime ending): the committers' thread then stops too.
     orphaned: CancellationToken,
@@ -234,6 +237,7 @@ impl Engine {
         Ok(Engine(Arc::new(Inner {
             pool,
             commit_pool: std::sync::OnceLock::new(),
+            drive_rt: std::sync::OnceLock::new(),
             orphaned: CancellationToken::new(),
             span_name: format!("saga {}", def.name),
             def,
@@ -280,6 +284,23 @@ impl Engine {
         if inner.cfg.drive {
             let i = inner.clone();
             tracker.spawn(async move { i.poll_loop().await });
+            // The sagas' steps run on a thread of their own too: a step's reply from a downstream
+            // service no longer waits behind the HTTP requests (docs/performance.md, finding 28).
+            let i = inner.clone();
+            tracker.spawn(crate::db::apart(
+                "saga-drive",
+                &inner.pool,
+                1,
+                inner.orphaned.clone(),
+                |_| async move {
+                    let _ = i.drive_rt.set(tokio::runtime::Handle::current());
+                    tokio::select! {
+                        _ = i.orphaned.cancelled() => {}
+                        // Once the drives have finished at shutdown (or were given up on).
+                        _ = i.jobs_closed.cancelled() => {}
+                    }
+                },
+            ));
         }
         let i = inner.clone();
         tracker.spawn(async move { i.listen_loop().await });
@@ -399,10 +420,14 @@ impl Inner {
 
     fn spawn_drive(self: Arc<Self>, saga: Saga, permit: OwnedSemaphorePermit) {
         let i = self.clone();
-        self.drives.spawn(async move {
+        let drive = async move {
             i.drive(saga).await;
             drop(permit);
-        });
+        };
+        match self.drive_rt.get() {
+            Some(rt) => self.drives.spawn_on(drive, rt),
+            None => self.drives.spawn(drive),
+        };
     }
 
     async fn submit(
