@@ -583,8 +583,6 @@ pub struct OutboxRow {
     pub headers: Value,
 }
 
-/// Reads up to `limit` rows with an id above `after`, oldest first (published or not: the
-/// caller knows which of those above the floor it published).
 /// Reads up to `limit` rows above `after` that are above `hi` or among `gaps`, oldest first: a
 /// pass's read, which skips the rows this leadership sent between the floor and `hi` (two index
 /// scans of the primary key).
@@ -617,6 +615,8 @@ async fn unsent_rows(
     Ok(rows.into_iter().map(OutboxRow::from).collect())
 }
 
+/// Reads up to `limit` rows with an id above `after`, oldest first (published or not: the
+/// caller knows which of those above the floor it published).
 pub async fn rows_after(
     conn: &mut PgConnection,
     after: i64,
