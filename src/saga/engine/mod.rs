@@ -180,7 +180,7 @@ struct Inner {
     /// runs (or if it could not be started), they are driven on the runtime that asks.
     drive_rt: std::sync::OnceLock<tokio::runtime::Handle>,
     /// Cancelled when the runtime that started the engine drops it without a shutdown (a test's
-    /// runtime ending): the committers' thread then stops too.
+    /// runtime ending): the committers' and the drives' threads then stop too.
     orphaned: CancellationToken,
     def: SagaDef,
     /// The steps of `def`, resolved in the registry (shape and handlers), in order.
@@ -275,12 +275,7 @@ impl Engine {
     pub fn start(&self, tracker: &TaskTracker, shutdown: CancellationToken) {
         let inner = self.0.clone();
         // Committers outlive the shutdown signal until drives have finished writing.
-        let committers = inner.clone().start_committers();
-        let orphaned = inner.orphaned.clone().drop_guard();
-        tracker.spawn(async move {
-            let _orphaned = orphaned;
-            committers.await;
-        });
+        tracker.spawn(inner.clone().start_committers());
         if inner.cfg.drive {
             let i = inner.clone();
             tracker.spawn(async move { i.poll_loop().await });
