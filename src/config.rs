@@ -113,7 +113,7 @@ pub struct ServiceConfig {
     /// its own (beside `DATABASE_MAX_CONNECTIONS`). What queues while a commit runs waits for it
     /// (up to 5 ms) and rides in the next one, so commits grow with the load instead of competing
     /// for the same pages and locks; the second committer takes over only from a commit that
-    /// stalls (docs/performance.md, findings 17 and 27).
+    /// stalls (docs/performance.md, findings 17, 27 and 29).
     #[arg(long, env = "SAGA_COMMITTERS", default_value_t = 2)]
     pub saga_committers: usize,
 

@@ -54,6 +54,10 @@ pub struct BenchArgs {
     /// Skip the half-rate phase.
     #[arg(long)]
     pub no_half: bool,
+    /// Drive the half-rate phase at this many orders/s instead of half the peak's rate (to compare
+    /// latency at one rate across builds or settings).
+    #[arg(long)]
+    pub half_rate: Option<f64>,
     /// Skip pgbench.
     #[arg(long)]
     pub no_pgbench: bool,
@@ -729,10 +733,10 @@ async fn measure(args: &BenchArgs, stack: &mut Stack) -> anyhow::Result<Value> {
     )
     .await;
     let peak_rate = peak.orders_per_second();
-    let half = if args.no_half || peak_rate < 2.0 {
+    let half = if args.no_half || (peak_rate < 2.0 && args.half_rate.is_none()) {
         None
     } else {
-        let rate = peak_rate / 2.0;
+        let rate = args.half_rate.filter(|r| *r > 0.0).unwrap_or(peak_rate / 2.0);
         Some((
             rate,
             run_phase(

@@ -202,7 +202,7 @@ struct Inner {
     /// Cancelled once the drives have finished at shutdown: the committers close the job queue,
     /// commit what is left in it, and stop.
     jobs_closed: CancellationToken,
-    /// The committers' transactions still writing their statements, and a signal when one is done
+    /// The committers' transactions in flight, and a signal when one has ended
     /// (`committer::Writing`).
     committing: std::sync::atomic::AtomicUsize,
     commit_ended: Notify,
