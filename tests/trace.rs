@@ -34,6 +34,25 @@ impl Collector {
             .cloned()
             .collect()
     }
+
+    /// The spans of a trace once `ready` holds of them, or as they are after `secs`: a span is
+    /// exported when it ends, which can be a moment after what the test waited for (a drive's
+    /// session ends after its last commit is visible).
+    async fn in_trace_once(
+        &self,
+        trace_id: &str,
+        secs: u64,
+        ready: impl Fn(&[SpanData]) -> bool,
+    ) -> Vec<SpanData> {
+        let until = tokio::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            let spans = self.in_trace(trace_id);
+            if ready(&spans) || tokio::time::Instant::now() >= until {
+                return spans;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
 /// The spans of a trace as an indented tree (name, span id, parent id), siblings by start time.
@@ -152,7 +171,11 @@ async fn a_saga_resumed_by_another_worker_stays_in_its_trace_and_links_to_the_se
     app.engine.run_due_once().await.unwrap();
     app.eventually_eq("select state from sagas", "completed", 10)
         .await;
-    let spans = collector.in_trace(trace_id);
+    let spans = collector
+        .in_trace_once(trace_id, 5, |spans| {
+            spans.iter().filter(|s| s.name == "saga create_order").count() >= 2
+        })
+        .await;
     let sessions: Vec<_> = spans.iter().filter(|s| s.name == "saga create_order").collect();
     assert!(
         sessions.len() >= 2,
@@ -220,8 +243,13 @@ async fn an_event_written_for_a_customers_cancel_is_in_the_orders_trace_linked_t
         traceparent.contains(order_trace),
         "OrderCancelled is in the order's trace: {traceparent}"
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let spans = collector.in_trace(order_trace);
+    let spans = collector
+        .in_trace_once(order_trace, 5, |spans| {
+            spans
+                .iter()
+                .any(|s| traceparent.contains(&s.span_context.span_id().to_string()))
+        })
+        .await;
     let producing = spans
         .iter()
         .find(|s| traceparent.contains(&s.span_context.span_id().to_string()))
