@@ -305,6 +305,9 @@ async fn start_stack(args: &BenchArgs) -> anyhow::Result<Stack> {
         .env("SHIPMENTS_URL", &shipments_url)
         .env("KAFKA_BOOTSTRAP_SERVERS", &kafka)
         .env("ORDER_LIMIT_PER_USER", "0")
+        // Every customer logs in once from this address before the load: at more than 60 clients
+        // the default per-address limit refused the 61st.
+        .env("LOGIN_LIMIT_PER_ADDRESS", (args.concurrency + 60).to_string())
         .env("ORDER_WAIT_MS", cfg.order_wait_ms.to_string())
         .env("SAGA_COMMITTERS", cfg.saga_committers.to_string())
         .env("SAGA_MAX_IN_FLIGHT", cfg.saga_max_in_flight.to_string())
