@@ -6,15 +6,29 @@
 use std::collections::HashMap;
 
 use rust_decimal::Decimal;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sqlx::PgConnection;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::orders::OrderStatus;
-use crate::orders::saga::PersistedItem;
 use crate::saga::machine::{money, rfc3339};
+
+/// A persisted order line (with its id and catalog price).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PersistedItem {
+    /// Order item id.
+    #[serde(rename = "orderItemID")]
+    pub order_item_id: i32,
+    /// Product.
+    #[serde(rename = "productID")]
+    pub product_id: i32,
+    /// Quantity.
+    pub quantity: i32,
+    /// Unit price from the catalog.
+    pub price: Decimal,
+}
 
 /// CreateOrder's new sagas: for each, the idempotency record, the placeholder order (`pending`)
 /// and the saga, in one statement for every new saga of a shared commit; a saga whose key exists

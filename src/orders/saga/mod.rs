@@ -23,27 +23,13 @@ use crate::downstream::contract::{Reservation, Shipment, Unavailable};
 use crate::orders::OrderStatus;
 use crate::orders::answer::Answer;
 use crate::orders::store as order_store;
+pub use crate::orders::store::PersistedItem;
 use crate::orders::validate::Line;
 use crate::saga::failure::Downstream;
 use crate::saga::machine::{
     Attempt, Effect, Failure, FailureClass, HookEffect, Kind, Outcome, Saga, SagaHooks, money, order_event,
     rfc3339,
 };
-
-/// A persisted order line (with its id and catalog price).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PersistedItem {
-    /// Order item id.
-    #[serde(rename = "orderItemID")]
-    pub order_item_id: i32,
-    /// Product.
-    #[serde(rename = "productID")]
-    pub product_id: i32,
-    /// Quantity.
-    pub quantity: i32,
-    /// Unit price from the catalog.
-    pub price: Decimal,
-}
 
 /// What CreateOrder's steps produced so far: `sagas.data` of a CreateOrder saga (its field names
 /// are the stored JSON's, read by operators, the admin API and the console: never renamed).
