@@ -23,7 +23,7 @@ use crate::downstream::contract::{Reservation, Shipment, Unavailable};
 use crate::orders::OrderStatus;
 use crate::orders::answer::Answer;
 use crate::orders::store as order_store;
-pub use crate::orders::store::PersistedItem;
+use crate::orders::store::PersistedItem;
 use crate::orders::validate::Line;
 use crate::saga::failure::Downstream;
 use crate::saga::machine::{

@@ -284,7 +284,8 @@ impl Inner {
     }
 
     async fn try_batch_in(&self, jobs: &[Job]) -> Result<Vec<JobResult>, sqlx::Error> {
-        let mut writing = Writing::new(self);
+        // Counted until this function returns: committed, failed or cancelled.
+        let _in_flight = InFlight::new(self);
         let ids: Vec<Uuid> = jobs
             .iter()
             .filter_map(|j| match j {
@@ -331,7 +332,6 @@ impl Inner {
             .ok_or_else(|| sqlx::Error::Protocol("a job without its answer".into()))?;
         batch.flush(&mut tx, self.cfg.lease, &*self.hooks).await?;
         tx.commit().await?;
-        writing.done();
         Ok(out)
     }
 
@@ -391,28 +391,19 @@ fn db_error_type(e: &sqlx::Error) -> String {
 /// its COMMIT is answered (or it fails), so another committer's jobs gather behind the whole of it,
 /// its wait for the disk included (docs/performance.md, finding 29; finding 21 had them start at
 /// its COMMIT, which cost more than it saved once the committers had a thread of their own).
-struct Writing<'a> {
-    inner: &'a Inner,
-    counted: bool,
-}
+struct InFlight<'a>(&'a Inner);
 
-impl<'a> Writing<'a> {
+impl<'a> InFlight<'a> {
     fn new(inner: &'a Inner) -> Self {
         inner.committing.fetch_add(1, Ordering::SeqCst);
-        Writing { inner, counted: true }
-    }
-
-    fn done(&mut self) {
-        if std::mem::take(&mut self.counted) {
-            self.inner.committing.fetch_sub(1, Ordering::SeqCst);
-            self.inner.commit_ended.notify_waiters();
-        }
+        InFlight(inner)
     }
 }
 
-impl Drop for Writing<'_> {
+impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.done();
+        self.0.committing.fetch_sub(1, Ordering::SeqCst);
+        self.0.commit_ended.notify_waiters();
     }
 }
 

@@ -203,7 +203,7 @@ struct Inner {
     /// commit what is left in it, and stop.
     jobs_closed: CancellationToken,
     /// The committers' transactions in flight, and a signal when one has ended
-    /// (`committer::Writing`).
+    /// (`committer::InFlight`).
     committing: std::sync::atomic::AtomicUsize,
     commit_ended: Notify,
 }
