@@ -10,7 +10,7 @@ use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
 use opentelemetry_otlp::WithHttpConfig as _;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -94,12 +94,6 @@ pub fn init(default_service: &str, format: LogFormat) -> TelemetryGuard {
             Ok(exp) => provider_builder = provider_builder.with_batch_exporter(exp),
             Err(e) => eprintln!("OTLP trace exporter not started: {e}"),
         }
-    } else if std::env::var_os("OTEL_TRACES_SAMPLER").is_none() {
-        // Nothing exports the spans, so none is recorded unless the caller's context says it is
-        // sampled (its decision goes on downstream): the ids still propagate (`traceparent` on
-        // calls and events, trace ids in the logs) at a fraction of the CPU (docs/performance.md,
-        // finding 30). `OTEL_TRACES_SAMPLER` overrides this, as it does the SDK's default.
-        provider_builder = provider_builder.with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOff)));
     }
     install(provider_builder.build(), default_service, format)
 }

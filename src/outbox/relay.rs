@@ -805,9 +805,14 @@ where
     // the next pass). In one snapshot an order's visible rows are a prefix of its rows in commit
     // order (they are written under the order's row lock), so nothing overtakes: the late row and
     // everything after it wait for the next pass together.
-    sqlx::query("begin isolation level repeatable read read only")
-        .execute(&mut *conn)
-        .await?;
+    // The pass's statements have the same shapes at every pass, yet a custom plan was made for
+    // each at every call (the snapshot's 0.1 ms, more than it runs; docs/performance.md, finding
+    // 30): inside the pass their generic plans, key ranges of the primary key, are made once.
+    sqlx::raw_sql(
+        "begin isolation level repeatable read read only; set local plan_cache_mode = force_generic_plan",
+    )
+    .execute(&mut *conn)
+    .await?;
     let mut published = 0;
     let pass = publish_in_snapshot(conn, publisher, floor, &mut published).await;
     // Ends the snapshot whatever happened (after a failed statement too).

@@ -255,3 +255,40 @@ async fn orders_persisted_in_one_shared_commit_each_get_their_own_lines_and_tota
         .await;
     assert!(shared >= 2, "no two orders were persisted by one call ({shared})");
 }
+
+/// The functions a shared commit (and the tracking consumer's batch) calls keep their plans for
+/// the session, and those plans can only look rows up by key: a generic plan made while a table
+/// was small would otherwise scan it whole for as long as the session lives, and a custom plan is
+/// made again at every call (docs/performance.md, findings 8, 20 and 30). A migration that
+/// recreates one of them without its settings fails here.
+#[tokio::test]
+async fn the_commit_functions_plan_once_per_session_and_only_by_key() {
+    let app = crate::support::spawn_app().await;
+    let functions = [
+        "saga_update_many",
+        "order_persist_many",
+        "order_confirm_many",
+        "order_status_many",
+    ];
+    for name in functions {
+        let config: Option<Vec<String>> =
+            sqlx::query_scalar("select proconfig from pg_proc where proname = $1")
+                .bind(name)
+                .fetch_optional(&app.db)
+                .await
+                .unwrap()
+                .unwrap_or_else(|| panic!("function {name} is missing"));
+        let config = config.unwrap_or_default();
+        for setting in [
+            "plan_cache_mode=force_generic_plan",
+            "enable_seqscan=off",
+            "enable_hashjoin=off",
+            "enable_mergejoin=off",
+        ] {
+            assert!(
+                config.iter().any(|c| c == setting),
+                "{name} runs without {setting}: {config:?}"
+            );
+        }
+    }
+}
