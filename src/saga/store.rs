@@ -357,12 +357,24 @@ fn to_saga(r: SagaRow) -> Result<Saga, sqlx::Error> {
 
 /// Claims up to `limit` due sagas whose lease is free or expired: each claim takes the lease and
 /// bumps the fence, so a previous holder can no longer write.
+///
+/// The open sagas are read by a plain scan of `sagas_unfinished_idx`, never a bitmap scan: under
+/// load the index holds an entry for every saga finished since the last vacuum (a saga's last
+/// transition changes `state`, so it cannot stay HOT), and a bitmap scan visited each of their
+/// heap pages at every poll (8–16 ms twice a second at 2,000 orders/s), where a plain index scan
+/// marks the dead entries as it passes them and skips them from then on (0.3–1 ms;
+/// docs/performance.md, finding 31).
 pub async fn claim_due(
     conn: &mut PgConnection,
     worker: &str,
     lease: Duration,
     limit: i64,
 ) -> Result<Vec<Saga>, sqlx::Error> {
+    use sqlx::Connection as _;
+    let mut tx = conn.begin().await?;
+    sqlx::raw_sql("set local enable_bitmapscan = off; set local enable_seqscan = off")
+        .execute(&mut *tx)
+        .await?;
     let rows = sqlx::query_as!(
         SagaRow,
         r#"with due as (
@@ -386,8 +398,9 @@ pub async fn claim_due(
         interval(lease),
         limit
     )
-    .fetch_all(&mut *conn)
+    .fetch_all(&mut *tx)
     .await?;
+    tx.commit().await?;
     rows.into_iter().map(to_saga).collect()
 }
 
