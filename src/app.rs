@@ -194,6 +194,29 @@ pub async fn run(
         tracker.spawn(housekeeping(state.clone(), shutdown.clone()));
         let (revocations, db, t) = (state.auth.revocations.clone(), state.db.clone(), shutdown.clone());
         tracker.spawn(async move { revocations.run(db, t).await });
+    } else {
+        // No API here: its operators still scrape this process's own metrics on LISTEN_ADDR. An
+        // address already taken (another process of the same host serves the API there) costs
+        // the metrics endpoint, never the roles.
+        match TcpListener::bind(cfg.listen_addr).await {
+            Ok(listener) => {
+                tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /livez and /readyz");
+                let (router, t) = (api::ops_router(state.clone()), shutdown.clone());
+                tracker.spawn(async move {
+                    let served = axum::serve(listener, router.into_make_service())
+                        .with_graceful_shutdown(t.cancelled_owned())
+                        .await;
+                    if let Err(e) = served {
+                        tracing::warn!(error = %e, "the metrics endpoint stopped");
+                    }
+                });
+            }
+            Err(e) => tracing::warn!(
+                addr = %cfg.listen_addr,
+                error = %e,
+                "LISTEN_ADDR is not free: this process serves no /metrics (give it a LISTEN_ADDR of its own)"
+            ),
+        }
     }
     // Every role's process exports the database-derived gauges.
     tracker.spawn(crate::metrics::refresh_gauges(

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::{self, ALL_ROLES, Role as AppRole};
 use crate::auth::{Role, password, users};
-use crate::config::{DatabaseArgs, LogFormat, ServiceConfig};
+use crate::config::{DatabaseArgs, LogFormat, ServiceConfig, TelemetryArgs};
 
 /// OStore order management service.
 #[derive(Debug, Parser)]
@@ -139,6 +139,9 @@ pub struct SimCatalogArgs {
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
     pub log_format: LogFormat,
+    /// Logging filter and OpenTelemetry export.
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
 }
 
 /// `sim shipments` options.
@@ -165,6 +168,9 @@ pub struct SimShipmentsArgs {
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
     pub log_format: LogFormat,
+    /// Logging filter and OpenTelemetry export.
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
 }
 
 /// `serve` options.
@@ -195,6 +201,9 @@ pub struct MigrateArgs {
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
     pub log_format: LogFormat,
+    /// Logging filter and OpenTelemetry export.
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
 }
 
 /// `users` subcommands.
@@ -241,6 +250,20 @@ pub struct CreateUserArgs {
     pub role: Role,
     #[command(flatten)]
     pub database: DatabaseArgs,
+}
+
+impl Cli {
+    /// The logging and OpenTelemetry flags of the subcommand, for those that log.
+    pub fn telemetry(&self) -> Option<&TelemetryArgs> {
+        match &self.command {
+            Command::Serve(a) => Some(&a.config.telemetry),
+            Command::Dev(a) => Some(&a.config.telemetry),
+            Command::Migrate(a) => Some(&a.telemetry),
+            Command::Sim(SimCommand::Catalog(a)) => Some(&a.telemetry),
+            Command::Sim(SimCommand::Shipments(a)) => Some(&a.telemetry),
+            _ => None,
+        }
+    }
 }
 
 /// Runs the parsed command line.
@@ -317,6 +340,16 @@ async fn run_sim(
     crate::sim::serve(listener, router, shutdown).await
 }
 
+/// The roles as `ROLES` spells them (`api,worker`).
+fn roles_text(roles: &[AppRole]) -> String {
+    use clap::ValueEnum as _;
+    roles
+        .iter()
+        .filter_map(|r| r.to_possible_value().map(|v| v.get_name().to_string()))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let cfg = args.config;
     cfg.validate(false)?;
@@ -329,7 +362,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     cfg.print(
         "ostore-orders serve: effective configuration",
-        &[("ROLES", format!("{roles:?}"))],
+        &[("ROLES", roles_text(&roles))],
     );
     let pool = crate::db::connect(&cfg.database.database_url, cfg.database_max_connections).await?;
     crate::db::migrate(&pool).await?;

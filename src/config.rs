@@ -26,6 +26,53 @@ pub struct DatabaseArgs {
     pub database_url: String,
 }
 
+/// The logging filter and the standard OpenTelemetry settings, as flags beside their variables.
+/// The telemetry reads the variables (the OpenTelemetry SDK reads every other `OTEL_*` one, such as
+/// `OTEL_EXPORTER_OTLP_HEADERS` or `OTEL_TRACES_SAMPLER`), so a value given as a flag is put in
+/// the process's environment before anything starts ([`TelemetryArgs::export`]).
+#[derive(Debug, Clone, Default, Args)]
+pub struct TelemetryArgs {
+    /// Log filter (`tracing` directives such as `info,sqlx=warn`); logs only, traces keep their own
+    /// filter.
+    #[arg(long, env = "RUST_LOG")]
+    pub rust_log: Option<String>,
+    /// OTLP endpoint traces and metrics are exported to (nothing is exported when unset); every other
+    /// standard `OTEL_*` variable is honoured too.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otel_exporter_otlp_endpoint: Option<String>,
+    /// The service name the exported telemetry carries (default: the program's role, such as
+    /// `ostore-orders`).
+    #[arg(long, env = "OTEL_SERVICE_NAME")]
+    pub otel_service_name: Option<String>,
+}
+
+impl TelemetryArgs {
+    /// The values given, as `(VARIABLE, value)` pairs.
+    pub fn given(&self) -> Vec<(&'static str, &str)> {
+        [
+            ("RUST_LOG", &self.rust_log),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &self.otel_exporter_otlp_endpoint),
+            ("OTEL_SERVICE_NAME", &self.otel_service_name),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.as_deref().map(|v| (k, v)))
+        .collect()
+    }
+
+    /// Puts the values given as flags into the process's environment, where the telemetry and the
+    /// OpenTelemetry SDK read them.
+    ///
+    /// # Safety
+    /// Changing the environment is sound only while no other thread runs (one may read it at the
+    /// same time): call it first thing in `main`, before any runtime or thread is started.
+    pub unsafe fn export(&self) {
+        for (k, v) in self.given() {
+            // SAFETY: the caller guarantees that no other thread runs yet.
+            unsafe { std::env::set_var(k, v) };
+        }
+    }
+}
+
 /// Settings shared by every role of the service.
 #[derive(Debug, Clone, Args)]
 pub struct ServiceConfig {
@@ -96,6 +143,10 @@ pub struct ServiceConfig {
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
     pub log_format: LogFormat,
+
+    /// Logging filter and OpenTelemetry export.
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
 
     /// How long a worker's claim on a saga lasts without a write, in milliseconds.
     #[arg(long, env = "SAGA_LEASE_MS", default_value_t = 30_000)]
@@ -319,6 +370,10 @@ impl ServiceConfig {
             ),
             ("ORDER_LIMIT_PER_USER", self.order_limit_per_user.to_string()),
             ("LOG_FORMAT", format!("{:?}", self.log_format).to_lowercase()),
+            (
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "(unset: info,sqlx=warn,rdkafka=warn)".into()),
+            ),
             ("SAGA_LEASE_MS", self.saga_lease_ms.to_string()),
             ("SAGA_POLL_INTERVAL_MS", self.saga_poll_interval_ms.to_string()),
             ("SAGA_MAX_IN_FLIGHT", self.saga_max_in_flight.to_string()),
@@ -352,7 +407,13 @@ impl ServiceConfig {
             ("TOPIC_TRACKING_DLQ", self.topics.tracking_dlq.clone()),
             (
                 "OTEL_EXPORTER_OTLP_ENDPOINT",
-                std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").unwrap_or_else(|_| "(unset: no export)".into()),
+                std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
+                    .map(|url| mask_url_password(&url))
+                    .unwrap_or_else(|_| "(unset: no export)".into()),
+            ),
+            (
+                "OTEL_SERVICE_NAME",
+                std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| "(unset: the program's name)".into()),
             ),
         ]
     }
@@ -381,15 +442,36 @@ impl ServiceConfig {
     }
 }
 
-/// Replaces the password of a connection URL with `*****`.
+/// Replaces the secrets of a connection URL with `*****`: the password of its user information
+/// (`scheme://user:password@host`) and the value of every query parameter whose name holds
+/// "password" (`?password=`, `?sslpassword=`).
 pub fn mask_url_password(url: &str) -> String {
-    if let Some((scheme, rest)) = url.split_once("://")
-        && let Some((creds, host)) = rest.rsplit_once('@')
-        && let Some((user, _pw)) = creds.split_once(':')
-    {
-        return format!("{scheme}://{user}:*****@{host}");
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let mut out = match base.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((creds, host)) => match creds.split_once(':') {
+                Some((user, _pw)) => format!("{scheme}://{user}:*****@{host}"),
+                None => base.to_string(),
+            },
+            None => base.to_string(),
+        },
+        None => base.to_string(),
+    };
+    if let Some(query) = query {
+        let params: Vec<String> = query
+            .split('&')
+            .map(|param| match param.split_once('=') {
+                Some((name, _)) if name.to_ascii_lowercase().contains("password") => format!("{name}=*****"),
+                _ => param.to_string(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&params.join("&"));
     }
-    url.to_string()
+    out
 }
 
 #[cfg(test)]
@@ -476,5 +558,25 @@ mod tests {
         assert!(!text.contains("supersecret"));
         assert!(!text.contains(":pw@"));
         assert!(text.contains("postgres://u:*****@h/db"));
+    }
+
+    #[test]
+    fn passwords_in_a_query_and_in_an_endpoint_are_masked() {
+        assert_eq!(
+            mask_url_password("postgres://u@h/db?sslmode=disable&password=hunter2&sslpassword=x"),
+            "postgres://u@h/db?sslmode=disable&password=*****&sslpassword=*****"
+        );
+        assert_eq!(
+            mask_url_password("postgres://u:p@ss@h/db?application_name=a@b"),
+            "postgres://u:*****@h/db?application_name=a@b"
+        );
+        assert_eq!(
+            mask_url_password("http://collector:4318"),
+            "http://collector:4318"
+        );
+        assert_eq!(
+            mask_url_password("http://otel:secret@collector:4318"),
+            "http://otel:*****@collector:4318"
+        );
     }
 }

@@ -50,6 +50,12 @@ fn every_subcommand_has_help_naming_its_variables() {
                 "{args:?} lists no variables:\n{text}"
             );
         }
+        // The logging and OpenTelemetry settings are flags too, wherever the command logs.
+        if ["serve", "dev", "migrate", "sim"].contains(&args[0]) && args.len() > 1 {
+            for v in ["RUST_LOG", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_SERVICE_NAME"] {
+                assert!(text.contains(v), "{args:?} does not list {v}:\n{text}");
+            }
+        }
     }
 }
 
@@ -250,6 +256,85 @@ fn json_logs_keep_stdout_json_and_put_trace_and_span_ids_on_lines_inside_spans()
         stdout.contains("effective configuration"),
         "the settings are logged as JSON:\n{stdout}"
     );
+}
+
+/// A process without the `api` role still serves its own metrics (and health) on LISTEN_ADDR; its
+/// printed settings mask a password given in the database URL's query, spell the roles as ROLES
+/// does, and show a logging or OpenTelemetry setting given as a flag.
+#[test]
+fn a_worker_alone_serves_its_metrics_and_prints_no_password() {
+    let db = format!("{}/cli_{}", server_url(), uuid::Uuid::new_v4().simple());
+    let out = bin()
+        .args(["migrate", "--create-database", "--database-url", &db])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let port = free_port();
+    let child = bin()
+        .args([
+            "serve",
+            "--roles",
+            "worker",
+            "--otel-service-name",
+            "ostore-worker-under-test",
+        ])
+        .args(["--database-url", &format!("{db}?password=hunter2-in-the-query")])
+        .env("JWT_SECRET", "a-test-secret-that-is-long-enough-for-hs256")
+        .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .env_remove("OTEL_SERVICE_NAME")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let client = reqwest::blocking::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut metrics = None;
+    for _ in 0..150 {
+        // The database-derived gauges appear once the process has read them.
+        if let Ok(r) = client.get(format!("{base}/metrics")).send()
+            && r.status() == 200
+        {
+            let kind = r.headers()["content-type"]
+                .to_str()
+                .unwrap_or_default()
+                .to_string();
+            let text = r.text().unwrap_or_default();
+            let done = text.contains("ostore_");
+            metrics = Some((kind, text));
+            if done {
+                break;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let livez = client
+        .get(format!("{base}/livez"))
+        .send()
+        .map(|r| r.status().as_u16());
+    let orders = client
+        .get(format!("{base}/orders"))
+        .send()
+        .map(|r| r.status().as_u16());
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    drop_db(&db);
+    let (kind, text) = metrics.expect("the worker served no /metrics");
+    assert!(kind.starts_with("text/plain"), "{kind}");
+    assert!(text.contains("ostore_"), "{text}");
+    assert_eq!(livez.ok(), Some(200));
+    assert_eq!(orders.ok(), Some(404), "a worker serves no API");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(!stdout.contains("hunter2"), "{stdout}");
+    assert!(stdout.contains("password=*****"), "{stdout}");
+    let setting = |name: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(name).map(|v| v.trim().to_string()))
+            .unwrap_or_else(|| panic!("{name} not printed:\n{stdout}"))
+    };
+    assert_eq!(setting("ROLES"), "worker");
+    assert_eq!(setting("OTEL_SERVICE_NAME"), "ostore-worker-under-test");
 }
 
 #[tokio::test]

@@ -153,6 +153,20 @@ fn finish_spec(mut spec: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
     spec
 }
 
+/// What a process without the `api` role serves on `LISTEN_ADDR` for its operators: `/metrics`
+/// (its own instruments: a worker's saga outcomes and step latency, a consumer's lag), `/livez` and
+/// `/readyz`; every other path answers 404.
+pub fn ops_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", axum::routing::get(metrics))
+        .route("/livez", axum::routing::get(health::livez))
+        .route("/readyz", axum::routing::get(health::readyz))
+        .fallback(|| async {
+            ApiError::not_found("no such resource: this process serves /metrics, /livez and /readyz")
+        })
+        .with_state(state)
+}
+
 static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Builds the application router: the API, with `pages` (the ops console, which the caller

@@ -142,12 +142,7 @@ pub async fn create_order(
             let mut conn = state.db.acquire().await?;
             let view = store::get(&mut conn, order_id, user.user_id()).await?;
             let body = match view {
-                Some(v) => {
-                    let mut b = serde_json::to_value(&v).unwrap_or(json!({}));
-                    // The first answer stays "pending" on replay, whatever happened since.
-                    b["status"] = json!("pending");
-                    b
-                }
+                Some(v) => serde_json::to_value(accepted(v)).unwrap_or(json!({})),
                 None => json!({"orderID": order_id, "status": "pending"}),
             };
             Ok((
@@ -167,6 +162,23 @@ pub async fn create_order(
             "this Idempotency-Key was already used with a different request body",
         )),
     }
+}
+
+/// The body of a 202: the order as it was accepted (its id, customer, date and lines as asked
+/// for), `pending`; what the saga settles later (prices, total, shipment, outcome) is left out, so
+/// the first answer and every replay of its Idempotency-Key are the same whatever happened since.
+/// GET `Location` shows the order as it is.
+fn accepted(mut v: OrderView) -> OrderView {
+    v.status = OrderStatus::Pending;
+    v.total_amount = None;
+    v.currency = None;
+    v.shipment_id = None;
+    v.status_reason = None;
+    for item in &mut v.order_items {
+        item.order_item_id = None;
+        item.price = None;
+    }
+    v
 }
 
 fn parse_order_id(raw: &str) -> Option<i32> {

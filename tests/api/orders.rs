@@ -256,6 +256,17 @@ async fn a_slow_catalog_gets_202_and_the_order_completes_later() {
     .await;
     let done: Value = app.get_json(&loc, Some(&token)).await;
     assert_eq!(done["totalAmount"], "3.00");
+    // After it completed, the key still replays the first answer: the same 202, body for body
+    // (not the order as it is now, which GET shows).
+    let replayed = app
+        .place(&token, "k-1", json!([{"productID": 1, "quantity": 1}]))
+        .await;
+    assert_eq!(replayed.status(), 202);
+    assert_eq!(replayed.headers()["location"].to_str().unwrap(), loc);
+    assert_eq!(replayed.json::<Value>().await.unwrap(), body);
+    assert_eq!(again.json::<Value>().await.unwrap(), body);
+    assert_eq!(body["shipmentID"], Value::Null);
+    assert_eq!(body["orderItems"][0]["quantity"], 1);
 }
 
 #[tokio::test]
