@@ -44,14 +44,27 @@ where
                 "send the body as application/json",
             ));
         }
+        let too_large = || {
+            ApiError::new(
+                axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+                "payload-too-large",
+                "Payload too large",
+                "the request body is larger than 64 KiB",
+            )
+        };
+        // A declared length over the limit is refused before any of the body is read (a client
+        // that declares more than it sends is not waited for).
+        let declared = req
+            .headers()
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+            return Err(too_large());
+        }
         let bytes = Bytes::from_request(req, state).await.map_err(|rej| {
             if rej.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::new(
-                    axum::http::StatusCode::PAYLOAD_TOO_LARGE,
-                    "payload-too-large",
-                    "Payload too large",
-                    "the request body is larger than 64 KiB",
-                )
+                too_large()
             } else {
                 ApiError::bad_request("the request body could not be read")
             }
@@ -90,7 +103,7 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
                     "the body is not valid JSON: {inner}"
                 ))),
                 Category::Data => {
-                    let msg = strip_position(&inner.to_string());
+                    let msg = plain_words(&strip_position(&inner.to_string()));
                     let at_root = path.is_empty() || path == ".";
                     if let Some(name) = duplicate_field_name(&msg) {
                         let field = if at_root {
@@ -117,6 +130,60 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             }
         }
     }
+}
+
+/// serde's words for what a field should be, in the API's terms: no Rust type names (`expected
+/// struct CreateOrderBody`, `expected i64`) in a client's error.
+fn plain_words(msg: &str) -> String {
+    const TYPES: [(&str, &str); 16] = [
+        ("i8", "an integer"),
+        ("i16", "an integer"),
+        ("i32", "an integer"),
+        ("i64", "an integer"),
+        ("i128", "an integer"),
+        ("isize", "an integer"),
+        ("u8", "a non-negative integer"),
+        ("u16", "a non-negative integer"),
+        ("u32", "a non-negative integer"),
+        ("u64", "a non-negative integer"),
+        ("u128", "a non-negative integer"),
+        ("usize", "a non-negative integer"),
+        ("f32", "a number"),
+        ("f64", "a number"),
+        ("a sequence", "an array"),
+        ("a map", "an object"),
+    ];
+    let word_end = |s: &str| {
+        s.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(s.len())
+    };
+    let mut out = String::with_capacity(msg.len());
+    let mut rest = msg;
+    while let Some(at) = rest.find("expected ") {
+        out.push_str(&rest[..at + "expected ".len()]);
+        rest = &rest[at + "expected ".len()..];
+        if let Some(after) = rest.strip_prefix("struct ") {
+            out.push_str("an object");
+            rest = &after[word_end(after)..];
+            continue;
+        }
+        if let Some(after) = rest.strip_prefix("enum ") {
+            out.push_str("one of the allowed values");
+            rest = &after[word_end(after)..];
+            continue;
+        }
+        for (name, plain) in TYPES {
+            if let Some(after) = rest.strip_prefix(name)
+                && word_end(after) == 0
+            {
+                out.push_str(plain);
+                rest = after;
+                break;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// A query string: every key and value through [`text::check`] (422 naming it), then into `T`
@@ -249,6 +316,31 @@ mod tests {
     struct Page {
         limit: Option<String>,
         cursor: Option<String>,
+    }
+
+    #[test]
+    fn serde_words_become_the_api_s() {
+        assert_eq!(
+            plain_words("invalid type: floating point `1e+23`, expected i64"),
+            "invalid type: floating point `1e+23`, expected an integer"
+        );
+        assert_eq!(
+            plain_words("invalid type: sequence, expected struct CreateOrderBody"),
+            "invalid type: sequence, expected an object"
+        );
+        assert_eq!(
+            plain_words("invalid type: integer `2`, expected a sequence"),
+            "invalid type: integer `2`, expected an array"
+        );
+        assert_eq!(
+            plain_words("invalid value: integer `-1`, expected u32"),
+            "invalid value: integer `-1`, expected a non-negative integer"
+        );
+        assert_eq!(
+            plain_words("unknown variant `x`, expected one of `a`, `b`"),
+            "unknown variant `x`, expected one of `a`, `b`"
+        );
+        assert_eq!(plain_words("expected i64x"), "expected i64x");
     }
 
     /// JSON's whitespace (not Rust's: a vertical tab is trailing data).

@@ -336,6 +336,42 @@ async fn huge_passwords_are_refused_quickly_without_hashing() {
     assert!(t.elapsed() < Duration::from_secs(5));
 }
 
+/// A body declared larger than the limit is refused at once, from its Content-Length, without
+/// waiting for bytes the client may never send; and a wrong type is told in the API's words, not
+/// Rust's.
+#[tokio::test]
+async fn a_declared_oversize_body_is_refused_before_it_arrives_and_errors_name_no_rust_types() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let app = spawn_app().await;
+    let addr = app.base.trim_start_matches("http://").to_string();
+    let mut socket = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /auth/login HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: 999999\r\n\r\n{{\"email\":\"a@b.c\"}}"
+    );
+    socket.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), socket.read(&mut answer))
+        .await
+        .expect("no answer while the rest of the declared body never came")
+        .unwrap();
+    let text = String::from_utf8_lossy(&answer[..n]);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(text.contains("application/problem+json"), "{text}");
+
+    for (body, field) in [
+        (json!({"email": 1e23, "password": "x"}), "email"),
+        (json!([1, 2]), "body"),
+        (json!({"email": "a@b.c", "password": ["x"]}), "password"),
+    ] {
+        let r = app.post_json("/auth/login", &body, None).await;
+        let problem = assert_problem(r, 422).await;
+        let detail = problem["detail"].as_str().unwrap_or_default();
+        for rust in ["struct", "String", "i64", "i32", "u32", "f64", "Login"] {
+            assert!(!detail.contains(rust), "{field}: {detail}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn sql_injection_in_the_email_is_just_a_wrong_login() {
     let app = spawn_app().await;
