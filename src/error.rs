@@ -113,7 +113,17 @@ impl ApiError {
         .with("field", field)
     }
 
-    /// 401 with `WWW-Authenticate: Bearer`.
+    /// 401 for a request that brought no credentials: `WWW-Authenticate: Bearer` without an error
+    /// code (RFC 6750 §3.1).
+    pub fn unauthenticated(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", "Unauthorized", detail).header(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"ostore\""),
+        )
+    }
+
+    /// 401 for credentials that were refused: `WWW-Authenticate: Bearer` with
+    /// `error="invalid_token"`.
     pub fn unauthorized(detail: impl Into<String>) -> Self {
         Self::new(StatusCode::UNAUTHORIZED, "unauthorized", "Unauthorized", detail).header(
             header::WWW_AUTHENTICATE,

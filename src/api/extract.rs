@@ -255,7 +255,7 @@ impl FromRequestParts<AppState> for AuthUser {
         let header = parts
             .headers
             .get(header::AUTHORIZATION)
-            .ok_or_else(|| ApiError::unauthorized("a Bearer access token is required"))?;
+            .ok_or_else(|| ApiError::unauthenticated("a Bearer access token is required"))?;
         let value = header
             .to_str()
             .map_err(|_| ApiError::unauthorized("the Authorization header is malformed"))?;

@@ -46,6 +46,24 @@ async fn assert_unauthorized(app: &TestApp, token: &str, what: &str) {
     assert_problem(r, 401).await;
 }
 
+/// RFC 6750 §3.1: a request without credentials is challenged without an error code; refused
+/// credentials are challenged with `error="invalid_token"`.
+#[tokio::test]
+async fn the_bearer_challenge_names_an_error_only_for_refused_credentials() {
+    let app = spawn_app().await;
+    let challenge = |r: reqwest::Response| {
+        assert_eq!(r.status(), 401);
+        r.headers()["www-authenticate"].to_str().unwrap().to_string()
+    };
+    let none = challenge(app.get("/me", None).await);
+    assert_eq!(none, "Bearer realm=\"ostore\"");
+    let bad = challenge(app.get("/me", Some("not-a-token")).await);
+    assert!(
+        bad.starts_with("Bearer ") && bad.contains("error=\"invalid_token\""),
+        "{bad}"
+    );
+}
+
 #[tokio::test]
 async fn login_returns_a_token_pair_that_opens_me() {
     let app = spawn_app().await;
