@@ -110,6 +110,10 @@ pub struct SimFaultArgs {
     /// Share of business calls (0 to 1) answered 503.
     #[arg(long, env = "SIM_ERROR_RATE", default_value_t = 0.0)]
     pub error_rate: f64,
+    /// Crash: leave the process at once (exit status 70) on the Nth business call, without
+    /// answering it or doing it; 0 never.
+    #[arg(long, env = "SIM_CRASH_AFTER", default_value_t = 0)]
+    pub crash_after: u64,
 }
 
 impl SimFaultArgs {
@@ -302,6 +306,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             sim.set_faults(args.faults.specs())
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
+            sim.crash_after(args.faults.crash_after);
             run_sim("catalog", args.listen_addr, sim.router(), args.log_format).await
         }
         Command::Sim(SimCommand::Shipments(args)) => {
@@ -314,6 +319,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             })?;
             sim.set_faults(args.faults.specs())
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
+            sim.crash_after(args.faults.crash_after);
             let r = run_sim("shipments", args.listen_addr, sim.router(), args.log_format).await;
             let _ = sim.flush(std::time::Duration::from_secs(5)).await;
             r

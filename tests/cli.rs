@@ -337,6 +337,61 @@ fn a_worker_alone_serves_its_metrics_and_prints_no_password() {
     assert_eq!(setting("OTEL_SERVICE_NAME"), "ostore-worker-under-test");
 }
 
+/// `sim … --crash-after N`: the simulator serves N−1 business calls, then dies on the Nth without
+/// answering it (its control API does not count), with exit status 70.
+#[test]
+fn a_simulator_crashes_on_the_business_call_its_flag_names() {
+    let port = free_port();
+    let mut child = bin()
+        .args(["sim", "catalog", "--demo-products", "--crash-after", "2"])
+        .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let client = reqwest::blocking::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut up = false;
+    for _ in 0..100 {
+        if client
+            .get(format!("{base}/sim/products/1"))
+            .send()
+            .is_ok_and(|r| r.status() == 200)
+        {
+            up = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let reserve = |key: &str| {
+        client
+            .post(format!("{base}/inventory/reservations"))
+            .header("Idempotency-Key", key)
+            .json(&serde_json::json!({
+                "reservationID": uuid::Uuid::new_v4(),
+                "items": [{"productID": 1, "quantity": 1}]
+            }))
+            .send()
+            .map(|r| r.status().as_u16())
+    };
+    let first = reserve("first");
+    let second = reserve("second");
+    let status = (0..100).find_map(|_| {
+        let s = child.try_wait().unwrap();
+        if s.is_none() {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        s
+    });
+    if status.is_none() {
+        let _ = child.kill();
+    }
+    assert!(up, "the simulator did not come up");
+    assert_eq!(first.ok(), Some(201));
+    assert!(second.is_err(), "the second call was answered: {second:?}");
+    assert_eq!(status.and_then(|s| s.code()), Some(70));
+}
+
 #[tokio::test]
 async fn otlp_export_retries_a_batch_the_collector_refuses_with_503() {
     use std::sync::{Arc, Mutex};

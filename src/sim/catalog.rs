@@ -177,6 +177,11 @@ impl CatalogSim {
         self.inner.faults.replace(faults)
     }
 
+    /// Makes this process leave on its `n`th business call (`--crash-after`; 0: never).
+    pub fn crash_after(&self, n: u64) {
+        self.inner.faults.crash_after(n);
+    }
+
     /// The HTTP routes: business endpoints and the `/sim` control API.
     pub fn router(&self) -> Router {
         Router::new()

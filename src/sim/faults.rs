@@ -14,8 +14,14 @@
 //!    contract (the simulator decides how; see [`Malformed`]).
 //!
 //! Faulted calls (steps 2–4) have no business effect.
+//!
+//! A standalone simulator also takes `--crash-after N` (`SIM_CRASH_AFTER`): on its Nth business
+//! call it leaves at once with [`CRASH_EXIT_CODE`], before any effect and without answering (its
+//! callers see the connection close), as a crashing service would; restarting it is the drill's
+//! business. Its state lives in memory, so a restarted simulator starts empty.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::http::{HeaderValue, StatusCode, header};
@@ -119,11 +125,17 @@ struct FaultState {
     malformed_answers: u64,
 }
 
+/// The exit status of a simulator that crashed on purpose (`--crash-after`).
+pub const CRASH_EXIT_CODE: i32 = 70;
+
 /// The fault set of one simulator.
 #[derive(Debug)]
 pub struct Faults {
     endpoints: &'static [&'static str],
     state: Mutex<FaultState>,
+    /// The business call the process dies on (0: never).
+    crash_after: AtomicU64,
+    calls: AtomicU64,
 }
 
 impl Faults {
@@ -136,7 +148,16 @@ impl Faults {
                 release: CancellationToken::new(),
                 malformed_answers: 0,
             }),
+            crash_after: AtomicU64::new(0),
+            calls: AtomicU64::new(0),
         }
+    }
+
+    /// Makes the process leave on its `n`th business call from now (0: never); see the module
+    /// docs. For a simulator that runs as a process of its own only.
+    pub fn crash_after(&self, n: u64) {
+        self.calls.store(0, Ordering::SeqCst);
+        self.crash_after.store(n, Ordering::SeqCst);
     }
 
     /// Parses a `PUT /sim/faults` body: one fault object or a list of them.
@@ -208,6 +229,11 @@ impl Faults {
 
     /// Applies the fault set to one call of `endpoint` (see the module docs for the order).
     pub async fn apply(&self, endpoint: &str) -> Verdict {
+        let crash_at = self.crash_after.load(Ordering::SeqCst);
+        if crash_at > 0 && self.calls.fetch_add(1, Ordering::SeqCst) + 1 >= crash_at {
+            eprintln!("simulator: crashing on business call {crash_at} ({endpoint}), as --crash-after asked");
+            std::process::exit(CRASH_EXIT_CODE);
+        }
         let applies = |fault: &FaultSpec| fault.endpoint.as_deref().is_none_or(|e| e == endpoint);
         let (latency, hang) = {
             let state = self.lock();

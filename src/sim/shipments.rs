@@ -212,6 +212,11 @@ impl ShipmentsSim {
         self.inner.faults.replace(faults)
     }
 
+    /// Makes this process leave on its `n`th business call (`--crash-after`; 0: never).
+    pub fn crash_after(&self, n: u64) {
+        self.inner.faults.crash_after(n);
+    }
+
     /// Waits up to `timeout` for the TrackingEvents still queued to reach Kafka. Call it before
     /// dropping the last handle on shutdown: dropping the producer discards what is still queued.
     pub async fn flush(&self, timeout: Duration) -> anyhow::Result<()> {
