@@ -97,12 +97,7 @@ fn serve_refuses_to_start_without_a_safe_jwt_secret() {
 
 #[test]
 fn migrate_and_users_create_work_against_a_new_database() {
-    let db = format!("{}/cli_{}", server_url(), uuid::Uuid::new_v4().simple());
-    let out = bin()
-        .args(["migrate", "--create-database", "--database-url", &db])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let db = migrated_database();
     let out = create_user(&db, "cli@example.com", &["--role", "admin"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let id: i32 = String::from_utf8(out.stdout)
@@ -160,6 +155,17 @@ fn create_user(db: &str, email: &str, extra: &[&str]) -> std::process::Output {
         .args(["--database-url", db])
         .output()
         .unwrap()
+}
+
+/// A new database, created and migrated by `migrate --create-database`; its URL.
+fn migrated_database() -> String {
+    let db = format!("{}/cli_{}", server_url(), uuid::Uuid::new_v4().simple());
+    let out = bin()
+        .args(["migrate", "--create-database", "--database-url", &db])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    db
 }
 
 fn drop_db(url: &str) {
@@ -263,12 +269,7 @@ fn json_logs_keep_stdout_json_and_put_trace_and_span_ids_on_lines_inside_spans()
 /// does, and show a logging or OpenTelemetry setting given as a flag.
 #[test]
 fn a_worker_alone_serves_its_metrics_and_prints_no_password() {
-    let db = format!("{}/cli_{}", server_url(), uuid::Uuid::new_v4().simple());
-    let out = bin()
-        .args(["migrate", "--create-database", "--database-url", &db])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let db = migrated_database();
     let port = free_port();
     let child = bin()
         .args([
