@@ -78,11 +78,24 @@ pub async fn serve_api(
     state: AppState,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let app = api::router(state, crate::console::router());
-    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(shutdown.cancelled_owned())
+    serve_router(listener, api::router(state, crate::console::router()), shutdown)
         .await
         .context("serving the API")
+}
+
+/// Serves `router` on `listener` (with each caller's address) until `shutdown` is cancelled, then
+/// drains in-flight requests.
+async fn serve_router(
+    listener: TcpListener,
+    router: axum::Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown.cancelled_owned())
+    .await
 }
 
 /// Periodic housekeeping: expired deny-list entries and refresh tokens, spent refresh families,
@@ -203,10 +216,7 @@ pub async fn run(
                 tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /livez and /readyz");
                 let (router, t) = (api::ops_router(state.clone()), shutdown.clone());
                 tracker.spawn(async move {
-                    let served = axum::serve(listener, router.into_make_service())
-                        .with_graceful_shutdown(t.cancelled_owned())
-                        .await;
-                    if let Err(e) = served {
+                    if let Err(e) = serve_router(listener, router, t).await {
                         tracing::warn!(error = %e, "the metrics endpoint stopped");
                     }
                 });

@@ -372,7 +372,8 @@ impl ServiceConfig {
             ("LOG_FORMAT", format!("{:?}", self.log_format).to_lowercase()),
             (
                 "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "(unset: info,sqlx=warn,rdkafka=warn)".into()),
+                std::env::var("RUST_LOG")
+                    .unwrap_or_else(|_| format!("(unset: {})", crate::telemetry::DEFAULT_LOG_FILTER)),
             ),
             ("SAGA_LEASE_MS", self.saga_lease_ms.to_string()),
             ("SAGA_POLL_INTERVAL_MS", self.saga_poll_interval_ms.to_string()),

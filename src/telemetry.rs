@@ -54,6 +54,9 @@ impl Drop for TelemetryGuard {
     }
 }
 
+/// The log filter when `RUST_LOG` is unset.
+pub const DEFAULT_LOG_FILTER: &str = "info,sqlx=warn,rdkafka=warn";
+
 fn export_configured(signal: &str) -> bool {
     let set = |k: &str| std::env::var(k).map(|v| !v.trim().is_empty()).unwrap_or(false);
     let disabled = std::env::var(format!("OTEL_{signal}_EXPORTER"))
@@ -142,8 +145,7 @@ fn install(provider: SdkTracerProvider, default_service: &str, format: LogFormat
         }
     }));
 
-    let log_filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,rdkafka=warn"));
+    let log_filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
     let otel_filter = EnvFilter::try_from_env("OTEL_TRACES_FILTER")
         .unwrap_or_else(|_| EnvFilter::new("ostore_orders=info,tower_http=info"));
     let otel_layer = tracing_opentelemetry::layer()
