@@ -17,6 +17,17 @@ fn bin() -> Command {
     c
 }
 
+/// Calls `ok` every 100 ms, at most `tries` times, until it holds; whether it did.
+fn retry_until(tries: usize, mut ok: impl FnMut() -> bool) -> bool {
+    for _ in 0..tries {
+        if ok() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    false
+}
+
 #[test]
 fn every_subcommand_has_help_naming_its_variables() {
     for args in [
@@ -204,18 +215,13 @@ fn json_logs_keep_stdout_json_and_put_trace_and_span_ids_on_lines_inside_spans()
         .unwrap();
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let client = reqwest::blocking::Client::new();
-    let mut answered = false;
-    for _ in 0..100 {
-        let r = client
+    let answered = retry_until(100, || {
+        client
             .get(format!("http://127.0.0.1:{port}/livez"))
             .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
-            .send();
-        if r.is_ok_and(|r| r.status() == 200) {
-            answered = true;
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+            .send()
+            .is_ok_and(|r| r.status() == 200)
+    });
     // A request without a context starts a trace of its own, whose ids its lines carry.
     let untraced = answered
         && client
@@ -291,24 +297,23 @@ fn a_worker_alone_serves_its_metrics_and_prints_no_password() {
     let client = reqwest::blocking::Client::new();
     let base = format!("http://127.0.0.1:{port}");
     let mut metrics = None;
-    for _ in 0..150 {
+    retry_until(150, || {
         // The database-derived gauges appear once the process has read them.
-        if let Ok(r) = client.get(format!("{base}/metrics")).send()
-            && r.status() == 200
-        {
-            let kind = r.headers()["content-type"]
-                .to_str()
-                .unwrap_or_default()
-                .to_string();
-            let text = r.text().unwrap_or_default();
-            let done = text.contains("ostore_");
-            metrics = Some((kind, text));
-            if done {
-                break;
-            }
+        let Ok(r) = client.get(format!("{base}/metrics")).send() else {
+            return false;
+        };
+        if r.status() != 200 {
+            return false;
         }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+        let kind = r.headers()["content-type"]
+            .to_str()
+            .unwrap_or_default()
+            .to_string();
+        let text = r.text().unwrap_or_default();
+        let done = text.contains("ostore_");
+        metrics = Some((kind, text));
+        done
+    });
     let livez = client
         .get(format!("{base}/livez"))
         .send()
@@ -352,18 +357,12 @@ fn a_simulator_crashes_on_the_business_call_its_flag_names() {
         .unwrap();
     let client = reqwest::blocking::Client::new();
     let base = format!("http://127.0.0.1:{port}");
-    let mut up = false;
-    for _ in 0..100 {
-        if client
+    let up = retry_until(100, || {
+        client
             .get(format!("{base}/sim/products/1"))
             .send()
             .is_ok_and(|r| r.status() == 200)
-        {
-            up = true;
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    });
     let reserve = |key: &str| {
         client
             .post(format!("{base}/inventory/reservations"))
