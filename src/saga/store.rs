@@ -22,7 +22,6 @@ use sqlx::postgres::types::PgInterval;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::db::literal::{Bytea, Interval, Prepared};
 use crate::outbox::{self, NewEvent, Topics};
 use crate::saga::machine::{Effect, Failure, FailureClass, HookEffect, Saga, SagaHooks, SagaState, Stream};
 use crate::wake::{self, Wake};
@@ -147,42 +146,25 @@ pub struct ToCreate<'a> {
     pub worker: Option<&'a str>,
 }
 
-/// The shared commit's new-saga insert, prepared on the committers' connections: [`CREATE_SQL`], or
-/// the statement of the saga type's hooks (`SagaHooks::create_sql`; CreateOrder's also writes the
-/// order placeholders, `orders::store::CREATE_ORDER_SAGA_SQL`).
-pub fn create_statement(hooks: &dyn SagaHooks) -> Prepared {
-    Prepared {
-        name: "ostore_create_sagas",
-        sql: hooks.create_sql().unwrap_or(CREATE_SQL),
-    }
-}
-
-/// [`STAGE_WRITES_SQL`], prepared on the committers' connections.
-pub const STAGE_WRITES: Prepared = Prepared {
-    name: "ostore_stage_writes",
-    sql: STAGE_WRITES_SQL,
-};
-
-/// The statements a shared commit runs by name ([`Commit::begin_locking`], [`Commit::commit`]),
-/// to prepare on every connection of the committers.
-pub fn commit_statements(hooks: &dyn SagaHooks) -> Vec<Prepared> {
-    vec![create_statement(hooks), STAGE_WRITES]
-}
-
-/// The insert of the idempotency records and the sagas (each leased to its `worker`) of `sagas`,
-/// all of one saga type, as an `EXECUTE` of [`create_statement`] with their values written in, for
-/// the flight that begins the shared commit ([`Commit::begin_locking`]); None when there are none.
-/// Its rows go to [`created_many`].
+/// Inserts the idempotency records and the sagas (each leased to its `worker`) of `sagas`, all of
+/// one saga type, with the statement of that type ([`CREATE_SQL`] unless its hooks bring their
+/// own: CreateOrder's also writes the order placeholders, `orders::store::CREATE_ORDER_SAGA_SQL`),
+/// and stages, saga by saga, the `SagaStarted` event and what the type's hooks add when a saga
+/// starts (CreateOrder: `OrderCreated`) in `batch`; a saga whose key exists reports the key's
+/// earlier use instead. The answers are in the order of `sagas`.
 ///
 /// Unit of work: one statement for all of them writes the idempotency records and the sagas (and,
-/// for CreateOrder, the orders) together, in the round trip that begins the transaction.
-pub fn create_many_sql(
+/// for CreateOrder, the orders) together: one round trip per saga type in the shared commit.
+pub async fn create_many(
+    conn: &mut PgConnection,
+    batch: &mut Batch,
     sagas: &[ToCreate<'_>],
     lease: Duration,
+    topics: &Topics,
     hooks: &dyn SagaHooks,
-) -> Result<Option<String>, sqlx::Error> {
+) -> Result<Vec<Created>, sqlx::Error> {
     let Some(first) = sagas.first().map(|c| c.new) else {
-        return Ok(None);
+        return Ok(Vec::new());
     };
     debug_assert!(sagas.iter().all(|c| c.new.saga_type == first.saga_type
         && c.new.version == first.version
@@ -192,53 +174,35 @@ pub fn create_many_sql(
         .iter()
         .map(|c| serde_json::to_value(&c.new.trace).unwrap_or(json!({})))
         .collect();
-    let sql = create_statement(hooks)
-        .execute()
-        .arg(&sagas.iter().map(|c| c.new.user_id).collect::<Vec<_>>())
-        .arg(
-            &sagas
+    // One statement: the keys and the sagas (and the type's own rows); none for a key that exists.
+    let sql = hooks.create_sql().unwrap_or(CREATE_SQL);
+    let rows: Vec<(Uuid, Option<i32>, OffsetDateTime, OffsetDateTime)> = sqlx::query_as(sql)
+        .bind(sagas.iter().map(|c| c.new.user_id).collect::<Vec<_>>())
+        .bind(
+            sagas
                 .iter()
                 .map(|c| c.new.idempotency_key.as_str())
                 .collect::<Vec<_>>(),
         )
-        .arg(
-            &sagas
+        .bind(
+            sagas
                 .iter()
-                .map(|c| Bytea(&c.new.request_hash))
+                .map(|c| c.new.request_hash.as_slice())
                 .collect::<Vec<_>>(),
         )
-        .arg(&sagas.iter().map(|c| c.new.saga_id).collect::<Vec<_>>())
-        .arg(&first.saga_type)
-        .arg(&first.version)
-        .arg(&sagas.iter().map(|c| c.worker).collect::<Vec<_>>())
-        .arg(&Interval(lease))
-        .arg(&sagas.iter().map(|c| &c.new.input).collect::<Vec<_>>())
-        .arg(&traces)
-        .arg(&Interval(first.deadline))
-        .arg(&first.first_step)
-        .finish()?;
-    Ok(Some(sql))
-}
-
-/// What [`create_many_sql`]'s statement answered for `sagas` (`rows`: per saga written, its id,
-/// order id, creation time and deadline, in that order): each saga written, with the `SagaStarted` event and what
-/// the type's hooks add when a saga starts (CreateOrder: `OrderCreated`) staged in `batch`; a saga
-/// whose key exists reports the key's earlier use instead (read in `conn`'s transaction). The
-/// answers are in the order of `sagas`.
-pub async fn created_many(
-    conn: &mut PgConnection,
-    batch: &mut Batch,
-    sagas: &[ToCreate<'_>],
-    rows: &[sqlx::postgres::PgRow],
-    topics: &Topics,
-    hooks: &dyn SagaHooks,
-) -> Result<Vec<Created>, sqlx::Error> {
-    use sqlx::Row;
-    let mut written: HashMap<Uuid, (Option<i32>, OffsetDateTime, OffsetDateTime)> =
-        HashMap::with_capacity(rows.len());
-    for r in rows {
-        written.insert(r.try_get(0)?, (r.try_get(1)?, r.try_get(2)?, r.try_get(3)?));
-    }
+        .bind(sagas.iter().map(|c| c.new.saga_id).collect::<Vec<_>>())
+        .bind(&first.saga_type)
+        .bind(first.version)
+        .bind(sagas.iter().map(|c| c.worker).collect::<Vec<_>>())
+        .bind(interval(lease))
+        .bind(sagas.iter().map(|c| &c.new.input).collect::<Vec<_>>())
+        .bind(&traces)
+        .bind(interval(first.deadline))
+        .bind(&first.first_step)
+        .fetch_all(&mut *conn)
+        .await?;
+    let written: HashMap<Uuid, (Option<i32>, OffsetDateTime, OffsetDateTime)> =
+        rows.into_iter().map(|(id, o, c, d)| (id, (o, c, d))).collect();
     let mut out = Vec::with_capacity(sagas.len());
     for c in sagas {
         let n = c.new;
@@ -516,144 +480,110 @@ impl Batch {
         self.event_cond.push(cond);
     }
 
-    /// Writes the saga type's own changes staged (through `hooks`, in `conn`'s transaction) and
-    /// answers the statement of the rest (history, saga rows, outbox, NOTIFY: an `EXECUTE` of
-    /// [`STAGE_WRITES`] with their values written in) for the flight that commits
-    /// ([`Commit::commit`]); None when nothing is left to write. The batch is empty afterwards.
-    pub async fn finish(
+    /// Writes everything staged (the saga type's own changes through `hooks`, then history, saga
+    /// rows, outbox, NOTIFY) in `conn`'s transaction.
+    pub async fn flush(
         &mut self,
         conn: &mut PgConnection,
         lease: Duration,
         hooks: &dyn SagaHooks,
-    ) -> Result<Option<String>, sqlx::Error> {
-        let mut b = std::mem::take(self);
-        if !b.hooks.is_empty() {
-            let changed = hooks.apply_many(conn, &b.hooks).await?;
-            if changed.len() != b.hooks.len() {
+    ) -> Result<(), sqlx::Error> {
+        if !self.hooks.is_empty() {
+            let changed = hooks.apply_many(conn, &self.hooks).await?;
+            if changed.len() != self.hooks.len() {
                 return Err(sqlx::Error::Protocol(format!(
                     "{} hook effects answered {} times",
-                    b.hooks.len(),
+                    self.hooks.len(),
                     changed.len()
                 )));
             }
-            let cond = std::mem::take(&mut b.event_cond);
+            let cond = std::mem::take(&mut self.event_cond);
             let mut keep = cond.iter().map(|c| c.is_none_or(|i| changed[i]));
-            b.events.retain(|_| keep.next().unwrap_or(true));
+            self.events.retain(|_| keep.next().unwrap_or(true));
         }
-        b.stage_sql(lease)
-    }
-
-    /// History, saga rows, outbox and wake-ups in one statement; each part is empty-safe.
-    fn stage_sql(&self, lease: Duration) -> Result<Option<String>, sqlx::Error> {
+        // Saga rows, history, outbox and wake-ups in one statement (one round trip); each part is
+        // empty-safe.
         if self.s_id.is_empty() && self.h_saga.is_empty() && self.events.is_empty() && self.notify.is_empty()
         {
-            return Ok(None);
+            *self = Batch::default();
+            return Ok(());
         }
         let c = outbox::Columns::of(&self.events);
-        let sql = STAGE_WRITES
-            .execute()
-            .arg(&self.h_saga)
-            .arg(&self.h_step)
-            .arg(&self.h_kind)
-            .arg(&self.h_attempt)
-            .arg(&self.h_started)
-            .arg(&self.h_outcome)
-            .arg(&self.h_class)
-            .arg(&self.h_error)
-            .arg(&self.h_key)
-            .arg(&self.h_status)
-            .arg(&self.h_worker)
-            .arg(&c.topics)
-            .arg(&c.keys)
-            .arg(&c.ids)
-            .arg(&c.types)
-            .arg(&c.payloads)
-            .arg(&c.headers)
-            .arg(wake::CHANNEL)
-            .arg(&self.notify)
-            .arg(&self.h_duration)
-            .arg(&self.s_id)
-            .arg(&self.s_state)
-            .arg(&self.s_step)
-            .arg(&self.s_attempt)
-            .arg(&self.s_next)
-            .arg(&self.s_data)
-            .arg(&self.s_failure)
-            .arg(&self.s_error)
-            .arg(&self.s_class)
-            .arg(&self.s_keep)
-            .arg(&self.s_answer)
-            .arg(&self.s_finished)
-            .arg(&self.s_step_name)
-            .arg(&Interval(lease))
-            .arg(&self.s_session)
-            .finish()?;
-        Ok(Some(sql))
+        sqlx::query(STAGE_WRITES_SQL)
+            .bind(&self.h_saga)
+            .bind(&self.h_step)
+            .bind(&self.h_kind)
+            .bind(&self.h_attempt)
+            .bind(&self.h_started)
+            .bind(&self.h_outcome)
+            .bind(&self.h_class)
+            .bind(&self.h_error)
+            .bind(&self.h_key)
+            .bind(&self.h_status)
+            .bind(&self.h_worker)
+            .bind(&c.topics)
+            .bind(&c.keys)
+            .bind(&c.ids)
+            .bind(&c.types)
+            .bind(&c.payloads)
+            .bind(&c.headers)
+            .bind(wake::CHANNEL)
+            .bind(&self.notify)
+            .bind(&self.h_duration)
+            .bind(&self.s_id)
+            .bind(&self.s_state)
+            .bind(&self.s_step)
+            .bind(&self.s_attempt)
+            .bind(&self.s_next)
+            .bind(&self.s_data)
+            .bind(&self.s_failure)
+            .bind(&self.s_error)
+            .bind(&self.s_class)
+            .bind(&self.s_keep)
+            .bind(&self.s_answer)
+            .bind(&self.s_finished)
+            .bind(&self.s_step_name)
+            .bind(interval(lease))
+            .bind(&self.s_session)
+            .execute(&mut *conn)
+            .await?;
+        *self = Batch::default();
+        Ok(())
     }
 }
 
-/// A shared commit's transaction, begun in one round trip with the lock of the rows of the sagas
-/// it advances and the insert of its new sagas: `BEGIN`, [`LOCK_MANY_SQL`] (the saga ids, which
-/// are ours, written into it as a `uuid[]` literal) and the new sagas' `EXECUTE`
-/// ([`create_many_sql`]) go out as one simple query (docs/performance.md, findings 23 and 35). It
-/// derefs to its connection for the commit's statements in between; [`Commit::commit`] sends the
-/// last statement and `COMMIT` together. Dropped without [`Commit::commit`] (a statement failed,
-/// the task was cancelled) the connection is closed, never handed back to the pool inside a
-/// transaction.
+/// A shared commit's transaction, begun in the round trip that locks the rows of the sagas it
+/// advances: `BEGIN` and [`LOCK_MANY_SQL`] go out as one simple query (the saga ids, which are
+/// ours, written into it as a `uuid[]` literal), one round trip fewer than a `BEGIN` of its own
+/// (docs/performance.md, finding 23). It derefs to its connection for the commit's statements.
+/// Dropped without [`Commit::commit`] (a statement failed, the task was cancelled) the connection
+/// is closed, never handed back to the pool inside a transaction.
 pub struct Commit {
     conn: sqlx::pool::PoolConnection<sqlx::Postgres>,
     open: bool,
 }
 
-/// What the round trip that began a shared commit read: the locked rows by saga, and the rows the
-/// new sagas' statement answered.
-pub struct Begun {
-    /// The rows of the sagas the commit advances, as locked.
-    pub locked: HashMap<Uuid, Locked>,
-    /// The rows of [`create_many_sql`]'s statement (none without it).
-    pub created: Vec<sqlx::postgres::PgRow>,
-}
-
 impl Commit {
-    /// Begins the transaction on a connection of `pool` (one of the committers', on which
-    /// [`commit_statements`] are prepared), locks the rows of `ids` (in key order) and runs
-    /// `create` (the new sagas' statement, if any), in one round trip; what each locked row holds,
-    /// for the caller to compare fences and states, and what `create` answered.
+    /// Begins the transaction on a connection of `pool` and locks the rows of `ids` (in key
+    /// order); what each row holds, for the caller to compare fences and states.
     pub async fn begin_locking(
         pool: &sqlx::PgPool,
         ids: &[Uuid],
-        create: Option<String>,
-    ) -> Result<(Commit, Begun), sqlx::Error> {
-        use futures::TryStreamExt as _;
+    ) -> Result<(Commit, HashMap<Uuid, Locked>), sqlx::Error> {
         use sqlx::Row;
         let mut c = Commit {
             conn: pool.acquire().await?,
             open: true,
         };
-        let mut sql = String::from("begin");
-        let lock = !ids.is_empty();
-        if lock {
-            sql.push_str(";\n");
-            sql.push_str(&lock_many_literal(ids));
+        if ids.is_empty() {
+            sqlx::raw_sql("begin").execute(&mut *c.conn).await?;
+            return Ok((c, HashMap::new()));
         }
-        if let Some(create) = &create {
-            sql.push_str(";\n");
-            sql.push_str(create);
-        }
-        // Each statement's rows, then its completion: the first completion is `BEGIN`'s.
-        let mut statement = 0;
-        let mut lock_rows = Vec::new();
-        let mut created = Vec::new();
-        let mut results = sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).fetch_many(&mut *c.conn);
-        while let Some(r) = results.try_next().await? {
-            match r {
-                sqlx::Either::Left(_) => statement += 1,
-                sqlx::Either::Right(row) if statement == 1 && lock => lock_rows.push(row),
-                sqlx::Either::Right(row) => created.push(row),
-            }
-        }
-        drop(results);
-        let locked = lock_rows
+        let sql = format!("begin; {}", lock_many_literal(ids));
+        let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .fetch_all(&mut *c.conn)
+            .await?;
+        let locked = rows
             .iter()
             .map(|r| {
                 Ok((
@@ -669,20 +599,12 @@ impl Commit {
                 ))
             })
             .collect::<Result<_, sqlx::Error>>()?;
-        Ok((c, Begun { locked, created }))
+        Ok((c, locked))
     }
 
-    /// Runs `last` (the statement of [`Batch::finish`], if any) and commits, in one round trip;
-    /// the connection goes back to the pool. Should `last` fail, the rest of the flight is skipped
-    /// and the transaction is rolled back with the connection.
-    pub async fn commit(mut self, last: Option<String>) -> Result<(), sqlx::Error> {
-        let sql = match last {
-            Some(last) => format!("{last};\ncommit"),
-            None => "commit".to_string(),
-        };
-        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-            .execute(&mut *self.conn)
-            .await?;
+    /// Commits (the connection goes back to the pool).
+    pub async fn commit(mut self) -> Result<(), sqlx::Error> {
+        sqlx::raw_sql("commit").execute(&mut *self.conn).await?;
         self.open = false;
         Ok(())
     }

@@ -7,7 +7,6 @@ mod console;
 mod events_contract;
 mod health;
 mod hostile;
-mod literal;
 mod metrics;
 mod orders;
 mod pipeline;

@@ -149,9 +149,15 @@ impl Inner {
         ))
     }
 
-    /// The new sagas of `jobs`, in their order, and who leases each.
-    fn creates<'j>(&'j self, jobs: &'j [Job]) -> Vec<store::ToCreate<'j>> {
-        jobs.iter()
+    /// Writes the new sagas of `jobs` (one statement for all of them), in their order.
+    async fn apply_creates(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        batch: &mut store::Batch,
+        jobs: &[Job],
+    ) -> Result<Vec<Created>, sqlx::Error> {
+        let creates: Vec<store::ToCreate<'_>> = jobs
+            .iter()
             .filter_map(|j| match j {
                 Job::Create { new, lease, .. } => Some(store::ToCreate {
                     new,
@@ -159,7 +165,8 @@ impl Inner {
                 }),
                 Job::Step { .. } => None,
             })
-            .collect()
+            .collect();
+        store::create_many(conn, batch, &creates, self.cfg.lease, &self.topics, &*self.hooks).await
     }
 
     /// Starts the committers on a thread of their own ("saga-commit"), with connections of their
@@ -173,7 +180,6 @@ impl Inner {
             "saga-commit",
             &self.pool,
             u32::try_from(n).unwrap_or(u32::MAX),
-            store::commit_statements(&*self.hooks),
             self.orphaned.clone(),
             move |pool| async move {
                 let _ = inner.commit_pool.set(pool);
@@ -287,22 +293,10 @@ impl Inner {
                 Job::Create { .. } => None,
             })
             .collect();
-        let creates = self.creates(jobs);
-        let create = store::create_many_sql(&creates, self.cfg.lease, &*self.hooks)?;
-        let (mut tx, begun) =
-            store::Commit::begin_locking(self.commit_pool.get().unwrap_or(&self.pool), &ids, create).await?;
-        let locked = begun.locked;
+        let (mut tx, locked) =
+            store::Commit::begin_locking(self.commit_pool.get().unwrap_or(&self.pool), &ids).await?;
         let mut batch = store::Batch::default();
-        let mut created = store::created_many(
-            &mut tx,
-            &mut batch,
-            &creates,
-            &begun.created,
-            &self.topics,
-            &*self.hooks,
-        )
-        .await?
-        .into_iter();
+        let mut created = self.apply_creates(&mut tx, &mut batch, jobs).await?.into_iter();
         let now = OffsetDateTime::now_utc();
         // Each job's answer in its place; the step jobs that write advance together, so the sagas
         // reaching the same local step run it in one call.
@@ -336,8 +330,8 @@ impl Inner {
             .into_iter()
             .collect::<Option<Vec<_>>>()
             .ok_or_else(|| sqlx::Error::Protocol("a job without its answer".into()))?;
-        let last = batch.finish(&mut tx, self.cfg.lease, &*self.hooks).await?;
-        tx.commit(last).await?;
+        batch.flush(&mut tx, self.cfg.lease, &*self.hooks).await?;
+        tx.commit().await?;
         Ok(out)
     }
 

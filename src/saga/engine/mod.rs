@@ -286,7 +286,6 @@ impl Engine {
                 "saga-drive",
                 &inner.pool,
                 1,
-                Vec::new(),
                 inner.orphaned.clone(),
                 |_| async move {
                     let _ = i.drive_rt.set(tokio::runtime::Handle::current());

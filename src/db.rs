@@ -6,11 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{ConnectOptions as _, Connection as _, Executor as _, PgPool};
-
-pub mod literal;
-
-use literal::Prepared;
+use sqlx::{ConnectOptions as _, Connection as _, PgPool};
 
 /// The embedded migrations.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -31,20 +27,6 @@ pub fn connect_lazy(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
 /// A pool of up to `max_connections` connections made with `opts`, lazily: each on the runtime
 /// that first needs it (the saga committers' thread has a pool of its own this way).
 pub fn pool_with(opts: PgConnectOptions, max_connections: u32) -> PgPool {
-    pool_preparing(opts, max_connections, &[])
-}
-
-/// [`pool_with`], each new connection preparing `statements` first (one round trip, once per
-/// connection) for the flights that run them by name (`literal`).
-pub fn pool_preparing(opts: PgConnectOptions, max_connections: u32, statements: &[Prepared]) -> PgPool {
-    let prepare: Option<std::sync::Arc<str>> = (!statements.is_empty()).then(|| {
-        statements
-            .iter()
-            .map(Prepared::prepare)
-            .collect::<Vec<_>>()
-            .join(";\n")
-            .into()
-    });
     PgPoolOptions::new()
         .max_connections(max_connections)
         .min_connections(0)
@@ -55,16 +37,6 @@ pub fn pool_preparing(opts: PgConnectOptions, max_connections: u32, statements: 
         // about a fifth of a shared commit's time (docs/performance.md, finding 19). A connection
         // that broke while in steady use fails its statement, is dropped, and the work is retried.
         .test_before_acquire(false)
-        .after_connect(move |conn, _| {
-            let prepare = prepare.clone();
-            Box::pin(async move {
-                if let Some(sql) = prepare {
-                    conn.execute(sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_string())))
-                        .await?;
-                }
-                Ok(())
-            })
-        })
         .before_acquire(|conn, meta| {
             Box::pin(async move {
                 if meta.idle_for > PING_AFTER_IDLE {
@@ -77,17 +49,16 @@ pub fn pool_preparing(opts: PgConnectOptions, max_connections: u32, statements: 
 }
 
 /// Runs `work` on a thread of its own named `name` (a single-threaded runtime), with a pool of up to
-/// `connections` connections of its own made like `pool`'s (each preparing `statements`), so its round trips are answered as
+/// `connections` connections of its own made like `pool`'s, so its round trips are answered as
 /// soon as the OS runs the thread, never queued behind the shared runtime's other tasks
 /// (docs/performance.md, finding 27). The returned future, to spawn on the shared runtime,
 /// resolves once `work` has finished; dropped before that (its runtime ending without a shutdown)
 /// it cancels `orphan`, which `work` is to stop on. Should the thread not start, `work` runs in
-/// the returned future itself, with that pool of its own on the shared runtime.
+/// the returned future itself, on `pool`.
 pub fn apart<F, Fut>(
     name: &str,
     pool: &PgPool,
     connections: u32,
-    statements: Vec<Prepared>,
     orphan: tokio_util::sync::CancellationToken,
     work: F,
 ) -> impl Future<Output = ()> + Send + 'static + use<F, Fut>
@@ -97,8 +68,6 @@ where
 {
     let (done, finished) = tokio::sync::oneshot::channel::<()>();
     let opts = (*pool.connect_options()).clone();
-    let fallback_opts = opts.clone();
-    let fallback_statements = statements.clone();
     let slot = std::sync::Arc::new(std::sync::Mutex::new(Some(work)));
     let taken = slot.clone();
     let started = tokio::runtime::Builder::new_current_thread()
@@ -109,7 +78,7 @@ where
                 let work = taken.lock().ok().and_then(|mut w| w.take());
                 if let Some(work) = work {
                     rt.block_on(async move {
-                        let own = pool_preparing(opts, connections, &statements);
+                        let own = pool_with(opts, connections);
                         work(own.clone()).await;
                         own.close().await;
                     });
@@ -121,21 +90,16 @@ where
         Ok(_) => None,
         Err(e) => {
             tracing::warn!(error = %e, thread = name, "no thread of its own; it runs on the shared runtime");
-            slot.lock().ok().and_then(|mut w| w.take()).map(|w| {
-                (
-                    w,
-                    pool_preparing(fallback_opts, connections, &fallback_statements),
-                )
-            })
+            slot.lock()
+                .ok()
+                .and_then(|mut w| w.take())
+                .map(|w| (w, pool.clone()))
         }
     };
     let orphaned = orphan.drop_guard();
     async move {
         match fallback {
-            Some((work, own)) => {
-                work(own.clone()).await;
-                own.close().await;
-            }
+            Some((work, pool)) => work(pool).await,
             None => {
                 let _ = finished.await;
             }
@@ -238,7 +202,6 @@ mod tests {
             "apart-test",
             &pool,
             3,
-            Vec::new(),
             CancellationToken::new(),
             move |own| async move {
                 let name = std::thread::current().name().map(str::to_string);
@@ -268,7 +231,6 @@ mod tests {
             "apart-orphan",
             &pool,
             1,
-            Vec::new(),
             orphan.clone(),
             move |_| async move {
                 stop.cancelled().await;
@@ -284,7 +246,7 @@ mod tests {
 
         // Finished work leaves its token alone.
         let done = CancellationToken::new();
-        apart("apart-done", &pool, 1, Vec::new(), done.clone(), |_| async {}).await;
+        apart("apart-done", &pool, 1, done.clone(), |_| async {}).await;
         assert!(!done.is_cancelled());
     }
 }
