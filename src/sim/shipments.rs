@@ -22,10 +22,10 @@
 //!
 //! Events go to Kafka when `kafka_bootstrap_servers` is set: JSON [`TrackingEvent`], key = orderID
 //! as a decimal string, headers `event-type: TrackingEvent`, `event-id`, and the W3C trace context
-//! of the handling span when it has one. They are produced in the order they happen, one request
-//! in flight at a time (so a retry cannot reorder them); a retry after a lost acknowledgement may
-//! publish an event twice, with the same eventID, as any at-least-once shipper may. A delivery
-//! failure is logged, not retried by the simulator.
+//! of the handling span when it has one. They are produced in the order they happen, gathered for
+//! up to 50 ms into a batch, one request in flight at a time (so a retry cannot reorder them); a
+//! retry after a lost acknowledgement may publish an event twice, with the same eventID, as any
+//! at-least-once shipper may. A delivery failure is logged, not retried by the simulator.
 //!
 //! The producer is deliberately not idempotent: after a broker restart librdkafka's idempotent
 //! producer may bump its epoch locally, which Tansu 0.6.0 (the project's test broker) does not
@@ -170,6 +170,9 @@ struct AdvanceBody {
     status: String,
 }
 
+/// How long the simulator's producer gathers tracking events into one batch (`linger.ms`).
+const LINGER_MS: u64 = 50;
+
 impl ShipmentsSim {
     /// A simulator with no shipments; connects a Kafka producer when
     /// `kafka_bootstrap_servers` is set (the connection itself is made lazily by librdkafka).
@@ -183,6 +186,14 @@ impl ShipmentsSim {
                     .set("enable.idempotence", "false")
                     .set("acks", "all")
                     .set("max.in.flight.requests.per.connection", "1")
+                    // Batches of tens of events rather than a few: a Kafka-protocol broker
+                    // stores and serves whole batches, and librdkafka's mock cluster (the
+                    // embedded broker of `dev` and `bench`) looks a fetch's offset up by walking
+                    // a partition's batches one by one, so small batches made each fetch of the
+                    // service's tracking consumer dearer as the partition filled
+                    // (docs/performance.md, finding 39). 50 ms is nothing to a shipper's
+                    // tracking events.
+                    .set("linger.ms", LINGER_MS.to_string())
                     // A shipper keeps trying through a broker outage: 10 minutes before an event
                     // is given up (a shorter limit dropped events during long outages).
                     .set("message.timeout.ms", "600000");
