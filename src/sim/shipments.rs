@@ -186,7 +186,7 @@ impl ShipmentsSim {
                     .set("enable.idempotence", "false")
                     .set("acks", "all")
                     .set("max.in.flight.requests.per.connection", "1")
-                    // Batches of tens of events rather than a few: a Kafka-protocol broker
+                    // Larger batches under load (a 5 ms linger sent a few events each): a broker
                     // stores and serves whole batches, and librdkafka's mock cluster (the
                     // embedded broker of `dev` and `bench`) looks a fetch's offset up by walking
                     // a partition's batches one by one, so small batches made each fetch of the
