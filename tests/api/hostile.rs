@@ -226,6 +226,10 @@ async fn the_body_parser_is_strict_and_names_the_field() {
             "userID",
         ),
         (r#"{"orderItems":{"productID":1}}"#, "orderItems"),
+        // serde's derive reads a struct from an array of its fields too: an order was placed
+        // from these. A body and its lines are objects only.
+        (r#"[null,[{"productID":1,"quantity":1}]]"#, "body"),
+        (r#"{"orderItems":[[1,1]]}"#, "orderItems[0]"),
         (
             r#"{"orderItems":[{"productID":1,"quantity":1,"price":"0.01"}]}"#,
             "orderItems[0].price",
