@@ -251,7 +251,7 @@ pub async fn cancel_saga(
 
 /// Bulk re-drive request.
 #[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(deny_unknown_fields, remote = "Self", rename_all = "camelCase")]
 pub struct BulkRetryRequest {
     /// State to select (usually `stuck`).
     pub state: String,
@@ -267,6 +267,7 @@ pub struct BulkRetryRequest {
     #[serde(default)]
     pub dry_run: bool,
 }
+crate::api::extract::object_only!(BulkRetryRequest);
 
 /// Bulk re-drive answer.
 #[derive(Debug, Serialize, ToSchema)]

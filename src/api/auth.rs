@@ -16,21 +16,23 @@ use crate::error::ApiError;
 
 /// Credentials.
 #[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, remote = "Self")]
 pub struct LoginRequest {
     /// The account's email (case-insensitive).
     pub email: String,
     /// The password.
     pub password: String,
 }
+crate::api::extract::object_only!(LoginRequest);
 
 /// A refresh token to exchange.
 #[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, remote = "Self")]
 pub struct RefreshRequest {
     /// The refresh token from the last login or refresh.
     pub token: String,
 }
+crate::api::extract::object_only!(RefreshRequest);
 
 /// The caller.
 #[derive(Debug, Serialize, ToSchema)]

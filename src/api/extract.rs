@@ -11,6 +11,32 @@ use crate::api::{AppState, text};
 use crate::auth::{Claims, Role};
 use crate::error::ApiError;
 
+/// Reads a request body's struct from a JSON object only. serde's derive also reads a struct from
+/// an array of its fields in order (`[null, [[4, 1]]]` for `{"orderItems": [{"productID": 4,
+/// "quantity": 1}]}`), which placed an order; every struct a body read by [`ApiJson`] holds is
+/// derived with `#[serde(remote = "Self")]`, which keeps the derived reading as an inherent
+/// function, and given this `Deserialize`, which calls it for a map and refuses anything else.
+macro_rules! object_only {
+    ($t:ident) => {
+        impl<'de> serde::Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct Object;
+                impl<'de> serde::de::Visitor<'de> for Object {
+                    type Value = $t;
+                    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                        f.write_str("an object")
+                    }
+                    fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<$t, A::Error> {
+                        $t::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    }
+                }
+                d.deserialize_map(Object)
+            }
+        }
+    };
+}
+pub(crate) use object_only;
+
 /// Largest request body the API reads.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 

@@ -34,30 +34,8 @@ pub struct ItemBody {
     pub quantity: i64,
 }
 
-// serde's derive also reads a struct from an array of its fields in order (`[null, [[4, 1]]]` for
-// `{"orderItems": [{"productID": 4, "quantity": 1}]}`); a body and its lines are JSON objects only.
-// `remote = "Self"` keeps the derived reading as an inherent function, called here for a map.
-macro_rules! object_only {
-    ($t:ident) => {
-        impl<'de> Deserialize<'de> for $t {
-            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                struct Object;
-                impl<'de> serde::de::Visitor<'de> for Object {
-                    type Value = $t;
-                    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                        f.write_str("an object")
-                    }
-                    fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<$t, A::Error> {
-                        $t::deserialize(serde::de::value::MapAccessDeserializer::new(map))
-                    }
-                }
-                d.deserialize_map(Object)
-            }
-        }
-    };
-}
-object_only!(CreateOrderBody);
-object_only!(ItemBody);
+crate::api::extract::object_only!(CreateOrderBody);
+crate::api::extract::object_only!(ItemBody);
 
 /// A validated line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

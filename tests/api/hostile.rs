@@ -246,6 +246,9 @@ async fn the_body_parser_is_strict_and_names_the_field() {
             assert_field(r, 422, field).await;
         }
     }
+    // Credentials as an array of the fields, in order, logged in before: objects only.
+    let r = post_raw(&app, "/auth/login", r#"["ann@example.com","password-123"]"#, None).await;
+    assert_field(r, 422, "body").await;
     for body in ["[]", "null", "\"x\"", "1", ""] {
         let r = post_raw(&app, "/auth/login", body, None).await;
         assert!(matches!(r.status().as_u16(), 400 | 422), "{body}: {}", r.status());
