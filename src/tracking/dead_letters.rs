@@ -25,7 +25,9 @@ pub const TRACKING_EVENT_DEAD_LETTERED: &str = "TrackingEventDeadLettered";
 pub const DLQ_PAYLOAD_BYTES: usize = 64 * 1024;
 
 /// Writes a dead letter and its DLQ message in the caller's transaction; returns the row's id. A
-/// Kafka record dead-lettered before (redelivered after a crash) keeps its first row and message.
+/// Kafka record dead-lettered before (redelivered after a crash: same topic, partition, offset and
+/// bytes) keeps its first row and message; another record at an offset seen before (the topic or
+/// the broker was recreated) is a dead letter of its own (migration 0022).
 pub(crate) async fn dead_letter(
     conn: &mut PgConnection,
     topics: &Topics,
@@ -37,7 +39,8 @@ pub(crate) async fn dead_letter(
     let inserted = sqlx::query_scalar!(
         r#"insert into dead_letters (topic, partition, "offset", key, payload, headers, reason)
            values ($1, $2, $3, $4, $5, $6, $7)
-           on conflict (topic, partition, "offset") where partition is not null and "offset" is not null
+           on conflict (topic, partition, "offset", md5(payload))
+              where partition is not null and "offset" is not null
            do nothing
            returning id"#,
         record.topic,
@@ -54,10 +57,12 @@ pub(crate) async fn dead_letter(
         Some(id) => id,
         None => {
             return sqlx::query_scalar!(
-                r#"select id from dead_letters where topic = $1 and partition = $2 and "offset" = $3"#,
+                r#"select id from dead_letters
+                    where topic = $1 and partition = $2 and "offset" = $3 and md5(payload) = md5($4::bytea)"#,
                 record.topic,
                 record.partition,
-                record.offset
+                record.offset,
+                &record.payload
             )
             .fetch_one(&mut *conn)
             .await;

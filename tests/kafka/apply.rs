@@ -143,6 +143,45 @@ async fn an_event_whose_order_never_appears_is_dead_lettered_after_the_window_an
 }
 
 #[tokio::test]
+async fn a_redelivered_record_is_dead_lettered_once_and_another_record_at_its_offset_is_not_lost() {
+    let f = Fixture::database(4).await;
+    let (pool, t) = (f.pool.clone(), f.topics());
+    let cfg = consumer_config(Duration::ZERO);
+    let first = record_at(7, b"{\"eventID\": malformed".to_vec());
+    let dead = |o: &Outcome| match o {
+        Outcome::DeadLettered { id, .. } => *id,
+        other => panic!("dead-lettered, not {other:?}"),
+    };
+    let a = dead(&tracking::apply_record(&pool, &cfg, &t, &first).await.unwrap());
+    // Redelivered after a crash: the same record, the same dead letter, no second DLQ message.
+    let again = dead(&tracking::apply_record(&pool, &cfg, &t, &first).await.unwrap());
+    assert_eq!(again, a);
+    let dlq = "select count(*) from outbox where event_type = 'TrackingEventDeadLettered'";
+    assert_eq!(count(&pool, "select count(*) from dead_letters").await, 1);
+    assert_eq!(count(&pool, dlq).await, 1);
+    // The topic recreated (a new broker, the same database): a different record at offset 7.
+    let other = record_at(7, b"not json at all".to_vec());
+    let b = dead(&tracking::apply_record(&pool, &cfg, &t, &other).await.unwrap());
+    assert_ne!(b, a, "a different record is a dead letter of its own");
+    assert_eq!(count(&pool, "select count(*) from dead_letters").await, 2);
+    assert_eq!(count(&pool, dlq).await, 2);
+    let stored = sqlx::query_scalar!("select payload from dead_letters where id = $1", b)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, b"not json at all");
+    // And in a batch alike.
+    let third = record_at(7, b"{\"orderID\": \"x\"}".to_vec());
+    let outcomes = tracking::apply_records(&pool, &cfg, &t, &[first, third])
+        .await
+        .unwrap();
+    assert_eq!(dead(&outcomes[0]), a);
+    assert!(![a, b].contains(&dead(&outcomes[1])));
+    assert_eq!(count(&pool, "select count(*) from dead_letters").await, 3);
+    assert_eq!(count(&pool, dlq).await, 3);
+}
+
+#[tokio::test]
 async fn a_batch_has_the_outcome_of_its_events_applied_one_by_one() {
     let t = topics();
     let (confirmed, shipped, pending, unknown) = (101, 102, 103, 900_010);
