@@ -16,7 +16,6 @@ use std::fmt;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
-use uuid::Uuid;
 
 /// One order line as sent downstream: a product and how many of it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -228,9 +227,10 @@ impl TryFrom<String> for ShipmentStatus {
 /// (`TrackingEvent`), `event-id`, and the W3C `traceparent` when there is one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TrackingEvent {
-    /// Unique per event; consumers deduplicate on it.
+    /// Unique per event; consumers deduplicate on it. Any non-empty text of at most
+    /// [`MAX_EVENT_ID_LEN`] bytes without control characters (the shipper's own ids; ours are UUIDs).
     #[serde(rename = "eventID")]
-    pub event_id: Uuid,
+    pub event_id: String,
     /// The shipment it is about.
     #[serde(rename = "shipmentID")]
     pub shipment_id: String,
@@ -243,6 +243,9 @@ pub struct TrackingEvent {
     #[serde(rename = "occurredAt", with = "time::serde::rfc3339")]
     pub occurred_at: OffsetDateTime,
 }
+
+/// Longest `eventID` of a TrackingEvent the consumer accepts, in bytes.
+pub const MAX_EVENT_ID_LEN: usize = 200;
 
 /// The `event-type` header value of a [`TrackingEvent`] record.
 pub const TRACKING_EVENT_TYPE: &str = "TrackingEvent";
@@ -311,7 +314,7 @@ mod tests {
     #[test]
     fn tracking_event_round_trips_with_snake_case_status() {
         let event = TrackingEvent {
-            event_id: Uuid::nil(),
+            event_id: "00000000-0000-0000-0000-000000000000".into(),
             shipment_id: "s-1".into(),
             order_id: 42,
             status: TrackingStatus::OutForDelivery,

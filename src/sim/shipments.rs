@@ -383,7 +383,7 @@ impl Inner {
         let record = &mut store.shipments[index];
         record.status = status.into();
         let event = TrackingEvent {
-            event_id: Uuid::new_v4(),
+            event_id: Uuid::new_v4().to_string(),
             shipment_id: record.shipment_id.clone(),
             order_id: record.order_id,
             status,
@@ -439,7 +439,7 @@ impl Inner {
             .headers(headers);
         match producer.send_result(record) {
             Ok(delivery) => {
-                let event_id = event.event_id;
+                let event_id = event.event_id.clone();
                 tokio::spawn(
                     async move {
                         match delivery.await {

@@ -101,7 +101,7 @@ async fn apply_in_transaction(
     for (i, event) in parsed.iter().enumerate() {
         if let Ok(event) = event {
             let span = &spans[i];
-            span.record("event_id", tracing::field::display(event.event_id));
+            span.record("event_id", event.event_id.as_str());
             span.record("order_id", event.order_id);
             span.record("tracking_status", event.status.as_str());
             items.push(Pending {
@@ -136,7 +136,7 @@ async fn apply_in_transaction(
                     Decision::NotYet(reason) if parks => {
                         park(&mut tx, cfg, record, event, &reason).await?;
                         Outcome::Parked {
-                            event_id: event.event_id,
+                            event_id: event.event_id.clone(),
                             order_id: event.order_id,
                             reason,
                         }

@@ -1,8 +1,6 @@
 //! What handling a TrackingEvent did ([`Outcome`]), and what the rules decided before anything was
 //! written (`Decision`).
 
-use uuid::Uuid;
-
 use crate::downstream::contract::TrackingStatus;
 use crate::orders::OrderStatus;
 
@@ -38,12 +36,12 @@ pub enum Outcome {
     /// The eventID was handled before; nothing changed.
     Duplicate {
         /// The event.
-        event_id: Uuid,
+        event_id: String,
     },
     /// The order is not known yet (or still pending): the event waits in `tracking_retries`.
     Parked {
         /// The event.
-        event_id: Uuid,
+        event_id: String,
         /// The order it is about.
         order_id: i32,
         /// Why it waits.

@@ -7,7 +7,6 @@ use std::collections::{HashMap, HashSet};
 
 use serde_json::json;
 use sqlx::PgConnection;
-use uuid::Uuid;
 
 use super::outcome::{Decision, Outcome};
 use super::rules::{Effect, ORDER_STATUS_CHANGED, effect, must_wait, status_message};
@@ -35,7 +34,7 @@ struct OrderRow {
 struct Waiting {
     id: i64,
     order_id: i32,
-    event_id: Uuid,
+    event_id: String,
 }
 
 /// What [`plan`] decided for a run of events; nothing of it is written yet.
@@ -78,13 +77,13 @@ pub(crate) async fn plan(
     // confirming it, a cancellation) is not waited for: waiting would hold this run's other
     // orders locked behind it, and a saga's commit (with every saga sharing it) behind them. Its
     // events wait like those of a pending order.
-    let event_ids: Vec<Uuid> = items.iter().map(|i| i.event.event_id).collect();
+    let event_ids: Vec<String> = items.iter().map(|i| i.event.event_id.clone()).collect();
     let rows = sqlx::query!(
         r#"with o as (
                select order_id, user_id, status from orders where order_id = any($1)
                 order by order_id for update skip locked)
            select 'order' as "kind!", order_id as "order_id?", user_id as "user_id?", status as "status?",
-                  null::bigint as "retry_id?", null::uuid as "event_id?"
+                  null::bigint as "retry_id?", null::text as "event_id?"
              from o
            union all
            -- Parked events of these orders: a later event of the same order waits behind them.
@@ -98,7 +97,7 @@ pub(crate) async fn plan(
     .await?;
     let mut orders: HashMap<i32, OrderRow> = HashMap::new();
     let mut waiting: Vec<Waiting> = Vec::new();
-    let mut seen: HashSet<Uuid> = HashSet::new();
+    let mut seen: HashSet<String> = HashSet::new();
     for r in rows {
         match (
             r.kind.as_str(),
@@ -141,7 +140,7 @@ pub(crate) async fn plan(
             .collect()
     };
 
-    let mut parked_here: Vec<(i32, Uuid)> = Vec::new();
+    let mut parked_here: Vec<(i32, &str)> = Vec::new();
     for item in items {
         let event = item.event;
         let not_yet = |reason: String| (Decision::NotYet(reason), Vec::new());
@@ -158,7 +157,7 @@ pub(crate) async fn plan(
                     && item.parked_id.is_none_or(|p| w.id < p)
             }) || parked_here
                 .iter()
-                .any(|(o, e)| *o == event.order_id && *e != event.event_id);
+                .any(|(o, e)| *o == event.order_id && *e != event.event_id.as_str());
             if blocked {
                 break 'decided not_yet(format!(
                     "an earlier event of order {} is waiting to be applied",
@@ -174,9 +173,9 @@ pub(crate) async fn plan(
             if let Some(reason) = must_wait(current, event) {
                 break 'decided not_yet(reason);
             }
-            if !seen.insert(event.event_id) {
+            if !seen.insert(event.event_id.clone()) {
                 let duplicate = Outcome::Duplicate {
-                    event_id: event.event_id,
+                    event_id: event.event_id.clone(),
                 };
                 break 'decided (Decision::Done(duplicate), Vec::new());
             }
@@ -240,7 +239,7 @@ pub(crate) async fn plan(
             (Decision::Done(outcome), messages)
         };
         if parks && matches!(decision, Decision::NotYet(_)) {
-            parked_here.push((event.order_id, event.event_id));
+            parked_here.push((event.order_id, event.event_id.as_str()));
         }
         plan.decisions.push(decision);
         plan.messages.push(messages);
@@ -275,7 +274,7 @@ impl Plan {
 /// Inbox rows of a run of events, written in one statement.
 #[derive(Default)]
 struct Inbox {
-    event_ids: Vec<Uuid>,
+    event_ids: Vec<String>,
     order_ids: Vec<i32>,
     statuses: Vec<String>,
     outcomes: Vec<String>,
@@ -284,7 +283,7 @@ struct Inbox {
 
 impl Inbox {
     fn push(&mut self, event: &TrackingEvent, outcome: &str) {
-        self.event_ids.push(event.event_id);
+        self.event_ids.push(event.event_id.clone());
         self.order_ids.push(event.order_id);
         self.statuses.push(event.status.as_str().to_string());
         self.outcomes.push(outcome.to_string());
@@ -299,7 +298,7 @@ impl Inbox {
             let end = (start + INBOX_CHUNK).min(self.event_ids.len());
             let r = sqlx::query!(
                 "insert into tracking_inbox (event_id, order_id, tracking_status, outcome, occurred_at)
-                 select * from unnest($1::uuid[], $2::int[], $3::text[], $4::text[], $5::timestamptz[])
+                 select * from unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::timestamptz[])
                  on conflict (event_id) do nothing",
                 &self.event_ids[start..end],
                 &self.order_ids[start..end],

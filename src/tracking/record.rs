@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use tracing::field::Empty;
 
-use crate::downstream::contract::TrackingEvent;
+use crate::downstream::contract::{MAX_EVENT_ID_LEN, TrackingEvent};
 use crate::telemetry::{MapExtractor, set_remote_parent};
 
 /// A TrackingEvent as received: the raw bytes and where they came from.
@@ -67,6 +67,13 @@ impl Record {
 pub(crate) fn parse(payload: &[u8]) -> Result<TrackingEvent, String> {
     let event: TrackingEvent =
         serde_json::from_slice(payload).map_err(|e| format!("malformed TrackingEvent: {e}"))?;
+    let id = &event.event_id;
+    if id.is_empty() || id.len() > MAX_EVENT_ID_LEN || id.chars().any(char::is_control) {
+        return Err(format!(
+            "malformed TrackingEvent: eventID must be non-empty text of at most {MAX_EVENT_ID_LEN} bytes \
+             without control characters"
+        ));
+    }
     if event.order_id <= 0 {
         return Err(format!(
             "malformed TrackingEvent: orderID {} is not a positive integer",
@@ -115,5 +122,22 @@ mod tests {
         let zero_order = br#"{"eventID":"00000000-0000-0000-0000-000000000001","shipmentID":"s",
             "orderID":0,"status":"delivered","occurredAt":"2026-01-01T00:00:00Z"}"#;
         assert!(parse(zero_order).unwrap_err().contains("orderID 0"));
+        let event = |id: &str| {
+            format!(
+                r#"{{"eventID":{},"shipmentID":"s","orderID":1,"status":"delivered","occurredAt":"2026-01-01T00:00:00Z"}}"#,
+                serde_json::Value::from(id)
+            )
+        };
+        assert_eq!(parse(event("evt-1").as_bytes()).unwrap().event_id, "evt-1");
+        assert_eq!(
+            parse(event(&"é".repeat(100)).as_bytes()).unwrap().event_id.len(),
+            200
+        );
+        for bad in [String::new(), "é".repeat(100) + "x", "a\u{7}b".to_string()] {
+            assert!(
+                parse(event(&bad).as_bytes()).unwrap_err().contains("eventID"),
+                "{bad:?}"
+            );
+        }
     }
 }

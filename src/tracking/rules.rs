@@ -87,7 +87,7 @@ mod tests {
 
     fn event(status: TrackingStatus) -> TrackingEvent {
         TrackingEvent {
-            event_id: uuid::Uuid::nil(),
+            event_id: "e-1".into(),
             shipment_id: "shp-1".into(),
             order_id: 42,
             status,

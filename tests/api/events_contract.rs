@@ -226,7 +226,7 @@ fn the_consumed_tracking_event_schema_matches_the_rust_type() {
     let schema = validator(&doc, "/components/messages/TrackingEvent/payload");
     for status in TrackingStatus::ALL {
         let event = TrackingEvent {
-            event_id: uuid::Uuid::now_v7(),
+            event_id: uuid::Uuid::now_v7().to_string(),
             shipment_id: "shp-1".into(),
             order_id: 42,
             status,
@@ -245,9 +245,17 @@ fn the_consumed_tracking_event_schema_matches_the_rust_type() {
         .collect();
     let rust: BTreeSet<&str> = TrackingStatus::ALL.iter().map(|s| s.as_str()).collect();
     assert_eq!(documented, rust);
+    // A shipper's own ids need not be UUIDs (SPEC §5 names the field, not its form); an empty one
+    // is refused by the schema as by the consumer (`tracking::record::parse`).
+    let own_id = json!({"eventID": "evt-123", "shipmentID": "s", "orderID": 1, "status": "picked_up", "occurredAt": "2026-01-01T00:00:00Z"});
+    assert!(serde_json::from_value::<TrackingEvent>(own_id.clone()).is_ok());
+    assert!(schema.is_valid(&own_id), "{own_id}");
+    let mut empty_id = own_id.clone();
+    empty_id["eventID"] = json!("");
+    assert!(!schema.is_valid(&empty_id));
     // What the consumer refuses, the schema refuses too.
     for bad in [
-        json!({"eventID": "x", "shipmentID": "s", "orderID": 1, "status": "picked_up", "occurredAt": "2026-01-01T00:00:00Z"}),
+        json!({"eventID": 7, "shipmentID": "s", "orderID": 1, "status": "picked_up", "occurredAt": "2026-01-01T00:00:00Z"}),
         json!({"eventID": uuid::Uuid::nil(), "shipmentID": "s", "orderID": 1, "status": "lost", "occurredAt": "2026-01-01T00:00:00Z"}),
         json!({"eventID": uuid::Uuid::nil(), "shipmentID": "s", "status": "created", "occurredAt": "2026-01-01T00:00:00Z"}),
     ] {

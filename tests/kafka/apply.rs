@@ -25,6 +25,49 @@ async fn the_same_event_twice_makes_one_notification() {
 }
 
 #[tokio::test]
+async fn a_shippers_own_event_ids_need_not_be_uuids() {
+    let f = Fixture::database(4).await;
+    let (pool, t) = (f.pool.clone(), f.topics());
+    let cfg = consumer_config(Duration::from_secs(30));
+    let order = insert_order(&pool, "confirmed").await;
+    let event = |id: &str, status: &str| {
+        serde_json::to_vec(
+            &serde_json::json!({"eventID": id, "shipmentID": "shp-1", "orderID": order,
+            "status": status, "occurredAt": "2026-12-06T10:00:00Z"}),
+        )
+        .unwrap()
+    };
+    let first = apply(&pool, &cfg, &event("evt-123", "picked_up")).await;
+    assert!(matches!(first, Outcome::Applied { .. }), "{first:?}");
+    assert_eq!(order_status(&pool, order).await, "shipped");
+    let again = apply(&pool, &cfg, &event("evt-123", "picked_up")).await;
+    assert!(
+        matches!(&again, Outcome::Duplicate { event_id } if event_id == "evt-123"),
+        "{again:?}"
+    );
+    // Ids differing in case are different events.
+    let next = apply(&pool, &cfg, &event("EVT-123", "delivered")).await;
+    assert!(matches!(next, Outcome::Applied { .. }), "{next:?}");
+    assert_eq!(order_status(&pool, order).await, "delivered");
+    assert_eq!(outbox_events(&pool, &t.notifications, order).await.len(), 2);
+    // Empty, over-long or control characters: malformed, dead-lettered at once.
+    for bad in [String::new(), "x".repeat(201), "evt\n1".to_string()] {
+        let outcome = apply(&pool, &cfg, &event(&bad, "delivered")).await;
+        assert!(
+            matches!(&outcome, Outcome::DeadLettered { reason, .. } if reason.contains("eventID")),
+            "{bad:?}: {outcome:?}"
+        );
+    }
+    // A numeric eventID is not text.
+    let numeric = serde_json::to_vec(&serde_json::json!({"eventID": 7, "shipmentID": "shp-1",
+        "orderID": order, "status": "delivered", "occurredAt": "2026-12-06T10:00:00Z"}))
+    .unwrap();
+    let outcome = apply(&pool, &cfg, &numeric).await;
+    assert!(matches!(outcome, Outcome::DeadLettered { .. }), "{outcome:?}");
+    assert_eq!(count(&pool, "select count(*) from dead_letters").await, 4);
+}
+
+#[tokio::test]
 async fn a_late_in_transit_after_delivered_leaves_the_order_delivered() {
     let f = Fixture::database(4).await;
     let (pool, t) = (f.pool.clone(), f.topics());

@@ -533,7 +533,7 @@ pub async fn write_event(
 
 pub fn tracking_event(order_id: i32, status: TrackingStatus) -> TrackingEvent {
     TrackingEvent {
-        event_id: Uuid::now_v7(),
+        event_id: Uuid::now_v7().to_string(),
         shipment_id: "shp-1".into(),
         order_id,
         status,

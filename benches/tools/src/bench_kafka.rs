@@ -687,7 +687,7 @@ fn tracking_stream(orders: usize, duplicate_share: f64) -> (Vec<TrackingRecord>,
         for (i, trace) in traces.iter().enumerate() {
             let order_id = i as i32 + 1;
             let event = TrackingEvent {
-                event_id: Uuid::new_v4(),
+                event_id: Uuid::new_v4().to_string(),
                 shipment_id: format!("shp-{order_id}"),
                 order_id,
                 status,
