@@ -12,7 +12,7 @@ use ostore_orders::kafka::{self, ClientProperties, ConsumerSettings, ProducerSet
 use rdkafka::Message as _;
 use rdkafka::consumer::Consumer as _;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use support::free_port;
+use support::free_port_for_later;
 use uuid::Uuid;
 
 struct SaslKafka {
@@ -28,8 +28,8 @@ impl SaslKafka {
             .expect("TEST_KAFKA_BROKER_SCRIPT is not set: run scripts/test (it names scripts/kafka-broker)");
         let b = SaslKafka {
             script,
-            port: free_port(),
-            sasl_port: free_port(),
+            port: free_port_for_later(),
+            sasl_port: free_port_for_later(),
             dir: std::env::temp_dir().join(format!("ostore-test-kafka-sasl-{}", Uuid::new_v4().simple())),
         };
         let ok = b.command("start").status().unwrap().success();

@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use crate::support::{TestDb, free_port};
+use crate::support::{TestDb, free_port_for_later};
 use ostore_orders::downstream::contract::{TrackingEvent, TrackingStatus};
 use ostore_orders::kafka::{self, EmbeddedBroker, ProducerSettings};
 use ostore_orders::outbox::relay::{self, RelayConfig};
@@ -235,7 +235,7 @@ impl OwnKafka {
     pub fn start() -> OwnKafka {
         let script = std::env::var("TEST_KAFKA_BROKER_SCRIPT")
             .expect("TEST_KAFKA_BROKER_SCRIPT is not set: run scripts/test (it names scripts/kafka-broker)");
-        let port = free_port();
+        let port = free_port_for_later();
         let dir = std::env::temp_dir().join(format!("ostore-test-kafka-{}", Uuid::new_v4().simple()));
         let own = OwnKafka {
             script,
