@@ -376,6 +376,18 @@ impl ConsumerSettings {
     }
 }
 
+/// A group member's lag from librdkafka's statistics, given each partition's (id, lag): the
+/// messages on the broker beyond its position, summed over the partitions whose lag it knows; -1
+/// when it knows none, as while the member is out of its group (after a broker outage, in a
+/// rebalance) or consumes no partition. A sum of nothing read 0, "caught up", just when the
+/// events were waiting.
+pub fn member_lag(partitions: impl Iterator<Item = (i32, i64)>) -> i64 {
+    partitions
+        .filter(|&(partition, lag)| partition >= 0 && lag >= 0)
+        .fold(None, |sum, (_, lag)| Some(sum.unwrap_or(0) + lag))
+        .unwrap_or(-1)
+}
+
 /// Client context of the service's group members: librdkafka's errors go to the log, and offsets
 /// the application stored are committed before its partitions are taken away in a rebalance, so
 /// the next owner does not redo work already done.
@@ -383,15 +395,13 @@ pub struct GroupContext;
 
 impl ClientContext for GroupContext {
     fn stats(&self, statistics: Statistics) {
-        // The group member's lag: messages on the broker beyond its position, summed over the
-        // partitions it consumes (librdkafka reports -1 where it does not know yet).
-        let lag: i64 = statistics
-            .topics
-            .values()
-            .flat_map(|t| t.partitions.values())
-            .filter(|p| p.partition >= 0 && p.consumer_lag >= 0)
-            .map(|p| p.consumer_lag)
-            .sum();
+        let lag = member_lag(
+            statistics
+                .topics
+                .values()
+                .flat_map(|t| t.partitions.values())
+                .map(|p| (p.partition, p.consumer_lag)),
+        );
         crate::metrics::get().set_consumer_lag(lag);
     }
 
@@ -654,6 +664,20 @@ impl std::fmt::Debug for EmbeddedBroker {
         f.debug_struct("EmbeddedBroker")
             .field("bootstrap", &self.bootstrap)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod lag_tests {
+    use super::member_lag;
+
+    #[test]
+    fn a_member_knowing_no_partitions_lag_reports_unknown_not_caught_up() {
+        // Out of its group: librdkafka lists the partitions (and its internal -1 one) without a lag.
+        assert_eq!(member_lag([(-1, -1), (0, -1), (1, -1)].into_iter()), -1);
+        assert_eq!(member_lag(std::iter::empty()), -1);
+        assert_eq!(member_lag([(-1, 9), (0, 3), (1, -1), (2, 4)].into_iter()), 7);
+        assert_eq!(member_lag([(0, 0), (1, -1)].into_iter()), 0, "caught up");
     }
 }
 
