@@ -274,6 +274,15 @@ impl AuthUser {
     }
 }
 
+/// The token of an `Authorization: Bearer <token>` value. The scheme is case-insensitive, and one
+/// or more spaces follow it (RFC 9110 §11.1 and §11.4); only `Bearer` and `bearer` were read
+/// before, so `BEARER <token>` was refused.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
 impl FromRequestParts<AppState> for AuthUser {
     type Rejection = ApiError;
 
@@ -285,11 +294,7 @@ impl FromRequestParts<AppState> for AuthUser {
         let value = header
             .to_str()
             .map_err(|_| ApiError::unauthorized("the Authorization header is malformed"))?;
-        let token = value
-            .strip_prefix("Bearer ")
-            .or_else(|| value.strip_prefix("bearer "))
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
+        let token = bearer_token(value)
             .ok_or_else(|| ApiError::unauthorized("the Authorization header must be `Bearer <token>`"))?;
         let claims = state
             .auth
@@ -316,6 +321,35 @@ impl FromRequestParts<AppState> for AdminUser {
             return Err(ApiError::forbidden("this endpoint requires the admin role"));
         }
         Ok(AdminUser(claims))
+    }
+}
+
+#[cfg(test)]
+mod bearer_tests {
+    use super::bearer_token;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive_and_the_token_follows_a_space() {
+        for ok in [
+            "Bearer t.k.n",
+            "bearer t.k.n",
+            "BEARER t.k.n",
+            "BeArEr t.k.n",
+            "Bearer   t.k.n  ",
+        ] {
+            assert_eq!(bearer_token(ok), Some("t.k.n"), "{ok:?}");
+        }
+        for bad in [
+            "Basic t.k.n",
+            "Bearert.k.n",
+            "Bearer",
+            "Bearer ",
+            "Bearer\tt.k.n",
+            "t.k.n",
+            "",
+        ] {
+            assert_eq!(bearer_token(bad), None, "{bad:?}");
+        }
     }
 }
 

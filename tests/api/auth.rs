@@ -183,6 +183,17 @@ async fn forged_expired_and_misdirected_tokens_are_refused() {
     assert_unauthorized(&app, &hs512, "HS512").await;
 
     assert_unauthorized(&app, "not-a-jwt", "garbage").await;
+    // The scheme is case-insensitive (RFC 9110 §11.1).
+    for scheme in ["BEARER", "bearer", "BeArEr"] {
+        let r = app
+            .http
+            .get(app.url("/me"))
+            .header("authorization", format!("{scheme} {good}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{scheme}");
+    }
     let r = app
         .http
         .get(app.url("/me"))
