@@ -25,12 +25,25 @@ pub struct LoginRequest {
 }
 crate::api::extract::object_only!(LoginRequest);
 
-/// A refresh token to exchange.
+/// A refresh token to exchange. SPEC §2: "anything but a live refresh token sent to
+/// `/auth/refresh` → 401", so a body without `token`, or with one that is not text, is read (and
+/// then refused with 401) instead of answering 422; malformed JSON is still 400 and an unknown
+/// field still 422.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields, remote = "Self")]
 pub struct RefreshRequest {
     /// The refresh token from the last login or refresh.
-    pub token: String,
+    #[serde(default, deserialize_with = "text_or_none")]
+    #[schema(value_type = String)]
+    pub token: Option<String>,
+}
+
+/// A JSON value as text when it is a string, else None.
+fn text_or_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(match serde_json::Value::deserialize(d)? {
+        serde_json::Value::String(s) => Some(s),
+        _ => None,
+    })
 }
 crate::api::extract::object_only!(RefreshRequest);
 
@@ -137,12 +150,12 @@ pub async fn refresh(
     ApiJson(req): ApiJson<RefreshRequest>,
 ) -> Result<Json<TokenPair>, ApiError> {
     let invalid = || ApiError::unauthorized("the refresh token is invalid, expired or revoked");
-    if !req.token.starts_with("rt_") || req.token.len() > 128 {
+    let Some(token) = req.token.filter(|t| t.starts_with("rt_") && t.len() <= 128) else {
         return Err(invalid());
-    }
+    };
     let next = tokens::new_refresh_token();
     let mut tx = state.db.begin().await?;
-    let outcome = tokens::rotate(&mut tx, &req.token, &next, expiry(state.auth.refresh_ttl)).await?;
+    let outcome = tokens::rotate(&mut tx, &token, &next, expiry(state.auth.refresh_ttl)).await?;
     tx.commit().await?;
     match outcome {
         RefreshOutcome::Rotated(r) => {

@@ -222,6 +222,25 @@ async fn refresh_and_access_tokens_are_not_interchangeable() {
             .await;
         assert_problem(r, 401).await;
     }
+    // SPEC §2: anything but a live refresh token → 401, also no token or one that is not text.
+    for body in [
+        json!({}),
+        json!({"token": null}),
+        json!({"token": 123}),
+        json!({"token": [refresh]}),
+    ] {
+        let r = app.post_json("/auth/refresh", &body, None).await;
+        assert_problem(r, 401).await;
+    }
+    // Still: an unknown field is named (422), and the live token was not spent by any of these.
+    let r = app
+        .post_json("/auth/refresh", &json!({"refreshToken": refresh}), None)
+        .await;
+    assert_problem(r, 422).await;
+    let r = app
+        .post_json("/auth/refresh", &json!({"token": refresh}), None)
+        .await;
+    assert_eq!(r.status(), 200);
 }
 
 #[tokio::test]
