@@ -183,8 +183,8 @@ async fn forged_expired_and_misdirected_tokens_are_refused() {
     assert_unauthorized(&app, &hs512, "HS512").await;
 
     assert_unauthorized(&app, "not-a-jwt", "garbage").await;
-    // The scheme is case-insensitive (RFC 9110 §11.1).
-    for scheme in ["BEARER", "bearer", "BeArEr"] {
+    // The scheme is case-insensitive (RFC 9110 §11.1); another scheme is refused.
+    for (scheme, status) in [("BEARER", 200), ("bearer", 200), ("BeArEr", 200), ("Basic", 401)] {
         let r = app
             .http
             .get(app.url("/me"))
@@ -192,16 +192,8 @@ async fn forged_expired_and_misdirected_tokens_are_refused() {
             .send()
             .await
             .unwrap();
-        assert_eq!(r.status(), 200, "{scheme}");
+        assert_eq!(r.status(), status, "{scheme}");
     }
-    let r = app
-        .http
-        .get(app.url("/me"))
-        .header("authorization", format!("Basic {good}"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 401);
     assert_problem(app.get("/me", None).await, 401).await;
 }
 
