@@ -386,14 +386,15 @@ where
             _ = shutdown.cancelled() => break,
             r = publish_pending(conn, &publisher, &mut floor) => r,
         };
-        let mut again = false;
+        // Rows published by this pass: the next pass follows.
+        let mut again = None;
         match pass {
             Ok(n) => {
                 backoff = cfg.backoff();
                 if n > 0 {
                     tracing::debug!(published = n, "outbox relay: published");
                     // The next pass raises the floor past these rows (or publishes more).
-                    again = true;
+                    again = Some(n);
                 }
             }
             Err(RelayError::Kafka(e)) => {
@@ -426,7 +427,10 @@ where
                 }
             }
         }
-        if again {
+        if let Some(published) = again {
+            if published < cfg.batch_size {
+                pause(LINGER, &shutdown).await;
+            }
             continue;
         }
         // Rows read but not yet under the floor wait for the transactions that were running then.
@@ -493,6 +497,10 @@ const RUN_ONCE_PASSES: usize = 50;
 /// How soon a pass follows one that left rows above the floor (it raises the floor once the
 /// transactions running at that pass have ended).
 const BEHIND_POLL: Duration = Duration::from_millis(50);
+
+/// After a pass that published rows but did not fill a batch, the next pass waits this long, so
+/// that the commits of the next milliseconds are read and produced together.
+const LINGER: Duration = Duration::from_millis(5);
 
 /// The floor the leader stored (`outbox_relay_floor`, migration 0014): every row up to the
 /// returned id is published (or set aside).
