@@ -56,9 +56,14 @@ pub struct Gauges {
     /// Dead-lettered tracking events not replayed.
     pub dead_letters: AtomicI64,
     /// Messages of the tracking topic not yet consumed by this process's group member (sum over
-    /// its partitions); -1 while no consumer reports it.
+    /// its partitions); -1 while the member knows the lag of none of its partitions;
+    /// [`NOT_REPORTED`] (no sample) while no consumer reports it.
     pub consumer_lag: AtomicI64,
 }
+
+/// The consumer lag of a process that runs no consumer (or whose consumer has not reported yet):
+/// the gauge then has no sample, where -1 is a value it reports.
+const NOT_REPORTED: i64 = i64::MIN;
 
 impl Default for Gauges {
     fn default() -> Self {
@@ -67,7 +72,7 @@ impl Default for Gauges {
             outbox_pending: AtomicI64::new(-1),
             outbox_oldest_ms: AtomicI64::new(-1),
             dead_letters: AtomicI64::new(-1),
-            consumer_lag: AtomicI64::new(-1),
+            consumer_lag: AtomicI64::new(NOT_REPORTED),
         }
     }
 }
@@ -179,11 +184,17 @@ pub fn get() -> &'static Metrics {
             .with_description("Tracking events dead-lettered and not replayed")
             .with_callback(observe(|g| &g.dead_letters))
             .build();
+        let g = gauges.clone();
         let _lag = meter
             .i64_observable_gauge("ostore.tracking.consumer.lag")
             .with_unit("{message}")
             .with_description("Tracking events on the broker not yet consumed by this process's group member")
-            .with_callback(observe(|g| &g.consumer_lag))
+            .with_callback(move |o| {
+                let v = g.consumer_lag.load(Ordering::Relaxed);
+                if v != NOT_REPORTED {
+                    o.observe(v, &[]);
+                }
+            })
             .build();
         Metrics {
             sagas_started: meter

@@ -244,3 +244,19 @@ async fn the_consumer_lag_gauge_counts_the_messages_past_the_committed_offset() 
     polling.abort();
     assert_eq!(lag, Some(4.0));
 }
+
+#[tokio::test]
+async fn the_consumer_lag_gauge_shows_minus_one_when_the_member_knows_no_lag() {
+    // -1 is what `kafka::member_lag` reports for a member out of its group or given no
+    // partition: the alert in docs/operations.md looks for it, so it must reach the scrape.
+    ostore_orders::metrics::get().set_consumer_lag(-1);
+    let text = ostore_orders::metrics::prometheus_text();
+    assert_eq!(
+        sample(&text, "ostore_tracking_consumer_lag", &[]),
+        Some(-1.0),
+        "{text}"
+    );
+    ostore_orders::metrics::get().set_consumer_lag(3);
+    let text = ostore_orders::metrics::prometheus_text();
+    assert_eq!(sample(&text, "ostore_tracking_consumer_lag", &[]), Some(3.0));
+}
