@@ -61,17 +61,18 @@ pub struct Gauges {
     pub consumer_lag: AtomicI64,
 }
 
-/// The consumer lag of a process that runs no consumer (or whose consumer has not reported yet):
-/// the gauge then has no sample, where -1 is a value it reports.
+/// A gauge not read yet (the database's before the first refresh; the consumer lag in a process
+/// that runs no consumer, or before its first report): no sample. Not -1, which the consumer lag
+/// reports as a value.
 const NOT_REPORTED: i64 = i64::MIN;
 
 impl Default for Gauges {
     fn default() -> Self {
         Gauges {
-            stuck: AtomicI64::new(-1),
-            outbox_pending: AtomicI64::new(-1),
-            outbox_oldest_ms: AtomicI64::new(-1),
-            dead_letters: AtomicI64::new(-1),
+            stuck: AtomicI64::new(NOT_REPORTED),
+            outbox_pending: AtomicI64::new(NOT_REPORTED),
+            outbox_oldest_ms: AtomicI64::new(NOT_REPORTED),
+            dead_letters: AtomicI64::new(NOT_REPORTED),
             consumer_lag: AtomicI64::new(NOT_REPORTED),
         }
     }
@@ -149,7 +150,7 @@ pub fn get() -> &'static Metrics {
             let g = gauges.clone();
             move |o: &dyn opentelemetry::metrics::AsyncInstrument<i64>| {
                 let v = f(&g).load(Ordering::Relaxed);
-                if v >= 0 {
+                if v != NOT_REPORTED {
                     o.observe(v, &[]);
                 }
             }
@@ -184,17 +185,11 @@ pub fn get() -> &'static Metrics {
             .with_description("Tracking events dead-lettered and not replayed")
             .with_callback(observe(|g| &g.dead_letters))
             .build();
-        let g = gauges.clone();
         let _lag = meter
             .i64_observable_gauge("ostore.tracking.consumer.lag")
             .with_unit("{message}")
             .with_description("Tracking events on the broker not yet consumed by this process's group member")
-            .with_callback(move |o| {
-                let v = g.consumer_lag.load(Ordering::Relaxed);
-                if v != NOT_REPORTED {
-                    o.observe(v, &[]);
-                }
-            })
+            .with_callback(observe(|g| &g.consumer_lag))
             .build();
         Metrics {
             sagas_started: meter
